@@ -1,0 +1,191 @@
+//! Command-line interface. The bare form `mount_vfs MANIFEST MOUNTPOINT [options]` mounts;
+//! `snapshot` and `validate` are subcommands.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mount_vfs",
+    version,
+    about = "Mount an AWS Deadline Cloud job-attachments manifest as a FUSE filesystem",
+    long_about = "Mount an AWS Deadline Cloud job-attachments manifest as a FUSE filesystem.\n\n\
+        The whole tree appears at once; file bytes are fetched from a content-addressed store \
+        (CAS: DIR/Data/{hash}.xxh128) on first read, verified against their xxh128 hash, cached \
+        in per-core hugepage buffer pools and served from there.\n\n\
+        Examples:\n  \
+        mount_vfs snapshot ./scene --cas ./cas --output scene.manifest\n  \
+        mount_vfs scene.manifest ./vfs --cas ./cas\n  \
+        mount_vfs validate scene.manifest",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    #[command(flatten)]
+    pub mount: MountArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Hash a directory tree into a CAS directory and write its manifest.
+    Snapshot(SnapshotArgs),
+    /// Check a manifest: print its format, counts, size and hash, or every error found.
+    Validate(ValidateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SnapshotArgs {
+    /// Directory to snapshot.
+    pub dir: PathBuf,
+    /// CAS directory that receives the content as CAS_DIR/Data/{hash}.xxh128.
+    #[arg(long, value_name = "CAS_DIR")]
+    pub cas: PathBuf,
+    /// Where to write the manifest (default: standard output).
+    #[arg(long, short, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Manifest format to write.
+    #[arg(long, value_enum, default_value_t = SnapshotFormat::V2023_03_03)]
+    pub format: SnapshotFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SnapshotFormat {
+    /// What released Deadline clients write: files only, byte-identical to `deadline manifest snapshot`.
+    #[value(name = "2023-03-03")]
+    V2023_03_03,
+    /// Beta format: also directories, symlinks, the exec bit and 256 MiB chunks.
+    #[value(name = "2025-12-04-beta")]
+    V2025_12_04Beta,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// Manifest file to check.
+    pub manifest: PathBuf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum HugepageMode {
+    /// Use explicit hugepages if reserved, else transparent hugepages, else normal pages (logged).
+    Auto,
+    /// Fail at start if explicit hugepages cannot back every shard's buffer pool.
+    Require,
+    /// Normal pages only.
+    Off,
+}
+
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// Manifest to mount (any job-attachments format).
+    #[arg(required = true)]
+    pub manifest: Option<PathBuf>,
+    /// Empty directory to mount on.
+    #[arg(required = true)]
+    pub mountpoint: Option<PathBuf>,
+
+    /// Number of shards (pinned executor threads), default: one per online CPU.
+    #[arg(long, value_name = "N", help_heading = "Performance")]
+    pub shards: Option<usize>,
+    /// Memory for the in-memory chunk cache, all shards together (e.g. 512M, 4G).
+    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size, help_heading = "Performance")]
+    pub memory_limit: u64,
+    /// Back the buffer pools with hugepages.
+    #[arg(long, value_enum, default_value_t = HugepageMode::Auto, help_heading = "Performance")]
+    pub hugepages: HugepageMode,
+
+    /// Local CAS directory holding Data/{hash}.xxh128 objects.
+    #[arg(long, value_name = "DIR", help_heading = "Content store")]
+    pub cas: Option<PathBuf>,
+    /// S3 bucket holding the CAS (not yet supported).
+    #[arg(long, help_heading = "Content store")]
+    pub bucket: Option<String>,
+    /// Root prefix of the CAS in the bucket (not yet supported).
+    #[arg(long, help_heading = "Content store")]
+    pub root_prefix: Option<String>,
+    /// AWS region of the bucket (not yet supported).
+    #[arg(long, help_heading = "Content store")]
+    pub region: Option<String>,
+
+    /// Capture writes in a copy-on-write overlay (not yet supported).
+    #[arg(long, help_heading = "Writable overlay")]
+    pub writable: bool,
+    /// Directory for the disk cache and the overlay's dirty data (not yet supported).
+    #[arg(long, value_name = "DIR", help_heading = "Writable overlay")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// Print per-shard counters every second, and a summary at unmount.
+    #[arg(long, help_heading = "Mount")]
+    pub stats: bool,
+    /// Let users other than the mounting one access the mount.
+    #[arg(long, help_heading = "Mount")]
+    pub allow_other: bool,
+    /// Return once the mount is ready, leaving the filesystem running in the background.
+    #[arg(long, help_heading = "Mount")]
+    pub daemon: bool,
+}
+
+/// Parses `1073741824`, `512K`, `64M`, `4G`, `1T` (binary units; an optional trailing `iB`/`B`).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (digits, shift) = match t.chars().last() {
+        Some('k' | 'K') => (&t[..t.len() - 1], 10),
+        Some('m' | 'M') => (&t[..t.len() - 1], 20),
+        Some('g' | 'G') => (&t[..t.len() - 1], 30),
+        Some('t' | 'T') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let value: u64 = digits
+        .parse()
+        .map_err(|_| format!("`{text}` is not a size; write e.g. 512M or 4G"))?;
+    value
+        .checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("`{text}` is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("4GiB"), Ok(4 << 30));
+        assert!(parse_size("lots").is_err());
+    }
+
+    #[test]
+    fn seed_invocation_parses() {
+        let cli = Cli::try_parse_from([
+            "mount_vfs",
+            "job_bundles_manifest_v2.json",
+            "./vfs",
+            "--writable",
+            "--cache-dir",
+            "/tmp/vfs-cache",
+        ])
+        .unwrap();
+        assert!(cli.command.is_none());
+        assert!(cli.mount.writable);
+    }
+
+    #[test]
+    fn subcommands_parse() {
+        let cli = Cli::try_parse_from(["mount_vfs", "validate", "m.json"]).unwrap();
+        assert!(matches!(cli.command, Some(Command::Validate(_))));
+    }
+}
