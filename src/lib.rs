@@ -8,3 +8,4 @@
 
 pub mod cli;
 pub mod manifest;
+pub mod namespace;

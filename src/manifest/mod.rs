@@ -4,3 +4,8 @@
 mod model;
 
 pub use model::{Content, EntryKind, EntryRef, FileEntry, Format, Hash, CHUNK_SIZE};
+
+/// TEMPORARY until the name module lands: manifest names that are valid UTF-8 are Linux names.
+pub fn to_fs_name(name: &[u8]) -> Vec<u8> {
+    name.to_vec()
+}
