@@ -7,5 +7,10 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cli;
+pub mod fuse_front;
 pub mod manifest;
+pub mod mount;
 pub mod namespace;
+pub mod service;
+pub mod signals;
+pub mod store;

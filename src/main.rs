@@ -1,5 +1,11 @@
 use std::process::ExitCode;
 
+use mount_vfs_executors::ArenaAllocator;
+
+/// Places each shard's registered io_uring arena on hugepages (see executors/).
+#[global_allocator]
+static ALLOCATOR: ArenaAllocator = ArenaAllocator;
+
 use clap::Parser;
 use mount_vfs::cli::{Cli, Command};
 
@@ -21,9 +27,12 @@ fn main() -> ExitCode {
             eprintln!("mount_vfs: validate is not yet supported");
             ExitCode::from(2)
         }
-        None => {
-            eprintln!("mount_vfs: mounting is not yet supported");
-            ExitCode::from(2)
-        }
+        None => match mount_vfs::mount::run(cli.mount) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mount_vfs: {e}");
+                ExitCode::from(e.exit_code())
+            }
+        },
     }
 }

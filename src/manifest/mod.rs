@@ -9,3 +9,13 @@ pub use model::{Content, EntryKind, EntryRef, FileEntry, Format, Hash, CHUNK_SIZ
 pub fn to_fs_name(name: &[u8]) -> Vec<u8> {
     name.to_vec()
 }
+/// TEMPORARY
+pub struct Manifest;
+impl Manifest {
+    pub fn decode(_b: &[u8], _s: &str) -> Result<Manifest, String> {
+        Ok(Manifest)
+    }
+    pub fn entries(&self) -> std::vec::IntoIter<EntryRef<'static>> {
+        Vec::new().into_iter()
+    }
+}

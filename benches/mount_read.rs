@@ -1,0 +1,356 @@
+//! Sequential read throughput through a real mount, beside its baselines in the same run.
+//!
+//! Baselines: the same bytes from tmpfs, and a do-nothing FUSE server (in this process) that
+//! answers every READ from one static buffer: the transport ceiling no FUSE filesystem can beat.
+//! mount_vfs is measured cold (pool empty, objects read from the CAS directory with O_DIRECT and
+//! verified) and warm (served from the shard's buffer pool), and with one vs two shards for two
+//! readers. Also the daemon's minor page faults and CPU seconds per GiB served.
+//!
+//! Run: `cargo bench --bench mount_read` (root; needs /dev/fuse). Options via environment:
+//! `BENCH_DIR` (where the CAS lives; default a directory under target/), `BENCH_SIZE_MIB`
+//! (default 1024), `BENCH_RUNS` (default 3).
+
+use std::ffi::OsStr;
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
+    MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyEntry, ReplyOpen, Request,
+};
+
+const MIB: usize = 1 << 20;
+const READ_SIZE: usize = MIB;
+const BIN: &str = env!("CARGO_BIN_EXE_mount_vfs");
+
+/// The transport ceiling: one file whose every READ is answered from one static buffer.
+struct NullFs {
+    size: u64,
+    buffer: Vec<u8>,
+}
+
+impl NullFs {
+    fn attr(&self, ino: u64) -> FileAttr {
+        let dir = ino == 1;
+        FileAttr {
+            ino: INodeNo(ino),
+            size: if dir { 0 } else { self.size },
+            blocks: 0,
+            atime: UNIX_EPOCH,
+            mtime: UNIX_EPOCH,
+            ctime: UNIX_EPOCH,
+            crtime: UNIX_EPOCH,
+            kind: if dir {
+                FileType::Directory
+            } else {
+                FileType::RegularFile
+            },
+            perm: if dir { 0o755 } else { 0o644 },
+            nlink: 1,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: READ_SIZE as u32,
+            flags: 0,
+        }
+    }
+}
+
+const TTL: Duration = Duration::from_secs(3600);
+
+impl Filesystem for NullFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent.0 == 1 && name == "file" {
+            reply.entry(&TTL, &self.attr(2), Generation(0));
+        } else {
+            reply.error(Errno::ENOENT);
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        reply.attr(&TTL, &self.attr(ino.0));
+    }
+
+    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let len = (size as u64).min(self.size.saturating_sub(offset)) as usize;
+        reply.data(&self.buffer[..len.min(self.buffer.len())]);
+    }
+}
+
+/// Reads `path` sequentially in 1 MiB requests; returns bytes per second.
+fn sequential_read(path: &Path, direct: bool) -> f64 {
+    let mut options = fs::OpenOptions::new();
+    options.read(true);
+    if direct {
+        options.custom_flags(libc::O_DIRECT);
+    }
+    let mut file = options
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let layout = std::alloc::Layout::from_size_align(READ_SIZE, 4096).unwrap();
+    // SAFETY: the layout has a non-zero size; the buffer is freed below with the same layout.
+    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+    // SAFETY: ptr points to READ_SIZE initialised (zeroed) bytes that we own exclusively.
+    let buffer = unsafe { std::slice::from_raw_parts_mut(ptr, READ_SIZE) };
+    let started = Instant::now();
+    let mut total = 0u64;
+    loop {
+        let n = file.read(buffer).expect("read");
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    // SAFETY: allocated above with this layout.
+    unsafe { std::alloc::dealloc(ptr, layout) };
+    total as f64 / secs
+}
+
+/// Two readers in parallel over two files; returns aggregate bytes per second.
+fn parallel_read(paths: &[PathBuf], direct: bool) -> f64 {
+    let started = Instant::now();
+    let threads: Vec<_> = paths
+        .iter()
+        .cloned()
+        .map(|p| {
+            std::thread::spawn(move || {
+                let size = fs::metadata(&p).unwrap().len();
+                sequential_read(&p, direct);
+                size
+            })
+        })
+        .collect();
+    let total: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+/// (minor faults, CPU seconds) of a process, from /proc/PID/stat.
+fn faults_and_cpu(pid: u32) -> (u64, f64) {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    // After the command name: state is field 3, minflt field 10, utime 14, stime 15.
+    let minflt: u64 = fields[7].parse().unwrap();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    (minflt, ticks / hz)
+}
+
+struct Daemon {
+    child: Child,
+    mnt: PathBuf,
+}
+
+impl Daemon {
+    fn start(manifest: &Path, cas: &Path, mnt: &Path, shards: usize, memory: &str) -> Daemon {
+        fs::create_dir_all(mnt).unwrap();
+        let mut child = Command::new(BIN)
+            .arg(manifest)
+            .arg(mnt)
+            .arg("--cas")
+            .arg(cas)
+            .args(["--shards", &shards.to_string(), "--memory-limit", memory])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.contains("mounted"), "mount failed: {line}");
+        Daemon {
+            child,
+            mnt: mnt.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(&self.mnt)
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn gbs(bytes_per_sec: f64) -> String {
+    format!("{:.2} GB/s", bytes_per_sec / 1e9)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let size_mib: usize = std::env::var("BENCH_SIZE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let base = std::env::var_os("BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("mount_read_bench"));
+    let _ = fs::remove_dir_all(&base);
+    fs::create_dir_all(&base).unwrap();
+    let size = size_mib * MIB;
+
+    // Source tree: one big file, two half-size files for the two-reader runs, and a warm file
+    // that fits one shard's pool.
+    let tree = base.join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    let mut data = vec![0u8; size];
+    for (i, chunk) in data.chunks_mut(8).enumerate() {
+        let v = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+    fs::write(tree.join("big.bin"), &data).unwrap();
+    fs::write(tree.join("half_a.bin"), &data[..size / 2]).unwrap();
+    fs::write(tree.join("half_b.bin"), &data[size / 2..]).unwrap();
+    let warm_size = (size / 2).min(512 * MIB);
+    fs::write(tree.join("warm.bin"), &data[..warm_size]).unwrap();
+    let shm = Path::new("/dev/shm/mount_vfs_bench.bin");
+    fs::write(shm, &data).unwrap();
+    drop(data);
+    let cas = base.join("cas");
+    let manifest = base.join("bench.manifest");
+    let status = Command::new(BIN)
+        .arg("snapshot")
+        .arg(&tree)
+        .arg("--cas")
+        .arg(&cas)
+        .arg("--output")
+        .arg(&manifest)
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    println!("# mount_read: {size_mib} MiB, 1 MiB reads, median of {runs} runs");
+    let host = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.to_string())
+        })
+        .unwrap_or_default();
+    println!(
+        "# machine: {} CPUs, {host}",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+
+    let tmpfs: Vec<f64> = (0..runs).map(|_| sequential_read(shm, true)).collect();
+    println!(
+        "tmpfs O_DIRECT                 {}",
+        gbs(median(tmpfs.clone()))
+    );
+
+    let null_mnt = base.join("null_mnt");
+    fs::create_dir_all(&null_mnt).unwrap();
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![MountOption::RO, MountOption::FSName("nullfs".into())];
+    config.n_threads = Some(2);
+    config.clone_fd = true;
+    let null = fuser::Session::new(
+        NullFs {
+            size: size as u64,
+            buffer: vec![7u8; 16 * MIB],
+        },
+        &null_mnt,
+        &config,
+    )
+    .unwrap()
+    .spawn()
+    .unwrap();
+    let ceiling: Vec<f64> = (0..runs)
+        .map(|_| sequential_read(&null_mnt.join("file"), true))
+        .collect();
+    let ceiling = median(ceiling);
+    println!("null FUSE O_DIRECT (ceiling)   {}", gbs(ceiling));
+    drop(null);
+
+    let mnt = base.join("mnt");
+    let mut cold = Vec::new();
+    let mut warm = Vec::new();
+    let mut faults_per_gib = Vec::new();
+    let mut cpu_per_gib = Vec::new();
+    for _ in 0..runs {
+        let daemon = Daemon::start(&manifest, &cas, &mnt, 1, "1G");
+        let pid = daemon.child.id();
+        let (f0, c0) = faults_and_cpu(pid);
+        cold.push(sequential_read(&mnt.join("big.bin"), true));
+        let (f1, c1) = faults_and_cpu(pid);
+        sequential_read(&mnt.join("warm.bin"), true);
+        let (f2, c2) = faults_and_cpu(pid);
+        warm.push(sequential_read(&mnt.join("warm.bin"), true));
+        let (f3, c3) = faults_and_cpu(pid);
+        let gib = size as f64 / (1u64 << 30) as f64;
+        let warm_gib = warm_size as f64 / (1u64 << 30) as f64;
+        faults_per_gib.push(((f1 - f0) as f64 / gib, (f3 - f2) as f64 / warm_gib));
+        cpu_per_gib.push(((c1 - c0) / gib, (c3 - c2) / warm_gib, c2 - c1));
+    }
+    let warm_m = median(warm);
+    println!("mount_vfs cold O_DIRECT        {}", gbs(median(cold)));
+    println!(
+        "mount_vfs warm O_DIRECT        {}  ({:.2}x ceiling, {} MiB file)",
+        gbs(warm_m),
+        warm_m / ceiling,
+        warm_size / MIB
+    );
+    for (i, ((fc, fw), (cc, cw, _))) in faults_per_gib.iter().zip(&cpu_per_gib).enumerate() {
+        println!(
+            "run {i}: daemon minor faults/GiB cold {fc:.0} warm {fw:.0}; CPU s/GiB cold {cc:.2} warm {cw:.2}"
+        );
+    }
+
+    // Two readers, one vs two shards (cold, then warm).
+    for shards in [1, 2] {
+        let daemon = Daemon::start(&manifest, &cas, &mnt, shards, "2G");
+        let files = [daemon.mnt.join("half_a.bin"), daemon.mnt.join("half_b.bin")];
+        let cold = parallel_read(&files, true);
+        let warm = parallel_read(&files, true);
+        println!(
+            "two readers, --shards {shards}: cold {} warm {}",
+            gbs(cold),
+            gbs(warm)
+        );
+        drop(daemon);
+    }
+    let _ = fs::remove_file(shm);
+    let _ = fs::remove_dir_all(&base);
+}

@@ -1,0 +1,60 @@
+//! Per-shard counters: cheap relaxed atomics written by the owning shard, read by `--stats` and
+//! by benchmarks and tests from any thread.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident),* $(,)?) => {
+        /// Live counters of one shard.
+        #[derive(Debug, Default)]
+        pub struct ShardCounters { $($(#[$doc])* pub $name: AtomicU64,)* }
+
+        /// A point-in-time copy of [`ShardCounters`].
+        #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+        pub struct CounterSnapshot { $(pub $name: u64,)* }
+
+        impl ShardCounters {
+            pub fn snapshot(&self) -> CounterSnapshot {
+                CounterSnapshot { $($name: self.$name.load(Relaxed),)* }
+            }
+        }
+
+        impl std::ops::Add for CounterSnapshot {
+            type Output = CounterSnapshot;
+            fn add(self, other: CounterSnapshot) -> CounterSnapshot {
+                CounterSnapshot { $($name: self.$name + other.$name,)* }
+            }
+        }
+    };
+}
+
+counters! {
+    /// OPEN requests handled.
+    opens,
+    /// READ requests handled.
+    reads,
+    /// Bytes sent in READ replies.
+    bytes_served,
+    /// Blocks found in the in-memory cache.
+    cache_hits,
+    /// Blocks that had to be loaded from the store.
+    cache_misses,
+    /// Bytes read from the store (verification and reloads).
+    bytes_fetched,
+    /// Microseconds spent waiting on store reads, summed.
+    fetch_micros,
+    /// Objects whose xxh128 was checked and matched.
+    objects_verified,
+    /// Objects whose bytes did not match their hash.
+    verify_failures,
+    /// Requests answered with an error.
+    errors,
+    /// Requests that arrived at a shard that does not own the inode (must stay 0).
+    misrouted,
+}
+
+impl ShardCounters {
+    pub fn add(&self, counter: &AtomicU64, value: u64) {
+        counter.fetch_add(value, Relaxed);
+    }
+}

@@ -1,0 +1,463 @@
+//! The shard file service: everything a shard does for the inodes it owns.
+//!
+//! Ownership rules (the one place they are written down):
+//! - `owner(ino) = namespace::owner(ino, shards)`; the FUSE front sends every open, read and
+//!   release of `ino` to that shard, together with its fuser reply object.
+//! - Only the owner touches an inode's open handles, read-ahead state, cached blocks and loads.
+//!   All of it lives in this shard's [`FileService`], which is `!Send` and needs no locks.
+//! - Bytes live in the shard's registered buffer pool and never leave the shard: the shard
+//!   replies itself, and fuser writes the reply straight from the block (one `writev`).
+//! - What crosses threads: [`ShardRequest`] messages (metadata plus a reply object) in, and
+//!   relaxed counter loads out. Nothing else.
+//!
+//! Verification policy: the unit of verification is a CAS object — the whole file for v2023
+//! manifests, one 256 MiB chunk for chunked v2025 files — because that is what its xxh128 covers.
+//! The first read of an object streams the whole object from the store through the hasher
+//! ([`BLOCK_SIZE`] blocks, several in flight), keeping the first blocks (up to half the cache) as
+//! they pass. Only when the digest matches are those blocks published to the cache and the object
+//! marked verified on this shard; on a mismatch nothing is published and the read fails with EIO.
+//! After that, blocks that were not kept are read again from the (now verified) object. A
+//! very large v2023 object therefore costs one full read before its first byte is served; the
+//! chunked v2025 format bounds that to 256 MiB.
+
+mod cache;
+mod counters;
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use fuser::{Errno, FileHandle, FopenFlags, ReplyData, ReplyEmpty, ReplyOpen};
+use futures::future::{FutureExt, LocalBoxFuture, Shared};
+use futures::StreamExt;
+use mount_vfs_executors::{BufferPool, Mailbox, ShardContext};
+
+use crate::manifest::{Hash, CHUNK_SIZE};
+use crate::namespace::{owner, Ino, Namespace};
+use crate::store::{Block, LocalCas};
+
+pub use cache::BlockKey;
+pub use counters::{CounterSnapshot, ShardCounters};
+
+use cache::BlockCache;
+
+/// Cache and fetch granularity. 1 MiB READs (the kernel's `max_pages` of 256 pages) and 128 KiB
+/// buffered READs never straddle a block when blocks are a multiple of 1 MiB; 4 MiB keeps
+/// O_DIRECT reads large while a 256 MiB chunk is still 64 blocks.
+pub const BLOCK_SIZE: u64 = 4 << 20;
+
+/// Store reads kept in flight while one object is streamed for verification.
+const VERIFY_READS_IN_FLIGHT: usize = 4;
+
+/// Read-ahead window for sequential readers, in blocks: starts at 1 and doubles per sequential
+/// read up to this cap (64 MiB).
+const MAX_READAHEAD_BLOCKS: u64 = 16;
+
+/// A data request for an inode, sent by the FUSE front to the inode's owner shard.
+pub enum ShardRequest {
+    Open {
+        ino: Ino,
+        reply: ReplyOpen,
+    },
+    Read {
+        ino: Ino,
+        fh: u64,
+        offset: u64,
+        size: u32,
+        reply: ReplyData,
+    },
+    Release {
+        ino: Ino,
+        fh: u64,
+        reply: ReplyEmpty,
+    },
+}
+
+impl ShardRequest {
+    fn ino(&self) -> Ino {
+        match self {
+            ShardRequest::Open { ino, .. }
+            | ShardRequest::Read { ino, .. }
+            | ShardRequest::Release { ino, .. } => *ino,
+        }
+    }
+}
+
+/// One open file: sequential-access detection for read-ahead.
+struct Handle {
+    next_offset: u64,
+    window: u64,
+}
+
+type Verify = Shared<LocalBoxFuture<'static, Result<(), Errno>>>;
+
+/// Everything one shard owns. See the module docs for the rules.
+pub struct FileService {
+    shard: usize,
+    shards: usize,
+    namespace: Arc<Namespace>,
+    store: LocalCas,
+    pool: Rc<BufferPool>,
+    cache: BlockCache,
+    counters: Arc<ShardCounters>,
+    handles: RefCell<HashMap<u64, Handle>>,
+    next_fh: Cell<u64>,
+    verified: RefCell<HashSet<Hash>>,
+    verifying: RefCell<HashMap<Hash, Verify>>,
+    /// Objects whose failure was already logged, so a failing object logs once, not per read.
+    reported: RefCell<HashSet<Hash>>,
+}
+
+/// Runs one shard: takes requests from the mailbox and serves each as its own task.
+pub async fn run_shard(
+    ctx: ShardContext<ShardRequest>,
+    mailbox: Mailbox<ShardRequest>,
+    namespace: Arc<Namespace>,
+    cas_root: std::path::PathBuf,
+    counters: Arc<ShardCounters>,
+) {
+    let pool = ctx.pool.clone();
+    // Leave a quarter of the pool for reads in flight and verification streams.
+    let cache_budget = pool.capacity() / 4 * 3;
+    let service = Rc::new(FileService {
+        shard: ctx.id,
+        shards: ctx.peers.len(),
+        namespace,
+        store: LocalCas::new(&cas_root),
+        pool,
+        cache: BlockCache::new(cache_budget),
+        counters,
+        handles: RefCell::new(HashMap::new()),
+        next_fh: Cell::new(1),
+        verified: RefCell::new(HashSet::new()),
+        verifying: RefCell::new(HashMap::new()),
+        reported: RefCell::new(HashSet::new()),
+    });
+    while let Some(request) = mailbox.recv().await {
+        let service = service.clone();
+        glommio::spawn_local(async move { service.handle(request).await }).detach();
+    }
+}
+
+/// Length of object `index` of a file: chunked files have 256 MiB objects and a shorter last one.
+fn object_len(size: u64, chunked: bool, index: usize) -> u64 {
+    if chunked {
+        (size - index as u64 * CHUNK_SIZE).min(CHUNK_SIZE)
+    } else {
+        size
+    }
+}
+
+impl FileService {
+    async fn handle(self: Rc<Self>, request: ShardRequest) {
+        let c = &self.counters;
+        if owner(request.ino(), self.shards) != self.shard {
+            c.add(&c.misrouted, 1);
+        }
+        match request {
+            ShardRequest::Open { ino, reply } => {
+                c.add(&c.opens, 1);
+                let fh = self.next_fh.get();
+                self.next_fh.set(fh + 1);
+                self.handles.borrow_mut().insert(
+                    fh,
+                    Handle {
+                        next_offset: 0,
+                        window: 1,
+                    },
+                );
+                let _ = ino;
+                // Content is immutable: the page cache may keep it across opens.
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+            }
+            ShardRequest::Release { fh, reply, .. } => {
+                self.handles.borrow_mut().remove(&fh);
+                reply.ok();
+            }
+            ShardRequest::Read {
+                ino,
+                fh,
+                offset,
+                size,
+                reply,
+            } => {
+                c.add(&c.reads, 1);
+                match self.read(ino, fh, offset, size as u64).await {
+                    Ok(Served::One(block, range)) => {
+                        c.add(&c.bytes_served, range.len() as u64);
+                        reply.data(&block[range]);
+                    }
+                    Ok(Served::Gathered(bytes)) => {
+                        c.add(&c.bytes_served, bytes.len() as u64);
+                        reply.data(&bytes);
+                    }
+                    Err(errno) => {
+                        c.add(&c.errors, 1);
+                        reply.error(errno);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn read(
+        self: &Rc<Self>,
+        ino: Ino,
+        fh: u64,
+        offset: u64,
+        size: u64,
+    ) -> Result<Served, Errno> {
+        let content = self.namespace.file_content(ino).ok_or(Errno::EIO)?;
+        let end = offset.saturating_add(size).min(content.size);
+        if offset >= end {
+            return Ok(Served::Gathered(Vec::new()));
+        }
+        self.plan_readahead(ino, fh, offset, end);
+        let locate = |pos: u64| {
+            let object = if content.chunked {
+                (pos / CHUNK_SIZE) as usize
+            } else {
+                0
+            };
+            let within = pos - object as u64 * if content.chunked { CHUNK_SIZE } else { 0 };
+            (
+                object,
+                (within / BLOCK_SIZE) as u32,
+                (within % BLOCK_SIZE) as usize,
+            )
+        };
+        let (object, block, start) = locate(offset);
+        let first = self.block(ino, object, block).await?;
+        let wanted = (end - offset) as usize;
+        if start + wanted <= first.len() {
+            return Ok(Served::One(first, start..start + wanted));
+        }
+        // The read straddles blocks (an unaligned reader): gather into one reply buffer.
+        let mut bytes = Vec::with_capacity(wanted);
+        bytes.extend_from_slice(&first[start..]);
+        while bytes.len() < wanted {
+            let (object, block, start) = locate(offset + bytes.len() as u64);
+            let next = self.block(ino, object, block).await?;
+            let take = (wanted - bytes.len()).min(next.len() - start);
+            bytes.extend_from_slice(&next[start..start + take]);
+        }
+        Ok(Served::Gathered(bytes))
+    }
+
+    /// Sequential readers get the next blocks loaded ahead, in a window that doubles.
+    fn plan_readahead(self: &Rc<Self>, ino: Ino, fh: u64, offset: u64, end: u64) {
+        let window = {
+            let mut handles = self.handles.borrow_mut();
+            let Some(handle) = handles.get_mut(&fh) else {
+                return;
+            };
+            let sequential = offset == handle.next_offset;
+            handle.window = if sequential {
+                (handle.window * 2).min(MAX_READAHEAD_BLOCKS)
+            } else {
+                1
+            };
+            handle.next_offset = end;
+            if !sequential {
+                return;
+            }
+            handle.window
+        };
+        let Some(content) = self.namespace.file_content(ino) else {
+            return;
+        };
+        let first = end.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        for i in 0..window {
+            let pos = first + i * BLOCK_SIZE;
+            if pos >= content.size {
+                break;
+            }
+            let object = if content.chunked {
+                (pos / CHUNK_SIZE) as usize
+            } else {
+                0
+            };
+            let within = pos
+                - if content.chunked {
+                    object as u64 * CHUNK_SIZE
+                } else {
+                    0
+                };
+            let block = (within / BLOCK_SIZE) as u32;
+            let hash = content.objects[object];
+            // Only read ahead inside verified objects: verification streams the object anyway.
+            if !self.verified.borrow().contains(&hash) || self.cache.contains((hash, block)) {
+                continue;
+            }
+            let service = self.clone();
+            glommio::spawn_local(async move {
+                let _ = service.block(ino, object, block).await;
+            })
+            .detach();
+        }
+    }
+
+    /// Block `block` of object `object` of file `ino`, verified, from the cache or the store.
+    async fn block(
+        self: &Rc<Self>,
+        ino: Ino,
+        object: usize,
+        block: u32,
+    ) -> Result<Rc<Block>, Errno> {
+        let content = self.namespace.file_content(ino).ok_or(Errno::EIO)?;
+        let hash = *content.objects.get(object).ok_or(Errno::EIO)?;
+        let len = object_len(content.size, content.chunked, object);
+        if len == 0 {
+            return Ok(Rc::new(Block::empty()));
+        }
+        let c = &self.counters;
+        if let Some(cached) = self.cache.get((hash, block)) {
+            c.add(&c.cache_hits, 1);
+            return Ok(cached);
+        }
+        self.verify(ino, hash, len).await?;
+        if let Some(cached) = self.cache.get((hash, block)) {
+            c.add(&c.cache_hits, 1);
+            return Ok(cached);
+        }
+        c.add(&c.cache_misses, 1);
+        let service = self.clone();
+        let load = self.cache.load_or_join((hash, block), move || {
+            async move {
+                let start = block as u64 * BLOCK_SIZE;
+                let result = service
+                    .fetch(ino, hash, len, start, (len - start).min(BLOCK_SIZE))
+                    .await;
+                let result = result.map(Rc::new);
+                if let Ok(loaded) = &result {
+                    service.cache.insert((hash, block), loaded.clone());
+                }
+                service.cache.finish_load((hash, block));
+                result
+            }
+            .boxed_local()
+        });
+        load.await
+    }
+
+    /// Reads from the store, counting and logging (once per object) failures.
+    async fn fetch(
+        &self,
+        ino: Ino,
+        hash: Hash,
+        object_len: u64,
+        offset: u64,
+        len: u64,
+    ) -> Result<Block, Errno> {
+        let started = Instant::now();
+        let result = self
+            .store
+            .read(&self.pool, hash, object_len, offset, len as usize)
+            .await;
+        let c = &self.counters;
+        c.add(&c.fetch_micros, started.elapsed().as_micros() as u64);
+        match result {
+            Ok(block) => {
+                c.add(&c.bytes_fetched, block.len() as u64);
+                Ok(block)
+            }
+            Err(error) => {
+                self.report(ino, hash, &error);
+                Err(error.errno())
+            }
+        }
+    }
+
+    fn report(&self, ino: Ino, hash: Hash, error: &dyn std::fmt::Display) {
+        if self.reported.borrow_mut().insert(hash) {
+            tracing::error!(
+                shard = self.shard,
+                file = %self.namespace.path(ino).display(),
+                %hash,
+                "cannot serve file: {error}"
+            );
+        }
+    }
+
+    /// Makes sure object `hash` (of `len` bytes) was verified on this shard; see the module docs.
+    async fn verify(self: &Rc<Self>, ino: Ino, hash: Hash, len: u64) -> Result<(), Errno> {
+        if self.verified.borrow().contains(&hash) {
+            return Ok(());
+        }
+        let existing = self.verifying.borrow().get(&hash).cloned();
+        let run = match existing {
+            Some(run) => run,
+            None => {
+                let service = self.clone();
+                let run = async move {
+                    let result = service.stream_and_verify(ino, hash, len).await;
+                    service.verifying.borrow_mut().remove(&hash);
+                    result
+                }
+                .boxed_local()
+                .shared();
+                self.verifying.borrow_mut().insert(hash, run.clone());
+                run
+            }
+        };
+        run.await
+    }
+
+    async fn stream_and_verify(
+        self: &Rc<Self>,
+        ino: Ino,
+        hash: Hash,
+        len: u64,
+    ) -> Result<(), Errno> {
+        let blocks = len.div_ceil(BLOCK_SIZE);
+        let keep_budget = self.cache.budget() / 2;
+        let mut kept: Vec<(u32, Rc<Block>)> = Vec::new();
+        let mut kept_bytes = 0usize;
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut reads = futures::stream::iter(0..blocks)
+            .map(|index| {
+                let start = index * BLOCK_SIZE;
+                self.fetch(ino, hash, len, start, (len - start).min(BLOCK_SIZE))
+            })
+            .buffered(VERIFY_READS_IN_FLIGHT);
+        let mut index = 0u32;
+        while let Some(block) = reads.next().await {
+            let block: Block = block?;
+            hasher.update(&block);
+            if kept_bytes + block.len() <= keep_budget {
+                kept_bytes += block.len();
+                kept.push((index, Rc::new(block)));
+            }
+            index += 1;
+        }
+        let c = &self.counters;
+        let digest = Hash(hasher.digest128());
+        if digest != hash {
+            c.add(&c.verify_failures, 1);
+            self.report(
+                ino,
+                hash,
+                &format_args!(
+                    "object {} has content hash {digest}: corrupt, not served",
+                    self.store.location(hash).display()
+                ),
+            );
+            return Err(Errno::EIO);
+        }
+        c.add(&c.objects_verified, 1);
+        self.verified.borrow_mut().insert(hash);
+        for (index, block) in kept {
+            self.cache.insert((hash, index), block);
+        }
+        Ok(())
+    }
+}
+
+/// What a read replies with: a range of one cached block (the common, zero-copy case) or bytes
+/// gathered from several blocks.
+enum Served {
+    One(Rc<Block>, std::ops::Range<usize>),
+    Gathered(Vec<u8>),
+}

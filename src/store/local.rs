@@ -1,0 +1,163 @@
+//! The local CAS directory store: `DIR/Data/{hash}.xxh128`, read with glommio `DmaFile`
+//! (O_DIRECT, io_uring; glommio turns O_DIRECT off by itself on tmpfs) straight into buffers of
+//! the shard's registered arena. This is also the layout of the disk cache.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use glommio::io::{DmaFile, ReadResult};
+use mount_vfs_executors::{BufferPool, PoolBuffer, Reservation};
+
+use super::{object_key, StoreError};
+use crate::manifest::Hash;
+
+/// Open object files kept per shard; past this the table is cleared (objects are large and
+/// read sequentially, so reopening is rare and cheap next to the reads).
+const MAX_OPEN_FILES: usize = 256;
+
+/// Bytes of one object, in the shard's registered memory.
+pub struct Block {
+    data: BlockData,
+}
+
+enum BlockData {
+    /// Filled by one `read_at`: glommio allocated it from the arena; we hold its accounting.
+    Read(ReadResult, Reservation),
+    /// Assembled from several reads (short reads), or filled by a socket.
+    Owned(PoolBuffer, usize),
+    /// The empty object.
+    Empty,
+}
+
+impl Block {
+    pub fn empty() -> Block {
+        Block {
+            data: BlockData::Empty,
+        }
+    }
+}
+
+impl std::ops::Deref for Block {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match &self.data {
+            BlockData::Read(read, _) => read,
+            BlockData::Owned(buffer, len) => &buffer[..*len],
+            BlockData::Empty => &[],
+        }
+    }
+}
+
+/// A CAS directory. One instance per shard (`!Send`: it holds that shard's open files).
+pub struct LocalCas {
+    root: PathBuf,
+    files: RefCell<HashMap<Hash, Rc<DmaFile>>>,
+}
+
+impl LocalCas {
+    pub fn new(root: &Path) -> LocalCas {
+        LocalCas {
+            root: root.to_path_buf(),
+            files: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// Where object `hash` lives.
+    pub fn location(&self, hash: Hash) -> PathBuf {
+        self.root.join(object_key(hash))
+    }
+
+    async fn open(&self, hash: Hash, expected_len: u64) -> Result<Rc<DmaFile>, StoreError> {
+        if let Some(file) = self.files.borrow().get(&hash) {
+            return Ok(file.clone());
+        }
+        let location = self.location(hash);
+        let file = DmaFile::open(&location).await.map_err(|e| {
+            let e = std::io::Error::from(e);
+            if e.kind() == ErrorKind::NotFound {
+                StoreError::NotFound {
+                    location: location.clone(),
+                }
+            } else {
+                StoreError::Io {
+                    location: location.clone(),
+                    source: e,
+                }
+            }
+        })?;
+        let actual = file.file_size().await.map_err(|e| StoreError::Io {
+            location: location.clone(),
+            source: e.into(),
+        })?;
+        if actual != expected_len {
+            let _ = file.close().await;
+            return Err(StoreError::WrongSize {
+                location,
+                expected: expected_len,
+                actual,
+            });
+        }
+        let file = Rc::new(file);
+        let mut files = self.files.borrow_mut();
+        if files.len() >= MAX_OPEN_FILES {
+            files.clear();
+        }
+        files.insert(hash, file.clone());
+        Ok(file)
+    }
+
+    /// Reads bytes `[offset, offset + len)` of object `hash`, whose full length is `object_len`.
+    /// The caller guarantees the range lies inside the object.
+    pub async fn read(
+        &self,
+        pool: &BufferPool,
+        hash: Hash,
+        object_len: u64,
+        offset: u64,
+        len: usize,
+    ) -> Result<Block, StoreError> {
+        if len == 0 {
+            return Ok(Block::empty());
+        }
+        let file = self.open(hash, object_len).await?;
+        let io_error = |e: glommio::GlommioError<()>| StoreError::Io {
+            location: self.location(hash),
+            source: e.into(),
+        };
+        // glommio's read_at rounds the buffer up to the O_DIRECT alignment; account for that.
+        let reservation = pool.reserve(len.next_multiple_of(4096) + 4096).await;
+        let first = file.read_at(offset, len).await.map_err(io_error)?;
+        if first.len() == len {
+            return Ok(Block {
+                data: BlockData::Read(first, reservation),
+            });
+        }
+        // A short read: assemble the rest into one buffer (rare; costs one copy).
+        drop(reservation);
+        let mut buffer = pool.alloc(len).await;
+        buffer[..first.len()].copy_from_slice(&first);
+        let mut filled = first.len();
+        drop(first);
+        while filled < len {
+            let more = file
+                .read_at(offset + filled as u64, len - filled)
+                .await
+                .map_err(io_error)?;
+            if more.is_empty() {
+                return Err(StoreError::Io {
+                    location: self.location(hash),
+                    source: std::io::Error::new(ErrorKind::UnexpectedEof, "object ended early"),
+                });
+            }
+            buffer[filled..filled + more.len()].copy_from_slice(&more);
+            filled += more.len();
+        }
+        Ok(Block {
+            data: BlockData::Owned(buffer, len),
+        })
+    }
+}

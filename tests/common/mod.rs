@@ -1,0 +1,210 @@
+//! Shared harness for tests that mount real FUSE filesystems.
+//!
+//! [`Mount`] runs the real `mount_vfs` binary and unmounts in `Drop`, also when a test panics:
+//! SIGTERM first (the clean path), then SIGKILL and a lazy unmount if the process hangs, so no
+//! test leaves a mount behind.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_mount_vfs");
+
+/// Deterministic pseudo-random bytes (xorshift), so big files need no fixtures on disk.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
+
+/// Runs `mount_vfs snapshot` on `tree`, filling `cas`; returns the manifest path.
+pub fn snapshot(tree: &Path, cas: &Path, format: &str, manifest: &Path) {
+    let output = Command::new(BIN)
+        .args(["snapshot"])
+        .arg(tree)
+        .arg("--cas")
+        .arg(cas)
+        .arg("--format")
+        .arg(format)
+        .arg("--output")
+        .arg(manifest)
+        .output()
+        .expect("run mount_vfs snapshot");
+    assert!(
+        output.status.success(),
+        "snapshot failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A running mount. Dropping it unmounts and stops the process.
+pub struct Mount {
+    pub dir: PathBuf,
+    child: Option<Child>,
+    stderr: mpsc::Receiver<String>,
+    stderr_lines: Vec<String>,
+}
+
+pub struct MountOptions<'a> {
+    pub shards: usize,
+    pub extra: &'a [&'a str],
+}
+
+impl Default for MountOptions<'_> {
+    fn default() -> Self {
+        MountOptions {
+            shards: 1,
+            extra: &[],
+        }
+    }
+}
+
+impl Mount {
+    /// Mounts `manifest` from `cas` on `dir`, waiting for the ready line.
+    pub fn start(manifest: &Path, cas: &Path, dir: &Path, options: MountOptions<'_>) -> Mount {
+        std::fs::create_dir_all(dir).unwrap();
+        let mut child = Command::new(BIN)
+            .arg(manifest)
+            .arg(dir)
+            .arg("--cas")
+            .arg(cas)
+            .args([
+                "--shards",
+                &options.shards.to_string(),
+                "--memory-limit",
+                "256M",
+            ])
+            .args(options.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mount_vfs");
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = ready_tx.send(line);
+            }
+        });
+        let (err_tx, err_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = err_tx.send(line);
+            }
+        });
+        let mut mount = Mount {
+            dir: dir.to_path_buf(),
+            child: Some(child),
+            stderr: err_rx,
+            stderr_lines: Vec::new(),
+        };
+        match ready_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(line) if line.contains("mounted") => mount,
+            other => {
+                let status = mount.stop();
+                panic!(
+                    "mount did not become ready ({other:?}, exit {status:?}); stderr:\n{}",
+                    mount.stderr_lines.join("\n")
+                );
+            }
+        }
+    }
+
+    fn drain_stderr(&mut self) {
+        while let Ok(line) = self.stderr.try_recv() {
+            self.stderr_lines.push(line);
+        }
+    }
+
+    /// Everything the daemon wrote to stderr so far.
+    pub fn stderr(&mut self) -> String {
+        self.drain_stderr();
+        self.stderr_lines.join("\n")
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGTERM, wait for a clean exit (then SIGKILL + lazy unmount as a last resort).
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        signal(child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // Collect the remaining stderr (the reader thread ends at EOF).
+        let until = Instant::now() + Duration::from_secs(2);
+        while let Ok(line) = self
+            .stderr
+            .recv_timeout(until.saturating_duration_since(Instant::now()))
+        {
+            self.stderr_lines.push(line);
+        }
+        if is_mounted(&self.dir) {
+            let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+        }
+        status
+    }
+
+    /// The last `--stats` JSON line the daemon printed with this label (`final` after stop).
+    pub fn stats(&mut self, label: &str) -> Option<serde_json::Value> {
+        self.drain_stderr();
+        self.stderr_lines
+            .iter()
+            .rev()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .find(|v| v["stats"] == label)
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Whether `dir` is a mount point right now (per /proc/self/mounts).
+pub fn is_mounted(dir: &Path) -> bool {
+    let canonical = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .any(|m| Path::new(m) == canonical)
+}
+
+/// Reads a whole file through the mount.
+pub fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut file = std::fs::File::open(path)?;
+    let mut out = Vec::new();
+    file.read_to_end(&mut out)?;
+    Ok(out)
+}
+
+/// Sends `signal` to process `pid`.
+pub fn signal(pid: u32, signal: i32) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(pid as i32, signal) };
+}

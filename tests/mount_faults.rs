@@ -1,0 +1,201 @@
+//! What users see when things go wrong: missing and corrupt CAS objects, bad manifests, bad
+//! mountpoints, and SIGTERM while readers are busy.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{pattern, read_all, snapshot, Mount, MountOptions, BIN};
+
+fn object_path(cas: &Path, content: &[u8]) -> std::path::PathBuf {
+    cas.join(format!(
+        "Data/{:032x}.xxh128",
+        xxhash_rust::xxh3::xxh3_128(content)
+    ))
+}
+
+#[test]
+fn missing_and_corrupt_objects_give_eio_while_the_rest_keeps_working() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    let good = pattern(1, 5 << 20);
+    let missing = pattern(2, 100_000);
+    let corrupt = pattern(3, 6 << 20);
+    fs::write(tree.join("good.bin"), &good).unwrap();
+    fs::write(tree.join("missing.bin"), &missing).unwrap();
+    fs::write(tree.join("corrupt.bin"), &corrupt).unwrap();
+    let cas = tmp.path().join("cas");
+    let manifest = tmp.path().join("m.json");
+    snapshot(&tree, &cas, "2023-03-03", &manifest);
+    fs::remove_file(object_path(&cas, &missing)).unwrap();
+    // Same size, one flipped byte in the last block: only the hash can tell.
+    let mut damaged = corrupt.clone();
+    damaged[(6 << 20) - 10] ^= 0xff;
+    fs::write(object_path(&cas, &corrupt), &damaged).unwrap();
+
+    let mut mount = Mount::start(
+        &manifest,
+        &cas,
+        &tmp.path().join("mnt"),
+        MountOptions {
+            shards: 2,
+            ..Default::default()
+        },
+    );
+    for _ in 0..3 {
+        let err = read_all(&mount.dir.join("missing.bin")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        let err = read_all(&mount.dir.join("corrupt.bin")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO));
+        assert!(read_all(&mount.dir.join("good.bin")).unwrap() == good);
+    }
+    // Not even the first bytes of the corrupt file, which are intact on disk, are served.
+    let mut file = fs::File::open(mount.dir.join("corrupt.bin")).unwrap();
+    let mut first = [0u8; 4096];
+    let err = std::io::Read::read(&mut file, &mut first).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    // Metadata keeps working.
+    assert_eq!(
+        fs::metadata(mount.dir.join("corrupt.bin")).unwrap().len(),
+        6 << 20
+    );
+    mount.stop();
+    let log = mount.stderr();
+    assert!(
+        log.contains("corrupt.bin") && log.contains("corrupt"),
+        "log names the corrupt file: {log}"
+    );
+    assert!(
+        log.contains("missing.bin") && log.contains("missing"),
+        "log names the missing file: {log}"
+    );
+    // One line per failing object per shard, not one per read.
+    assert!(log.matches("missing.bin").count() <= 2, "{log}");
+}
+
+#[test]
+fn bad_manifest_exits_non_zero_before_mounting_and_names_the_problem() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("mnt");
+    let cas = tmp.path().join("cas");
+    fs::create_dir_all(&mnt).unwrap();
+    fs::create_dir_all(cas.join("Data")).unwrap();
+    let cases: &[(&str, &str)] = &[
+        (
+            "truncated",
+            r#"{"hashAlg":"xxh128","manifestVersion":"2023-03-03","paths":[{"hash":"#,
+        ),
+        (
+            "escape",
+            r#"{"hashAlg":"xxh128","manifestVersion":"2023-03-03","paths":[{"hash":"df8d09e93f874900a99b8775cc15b6c7","mtime":1,"path":"../etc/passwd","size":11}],"totalSize":11}"#,
+        ),
+        (
+            "version",
+            r#"{"hashAlg":"xxh128","manifestVersion":"1999-01-01","paths":[],"totalSize":0}"#,
+        ),
+    ];
+    for (name, text) in cases {
+        let manifest = tmp.path().join(format!("{name}.json"));
+        fs::write(&manifest, text).unwrap();
+        let output = Command::new(BIN)
+            .arg(&manifest)
+            .arg(&mnt)
+            .arg("--cas")
+            .arg(&cas)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{name}: must fail");
+        assert!(
+            stderr.contains(&format!("{name}.json")),
+            "{name}: names the manifest: {stderr}"
+        );
+        assert!(!common::is_mounted(&mnt), "{name}: nothing mounted");
+    }
+}
+
+#[test]
+fn unsupported_flags_and_missing_store_are_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let manifest = tmp.path().join("m.json");
+    fs::write(
+        &manifest,
+        r#"{"hashAlg":"xxh128","manifestVersion":"2023-03-03","paths":[],"totalSize":0}"#,
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .arg(&manifest)
+            .arg(&mnt)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let cache = format!("{}/vfs-cache", tmp.path().display());
+    let (code, err) = run(&["--writable", "--cache-dir", &cache]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--writable is not yet supported"), "{err}");
+    let (code, err) = run(&[]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--cas"), "{err}");
+    let (code, err) = run(&["--cas", "/nonexistent/cas"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("no Data/ directory"), "{err}");
+}
+
+#[test]
+fn sigterm_under_load_unmounts_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    for i in 0..4 {
+        fs::write(tree.join(format!("f{i}.bin")), pattern(i, 8 << 20)).unwrap();
+    }
+    let cas = tmp.path().join("cas");
+    let manifest = tmp.path().join("m.json");
+    snapshot(&tree, &cas, "2023-03-03", &manifest);
+    let mut mount = Mount::start(
+        &manifest,
+        &cas,
+        &tmp.path().join("mnt"),
+        MountOptions {
+            shards: 2,
+            ..Default::default()
+        },
+    );
+    let readers: Vec<_> = (0..4)
+        .map(|i| {
+            let path = mount.dir.join(format!("f{i}.bin"));
+            std::thread::spawn(move || {
+                // Read until the mount goes away; errors after unmount are expected.
+                for _ in 0..1000 {
+                    if read_all(&path).is_err() {
+                        break;
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let status = mount.stop().expect("exits by itself after SIGTERM");
+    assert!(
+        status.success(),
+        "clean exit: {status:?}\n{}",
+        mount.stderr()
+    );
+    assert!(!common::is_mounted(&mount.dir));
+    for r in readers {
+        r.join().unwrap();
+    }
+    assert!(mount.stderr().contains("SIGTERM"));
+}
