@@ -15,6 +15,7 @@ use crate::fuse_front::FuseFront;
 use crate::manifest::Manifest;
 use crate::namespace::Namespace;
 use crate::service::{run_shard, CounterSnapshot, ShardCounters};
+use crate::store::StoreConfig;
 
 /// Largest registered buffer one shard may have: the kernel refuses io_uring fixed buffers over
 /// 1 GiB (verified on 6.18).
@@ -193,11 +194,18 @@ pub fn run(args: MountArgs) -> Result<(), MountError> {
             cli::HugepageMode::Off => HugepageMode::Off,
         },
     };
+    let store = StoreConfig::Local { root: cas };
     let shard_namespace = namespace.clone();
     let shard_counters = counters.clone();
     let executors = Shards::start(&config, move |ctx, mailbox| {
         let counters = shard_counters[ctx.id].clone();
-        run_shard(ctx, mailbox, shard_namespace.clone(), cas.clone(), counters)
+        run_shard(
+            ctx,
+            mailbox,
+            shard_namespace.clone(),
+            store.clone(),
+            counters,
+        )
     })
     .map_err(|e| MountError::Runtime(format!("cannot start shards: {e}")))?;
 

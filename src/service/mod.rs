@@ -36,7 +36,7 @@ use mount_vfs_executors::{BufferPool, Mailbox, ShardContext};
 
 use crate::manifest::{Hash, CHUNK_SIZE};
 use crate::namespace::{owner, Ino, Namespace};
-use crate::store::{Block, LocalCas};
+use crate::store::{Block, Store, StoreConfig};
 
 pub use cache::BlockKey;
 pub use counters::{CounterSnapshot, ShardCounters};
@@ -98,7 +98,7 @@ pub struct FileService {
     shard: usize,
     shards: usize,
     namespace: Arc<Namespace>,
-    store: LocalCas,
+    store: Store,
     pool: Rc<BufferPool>,
     cache: BlockCache,
     counters: Arc<ShardCounters>,
@@ -115,7 +115,7 @@ pub async fn run_shard(
     ctx: ShardContext<ShardRequest>,
     mailbox: Mailbox<ShardRequest>,
     namespace: Arc<Namespace>,
-    cas_root: std::path::PathBuf,
+    store: StoreConfig,
     counters: Arc<ShardCounters>,
 ) {
     let pool = ctx.pool.clone();
@@ -125,7 +125,7 @@ pub async fn run_shard(
         shard: ctx.id,
         shards: ctx.peers.len(),
         namespace,
-        store: LocalCas::new(&cas_root),
+        store: store.open_for_shard(),
         pool,
         cache: BlockCache::new(cache_budget),
         counters,
@@ -441,7 +441,7 @@ impl FileService {
                 hash,
                 &format_args!(
                     "object {} has content hash {digest}: corrupt, not served",
-                    self.store.location(hash).display()
+                    self.store.location(hash)
                 ),
             );
             return Err(Errno::EIO);

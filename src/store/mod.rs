@@ -10,7 +10,55 @@ use std::path::PathBuf;
 
 pub use local::{Block, LocalCas};
 
+use mount_vfs_executors::BufferPool;
+
 use crate::manifest::Hash;
+
+/// Which store a mount reads from: chosen on the main thread, `Send`, turned into one
+/// [`Store`] per shard.
+#[derive(Clone, Debug)]
+pub enum StoreConfig {
+    /// A CAS directory holding `Data/{hash}.xxh128`.
+    Local { root: PathBuf },
+}
+
+impl StoreConfig {
+    /// The shard-local store instance (called on the shard's own thread).
+    pub fn open_for_shard(&self) -> Store {
+        match self {
+            StoreConfig::Local { root } => Store::Local(LocalCas::new(root)),
+        }
+    }
+}
+
+/// One shard's store. `!Send`: it owns that shard's files and connections.
+pub enum Store {
+    Local(LocalCas),
+}
+
+impl Store {
+    /// Bytes `[offset, offset + len)` of object `hash` (whose full length is `object_len`), in
+    /// a buffer of the shard's pool. The caller keeps the range inside the object.
+    pub async fn read(
+        &self,
+        pool: &BufferPool,
+        hash: Hash,
+        object_len: u64,
+        offset: u64,
+        len: usize,
+    ) -> Result<Block, StoreError> {
+        match self {
+            Store::Local(cas) => cas.read(pool, hash, object_len, offset, len).await,
+        }
+    }
+
+    /// Where object `hash` lives, for log lines.
+    pub fn location(&self, hash: Hash) -> String {
+        match self {
+            Store::Local(cas) => cas.location(hash).display().to_string(),
+        }
+    }
+}
 
 /// Object key suffix used by the Deadline client for xxh128-named objects.
 pub const OBJECT_SUFFIX: &str = ".xxh128";
