@@ -183,6 +183,18 @@ impl Filesystem for FuseFront {
         );
     }
 
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // Nothing is ever dirty on a read-only mount.
+        reply.ok();
+    }
+
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.namespace.child_count(ino.0) {
             // Listings never change: let the kernel cache them.

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use super::{Namespace, Node, NodeKind, FLAG_CHUNKED, FLAG_EXEC};
+use super::{node_path, Namespace, Node, NodeKind, FLAG_CHUNKED, FLAG_EXEC};
 use crate::manifest::{to_fs_name, Content, EntryKind, EntryRef};
 
 /// Why a manifest cannot be turned into a mountable tree. The manifest decoder already rejects
@@ -70,6 +70,22 @@ impl<'m> Builder<'m> {
             self.nodes[parent as usize].subdirs += 1;
         }
         Ok(id)
+    }
+
+    /// Directories carry no mtime in manifests; each shows the newest mtime below it, which is
+    /// stable across mounts of the same manifest.
+    fn bubble_mtime(&mut self, mut dir: u32, mtime_us: i64) {
+        loop {
+            let node = &mut self.nodes[dir as usize];
+            if node.mtime_us >= mtime_us && node.mtime_us != 0 {
+                return;
+            }
+            node.mtime_us = mtime_us;
+            if dir == 0 {
+                return;
+            }
+            dir = node.parent;
+        }
     }
 
     fn dir(&mut self, parent: u32, name: &'m [u8]) -> Result<u32, NamespaceError> {
@@ -176,6 +192,7 @@ impl Namespace {
                     if matches!(file.content, Content::Chunked(_)) {
                         node.flags |= FLAG_CHUNKED;
                     }
+                    b.bubble_mtime(parent, file.mtime_us);
                     total_size = total_size.saturating_add(file.size);
                     files += 1;
                 }
@@ -218,15 +235,9 @@ impl Namespace {
         for pair in children.windows(2) {
             let (x, y) = (&nodes[pair[0] as usize], &nodes[pair[1] as usize]);
             if x.parent == y.parent && name(x) == name(y) {
-                let ns = Namespace {
-                    nodes: nodes.clone(),
-                    names: names.clone(),
-                    children: Vec::new(),
-                    hashes: Vec::new(),
-                    total_size,
-                    files,
-                };
-                return Err(NamespaceError::Duplicate(ns.path(pair[1] as u64 + 1)));
+                return Err(NamespaceError::Duplicate(node_path(
+                    &nodes, &names, pair[1],
+                )));
             }
         }
         let mut run_start = 0usize;

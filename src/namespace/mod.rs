@@ -196,20 +196,26 @@ impl Namespace {
 
     /// The inode's path relative to the mount root, for log lines.
     pub fn path(&self, ino: Ino) -> PathBuf {
-        use std::os::unix::ffi::OsStrExt;
-        let mut parts = Vec::new();
-        let mut current = ino;
-        while current != ROOT_INO {
-            let Some(node) = self.node(current) else {
-                break;
-            };
-            parts.push(self.name_of(node));
-            current = node.parent as Ino + 1;
+        match ino.checked_sub(1).and_then(|i| u32::try_from(i).ok()) {
+            Some(index) if (index as usize) < self.nodes.len() => {
+                node_path(&self.nodes, &self.names, index)
+            }
+            _ => PathBuf::new(),
         }
-        parts
-            .iter()
-            .rev()
-            .map(|part| std::ffi::OsStr::from_bytes(part))
-            .collect()
     }
+}
+
+/// Path of node `index` from the root, following parent links.
+fn node_path(nodes: &[Node], names: &[u8], mut index: u32) -> PathBuf {
+    use std::os::unix::ffi::OsStrExt;
+    let mut parts = Vec::new();
+    while index != 0 {
+        let node = &nodes[index as usize];
+        let start = node.name_start as usize;
+        parts.push(std::ffi::OsStr::from_bytes(
+            &names[start..start + node.name_len as usize],
+        ));
+        index = node.parent;
+    }
+    parts.iter().rev().collect()
 }
