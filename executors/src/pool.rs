@@ -644,7 +644,7 @@ mod tests {
             assert_eq!(buddy.available_bytes(), cap, "len {len}");
             assert!(!buddy.malloc(max).is_null());
             assert!(buddy.malloc(max * 2).is_null());
-            drop(buddy);
+            // `buddy` is not used past this point; its memory is freed below.
             // SAFETY: allocated above with `layout`.
             unsafe { std::alloc::dealloc(base, layout) };
         }

@@ -346,7 +346,7 @@ impl<M: Send + 'static> Shards<M> {
         }
         for (shard, handle) in threads {
             if let Err(payload) = handle.join() {
-                let msg = panic_message(&payload);
+                let msg = panic_message(&*payload);
                 match failures.iter_mut().find(|f| f.shard == shard) {
                     Some(f) => f.cause = ShardFailureCause::Panicked(msg),
                     None => failures.push(ShardFailure {
@@ -406,7 +406,7 @@ impl<M: Send + 'static> Shards<M> {
         let mut panicked = Vec::new();
         for (shard, handle) in self.threads.drain(..) {
             if let Err(payload) = handle.join() {
-                panicked.push((shard, panic_message(&payload)));
+                panicked.push((shard, panic_message(&*payload)));
             }
         }
         if panicked.is_empty() {
