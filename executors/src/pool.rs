@@ -131,6 +131,8 @@ pub(crate) struct ArenaInfo {
     pub size: usize,
     pub kind: MemoryKind,
     pub registered: bool,
+    /// Time the hook spent touching every page of the arena.
+    pub prefault: std::time::Duration,
 }
 
 struct Waiter {
@@ -385,6 +387,11 @@ impl BufferPool {
     /// Whether the arena is registered with io_uring, so glommio uses fixed-buffer I/O.
     pub fn registered(&self) -> bool {
         self.inner.arena.registered
+    }
+
+    /// Time spent pre-faulting the arena at start-up (zero without the allocator hook).
+    pub fn prefault_time(&self) -> std::time::Duration {
+        self.inner.arena.prefault
     }
 
     /// This shard's counters (the same `Arc` as `Shards::stats()[id]`).

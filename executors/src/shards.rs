@@ -672,5 +672,6 @@ fn inspect_arena<M>(setup: &ShardSetup<M>, outcome: ArenaOutcome) -> ArenaInfo {
         size,
         kind,
         registered: glommio_fixed,
+        prefault,
     }
 }
