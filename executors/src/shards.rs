@@ -655,6 +655,16 @@ fn inspect_arena<M>(setup: &ShardSetup<M>, outcome: ArenaOutcome) -> ArenaInfo {
             "glommio reports a registered arena but no io_uring fdinfo lists it"
         );
     }
+    if setup.config.hugepages == HugepageMode::Require && kind != MemoryKind::Hugetlb {
+        // Start fails for this shard; the caller logs the failure, not a "ready" line.
+        return ArenaInfo {
+            range,
+            size,
+            kind,
+            registered: glommio_fixed,
+            prefault,
+        };
+    }
     info!(
         shard,
         cpu = setup.loc.cpu,
