@@ -99,7 +99,7 @@ pub struct FileService {
     shards: usize,
     namespace: Arc<Namespace>,
     store: Store,
-    pool: Rc<BufferPool>,
+    pool: BufferPool,
     cache: BlockCache,
     counters: Arc<ShardCounters>,
     handles: RefCell<HashMap<u64, Handle>>,

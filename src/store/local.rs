@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use glommio::io::{DmaFile, ReadResult};
-use mount_vfs_executors::{BufferPool, PoolBuffer, Reservation};
+use mount_vfs_executors::{BufferPool, PoolBuffer, Reservation, TooLarge};
 
 use super::{object_key, StoreError};
 use crate::manifest::Hash;
@@ -25,7 +25,11 @@ pub struct Block {
 
 enum BlockData {
     /// Filled by one `read_at`: glommio allocated it from the arena; we hold its accounting.
-    Read(ReadResult, Reservation),
+    Read {
+        data: ReadResult,
+        /// Held only for its `Drop`: returns the bytes to the pool's accounting.
+        _accounting: Reservation,
+    },
     /// Assembled from several reads (short reads), or filled by a socket.
     Owned(PoolBuffer, usize),
     /// The empty object.
@@ -45,7 +49,7 @@ impl std::ops::Deref for Block {
 
     fn deref(&self) -> &[u8] {
         match &self.data {
-            BlockData::Read(read, _) => read,
+            BlockData::Read { data, .. } => data,
             BlockData::Owned(buffer, len) => &buffer[..*len],
             BlockData::Empty => &[],
         }
@@ -110,6 +114,13 @@ impl LocalCas {
         Ok(file)
     }
 
+    fn too_large(&self, hash: Hash, error: TooLarge) -> StoreError {
+        StoreError::Io {
+            location: self.location(hash),
+            source: std::io::Error::other(error),
+        }
+    }
+
     /// Reads bytes `[offset, offset + len)` of object `hash`, whose full length is `object_len`.
     /// The caller guarantees the range lies inside the object.
     pub async fn read(
@@ -128,17 +139,22 @@ impl LocalCas {
             location: self.location(hash),
             source: e.into(),
         };
-        // glommio's read_at rounds the buffer up to the O_DIRECT alignment; account for that.
-        let reservation = pool.reserve(len.next_multiple_of(4096) + 4096).await;
+        let reservation = pool
+            .reserve_read(&file, offset, len)
+            .await
+            .map_err(|e| self.too_large(hash, e))?;
         let first = file.read_at(offset, len).await.map_err(io_error)?;
         if first.len() == len {
             return Ok(Block {
-                data: BlockData::Read(first, reservation),
+                data: BlockData::Read {
+                    data: first,
+                    _accounting: reservation,
+                },
             });
         }
         // A short read: assemble the rest into one buffer (rare; costs one copy).
         drop(reservation);
-        let mut buffer = pool.alloc(len).await;
+        let mut buffer = pool.alloc(len).await.map_err(|e| self.too_large(hash, e))?;
         buffer[..first.len()].copy_from_slice(&first);
         let mut filled = first.len();
         drop(first);
