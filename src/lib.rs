@@ -8,3 +8,5 @@
 
 pub mod cli;
 pub mod manifest;
+pub mod snapshot;
+pub mod validate;

@@ -13,14 +13,8 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match cli.command {
-        Some(Command::Snapshot(_args)) => {
-            eprintln!("mount_vfs: snapshot is not yet supported");
-            ExitCode::from(2)
-        }
-        Some(Command::Validate(_args)) => {
-            eprintln!("mount_vfs: validate is not yet supported");
-            ExitCode::from(2)
-        }
+        Some(Command::Snapshot(args)) => mount_vfs::snapshot::run(&args),
+        Some(Command::Validate(args)) => mount_vfs::validate::run(&args),
         None => {
             eprintln!("mount_vfs: mounting is not yet supported");
             ExitCode::from(2)
