@@ -61,14 +61,16 @@ impl<'de> Visitor<'de> for PathsSeed<'_> {
         }
         let mut i = 0usize;
         loop {
-            match seq.next_element_seed(PathItem {
+            self.0.cursor = Some(("paths", i));
+            let item = PathItem {
                 b: &mut *self.0,
                 index: i,
-            }) {
-                Ok(Some(())) => i += 1,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(super::decode::in_entry(e, &format!("paths[{i}]"))),
+            };
+            if seq.next_element_seed(item)?.is_none() {
+                self.0.cursor = None;
+                return Ok(());
             }
+            i += 1;
         }
     }
 }

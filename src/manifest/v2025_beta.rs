@@ -146,16 +146,17 @@ impl<'de> Visitor<'de> for DirsSeed<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut i = 0;
         loop {
+            self.1.cursor = Some(("dirs", i));
             let item = DirItem {
                 st: &mut *self.0,
                 b: &mut *self.1,
                 index: i,
             };
-            match seq.next_element_seed(item) {
-                Ok(Some(())) => i += 1,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(super::decode::in_entry(e, &format!("dirs[{i}]"))),
+            if seq.next_element_seed(item)?.is_none() {
+                self.1.cursor = None;
+                return Ok(());
             }
+            i += 1;
         }
     }
 }
@@ -245,16 +246,17 @@ impl<'de> Visitor<'de> for FilesSeed<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut i = 0;
         loop {
+            self.1.cursor = Some(("files", i));
             let item = FileItem {
                 st: &mut *self.0,
                 b: &mut *self.1,
                 index: i,
             };
-            match seq.next_element_seed(item) {
-                Ok(Some(())) => i += 1,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(super::decode::in_entry(e, &format!("files[{i}]"))),
+            if seq.next_element_seed(item)?.is_none() {
+                self.1.cursor = None;
+                return Ok(());
             }
+            i += 1;
         }
     }
 }

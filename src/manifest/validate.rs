@@ -111,6 +111,15 @@ fn kind_rank(k: SlotKind) -> u8 {
     }
 }
 
+/// `$<digits>/...`: the form of a compressed v2025 name.
+fn looks_like_dir_ref(name: &[u8]) -> bool {
+    let Some(rest) = name.strip_prefix(b"$") else {
+        return false;
+    };
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    digits > 0 && rest.get(digits) == Some(&b'/')
+}
+
 fn parent(path: &[u8]) -> Option<&[u8]> {
     let i = path.iter().rposition(|&b| b == b'/')?;
     path.get(..i).filter(|p| !p.is_empty())
@@ -127,6 +136,7 @@ pub(crate) fn finish(b: ManifestBuilder, source: &str) -> Result<Manifest, Manif
         chunks,
         mut problems,
         required_dirs,
+        cursor: _,
     } = b;
     let absolute = format == Format::AbsoluteBeta2025_12;
     let v2023 = format == Format::V2023_03_03;
@@ -305,6 +315,35 @@ pub(crate) fn finish(b: ManifestBuilder, source: &str) -> Result<Manifest, Manif
                         label(path),
                         Rule::FileDirConflict,
                         "is a file or symlink, but other entries are inside it",
+                    );
+                }
+            }
+        }
+        // A literal target `$N/x` would read back as a reference; it is only safe when the
+        // encoder compresses it, i.e. when its parent is a listed directory.
+        if format.has_explicit_dirs() {
+            for s in slots.iter().filter(|s| s.kind == SlotKind::Symlink) {
+                let target = aux_range(&arena, s.aux);
+                if !looks_like_dir_ref(target) {
+                    continue;
+                }
+                let listed = parent(target).is_some_and(|p| {
+                    dirs.contains(p)
+                        || slots
+                            .binary_search_by(|x| {
+                                cmp_utf16(range(&arena, x.off, x.len), p).then(Ordering::Greater)
+                            })
+                            .map_or_else(|i| i, |i| i)
+                            .checked_add(0)
+                            .and_then(|i| slots.get(i))
+                            .is_some_and(|x| x.is_dir_like() && range(&arena, x.off, x.len) == p)
+                });
+                if !listed {
+                    let path = range(&arena, s.off, s.len);
+                    problems.push(
+                        label(path),
+                        Rule::BadDirRef,
+                        "symlink target starts with `$N/` but its directory is not in the manifest: it cannot be written unambiguously",
                     );
                 }
             }
