@@ -158,7 +158,7 @@ impl Walker {
         let (mut parts, rest): (Vec<Vec<u8>>, &[u8]) = if target.is_absolute() {
             match target.strip_prefix(&self.root) {
                 Ok(inside) => (Vec::new(), inside.as_os_str().as_bytes()),
-                Err(_) => return Ok(self.skip_link(path, "points outside the root")),
+                Err(_) => return self.skip_link(path, "points outside the root"),
             }
         } else {
             let parent = rel
@@ -172,22 +172,23 @@ impl Walker {
                 b"" | b"." => {}
                 b".." => {
                     if parts.pop().is_none() {
-                        return Ok(self.skip_link(path, "climbs out of the root"));
+                        return self.skip_link(path, "climbs out of the root");
                     }
                 }
                 c => parts.push(from_fs_name(c)),
             }
         }
         if parts.is_empty() {
-            return Ok(self.skip_link(path, "points at the root itself"));
+            return self.skip_link(path, "points at the root itself");
         }
         self.builder.add_symlink(&name, &parts.join(&b'/'));
         Ok(())
     }
 
-    fn skip_link(&mut self, path: &Path, why: &str) {
+    fn skip_link(&mut self, path: &Path, why: &str) -> Result<(), SnapshotError> {
         tracing::warn!(path = %path.display(), "symlink {why}; skipped (manifest symlinks must stay inside the root)");
         self.skipped += 1;
+        Ok(())
     }
 }
 

@@ -200,7 +200,7 @@ pub(crate) fn decode(bytes: &[u8], source: &str) -> Result<Manifest, ManifestErr
             Rule::NegativeSize,
             format!("totalSize {t} is negative"),
         ),
-        Some(Int::NotInt) => {
+        Some(Int::Fraction) => {
             b.problems
                 .push(None, Rule::NotInteger, "totalSize must be an integer")
         }

@@ -135,7 +135,7 @@ impl<'de> Visitor<'de> for PathItem<'_> {
         match size {
             Some(Int::U(v)) => slot.size = v,
             Some(Int::I(v)) => errs.push((Rule::NegativeSize, format!("size {v} is negative"))),
-            Some(Int::NotInt) => errs.push((Rule::NotInteger, "size must be an integer".into())),
+            Some(Int::Fraction) => errs.push((Rule::NotInteger, "size must be an integer".into())),
             None => errs.push((Rule::Schema, "missing key \"size\"".into())),
         }
         match mtime.map(mtime_us) {
@@ -170,7 +170,7 @@ pub(crate) fn mtime_us(v: Int) -> Result<i64, (Rule, String)> {
         Int::U(v) => {
             i64::try_from(v).map_err(|_| (Rule::NotInteger, format!("mtime {v} is too large")))
         }
-        Int::NotInt => Err((
+        Int::Fraction => Err((
             Rule::NotInteger,
             "mtime must be an integer (microseconds)".into(),
         )),

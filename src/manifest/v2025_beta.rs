@@ -382,7 +382,7 @@ impl<'de> Visitor<'de> for FileItem<'_> {
             match size {
                 Some(Int::U(v)) => slot.size = v,
                 Some(Int::I(v)) => errs.push((Rule::NegativeSize, format!("size {v} is negative"))),
-                Some(Int::NotInt) => {
+                Some(Int::Fraction) => {
                     errs.push((Rule::NotInteger, "size must be an integer".into()))
                 }
                 None => errs.push((Rule::Schema, "missing key \"size\"".into())),

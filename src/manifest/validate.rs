@@ -111,6 +111,19 @@ fn kind_rank(k: SlotKind) -> u8 {
     }
 }
 
+/// True when a directory entry (live or deleted) has exactly this path; `slots` must be sorted.
+fn has_dir_slot(slots: &[Slot], arena: &[u8], path: &[u8]) -> bool {
+    let first = slots
+        .binary_search_by(|s| cmp_utf16(range(arena, s.off, s.len), path).then(Ordering::Greater))
+        .unwrap_or_else(|i| i);
+    slots
+        .get(first..)
+        .unwrap_or_default()
+        .iter()
+        .take_while(|s| range(arena, s.off, s.len) == path)
+        .any(Slot::is_dir_like)
+}
+
 /// `$<digits>/...`: the form of a compressed v2025 name.
 fn looks_like_dir_ref(name: &[u8]) -> bool {
     let Some(rest) = name.strip_prefix(b"$") else {
@@ -327,17 +340,8 @@ pub(crate) fn finish(b: ManifestBuilder, source: &str) -> Result<Manifest, Manif
                 if !looks_like_dir_ref(target) {
                     continue;
                 }
-                let listed = parent(target).is_some_and(|p| {
-                    dirs.contains(p)
-                        || slots
-                            .binary_search_by(|x| {
-                                cmp_utf16(range(&arena, x.off, x.len), p).then(Ordering::Greater)
-                            })
-                            .map_or_else(|i| i, |i| i)
-                            .checked_add(0)
-                            .and_then(|i| slots.get(i))
-                            .is_some_and(|x| x.is_dir_like() && range(&arena, x.off, x.len) == p)
-                });
+                let listed = parent(target)
+                    .is_some_and(|p| dirs.contains(p) || has_dir_slot(&slots, &arena, p));
                 if !listed {
                     let path = range(&arena, s.off, s.len);
                     problems.push(
@@ -361,17 +365,7 @@ pub(crate) fn finish(b: ManifestBuilder, source: &str) -> Result<Manifest, Manif
         if format.has_explicit_dirs() && problems.is_empty() {
             // `$N/` compression needs every ancestor listed: add the ones the caller left implied.
             for d in &dirs {
-                let listed = slots
-                    .binary_search_by(|s| {
-                        cmp_utf16(range(&arena, s.off, s.len), d).then(Ordering::Greater)
-                    })
-                    .unwrap_or_else(|i| i);
-                let has = slots
-                    .get(listed..)
-                    .unwrap_or_default()
-                    .iter()
-                    .take_while(|s| range(&arena, s.off, s.len) == *d)
-                    .any(|s| s.is_dir_like());
+                let has = has_dir_slot(&slots, &arena, d);
                 if !has {
                     missing_dirs.push(d.to_vec());
                 }
