@@ -132,7 +132,14 @@ impl Walker {
                     self.builder.add_dir(&name);
                 }
                 self.stack.push(id);
-                self.walk(&path, &name)?;
+                match self.walk(&path, &name) {
+                    // Like the client's glob: an unreadable subdirectory is left out, not fatal.
+                    Err(SnapshotError::Io { path, source }) => {
+                        tracing::warn!(path = %path.display(), error = %source, "cannot read directory; skipped");
+                        self.skipped += 1;
+                    }
+                    other => other?,
+                }
                 self.stack.pop();
             } else if ft.is_file() {
                 self.total_bytes += meta.len();
