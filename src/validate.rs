@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use crate::cli::ValidateArgs;
-use crate::manifest::{Hash, Manifest};
+use crate::manifest::{Format, Hash, Manifest};
 
 /// The report for `bytes` (read from `source`): (text for stdout, text for stderr, exit code).
 pub fn report(bytes: &[u8], source: &str) -> (String, String, u8) {
@@ -16,7 +16,10 @@ pub fn report(bytes: &[u8], source: &str) -> (String, String, u8) {
             let mut out = format!(
                 "manifest: {source}\nformat: {} ({})\ndiff: {}\nfiles: {}\ndirs: {}\nsymlinks: {}\ndeletions: {}\ntotal size: {}\nhash: {hash}\n",
                 m.format().version_string(m.is_diff()),
-                if m.format() == crate::manifest::Format::V2023_03_03 { "manifestVersion" } else { "v2025" },
+                match m.format() {
+                    Format::V2023_03_03 | Format::V2025_12_04Beta => "manifestVersion",
+                    Format::RelativeBeta2025_12 | Format::AbsoluteBeta2025_12 => "specificationVersion",
+                },
                 match m.parent_manifest_hash() {
                     Some(p) => format!("yes, parent {p}"),
                     None => "no".to_owned(),

@@ -21,7 +21,9 @@ const NETWORK_SIGNS: &[&str] = &[
     "ConnectTimeoutError",
     "ProxyError",
     "Connection refused",
-    "No matching distribution found for deadline",
+    // `deadline` exists on PyPI, so "no versions at all" means the index was not reachable
+    // (pip prints only this when retries are off or exhausted quietly).
+    "(from versions: none)",
 ];
 
 fn venv_dir() -> PathBuf {
@@ -57,7 +59,7 @@ fn deadline_venv() -> Option<PathBuf> {
         .expect("python3 must be installed");
     assert!(o.status.success(), "python3 -m venv failed: {}", text(&o));
     let o = Command::new(staging.join("bin/pip"))
-        .args(["install", "--disable-pip-version-check", "-q", "deadline"])
+        .args(["install", "--disable-pip-version-check", "deadline"])
         .output()
         .unwrap();
     if !o.status.success() {
