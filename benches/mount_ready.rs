@@ -57,10 +57,18 @@ fn mount_once(manifest: &Path, cas: &Path, mnt: &Path) -> (f64, u64) {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let ready: f64 = line
         .rsplit_once("ready in ")
-        .and_then(|(_, rest)| rest.trim_end().trim_end_matches(")").trim_end_matches('s').parse().ok())
+        .and_then(|(_, rest)| {
+            rest.trim_end()
+                .trim_end_matches(")")
+                .trim_end_matches('s')
+                .parse()
+                .ok()
+        })
         .unwrap_or_else(|| panic!("unexpected ready line: {line}"));
     let status = fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
     let rss_kib: u64 = status
@@ -72,7 +80,11 @@ fn mount_once(manifest: &Path, cas: &Path, mnt: &Path) -> (f64, u64) {
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     child.wait().unwrap();
-    let _ = Command::new("umount").arg("-l").arg(mnt).stderr(Stdio::null()).status();
+    let _ = Command::new("umount")
+        .arg("-l")
+        .arg(mnt)
+        .stderr(Stdio::null())
+        .status();
     (ready, rss_kib * 1024)
 }
 
@@ -80,16 +92,26 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let entries: usize = std::env::var("BENCH_ENTRIES").ok().and_then(|v| v.parse().ok()).unwrap_or(1_000_000);
+    let entries: usize = std::env::var("BENCH_ENTRIES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
     let base = Path::new(env!("CARGO_TARGET_TMPDIR")).join("mount_ready_bench");
     let _ = fs::remove_dir_all(&base);
     fs::create_dir_all(base.join("cas/Data")).unwrap();
     let empty = base.join("empty.manifest");
-    fs::write(&empty, r#"{"hashAlg":"xxh128","manifestVersion":"2023-03-03","paths":[],"totalSize":0}"#).unwrap();
+    fs::write(
+        &empty,
+        r#"{"hashAlg":"xxh128","manifestVersion":"2023-03-03","paths":[],"totalSize":0}"#,
+    )
+    .unwrap();
     let big = base.join("big.manifest");
     let text = manifest(entries);
     fs::write(&big, &text).unwrap();
-    println!("# mount_ready: {entries} entries, manifest {:.1} MiB", text.len() as f64 / (1 << 20) as f64);
+    println!(
+        "# mount_ready: {entries} entries, manifest {:.1} MiB",
+        text.len() as f64 / (1 << 20) as f64
+    );
     drop(text);
     let cas = base.join("cas");
     let mnt = base.join("mnt");
@@ -103,8 +125,17 @@ fn main() {
     }
     readies.sort_by(|a, b| a.partial_cmp(b).unwrap());
     per_entry.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    println!("baseline daemon RSS (empty manifest): {:.1} MiB", baseline as f64 / (1 << 20) as f64);
-    println!("ready in: best {:.2} s, median {:.2} s", readies[0], readies[1]);
-    println!("RSS per entry: best {:.0} B, median {:.0} B", per_entry[0], per_entry[1]);
+    println!(
+        "baseline daemon RSS (empty manifest): {:.1} MiB",
+        baseline as f64 / (1 << 20) as f64
+    );
+    println!(
+        "ready in: best {:.2} s, median {:.2} s",
+        readies[0], readies[1]
+    );
+    println!(
+        "RSS per entry: best {:.0} B, median {:.0} B",
+        per_entry[0], per_entry[1]
+    );
     let _ = fs::remove_dir_all(&base);
 }

@@ -13,4 +13,6 @@ pub mod mount;
 pub mod namespace;
 pub mod service;
 pub mod signals;
+pub mod snapshot;
 pub mod store;
+pub mod validate;

@@ -20,14 +20,8 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match cli.command {
-        Some(Command::Snapshot(_args)) => {
-            eprintln!("mount_vfs: snapshot is not yet supported");
-            ExitCode::from(2)
-        }
-        Some(Command::Validate(_args)) => {
-            eprintln!("mount_vfs: validate is not yet supported");
-            ExitCode::from(2)
-        }
+        Some(Command::Snapshot(args)) => mount_vfs::snapshot::run(&args),
+        Some(Command::Validate(args)) => mount_vfs::validate::run(&args),
         None => match mount_vfs::mount::run(cli.mount) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

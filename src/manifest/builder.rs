@@ -19,6 +19,8 @@ pub struct ManifestBuilder {
     pub(crate) problems: Problems,
     /// Directories that must turn out to be implied by other entries (v2025 -> v2023 conversion).
     pub(crate) required_dirs: Vec<(u32, u32)>,
+    /// The list and index being decoded, so a fatal JSON error can name its entry.
+    pub(crate) cursor: Option<(&'static str, usize)>,
 }
 
 impl ManifestBuilder {
@@ -33,6 +35,7 @@ impl ManifestBuilder {
             chunks: Vec::new(),
             problems: Problems::default(),
             required_dirs: Vec::new(),
+            cursor: None,
         }
     }
 

@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use super::builder::ManifestBuilder;
 use super::error::{ManifestError, Problems, Rule};
@@ -26,17 +26,6 @@ const TOP_KEYS: &[&str] = &[
     "totalSize",
     "parentManifestHash",
 ];
-
-/// Adds the entry index to a fatal error from inside an entry, keeping serde_json's message.
-pub(crate) fn in_entry<E: de::Error>(e: E, entry: &str) -> E {
-    let msg = e.to_string();
-    // serde_json appends " at line L column C"; it will add the position again for us.
-    let msg = match msg.rfind(" at line ") {
-        Some(i) => msg.get(..i).unwrap_or(&msg),
-        None => &msg,
-    };
-    E::custom(format!("{entry}: {msg}"))
-}
 
 #[derive(Default)]
 struct Doc {
@@ -114,6 +103,10 @@ impl<'de> Visitor<'de> for DocVisitor<'_> {
 }
 
 fn fatal(e: serde_json::Error, b: Option<ManifestBuilder>, source: &str) -> ManifestError {
+    let entry = b
+        .as_ref()
+        .and_then(|b| b.cursor)
+        .map(|(list, i)| format!("{list}[{i}]"));
     let mut problems = b.map(|b| b.problems).unwrap_or_default();
     let rule = match e.classify() {
         serde_json::error::Category::Data => Rule::Schema,
@@ -126,7 +119,7 @@ fn fatal(e: serde_json::Error, b: Option<ManifestBuilder>, source: &str) -> Mani
     };
     // The fatal error goes first: it is why decoding stopped.
     let mut first = Problems::default();
-    first.push(None, rule, format!("{e}{hint}"));
+    first.push(entry, rule, format!("{e}{hint}"));
     first.list.append(&mut problems.list);
     first.truncated |= problems.truncated;
     first.list.truncate(super::error::MAX_PROBLEMS);
@@ -207,7 +200,7 @@ pub(crate) fn decode(bytes: &[u8], source: &str) -> Result<Manifest, ManifestErr
             Rule::NegativeSize,
             format!("totalSize {t} is negative"),
         ),
-        Some(Int::NotInt) => {
+        Some(Int::Fraction) => {
             b.problems
                 .push(None, Rule::NotInteger, "totalSize must be an integer")
         }

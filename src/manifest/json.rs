@@ -149,7 +149,7 @@ impl<'de> Visitor<'de> for Text {
 pub(crate) enum Int {
     U(u64),
     I(i64),
-    NotInt,
+    Fraction,
 }
 
 pub(crate) struct IntSeed;
@@ -173,7 +173,7 @@ impl<'de> Visitor<'de> for IntSeed {
         Ok(if v >= 0 { Int::U(v as u64) } else { Int::I(v) })
     }
     fn visit_f64<E: de::Error>(self, _v: f64) -> Result<Int, E> {
-        Ok(Int::NotInt)
+        Ok(Int::Fraction)
     }
 }
 

@@ -258,4 +258,32 @@ mod tests {
         assert!(!is_wtf8(b"\xff"));
         assert!(!is_wtf8(b"\xc0\x80"));
     }
+
+    /// Reference UTF-16 units: decode with `decode_one`-independent std paths where possible.
+    fn units(wtf8: &[u8]) -> Vec<u16> {
+        Utf16Units {
+            bytes: wtf8,
+            pending: None,
+        }
+        .collect()
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fs_names_round_trip(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..40)) {
+            let name = from_fs_name(&bytes);
+            proptest::prop_assert!(is_wtf8(&name));
+            proptest::prop_assert_eq!(to_fs_name(&name), bytes.clone());
+            if let Ok(s) = std::str::from_utf8(&bytes) {
+                proptest::prop_assert_eq!(name, s.as_bytes().to_vec());
+            }
+        }
+
+        #[test]
+        fn utf16_order_matches_std_encode_utf16(a in "[a\\u{e9}\\u{ff5e}\\u{1f600}\\u{e000}/]{0,6}", b in "[a\\u{e9}\\u{ff5e}\\u{1f600}\\u{e000}/]{0,6}") {
+            let want = a.encode_utf16().cmp(b.encode_utf16());
+            proptest::prop_assert_eq!(cmp_utf16(a.as_bytes(), b.as_bytes()), want);
+            proptest::prop_assert_eq!(units(a.as_bytes()), a.encode_utf16().collect::<Vec<_>>());
+        }
+    }
 }

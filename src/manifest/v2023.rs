@@ -61,14 +61,16 @@ impl<'de> Visitor<'de> for PathsSeed<'_> {
         }
         let mut i = 0usize;
         loop {
-            match seq.next_element_seed(PathItem {
+            self.0.cursor = Some(("paths", i));
+            let item = PathItem {
                 b: &mut *self.0,
                 index: i,
-            }) {
-                Ok(Some(())) => i += 1,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(super::decode::in_entry(e, &format!("paths[{i}]"))),
+            };
+            if seq.next_element_seed(item)?.is_none() {
+                self.0.cursor = None;
+                return Ok(());
             }
+            i += 1;
         }
     }
 }
@@ -133,7 +135,7 @@ impl<'de> Visitor<'de> for PathItem<'_> {
         match size {
             Some(Int::U(v)) => slot.size = v,
             Some(Int::I(v)) => errs.push((Rule::NegativeSize, format!("size {v} is negative"))),
-            Some(Int::NotInt) => errs.push((Rule::NotInteger, "size must be an integer".into())),
+            Some(Int::Fraction) => errs.push((Rule::NotInteger, "size must be an integer".into())),
             None => errs.push((Rule::Schema, "missing key \"size\"".into())),
         }
         match mtime.map(mtime_us) {
@@ -168,7 +170,7 @@ pub(crate) fn mtime_us(v: Int) -> Result<i64, (Rule, String)> {
         Int::U(v) => {
             i64::try_from(v).map_err(|_| (Rule::NotInteger, format!("mtime {v} is too large")))
         }
-        Int::NotInt => Err((
+        Int::Fraction => Err((
             Rule::NotInteger,
             "mtime must be an integer (microseconds)".into(),
         )),

@@ -23,7 +23,8 @@ use super::{aux_range, range, Manifest, Slot, SlotKind};
 #[derive(Default, Debug)]
 pub(crate) struct Staged {
     raw: Vec<u8>,
-    dirs: Vec<(u32, u32, bool)>,
+    /// `None` for an entry that already failed: keeps `$N` indices aligned.
+    dirs: Vec<Option<(u32, u32, bool)>>,
     /// Slot with `off/len` pointing into `raw`; symlinks have `aux` = target range in `raw`.
     files: Vec<Slot>,
 }
@@ -83,7 +84,11 @@ pub(crate) fn resolve(st: Staged, b: &mut ManifestBuilder) {
             Ok(b.push_bytes(raw))
         }
     };
-    for (i, &(off, len, deleted)) in st.dirs.iter().enumerate() {
+    for (i, d) in st.dirs.iter().enumerate() {
+        let Some((off, len, deleted)) = *d else {
+            dir_paths.push(None);
+            continue;
+        };
         let raw = range(&st.raw, off, len);
         match expand(b, raw, i, &dir_paths, "name", false) {
             Ok(r) => {
@@ -146,16 +151,17 @@ impl<'de> Visitor<'de> for DirsSeed<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut i = 0;
         loop {
+            self.1.cursor = Some(("dirs", i));
             let item = DirItem {
                 st: &mut *self.0,
                 b: &mut *self.1,
                 index: i,
             };
-            match seq.next_element_seed(item) {
-                Ok(Some(())) => i += 1,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(super::decode::in_entry(e, &format!("dirs[{i}]"))),
+            if seq.next_element_seed(item)?.is_none() {
+                self.1.cursor = None;
+                return Ok(());
             }
+            i += 1;
         }
     }
 }
@@ -213,11 +219,11 @@ impl<'de> Visitor<'de> for DirItem<'_> {
         }
         match r {
             Some((off, len)) if errs.is_empty() => {
-                st.dirs.push((off, len, deleted.unwrap_or(false)));
+                st.dirs.push(Some((off, len, deleted.unwrap_or(false))));
             }
             _ => {
                 // Keep the index space intact so later `$N/` references still line up.
-                st.dirs.push((0, 0, false));
+                st.dirs.push(None);
                 for (rule, detail) in errs {
                     self.b.problems.push(Some(label.clone()), rule, detail);
                 }
@@ -245,16 +251,17 @@ impl<'de> Visitor<'de> for FilesSeed<'_> {
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut i = 0;
         loop {
+            self.1.cursor = Some(("files", i));
             let item = FileItem {
                 st: &mut *self.0,
                 b: &mut *self.1,
                 index: i,
             };
-            match seq.next_element_seed(item) {
-                Ok(Some(())) => i += 1,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(super::decode::in_entry(e, &format!("files[{i}]"))),
+            if seq.next_element_seed(item)?.is_none() {
+                self.1.cursor = None;
+                return Ok(());
             }
+            i += 1;
         }
     }
 }
@@ -380,7 +387,7 @@ impl<'de> Visitor<'de> for FileItem<'_> {
             match size {
                 Some(Int::U(v)) => slot.size = v,
                 Some(Int::I(v)) => errs.push((Rule::NegativeSize, format!("size {v} is negative"))),
-                Some(Int::NotInt) => {
+                Some(Int::Fraction) => {
                     errs.push((Rule::NotInteger, "size must be an integer".into()))
                 }
                 None => errs.push((Rule::Schema, "missing key \"size\"".into())),

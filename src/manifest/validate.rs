@@ -111,6 +111,28 @@ fn kind_rank(k: SlotKind) -> u8 {
     }
 }
 
+/// True when a directory entry (live or deleted) has exactly this path; `slots` must be sorted.
+fn has_dir_slot(slots: &[Slot], arena: &[u8], path: &[u8]) -> bool {
+    let first = slots
+        .binary_search_by(|s| cmp_utf16(range(arena, s.off, s.len), path).then(Ordering::Greater))
+        .unwrap_or_else(|i| i);
+    slots
+        .get(first..)
+        .unwrap_or_default()
+        .iter()
+        .take_while(|s| range(arena, s.off, s.len) == path)
+        .any(Slot::is_dir_like)
+}
+
+/// `$<digits>/...`: the form of a compressed v2025 name.
+fn looks_like_dir_ref(name: &[u8]) -> bool {
+    let Some(rest) = name.strip_prefix(b"$") else {
+        return false;
+    };
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    digits > 0 && rest.get(digits) == Some(&b'/')
+}
+
 fn parent(path: &[u8]) -> Option<&[u8]> {
     let i = path.iter().rposition(|&b| b == b'/')?;
     path.get(..i).filter(|p| !p.is_empty())
@@ -127,6 +149,7 @@ pub(crate) fn finish(b: ManifestBuilder, source: &str) -> Result<Manifest, Manif
         chunks,
         mut problems,
         required_dirs,
+        cursor: _,
     } = b;
     let absolute = format == Format::AbsoluteBeta2025_12;
     let v2023 = format == Format::V2023_03_03;
@@ -309,6 +332,26 @@ pub(crate) fn finish(b: ManifestBuilder, source: &str) -> Result<Manifest, Manif
                 }
             }
         }
+        // A literal target `$N/x` would read back as a reference; it is only safe when the
+        // encoder compresses it, i.e. when its parent is a listed directory.
+        if format.has_explicit_dirs() {
+            for s in slots.iter().filter(|s| s.kind == SlotKind::Symlink) {
+                let target = aux_range(&arena, s.aux);
+                if !looks_like_dir_ref(target) {
+                    continue;
+                }
+                let listed = parent(target)
+                    .is_some_and(|p| dirs.contains(p) || has_dir_slot(&slots, &arena, p));
+                if !listed {
+                    let path = range(&arena, s.off, s.len);
+                    problems.push(
+                        label(path),
+                        Rule::BadDirRef,
+                        "symlink target starts with `$N/` but its directory is not in the manifest: it cannot be written unambiguously",
+                    );
+                }
+            }
+        }
         for &(off, len) in &required_dirs {
             let path = range(&arena, off, len);
             if !dirs.contains(path) {
@@ -322,17 +365,7 @@ pub(crate) fn finish(b: ManifestBuilder, source: &str) -> Result<Manifest, Manif
         if format.has_explicit_dirs() && problems.is_empty() {
             // `$N/` compression needs every ancestor listed: add the ones the caller left implied.
             for d in &dirs {
-                let listed = slots
-                    .binary_search_by(|s| {
-                        cmp_utf16(range(&arena, s.off, s.len), d).then(Ordering::Greater)
-                    })
-                    .unwrap_or_else(|i| i);
-                let has = slots
-                    .get(listed..)
-                    .unwrap_or_default()
-                    .iter()
-                    .take_while(|s| range(&arena, s.off, s.len) == *d)
-                    .any(|s| s.is_dir_like());
+                let has = has_dir_slot(&slots, &arena, d);
                 if !has {
                     missing_dirs.push(d.to_vec());
                 }
