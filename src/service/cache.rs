@@ -96,6 +96,19 @@ impl BlockCache {
         }
     }
 
+    /// Drops the least recently used block; false when the cache is empty. The memory returns
+    /// to the pool once no reply still holds the block.
+    pub fn evict_one(&self) -> bool {
+        let mut inner = self.inner.borrow_mut();
+        let Some((_, victim)) = inner.by_age.pop_first() else {
+            return false;
+        };
+        if let Some((evicted, _)) = inner.blocks.remove(&victim) {
+            inner.used -= evicted.len();
+        }
+        true
+    }
+
     /// The load in flight for `key`, or registers `start()` as the one.
     pub fn load_or_join(
         &self,

@@ -32,7 +32,7 @@ use std::time::Instant;
 use fuser::{Errno, FileHandle, FopenFlags, ReplyData, ReplyEmpty, ReplyOpen};
 use futures::future::{FutureExt, LocalBoxFuture, Shared};
 use futures::StreamExt;
-use mount_vfs_executors::{BufferPool, Mailbox, ShardContext};
+use mount_vfs_executors::{rounded_size, BufferPool, Mailbox, ShardContext};
 
 use crate::manifest::{Hash, CHUNK_SIZE};
 use crate::namespace::{owner, Ino, Namespace};
@@ -106,6 +106,8 @@ pub struct FileService {
     next_fh: Cell<u64>,
     verified: RefCell<HashSet<Hash>>,
     verifying: RefCell<HashMap<Hash, Verify>>,
+    /// Bytes held by verification streams for publication once their object verifies.
+    retained: Cell<usize>,
     /// Objects whose failure was already logged, so a failing object logs once, not per read.
     reported: RefCell<HashSet<Hash>>,
 }
@@ -134,6 +136,7 @@ pub async fn run_shard(
         verified: RefCell::new(HashSet::new()),
         verifying: RefCell::new(HashMap::new()),
         reported: RefCell::new(HashSet::new()),
+        retained: Cell::new(0),
     });
     while let Some(request) = mailbox.recv().await {
         let service = service.clone();
@@ -342,6 +345,17 @@ impl FileService {
         load.await
     }
 
+    /// Evicts cached blocks until `len` more bytes fit in the pool. Without this, loads waiting
+    /// for pool memory could wait forever on memory that only the cache holds.
+    fn make_room(&self, len: usize) {
+        let needed = rounded_size(len);
+        while self.pool.in_use() + needed > self.pool.capacity() {
+            if !self.cache.evict_one() {
+                break;
+            }
+        }
+    }
+
     /// Reads from the store, counting and logging (once per object) failures.
     async fn fetch(
         &self,
@@ -351,6 +365,7 @@ impl FileService {
         offset: u64,
         len: u64,
     ) -> Result<Block, Errno> {
+        self.make_room(len as usize);
         let started = Instant::now();
         let result = self
             .store
@@ -412,7 +427,6 @@ impl FileService {
         len: u64,
     ) -> Result<(), Errno> {
         let blocks = len.div_ceil(BLOCK_SIZE);
-        let keep_budget = self.cache.budget() / 2;
         let mut kept: Vec<(u32, Rc<Block>)> = Vec::new();
         let mut kept_bytes = 0usize;
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
@@ -424,14 +438,25 @@ impl FileService {
             .buffered(VERIFY_READS_IN_FLIGHT);
         let mut index = 0u32;
         while let Some(block) = reads.next().await {
-            let block: Block = block?;
+            let block: Block = match block {
+                Ok(block) => block,
+                Err(errno) => {
+                    self.retained.set(self.retained.get() - kept_bytes);
+                    return Err(errno);
+                }
+            };
             hasher.update(&block);
-            if kept_bytes + block.len() <= keep_budget {
+            // Keep the head of the object for the reader that is waiting, within a shard-wide
+            // budget so concurrent verifications cannot fill the pool with unpublished blocks.
+            if self.retained.get() + block.len() <= self.cache.budget() / 4 {
+                self.retained.set(self.retained.get() + block.len());
                 kept_bytes += block.len();
                 kept.push((index, Rc::new(block)));
             }
             index += 1;
         }
+        drop(reads);
+        self.retained.set(self.retained.get() - kept_bytes);
         let c = &self.counters;
         let digest = Hash(hasher.digest128());
         if digest != hash {
