@@ -5,6 +5,9 @@
 //! test leaves a mount behind.
 #![allow(dead_code)]
 
+pub mod fault_proxy;
+pub mod s3_servers;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
