@@ -92,6 +92,8 @@ fn check_supported(args: &MountArgs) -> Result<StoreChoice, MountError> {
 }
 
 /// Where the mount's bytes come from, as the user asked (not yet opened).
+// One short-lived value per run: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 enum StoreChoice {
     Local(PathBuf),
     S3(S3Config),
