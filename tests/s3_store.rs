@@ -249,3 +249,34 @@ fn seaweedfs_checks_credentials() {
     let message = wrong_key.probe().unwrap_err();
     assert!(message.contains("access key id is not known"), "{message}");
 }
+
+/// Raw single-shard throughput of 4 MiB ranged GETs (4 in flight) against moto. Ignored by
+/// default (a measurement, not a check): `cargo test --release --test s3_store -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn moto_single_shard_throughput() {
+    let moto = Moto::start();
+    moto.create_bucket("bench");
+    let target = S3Target::start(&config(&moto.endpoint(), "bench", "root", "k", "s")).unwrap();
+    let data = pattern(5, 16 << 20);
+    let hash = Hash::of(&data);
+    upload(&target, vec![(key(hash), data)]);
+    let (bytes, elapsed) = on_shard(move |pool| async move {
+        use futures::StreamExt;
+        let store = S3Store::new(target);
+        let started = Instant::now();
+        let blocks = (0..64u64).map(|i| (i % 4) * (4 << 20));
+        let bytes: usize = futures::stream::iter(blocks)
+            .map(|offset| store.read(&pool, hash, 16 << 20, offset, 4 << 20))
+            .buffered(4)
+            .map(|b| b.unwrap().len())
+            .fold(0, |a, b| async move { a + b })
+            .await;
+        (bytes, started.elapsed())
+    });
+    eprintln!(
+        "moto, 1 shard, 4 MiB ranged GETs x4 in flight: {} MiB in {elapsed:?} = {:.0} MiB/s",
+        bytes >> 20,
+        (bytes >> 20) as f64 / elapsed.as_secs_f64()
+    );
+}
