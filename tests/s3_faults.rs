@@ -75,7 +75,7 @@ fn faults_are_retried_or_surface_as_changed_bytes() {
         // More failures than the retry budget: a clear error, then the next read works.
         proxy.inject(&[Fault::SlowDown; 6]);
         let exhausted = store.read(&pool, hash, n, 0, 1000).await.err();
-        proxy.inject(&[]);
+        proxy.clear();
         let after = store
             .read(&pool, hash, n, 0, 1000)
             .await

@@ -76,6 +76,11 @@ impl FaultProxy {
             .extend(faults.iter().copied());
     }
 
+    /// Drops the faults not yet applied.
+    pub fn clear(&self) {
+        self.state.faults.lock().unwrap().clear();
+    }
+
     /// Faults queued but not yet applied.
     pub fn pending(&self) -> usize {
         self.state.faults.lock().unwrap().len()
