@@ -98,17 +98,27 @@ pub struct MountArgs {
     pub hugepages: HugepageMode,
 
     /// Local CAS directory holding Data/{hash}.xxh128 objects.
-    #[arg(long, value_name = "DIR", help_heading = "Content store")]
+    #[arg(long, value_name = "DIR", help_heading = "Content store", conflicts_with_all = ["s3", "bucket"])]
     pub cas: Option<PathBuf>,
-    /// S3 bucket holding the CAS (not yet supported).
+    /// S3 CAS as s3://BUCKET/ROOT_PREFIX (objects at ROOT_PREFIX/Data/{hash}.xxh128).
+    #[arg(long, value_name = "S3_URI", help_heading = "Content store", conflicts_with_all = ["bucket", "root_prefix"])]
+    pub s3: Option<String>,
+    /// S3 bucket holding the CAS (the Deadline client's form; or use --s3).
     #[arg(long, help_heading = "Content store")]
     pub bucket: Option<String>,
-    /// Root prefix of the CAS in the bucket (not yet supported).
-    #[arg(long, help_heading = "Content store")]
+    /// Root prefix of the CAS in the bucket (with --bucket).
+    #[arg(long, help_heading = "Content store", requires = "bucket")]
     pub root_prefix: Option<String>,
-    /// AWS region of the bucket (not yet supported).
+    /// AWS region of the bucket (default: AWS_REGION or the profile's region).
     #[arg(long, help_heading = "Content store")]
     pub region: Option<String>,
+    /// S3-compatible endpoint, e.g. http://127.0.0.1:9000, addressed path-style (default:
+    /// AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, else AWS S3 in --region).
+    #[arg(long, value_name = "URL", help_heading = "Content store")]
+    pub endpoint_url: Option<String>,
+    /// AWS profile for credentials and region (default: AWS_PROFILE, else "default").
+    #[arg(long, help_heading = "Content store")]
+    pub profile: Option<String>,
 
     /// Capture writes in a copy-on-write overlay (not yet supported).
     #[arg(long, help_heading = "Writable overlay")]
@@ -181,6 +191,19 @@ mod tests {
         .unwrap();
         assert!(cli.command.is_none());
         assert!(cli.mount.writable);
+    }
+
+    #[test]
+    fn store_flags_are_exclusive() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(["mount_vfs", "m.json", "./vfs"].iter().chain(args.iter()))
+        };
+        let cli = parse(&["--s3", "s3://bucket/root", "--region", "eu-west-1"]).unwrap();
+        assert_eq!(cli.mount.s3.as_deref(), Some("s3://bucket/root"));
+        assert!(parse(&["--bucket", "b", "--root-prefix", "r", "--profile", "p"]).is_ok());
+        assert!(parse(&["--cas", "d", "--s3", "s3://b/r"]).is_err());
+        assert!(parse(&["--cas", "d", "--bucket", "b"]).is_err());
+        assert!(parse(&["--s3", "s3://b/r", "--bucket", "b"]).is_err());
     }
 
     #[test]

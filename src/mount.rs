@@ -15,7 +15,8 @@ use crate::fuse_front::FuseFront;
 use crate::manifest::Manifest;
 use crate::namespace::Namespace;
 use crate::service::{run_shard, CounterSnapshot, ShardCounters};
-use crate::store::StoreConfig;
+use crate::store::s3::S3Config;
+use crate::store::{S3Target, StoreConfig};
 
 /// Largest registered buffer one shard may have: the kernel refuses io_uring fixed buffers over
 /// 1 GiB (verified on 6.18).
@@ -55,7 +56,7 @@ fn not_yet(flag: &str, what: &str) -> MountError {
 }
 
 /// Refuses flags that are accepted for compatibility but not implemented yet, loudly.
-fn check_supported(args: &MountArgs) -> Result<PathBuf, MountError> {
+fn check_supported(args: &MountArgs) -> Result<StoreChoice, MountError> {
     if args.writable {
         return Err(not_yet(
             "--writable",
@@ -68,18 +69,50 @@ fn check_supported(args: &MountArgs) -> Result<PathBuf, MountError> {
             "the disk cache comes with the S3 store and overlay",
         ));
     }
-    if args.bucket.is_some() || args.root_prefix.is_some() || args.region.is_some() {
-        return Err(not_yet(
-            "--bucket/--root-prefix/--region",
-            "the S3 store is planned",
-        ));
+    if let Some(cas) = &args.cas {
+        return Ok(StoreChoice::Local(cas.clone()));
     }
-    args.cas.clone().ok_or_else(|| {
-        MountError::Usage(
-            "no content store: pass --cas DIR (a directory holding Data/{hash}.xxh128 objects)"
-                .into(),
+    if args.s3.is_some() || args.bucket.is_some() {
+        return S3Config::from_cli(
+            args.s3.as_deref(),
+            args.bucket.as_deref(),
+            args.root_prefix.as_deref(),
+            args.region.as_deref(),
+            args.endpoint_url.as_deref(),
+            args.profile.as_deref(),
         )
-    })
+        .map(StoreChoice::S3)
+        .map_err(MountError::Usage);
+    }
+    Err(MountError::Usage(
+        "no content store: pass --cas DIR (a directory holding Data/{hash}.xxh128 objects) \
+         or --s3 s3://BUCKET/ROOT_PREFIX"
+            .into(),
+    ))
+}
+
+/// Where the mount's bytes come from, as the user asked (not yet opened).
+// One short-lived value per run: its size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum StoreChoice {
+    Local(PathBuf),
+    S3(S3Config),
+}
+
+/// Opens the chosen store; for S3, resolves credentials and proves bucket, region, endpoint
+/// and credentials with one request before anything is mounted.
+fn open_store(choice: StoreChoice) -> Result<StoreConfig, MountError> {
+    match choice {
+        StoreChoice::Local(root) => Ok(StoreConfig::Local { root }),
+        StoreChoice::S3(config) => {
+            let target = S3Target::start(&config).map_err(MountError::Runtime)?;
+            match target.probe().map_err(MountError::Runtime)? {
+                Some(warning) => tracing::warn!("{warning}"),
+                None => tracing::info!("S3 store {} is reachable", target.describe()),
+            }
+            Ok(StoreConfig::S3(target))
+        }
+    }
 }
 
 /// Checks the mountpoint is an existing directory, not already (or stale-ly) mounted.
@@ -150,7 +183,7 @@ fn raise_readahead(mountpoint: &Path) {
 
 /// Mounts and serves until SIGINT/SIGTERM or an external unmount.
 pub fn run(args: MountArgs) -> Result<(), MountError> {
-    let cas = check_supported(&args)?;
+    let store = check_supported(&args)?;
     let (Some(manifest_path), Some(mountpoint)) =
         (args.manifest.as_deref(), args.mountpoint.as_deref())
     else {
@@ -158,12 +191,14 @@ pub fn run(args: MountArgs) -> Result<(), MountError> {
             "MANIFEST and MOUNTPOINT are required".into(),
         ));
     };
-    if !cas.join("Data").is_dir() {
-        return Err(MountError::Usage(format!(
-            "--cas {}: no Data/ directory there; create the CAS with `mount_vfs snapshot DIR --cas {}`",
-            cas.display(),
-            cas.display()
-        )));
+    if let StoreChoice::Local(cas) = &store {
+        if !cas.join("Data").is_dir() {
+            return Err(MountError::Usage(format!(
+                "--cas {}: no Data/ directory there; create the CAS with `mount_vfs snapshot DIR --cas {}`",
+                cas.display(),
+                cas.display()
+            )));
+        }
     }
     check_mountpoint(mountpoint)?;
     if args.daemon && std::env::var_os(READY_FD_ENV).is_none() {
@@ -172,6 +207,7 @@ pub fn run(args: MountArgs) -> Result<(), MountError> {
 
     let started = Instant::now();
     let manifest = load_manifest(manifest_path)?;
+    let store = open_store(store)?;
     let namespace = Namespace::build(manifest.entries())
         .map_err(|e| MountError::Manifest(format!("{}: {e}", manifest_path.display())))?;
     drop(manifest);
@@ -194,7 +230,6 @@ pub fn run(args: MountArgs) -> Result<(), MountError> {
             cli::HugepageMode::Off => HugepageMode::Off,
         },
     };
-    let store = StoreConfig::Local { root: cas };
     let shard_namespace = namespace.clone();
     let shard_counters = counters.clone();
     let executors = Shards::start(&config, move |ctx, mailbox| {

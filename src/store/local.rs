@@ -42,6 +42,14 @@ impl Block {
             data: BlockData::Empty,
         }
     }
+
+    /// The first `len` bytes of `buffer` (filled by a socket read, for example).
+    pub fn from_pool(buffer: PoolBuffer, len: usize) -> Block {
+        debug_assert!(len <= buffer.len());
+        Block {
+            data: BlockData::Owned(buffer, len),
+        }
+    }
 }
 
 impl std::ops::Deref for Block {

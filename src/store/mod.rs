@@ -5,10 +5,13 @@
 //! leave that shard.
 
 mod local;
+pub mod s3;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 pub use local::{Block, LocalCas};
+pub use s3::{S3Store, S3Target};
 
 use mount_vfs_executors::BufferPool;
 
@@ -20,6 +23,8 @@ use crate::manifest::Hash;
 pub enum StoreConfig {
     /// A CAS directory holding `Data/{hash}.xxh128`.
     Local { root: PathBuf },
+    /// An S3 bucket and root prefix, resolved and probed at start-up.
+    S3(Arc<S3Target>),
 }
 
 impl StoreConfig {
@@ -27,13 +32,17 @@ impl StoreConfig {
     pub fn open_for_shard(&self) -> Store {
         match self {
             StoreConfig::Local { root } => Store::Local(LocalCas::new(root)),
+            StoreConfig::S3(target) => Store::S3(S3Store::new(target.clone())),
         }
     }
 }
 
 /// One shard's store. `!Send`: it owns that shard's files and connections.
+// One instance per shard, never moved on the data path: boxing would only add an indirection.
+#[allow(clippy::large_enum_variant)]
 pub enum Store {
     Local(LocalCas),
+    S3(S3Store),
 }
 
 impl Store {
@@ -49,6 +58,7 @@ impl Store {
     ) -> Result<Block, StoreError> {
         match self {
             Store::Local(cas) => cas.read(pool, hash, object_len, offset, len).await,
+            Store::S3(s3) => s3.read(pool, hash, object_len, offset, len).await,
         }
     }
 
@@ -56,6 +66,7 @@ impl Store {
     pub fn location(&self, hash: Hash) -> String {
         match self {
             Store::Local(cas) => cas.location(hash).display().to_string(),
+            Store::S3(s3) => s3.location(hash).display().to_string(),
         }
     }
 }
@@ -85,6 +96,17 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The store refused the credentials or the permission (S3 403).
+    #[error("access to object {location} denied: {reason}")]
+    Denied { location: PathBuf, reason: String },
+    /// The store kept failing transiently (5xx, throttling, resets, timeouts) until the retry
+    /// budget ran out.
+    #[error("object {location} unavailable after {attempts} attempts: {last}")]
+    Unavailable {
+        location: PathBuf,
+        attempts: u32,
+        last: String,
+    },
 }
 
 impl StoreError {
@@ -96,6 +118,12 @@ impl StoreError {
             StoreError::NotFound { .. } | StoreError::WrongSize { .. } | StoreError::Io { .. } => {
                 fuser::Errno::EIO
             }
+            // The reader cannot fix the mount's credentials, but EACCES tells them it is a
+            // permission problem rather than damaged data.
+            StoreError::Denied { .. } => fuser::Errno::EACCES,
+            // A judgement call: EIO, not EAGAIN/ETIMEDOUT, because most readers do not retry
+            // those either and the store already retried with backoff.
+            StoreError::Unavailable { .. } => fuser::Errno::EIO,
         }
     }
 }

@@ -5,6 +5,9 @@
 //! test leaves a mount behind.
 #![allow(dead_code)]
 
+pub mod fault_proxy;
+pub mod s3_servers;
+
 use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -72,12 +75,24 @@ impl Default for MountOptions<'_> {
 impl Mount {
     /// Mounts `manifest` from `cas` on `dir`, waiting for the ready line.
     pub fn start(manifest: &Path, cas: &Path, dir: &Path, options: MountOptions<'_>) -> Mount {
+        let cas = cas.to_str().expect("UTF-8 CAS path");
+        Mount::start_with_store(manifest, &["--cas", cas], &[], dir, options)
+    }
+
+    /// Mounts `manifest` with the given store flags (e.g. `--s3 ...`) and extra environment.
+    pub fn start_with_store(
+        manifest: &Path,
+        store: &[&str],
+        env: &[(&str, &str)],
+        dir: &Path,
+        options: MountOptions<'_>,
+    ) -> Mount {
         std::fs::create_dir_all(dir).unwrap();
         let mut child = Command::new(BIN)
             .arg(manifest)
             .arg(dir)
-            .arg("--cas")
-            .arg(cas)
+            .args(store)
+            .envs(env.iter().copied())
             .args([
                 "--shards",
                 &options.shards.to_string(),

@@ -1,0 +1,687 @@
+//! The S3 store: `{rootPrefix}/Data/{hash}.xxh128` objects read with ranged GETs.
+//!
+//! - [`S3Target`] (one per mount, `Send + Sync`): the resolved bucket, region and endpoint, the
+//!   TLS configuration, and the control thread that keeps credentials fresh
+//!   (see [`credentials`](self::credentials)).
+//! - [`S3Store`] (one per shard, `!Send`): its own HTTP/1.1 connection pool on glommio sockets;
+//!   signs each request with SigV4 on the shard and reads bodies straight into the shard's
+//!   buffers. Only credential and address snapshots cross threads.
+//!
+//! See `docs/s3.md` for the configuration, the request path and the retry policy.
+
+mod config;
+mod credentials;
+mod http;
+mod retry;
+mod sign;
+
+use std::cell::RefCell;
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use mount_vfs_executors::BufferPool;
+use rustls::pki_types::ServerName;
+
+pub use config::{
+    parse_endpoint_url, parse_s3_uri, CredentialSource, Endpoint, S3Config, S3Tuning,
+};
+pub use http::{HttpError, HEAD_READ};
+
+use self::config::encode_key;
+use self::credentials::{ControlThread, Shared};
+use self::http::{HttpClient, Request, Response};
+use self::retry::{backoff, retryable_status};
+use self::sign::{sign_request, Payload};
+use super::{Block, StoreError, OBJECT_SUFFIX};
+use crate::manifest::Hash;
+
+/// Objects read without the `.xxh128` suffix, remembered per shard so old uploads cost one
+/// request, not two; past this many the set is cleared.
+const MAX_UNSUFFIXED: usize = 4096;
+
+/// A bucket and root prefix, resolved and reachable: shared by every shard of a mount.
+pub struct S3Target {
+    bucket: String,
+    root_prefix: String,
+    region: String,
+    endpoint: Endpoint,
+    shared: Arc<Shared>,
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    tuning: S3Tuning,
+    _control: ControlThread,
+}
+
+impl std::fmt::Debug for S3Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the credentials.
+        f.debug_struct("S3Target")
+            .field("bucket", &self.bucket)
+            .field("root_prefix", &self.root_prefix)
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3Target {
+    /// Resolves region, endpoint, addresses and credentials (starting the control thread that
+    /// refreshes them) and builds the TLS configuration. Talks to no S3 server: see
+    /// [`probe`](Self::probe).
+    pub fn start(config: &S3Config) -> Result<Arc<S3Target>, String> {
+        let resolved = credentials::start(config)?;
+        let tls = if resolved.endpoint.tls {
+            let name = ServerName::try_from(resolved.endpoint.host.clone())
+                .map_err(|e| format!("S3 endpoint host {}: {e}", resolved.endpoint.host))?;
+            Some((tls_config()?, name))
+        } else {
+            None
+        };
+        Ok(Arc::new(S3Target {
+            bucket: config.bucket.clone(),
+            root_prefix: config.root_prefix.clone(),
+            region: resolved.region,
+            endpoint: resolved.endpoint,
+            shared: resolved.shared,
+            tls,
+            tuning: config.tuning,
+            _control: resolved.control,
+        }))
+    }
+
+    /// `s3://bucket/prefix (region R, endpoint E)`, for messages.
+    pub fn describe(&self) -> String {
+        format!(
+            "s3://{}/{} (region {}, endpoint {})",
+            self.bucket,
+            self.root_prefix,
+            self.region,
+            self.endpoint.origin()
+        )
+    }
+
+    pub fn region(&self) -> &str {
+        &self.region
+    }
+
+    /// One cheap request (ListObjectsV2, max-keys=1, under `{rootPrefix}/Data/`) that proves
+    /// endpoint, region, bucket and credentials before mounting. Runs on a short-lived glommio
+    /// thread with the same client the shards use. `Ok(Some(warning))`: usable, with a caveat.
+    pub fn probe(self: &Arc<Self>) -> Result<Option<String>, String> {
+        let target = self.clone();
+        std::thread::Builder::new()
+            .name("mount_vfs-s3-probe".into())
+            .spawn(move || {
+                let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+                    .io_memory(2 << 20)
+                    .make()
+                    .map_err(|e| format!("cannot start the S3 probe executor: {e}"))?;
+                executor.run(async move { S3Store::new(target).probe().await })
+            })
+            .map_err(|e| format!("cannot start the S3 probe thread: {e}"))?
+            .join()
+            .map_err(|_| "the S3 probe thread panicked".to_string())?
+    }
+}
+
+/// Trusted roots: the system store (honours `SSL_CERT_FILE`) plus `AWS_CA_BUNDLE` when set.
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_native_certs::load_native_certs().certs {
+        let _ = roots.add(cert);
+    }
+    if let Some(bundle) = std::env::var_os("AWS_CA_BUNDLE").filter(|v| !v.is_empty()) {
+        let certs = CertificateDer::pem_file_iter(&bundle)
+            .map_err(|e| format!("AWS_CA_BUNDLE={}: {e}", bundle.to_string_lossy()))?;
+        for cert in certs {
+            let cert =
+                cert.map_err(|e| format!("AWS_CA_BUNDLE={}: {e}", bundle.to_string_lossy()))?;
+            let _ = roots.add(cert);
+        }
+    }
+    if roots.is_empty() {
+        return Err(
+            "no trusted root certificates for HTTPS: install the system CA certificates \
+                    or set SSL_CERT_FILE / AWS_CA_BUNDLE"
+                .into(),
+        );
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS configuration: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// What one attempt came to.
+enum Outcome<T, E> {
+    Done(T),
+    Retry(String),
+    Fail(E),
+}
+
+/// A GET that found no object (the caller may try the key without suffix).
+enum GetError {
+    Missing,
+    Store(StoreError),
+}
+
+/// One shard's S3 client. `!Send`: it owns that shard's connections.
+pub struct S3Store {
+    target: Arc<S3Target>,
+    http: HttpClient,
+    /// `scheme://host[:port]`, what the signer sees before the path.
+    origin: String,
+    host_header: String,
+    /// Encoded request path of the root prefix, ending in `/` (`/bucket/root/` path-style).
+    root_path: String,
+    unsuffixed: RefCell<HashSet<Hash>>,
+}
+
+impl S3Store {
+    /// The shard's store for `target` (no I/O until the first request).
+    pub fn new(target: Arc<S3Target>) -> S3Store {
+        let endpoint = target.endpoint.clone();
+        let mut root_path = String::from("/");
+        if endpoint.path_style {
+            root_path.push_str(&encode_key(&target.bucket));
+            root_path.push('/');
+        }
+        if !target.root_prefix.is_empty() {
+            root_path.push_str(&encode_key(&target.root_prefix));
+            root_path.push('/');
+        }
+        S3Store {
+            origin: endpoint.origin(),
+            host_header: endpoint.host_header(),
+            http: HttpClient::new(target.shared.clone(), target.tls.clone(), target.tuning),
+            root_path,
+            target,
+            unsuffixed: RefCell::new(HashSet::new()),
+        }
+    }
+
+    /// `s3://bucket/{rootPrefix}/Data/{hash}.xxh128`, for messages.
+    pub fn location(&self, hash: Hash) -> PathBuf {
+        PathBuf::from(self.url_of(&super::object_key(hash)))
+    }
+
+    fn url_of(&self, key: &str) -> String {
+        if self.target.root_prefix.is_empty() {
+            format!("s3://{}/{key}", self.target.bucket)
+        } else {
+            format!(
+                "s3://{}/{}/{key}",
+                self.target.bucket, self.target.root_prefix
+            )
+        }
+    }
+
+    /// Bytes `[offset, offset + len)` of object `hash` (`object_len` bytes long) in a buffer of
+    /// the shard's pool: one ranged GET, retried on transient failures; on 404 the key without
+    /// the `.xxh128` suffix is tried once (very old uploads).
+    pub async fn read(
+        &self,
+        pool: &BufferPool,
+        hash: Hash,
+        object_len: u64,
+        offset: u64,
+        len: usize,
+    ) -> Result<Block, StoreError> {
+        // The empty object is never requested: S3 cannot serve an empty range.
+        if len == 0 {
+            return Ok(Block::empty());
+        }
+        let mut buffer = pool.alloc(len).await.map_err(|e| StoreError::Io {
+            location: self.location(hash),
+            source: std::io::Error::other(e),
+        })?;
+        let dest = &mut buffer[..len];
+        let suffixed = format!("Data/{hash}{OBJECT_SUFFIX}");
+        let bare = format!("Data/{hash}");
+        let known_bare = self.unsuffixed.borrow().contains(&hash);
+        let (first, second) = if known_bare {
+            (&bare, &suffixed)
+        } else {
+            (&suffixed, &bare)
+        };
+        match self.get_range(first, offset, len, object_len, dest).await {
+            Ok(()) => return Ok(Block::from_pool(buffer, len)),
+            Err(GetError::Store(e)) => return Err(e),
+            Err(GetError::Missing) => {}
+        }
+        match self.get_range(second, offset, len, object_len, dest).await {
+            Ok(()) => {
+                let mut unsuffixed = self.unsuffixed.borrow_mut();
+                if known_bare {
+                    unsuffixed.remove(&hash);
+                } else {
+                    if unsuffixed.len() >= MAX_UNSUFFIXED {
+                        unsuffixed.clear();
+                    }
+                    unsuffixed.insert(hash);
+                }
+                Ok(Block::from_pool(buffer, len))
+            }
+            Err(GetError::Store(e)) => Err(e),
+            Err(GetError::Missing) => Err(StoreError::NotFound {
+                location: self.location(hash),
+            }),
+        }
+    }
+
+    /// Uploads `body` as `{rootPrefix}/{key}` with one signed PUT (small objects: tests, and the
+    /// overlay's export later).
+    pub async fn put_object(&self, key: &str, body: &[u8]) -> Result<(), StoreError> {
+        let location = PathBuf::from(self.url_of(key));
+        let path = format!("{}{}", self.root_path, encode_key(key));
+        let length = body.len().to_string();
+        self.with_retries(
+            &location,
+            "PUT",
+            &path,
+            &[("content-length", &length)],
+            Payload::Bytes(body),
+            None,
+            |response| match response {
+                Ok(r) if (200..300).contains(&r.head.status) => Outcome::Done(()),
+                Ok(r) => match classify_failure(&r, &location) {
+                    Ok(why) => Outcome::Retry(why),
+                    Err(e) => Outcome::Fail(e),
+                },
+                Err(e) => Outcome::Retry(e.to_string()),
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            RetryError::Fail(e) | RetryError::Exhausted(e) => e,
+        })
+    }
+
+    async fn get_range(
+        &self,
+        key: &str,
+        offset: u64,
+        len: usize,
+        object_len: u64,
+        dest: &mut [u8],
+    ) -> Result<(), GetError> {
+        let location = PathBuf::from(self.url_of(key));
+        let path = format!("{}{}", self.root_path, encode_key(key));
+        let last = offset + len as u64 - 1;
+        let range = format!("bytes={offset}-{last}");
+        let result = self
+            .with_retries(
+                &location,
+                "GET",
+                &path,
+                &[("range", &range)],
+                Payload::Empty,
+                Some(dest),
+                |response| {
+                    let r = match response {
+                        Ok(r) => r,
+                        Err(e) => return Outcome::Retry(e.to_string()),
+                    };
+                    if r.head.status == 404 {
+                        return Outcome::Fail(GetError::Missing);
+                    }
+                    let wrong_size = |actual| {
+                        Outcome::Fail(GetError::Store(StoreError::WrongSize {
+                            location: location.clone(),
+                            expected: object_len,
+                            actual,
+                        }))
+                    };
+                    match r.head.status {
+                        206 => {
+                            let range = r.head.content_range;
+                            if let Some(total) = range.and_then(|r| r.total) {
+                                if total != object_len {
+                                    return wrong_size(total);
+                                }
+                            }
+                            if range.and_then(|r| r.range) != Some((offset, last)) || !r.filled {
+                                return Outcome::Retry(format!(
+                                    "206 for a different range ({range:?}, Content-Length {:?}; asked {offset}-{last})",
+                                    r.head.content_length
+                                ));
+                            }
+                            Outcome::Done(())
+                        }
+                        200 => match r.head.content_length {
+                            Some(length) if length != object_len => wrong_size(length),
+                            // A server without Range support: usable only for a whole-object read.
+                            _ if r.filled && offset == 0 => Outcome::Done(()),
+                            _ => Outcome::Fail(GetError::Store(StoreError::Io {
+                                location: location.clone(),
+                                source: std::io::Error::other(
+                                    "the S3 server ignored the Range header (200 instead of 206)",
+                                ),
+                            })),
+                        },
+                        416 => match r.head.content_range.and_then(|r| r.total) {
+                            Some(total) => wrong_size(total),
+                            None => wrong_size(0),
+                        },
+                        _ => match classify_failure(&r, &location) {
+                            Ok(why) => Outcome::Retry(why),
+                            Err(e) => Outcome::Fail(GetError::Store(e)),
+                        },
+                    }
+                },
+            )
+            .await;
+        result.map_err(|e| match e {
+            RetryError::Fail(e) => e,
+            RetryError::Exhausted(e) => GetError::Store(e),
+        })
+    }
+
+    /// ListObjectsV2 with max-keys=1 under `{rootPrefix}/Data/`; see [`S3Target::probe`].
+    async fn probe(&self) -> Result<Option<String>, String> {
+        let prefix = format!("{}Data/", self.target_prefix());
+        let bucket_path = if self.target.endpoint.path_style {
+            format!("/{}", encode_key(&self.target.bucket))
+        } else {
+            String::new()
+        };
+        let path = format!(
+            "{bucket_path}/?list-type=2&max-keys=1&prefix={}",
+            encode_query(&prefix)
+        );
+        let location = PathBuf::from(format!("s3://{}/{prefix}", self.target.bucket));
+        let t = &self.target;
+        let where_ = t.describe();
+        let custom = self.target.endpoint.path_style
+            && !self.target.endpoint.host.ends_with("amazonaws.com");
+        let result = self
+            .with_retries(
+                &location,
+                "GET",
+                &path,
+                &[],
+                Payload::Empty,
+                None,
+                |response| {
+                    let r = match response {
+                        Ok(r) => r,
+                        Err(HttpError::Connect(addr, e)) => {
+                            return Outcome::Fail(format!(
+                                "cannot connect to the S3 endpoint {} ({addr}): {e}; check {}",
+                                t.endpoint.origin(),
+                                if custom {
+                                    "--endpoint-url / AWS_ENDPOINT_URL_S3 and that the server is running"
+                                } else {
+                                    "--region, --endpoint-url / AWS_ENDPOINT_URL_S3 and the network"
+                                }
+                            ))
+                        }
+                        Err(e) => return Outcome::Retry(e.to_string()),
+                    };
+                    let (code, message) = error_code(&r.body);
+                    let status = r.head.status;
+                    if (200..300).contains(&status) {
+                        return Outcome::Done(None);
+                    }
+                    let region_hint = r
+                        .head
+                        .bucket_region
+                        .clone()
+                        .or_else(|| xml_field(&r.body, "Region"));
+                    match (status, code.as_str()) {
+                        (403, "InvalidAccessKeyId") => Outcome::Fail(format!(
+                            "{where_}: the access key id is not known to the server: the \
+                             credentials are wrong (check AWS_ACCESS_KEY_ID / --profile)"
+                        )),
+                        (403, "SignatureDoesNotMatch") => Outcome::Fail(format!(
+                            "{where_}: the request signature does not match: the secret access \
+                             key is wrong for this access key id (check AWS_SECRET_ACCESS_KEY / --profile)"
+                        )),
+                        (400 | 403, "ExpiredToken" | "InvalidToken" | "TokenRefreshRequired") => {
+                            Outcome::Fail(format!(
+                                "{where_}: the session token is expired or invalid ({code}): refresh the \
+                                 credentials (e.g. `aws sso login`)"
+                            ))
+                        }
+                        (403, "AccessDenied") => Outcome::Done(Some(format!(
+                            "{where_}: the credentials may not list the bucket (s3:ListBucket); \
+                             reads will still work, but a missing object will read as \
+                             'access denied' rather than 'not found'"
+                        ))),
+                        (404, "NoSuchBucket") | (404, "") => Outcome::Fail(format!(
+                            "{where_}: bucket {} does not exist: check --s3 / --bucket",
+                            t.bucket
+                        )),
+                        (301 | 307 | 400, _)
+                            if region_hint.is_some()
+                                || matches!(
+                                    code.as_str(),
+                                    "PermanentRedirect"
+                                        | "AuthorizationHeaderMalformed"
+                                        | "IllegalLocationConstraintException"
+                                ) =>
+                        {
+                            Outcome::Fail(match region_hint {
+                                Some(right) if right != t.region => format!(
+                                    "{where_}: bucket {} is in region {right}: pass --region {right}",
+                                    t.bucket
+                                ),
+                                _ => format!(
+                                    "{where_}: wrong region for bucket {} ({status} {code}: {message}): \
+                                     pass the bucket's --region",
+                                    t.bucket
+                                ),
+                            })
+                        }
+                        (403, _) => Outcome::Fail(format!(
+                            "{where_}: access denied ({code}: {message}): check the credentials \
+                             and their permissions on the bucket"
+                        )),
+                        _ if retryable_status(status, &code) => {
+                            Outcome::Retry(format!("{status} {code}"))
+                        }
+                        _ => Outcome::Fail(format!(
+                            "{where_}: the server answered {status} {code} {message}"
+                        )),
+                    }
+                },
+            )
+            .await;
+        match result {
+            Ok(warning) => Ok(warning),
+            Err(RetryError::Fail(message)) => Err(message),
+            Err(RetryError::Exhausted(e)) => Err(format!("{where_}: {e}")),
+        }
+    }
+
+    fn target_prefix(&self) -> String {
+        if self.target.root_prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.target.root_prefix)
+        }
+    }
+
+    /// Signs and sends one request up to `max_attempts` times, sleeping a jittered backoff
+    /// between attempts, until `classify` says done or failed. Attempts are logged at debug
+    /// level only: the service logs a failing object once.
+    #[allow(clippy::too_many_arguments)]
+    async fn with_retries<T, E>(
+        &self,
+        location: &std::path::Path,
+        method: &'static str,
+        path: &str,
+        headers: &[(&str, &str)],
+        payload: Payload<'_>,
+        mut direct: Option<&mut [u8]>,
+        classify: impl Fn(Result<Response, HttpError>) -> Outcome<T, E>,
+    ) -> Result<T, RetryError<E>> {
+        let tuning = &self.target.tuning;
+        let mut last = String::new();
+        for attempt in 1..=tuning.max_attempts {
+            let head = match self.request_head(method, path, headers, &payload) {
+                Ok(head) => head,
+                Err(message) => {
+                    return Err(RetryError::Exhausted(StoreError::Io {
+                        location: location.to_path_buf(),
+                        source: std::io::Error::other(message),
+                    }))
+                }
+            };
+            let body = match &payload {
+                Payload::Bytes(bytes) => bytes,
+                Payload::Empty => &[][..],
+            };
+            let request = Request {
+                head: head.as_bytes(),
+                body,
+                head_only: method == "HEAD",
+            };
+            let response = self.http.send(&request, direct.as_deref_mut()).await;
+            let failed_transport = response.is_err();
+            match classify(response) {
+                Outcome::Done(value) => return Ok(value),
+                Outcome::Fail(error) => return Err(RetryError::Fail(error)),
+                Outcome::Retry(why) => {
+                    tracing::debug!(
+                        location = %location.display(),
+                        attempt,
+                        "S3 {method} failed, will retry: {why}"
+                    );
+                    last = why;
+                    if failed_transport {
+                        // The server may have gone away: none of its old connections are trusted.
+                        self.http.drop_idle();
+                    }
+                    if attempt < tuning.max_attempts {
+                        glommio::timer::sleep(backoff(tuning, attempt)).await;
+                    }
+                }
+            }
+        }
+        Err(RetryError::Exhausted(StoreError::Unavailable {
+            location: location.to_path_buf(),
+            attempts: tuning.max_attempts,
+            last,
+        }))
+    }
+
+    /// The request head, signed now with the current credentials snapshot.
+    fn request_head(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        payload: &Payload<'_>,
+    ) -> Result<String, String> {
+        let identity = self.target.shared.identity.load();
+        let url = format!("{}{path}", self.origin);
+        let signed = sign_request(
+            method,
+            &url,
+            headers,
+            *payload,
+            &identity,
+            &self.target.region,
+            SystemTime::now(),
+        )?;
+        let mut head = String::with_capacity(1024);
+        head.push_str(method);
+        head.push(' ');
+        head.push_str(path);
+        head.push_str(" HTTP/1.1\r\nhost: ");
+        head.push_str(&self.host_header);
+        head.push_str("\r\nuser-agent: mount_vfs/");
+        head.push_str(env!("CARGO_PKG_VERSION"));
+        head.push_str("\r\n");
+        for (name, value) in headers
+            .iter()
+            .copied()
+            .chain(signed.iter().map(|(n, v)| (*n, v.as_str())))
+        {
+            head.push_str(name);
+            head.push_str(": ");
+            head.push_str(value);
+            head.push_str("\r\n");
+        }
+        head.push_str("\r\n");
+        Ok(head)
+    }
+}
+
+enum RetryError<E> {
+    Fail(E),
+    Exhausted(StoreError),
+}
+
+/// A non-2xx answer to an object request: `Ok(reason)` for transient ones (retry), else the
+/// error that names it.
+fn classify_failure(r: &Response, location: &std::path::Path) -> Result<String, StoreError> {
+    let (code, message) = error_code(&r.body);
+    let status = r.head.status;
+    if retryable_status(status, &code) {
+        return Ok(format!("{status} {code}"));
+    }
+    let location = location.to_path_buf();
+    Err(match status {
+        403 => StoreError::Denied {
+            location,
+            reason: format!("{code}: {message}"),
+        },
+        404 => StoreError::NotFound { location },
+        _ => StoreError::Io {
+            location,
+            source: std::io::Error::other(format!("S3 answered {status} {code}: {message}")),
+        },
+    })
+}
+
+/// `<Code>` and `<Message>` of an S3 error document (empty when absent).
+fn error_code(body: &[u8]) -> (String, String) {
+    (
+        xml_field(body, "Code").unwrap_or_default(),
+        xml_field(body, "Message").unwrap_or_default(),
+    )
+}
+
+/// The text of the first `<name>…</name>` in `body` (S3 error documents are flat).
+fn xml_field(body: &[u8], name: &str) -> Option<String> {
+    let text = std::str::from_utf8(body).ok()?;
+    let open = format!("<{name}>");
+    let start = text.find(&open)? + open.len();
+    let end = text[start..].find(&format!("</{name}>"))? + start;
+    Some(text[start..end].trim().to_string())
+}
+
+/// Percent-encodes a query value (also `/`).
+fn encode_query(value: &str) -> String {
+    encode_key(value).replace('/', "%2F")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_documents_parse() {
+        let body = b"<?xml version=\"1.0\"?><Error><Code>NoSuchBucket</Code><Message>The specified bucket does not exist</Message></Error>";
+        assert_eq!(
+            error_code(body),
+            (
+                "NoSuchBucket".into(),
+                "The specified bucket does not exist".into()
+            )
+        );
+        assert_eq!(error_code(b"garbage"), (String::new(), String::new()));
+        assert_eq!(
+            xml_field(b"<Region>eu-west-1</Region>", "Region").as_deref(),
+            Some("eu-west-1")
+        );
+    }
+}

