@@ -71,7 +71,6 @@ fn mount_refuses_a_wrong_bucket_before_mounting() {
 /// Needs the real manifest decoder (`Manifest::decode` is a stub in this branch, so the
 /// namespace is empty): enable after merging with the manifest work.
 #[test]
-#[ignore = "needs the real manifest decoder; enable after merging"]
 fn mount_serves_s3_files_and_never_serves_flipped_bytes() {
     let moto = Moto::start();
     moto.create_bucket("cas");

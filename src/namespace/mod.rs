@@ -166,7 +166,7 @@ impl Namespace {
     /// Number of entries in directory `ino` (without `.` and `..`), or None if not a directory.
     pub fn child_count(&self, ino: Ino) -> Option<usize> {
         let node = self.node(ino)?;
-        (node.kind == NodeKind::Dir).then(|| node.b as usize)
+        (node.kind == NodeKind::Dir).then_some(node.b as usize)
     }
 
     /// The `index`-th child of directory `ino` in name order: (inode, name, kind).

@@ -7,7 +7,6 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::rc::Rc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -257,7 +256,7 @@ pub fn config(endpoint: &str, bucket: &str, root: &str, key: &str, secret: &str)
 pub fn on_shard<T, F, Fut>(body: F) -> T
 where
     T: Send + 'static,
-    F: FnOnce(Rc<BufferPool>) -> Fut + Send + 'static,
+    F: FnOnce(BufferPool) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = T> + 'static,
 {
     let (tx, rx) = std::sync::mpsc::channel();
