@@ -54,6 +54,7 @@ fn mount_once(manifest: &Path, cas: &Path, mnt: &Path) -> (f64, u64) {
         .arg(cas)
         .args(["--shards", "2", "--memory-limit", "64M"])
         .stdout(Stdio::piped())
+        .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut line = String::new();

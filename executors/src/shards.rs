@@ -32,6 +32,10 @@ pub struct ShardConfig {
     pub io_memory_per_shard: usize,
     /// How the arenas are backed.
     pub hugepages: HugepageMode,
+    /// How long an idle shard keeps polling before it sleeps. Requests arrive from other threads;
+    /// a shard that is asleep must be woken through an eventfd, which costs a context switch
+    /// per request at the start of every burst.
+    pub spin_before_park: std::time::Duration,
 }
 
 /// Why [`Shards::start`] failed.
@@ -504,6 +508,7 @@ where
         LocalExecutorBuilder::new(Placement::Fixed(setup.loc.cpu))
             .io_memory(io_memory)
             .name(&format!("shard-{}", setup.id))
+            .spin_before_park(setup.config.spin_before_park)
             .make()
     });
     let ex = match made {

@@ -266,6 +266,7 @@ where
             shards: 1,
             io_memory_per_shard: 128 << 20,
             hugepages: HugepageMode::Off,
+            spin_before_park: std::time::Duration::ZERO,
         },
         move |ctx, _mailbox| {
             let taken = slot.lock().unwrap().take();

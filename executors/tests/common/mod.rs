@@ -31,6 +31,7 @@ pub fn config(shards: usize, io_memory: usize, hugepages: HugepageMode) -> Shard
         shards,
         io_memory_per_shard: io_memory,
         hugepages,
+        spin_before_park: std::time::Duration::ZERO,
     }
 }
 
