@@ -584,7 +584,7 @@ fn inspect_arena<M>(setup: &ShardSetup<M>, outcome: ArenaOutcome) -> ArenaInfo {
         ArenaOutcome::Granted(g) => {
             let smaps = probe::smaps_entry(g.addr).unwrap_or_default();
             if g.hugetlb_errno != 0 && setup.config.hugepages == HugepageMode::Auto {
-                warn!(
+                tracing::info!(
                     shard,
                     error = %std::io::Error::from_raw_os_error(g.hugetlb_errno),
                     "explicit hugepages unavailable (reserve them in /proc/sys/vm/nr_hugepages); \
