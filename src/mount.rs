@@ -130,6 +130,15 @@ fn open_store(choice: StoreChoice) -> Result<StoreConfig, MountError> {
 
 /// Checks the mountpoint is an existing directory, not already (or stale-ly) mounted.
 fn check_mountpoint(path: &Path) -> Result<(), MountError> {
+    let stale = || {
+        MountError::Mountpoint(format!(
+            "mountpoint {} is a stale FUSE mount left by a process that died; \
+             run `umount -l {}` and try again",
+            path.display(),
+            path.display()
+        ))
+    };
+    let is_disconnected = |e: &std::io::Error| e.raw_os_error() == Some(libc::ENOTCONN);
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => {
@@ -138,14 +147,7 @@ fn check_mountpoint(path: &Path) -> Result<(), MountError> {
                 path.display()
             )))
         }
-        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
-            return Err(MountError::Mountpoint(format!(
-                "mountpoint {} is a stale FUSE mount left by a process that died; \
-                 run `umount -l {}` and try again",
-                path.display(),
-                path.display()
-            )))
-        }
+        Err(e) if is_disconnected(&e) => return Err(stale()),
         Err(e) => {
             return Err(MountError::Mountpoint(format!(
                 "mountpoint {}: {e}",
@@ -160,6 +162,13 @@ fn check_mountpoint(path: &Path) -> Result<(), MountError> {
         .filter_map(|line| line.split(' ').nth(1))
         .any(|mounted| Path::new(&mounted.replace("\\040", " ")) == canonical)
     {
+        // Attributes may still be cached by the kernel after a FUSE server died; opening the
+        // directory always reaches the server, so it tells a live mount from a stale one.
+        if let Err(e) = std::fs::read_dir(path) {
+            if is_disconnected(&e) {
+                return Err(stale());
+            }
+        }
         return Err(MountError::Mountpoint(format!(
             "{} is already a mount point; unmount it first (`umount {}`)",
             path.display(),
@@ -361,10 +370,12 @@ fn daemonize() -> Result<(), MountError> {
     let exe =
         std::env::current_exe().map_err(|e| MountError::Runtime(format!("current_exe: {e}")))?;
     let mut command = std::process::Command::new(exe);
+    // The child keeps stderr for its log; its stdout is not ours to hold open after we exit.
     command
         .args(std::env::args_os().skip(1))
         .env(READY_FD_ENV, write_fd.to_string())
-        .stdin(std::process::Stdio::null());
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
     {
         use std::os::unix::process::CommandExt;
         // SAFETY: setsid is async-signal-safe; it detaches the child from our terminal session.
@@ -386,6 +397,7 @@ fn daemonize() -> Result<(), MountError> {
     // SAFETY: closing our own descriptor.
     unsafe { libc::close(read_fd) };
     if n == 1 {
+        println!("mount_vfs: mounted in the background (pid {})", child.id());
         return Ok(());
     }
     let status = child

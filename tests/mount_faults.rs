@@ -199,3 +199,98 @@ fn sigterm_under_load_unmounts_cleanly() {
     }
     assert!(mount.stderr().contains("SIGTERM"));
 }
+
+/// Removes a mount left by a test, whatever state it is in.
+struct Unmount<'a>(&'a Path);
+
+impl Drop for Unmount<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.0)
+            .stderr(std::process::Stdio::null())
+            .status();
+    }
+}
+
+fn small_job(tmp: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let tree = tmp.join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    fs::write(tree.join("a.txt"), b"daemon bytes").unwrap();
+    let cas = tmp.join("cas");
+    let manifest = tmp.join("m.json");
+    snapshot(&tree, &cas, "2023-03-03", &manifest);
+    (manifest, cas)
+}
+
+#[test]
+fn daemon_returns_once_mounted_and_exits_on_external_unmount() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (manifest, cas) = small_job(tmp.path());
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir_all(&mnt).unwrap();
+    let _guard = Unmount(&mnt);
+    let output = Command::new(BIN)
+        .arg(&manifest)
+        .arg(&mnt)
+        .args(["--cas"])
+        .arg(&cas)
+        .args(["--shards", "1", "--memory-limit", "64M", "--daemon"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let pid: i32 = stdout
+        .rsplit_once("pid ")
+        .and_then(|(_, rest)| rest.trim().trim_end_matches(')').parse().ok())
+        .unwrap_or_else(|| panic!("pid in {stdout}"));
+    // Mounted when the command returned: no polling needed.
+    assert!(common::is_mounted(&mnt));
+    assert_eq!(fs::read(mnt.join("a.txt")).unwrap(), b"daemon bytes");
+    assert!(Command::new("umount").arg(&mnt).status().unwrap().success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    while unsafe { libc::kill(pid, 0) } == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "daemon {pid} still running after unmount"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn busy_and_stale_mountpoints_get_a_clear_message() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (manifest, cas) = small_job(tmp.path());
+    let mnt = tmp.path().join("mnt");
+    let _guard = Unmount(&mnt);
+    let mut mount = Mount::start(&manifest, &cas, &mnt, MountOptions::default());
+    let second = |mnt: &Path| {
+        let out = Command::new(BIN)
+            .arg(&manifest)
+            .arg(mnt)
+            .arg("--cas")
+            .arg(&cas)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = second(&mnt);
+    assert!(!ok);
+    assert!(err.contains("already a mount point"), "{err}");
+    // A daemon killed hard leaves a stale mount (ENOTCONN).
+    common::signal(mount.pid().unwrap(), libc::SIGKILL);
+    std::thread::sleep(Duration::from_millis(300));
+    let (ok, err) = second(&mnt);
+    assert!(!ok);
+    assert!(
+        err.contains("stale FUSE mount") && err.contains("umount -l"),
+        "{err}"
+    );
+    drop(mount);
+}
