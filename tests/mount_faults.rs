@@ -266,7 +266,7 @@ fn busy_and_stale_mountpoints_get_a_clear_message() {
     let (manifest, cas) = small_job(tmp.path());
     let mnt = tmp.path().join("mnt");
     let _guard = Unmount(&mnt);
-    let mut mount = Mount::start(&manifest, &cas, &mnt, MountOptions::default());
+    let mount = Mount::start(&manifest, &cas, &mnt, MountOptions::default());
     let second = |mnt: &Path| {
         let out = Command::new(BIN)
             .arg(&manifest)
