@@ -327,3 +327,44 @@ fn chunked_600_mib_file_reads_across_chunk_boundaries() {
     assert_eq!(whole.len(), source.len());
     assert!(whole == source);
 }
+
+/// A directory far larger than one READDIR reply: every name comes back once, in both the plain
+/// and the "plus" listing paths (the kernel uses readdirplus for `ls -l`-style walks).
+#[test]
+fn large_directory_lists_every_entry_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    fs::create_dir_all(tree.join("frames")).unwrap();
+    let mut expected: Vec<String> = (0..3000).map(|i| format!("beauty.{i:05}.exr")).collect();
+    for (i, name) in expected.iter().enumerate() {
+        fs::write(tree.join("frames").join(name), i.to_string()).unwrap();
+    }
+    let cas = tmp.path().join("cas");
+    let manifest = tmp.path().join("m.json");
+    snapshot(&tree, &cas, "2023-03-03", &manifest);
+    let mount = Mount::start(
+        &manifest,
+        &cas,
+        &tmp.path().join("mnt"),
+        MountOptions::default(),
+    );
+    expected.sort();
+    for _ in 0..2 {
+        let mut names: Vec<String> = fs::read_dir(mount.dir.join("frames"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, expected);
+    }
+    let sizes: u64 = fs::read_dir(mount.dir.join("frames"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert_eq!(
+        sizes,
+        (0..3000)
+            .map(|i: usize| i.to_string().len() as u64)
+            .sum::<u64>()
+    );
+}

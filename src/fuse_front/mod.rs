@@ -83,6 +83,22 @@ impl FuseFront {
     }
 }
 
+impl FuseFront {
+    /// A directory's entries from position `offset` on: 0 is `.`, 1 is `..`, `2 + i` is child
+    /// `i` in name order. The kernel passes back `position + 1` to continue a listing.
+    fn dir_entries(&self, dir: u64, offset: u64) -> impl Iterator<Item = (u64, u64, &[u8])> + '_ {
+        let ns = &self.namespace;
+        let parent = ns.parent(dir).unwrap_or(dir);
+        (offset..).map_while(move |position| match position {
+            0 => Some((position, dir, &b"."[..])),
+            1 => Some((position, parent, &b".."[..])),
+            n => ns
+                .child_at(dir, (n - 2) as usize)
+                .map(|(child, name, _)| (position, child, name)),
+        })
+    }
+}
+
 /// Manifest mtimes are microseconds since the epoch; negative ones are before it.
 fn system_time(mtime_us: i64) -> SystemTime {
     let magnitude = Duration::from_micros(mtime_us.unsigned_abs());
@@ -215,33 +231,22 @@ impl Filesystem for FuseFront {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let ns = &self.namespace;
-        let Some(count) = ns.child_count(ino.0) else {
+        if self.namespace.child_count(ino.0).is_none() {
             return reply.error(Errno::ENOTDIR);
-        };
-        // Offsets: 1 = ".", 2 = "..", 2 + i + 1 = child i. The offset passed back is the next one.
-        let parent = ns.parent(ino.0).unwrap_or(ino.0);
-        let mut next = offset;
-        while next < count as u64 + 2 {
-            let full = match next {
-                0 => reply.add(ino, 1, FileType::Directory, "."),
-                1 => reply.add(INodeNo(parent), 2, FileType::Directory, ".."),
-                n => {
-                    let Some((child, name, kind)) = ns.child_at(ino.0, (n - 2) as usize) else {
-                        break;
-                    };
-                    reply.add(
-                        INodeNo(child),
-                        n + 1,
-                        file_type(kind),
-                        OsStr::from_bytes(name),
-                    )
-                }
-            };
-            if full {
+        }
+        for (position, entry, name) in self.dir_entries(ino.0, offset) {
+            let kind = self
+                .namespace
+                .attr(entry)
+                .map_or(NodeKind::File, |a| a.kind);
+            if reply.add(
+                INodeNo(entry),
+                position + 1,
+                file_type(kind),
+                OsStr::from_bytes(name),
+            ) {
                 break;
             }
-            next += 1;
         }
         reply.ok();
     }
@@ -254,27 +259,16 @@ impl Filesystem for FuseFront {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let ns = &self.namespace;
-        let Some(count) = ns.child_count(ino.0) else {
+        if self.namespace.child_count(ino.0).is_none() {
             return reply.error(Errno::ENOTDIR);
-        };
-        let parent = ns.parent(ino.0).unwrap_or(ino.0);
-        let mut next = offset;
-        while next < count as u64 + 2 {
-            let (entry_ino, name): (u64, &[u8]) = match next {
-                0 => (ino.0, b"."),
-                1 => (parent, b".."),
-                n => match ns.child_at(ino.0, (n - 2) as usize) {
-                    Some((child, name, _)) => (child, name),
-                    None => break,
-                },
-            };
-            let Some(attr) = ns.attr(entry_ino) else {
+        }
+        for (position, entry, name) in self.dir_entries(ino.0, offset) {
+            let Some(attr) = self.namespace.attr(entry) else {
                 break;
             };
             let full = reply.add(
-                INodeNo(entry_ino),
-                next + 1,
+                INodeNo(entry),
+                position + 1,
                 OsStr::from_bytes(name),
                 &TTL,
                 &self.file_attr(&attr),
@@ -283,7 +277,6 @@ impl Filesystem for FuseFront {
             if full {
                 break;
             }
-            next += 1;
         }
         reply.ok();
     }
