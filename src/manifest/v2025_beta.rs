@@ -13,7 +13,7 @@ use xxhash_rust::xxh3::Xxh3DefaultBuilder;
 
 use super::builder::ManifestBuilder;
 use super::error::Rule;
-use super::json::{self, BoolSeed, BytesInto, HashStr, Int, IntSeed, KeySeed};
+use super::json::{self, BoolSeed, BytesInto, HashStr, IntSeed, KeySeed};
 use super::model::{Format, Hash};
 use super::name::display_name;
 use super::spec2025::{DIR_KEYS, FILE_KEYS, TARGET_KEYS};
@@ -363,12 +363,9 @@ impl Entry<'_> {
                 }
             }
             slot.executable = runnable.unwrap_or(false);
-            match size {
-                Some(Int::U(v)) => slot.size = v,
-                Some(Int::I(v)) => errs.push((Rule::NegativeSize, format!("size {v} is negative"))),
-                Some(Int::Fraction) => {
-                    errs.push((Rule::NotInteger, "size must be an integer".into()))
-                }
+            match size.map(super::v2023::size_bytes) {
+                Some(Ok(v)) => slot.size = v,
+                Some(Err(e)) => errs.push(e),
                 None => errs.push((Rule::Schema, "missing key \"size\"".into())),
             }
             match mtime.map(super::v2023::mtime_us) {
