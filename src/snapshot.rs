@@ -485,23 +485,21 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let f = tmp.path().join("f");
         fs::write(&f, b"x").unwrap();
-        let t = std::time::SystemTime::UNIX_EPOCH
-            + std::time::Duration::new(1_700_000_000, 123_456_789);
-        File::options()
-            .write(true)
-            .open(&f)
-            .unwrap()
-            .set_modified(t)
-            .unwrap();
+        let set_modified = |t| {
+            File::options()
+                .write(true)
+                .open(&f)
+                .unwrap()
+                .set_modified(t)
+                .unwrap()
+        };
+        set_modified(
+            std::time::SystemTime::UNIX_EPOCH
+                + std::time::Duration::new(1_700_000_000, 123_456_789),
+        );
         assert_eq!(mtime_us(&fs::metadata(&f).unwrap()), 1_700_000_000_123_456);
         // Before 1970: Python's // floors towards minus infinity.
-        let t = std::time::SystemTime::UNIX_EPOCH - std::time::Duration::new(1, 500);
-        File::options()
-            .write(true)
-            .open(&f)
-            .unwrap()
-            .set_modified(t)
-            .unwrap();
+        set_modified(std::time::SystemTime::UNIX_EPOCH - std::time::Duration::new(1, 500));
         assert_eq!(mtime_us(&fs::metadata(&f).unwrap()), -1_000_001);
     }
 }

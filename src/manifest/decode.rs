@@ -13,7 +13,7 @@ use super::builder::ManifestBuilder;
 use super::error::{ManifestError, Problems, Rule};
 use super::json::{HashStr, Int, IntSeed, KeySeed, Text};
 use super::model::{Format, Hash};
-use super::v2025_beta::{DirsSeed, FilesSeed, Staged};
+use super::v2025_beta::{EntriesSeed, List, Staged};
 use super::{spec2025, v2023, Manifest};
 
 const TOP_KEYS: &[&str] = &[
@@ -86,11 +86,8 @@ impl<'de> Visitor<'de> for DocVisitor<'_> {
                         .b
                         .take()
                         .unwrap_or_else(|| ManifestBuilder::new(Format::V2023_03_03));
-                    let r = if k == 4 {
-                        map.next_value_seed(DirsSeed(&mut doc.staged, &mut b))
-                    } else {
-                        map.next_value_seed(FilesSeed(&mut doc.staged, &mut b))
-                    };
+                    let list = if k == 4 { List::Dirs } else { List::Files };
+                    let r = map.next_value_seed(EntriesSeed(list, &mut doc.staged, &mut b));
                     doc.b = Some(b);
                     r?;
                 }

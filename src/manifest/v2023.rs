@@ -132,10 +132,9 @@ impl<'de> Visitor<'de> for PathItem<'_> {
             Some(Err(msg)) => errs.push((Rule::MalformedHash, msg)),
             None => errs.push((Rule::Schema, "missing key \"hash\"".into())),
         }
-        match size {
-            Some(Int::U(v)) => slot.size = v,
-            Some(Int::I(v)) => errs.push((Rule::NegativeSize, format!("size {v} is negative"))),
-            Some(Int::Fraction) => errs.push((Rule::NotInteger, "size must be an integer".into())),
+        match size.map(size_bytes) {
+            Some(Ok(v)) => slot.size = v,
+            Some(Err(e)) => errs.push(e),
             None => errs.push((Rule::Schema, "missing key \"size\"".into())),
         }
         match mtime.map(mtime_us) {
@@ -160,6 +159,15 @@ impl<'de> Visitor<'de> for PathItem<'_> {
             }
         }
         Ok(())
+    }
+}
+
+/// A `size` value: a non-negative integer number of bytes.
+pub(crate) fn size_bytes(v: Int) -> Result<u64, (Rule, String)> {
+    match v {
+        Int::U(v) => Ok(v),
+        Int::I(v) => Err((Rule::NegativeSize, format!("size {v} is negative"))),
+        Int::Fraction => Err((Rule::NotInteger, "size must be an integer".into())),
     }
 }
 

@@ -13,7 +13,7 @@ use xxhash_rust::xxh3::Xxh3DefaultBuilder;
 
 use super::builder::ManifestBuilder;
 use super::error::Rule;
-use super::json::{self, BoolSeed, BytesInto, HashStr, Int, IntSeed, KeySeed};
+use super::json::{self, BoolSeed, BytesInto, HashStr, IntSeed, KeySeed};
 use super::model::{Format, Hash};
 use super::name::display_name;
 use super::spec2025::{DIR_KEYS, FILE_KEYS, TARGET_KEYS};
@@ -133,32 +133,49 @@ pub(crate) fn resolve(st: Staged, b: &mut ManifestBuilder) {
     }
 }
 
-/// Reads `dirs[]`.
-pub(crate) struct DirsSeed<'s>(pub &'s mut Staged, pub &'s mut ManifestBuilder);
+/// Which list of entries a seed reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum List {
+    Dirs,
+    Files,
+}
 
-impl<'de> DeserializeSeed<'de> for DirsSeed<'_> {
+/// Reads `dirs[]` or `files[]` into the staging area (chunk hashes go straight to the builder),
+/// keeping the builder's cursor on the entry being read.
+pub(crate) struct EntriesSeed<'s>(pub List, pub &'s mut Staged, pub &'s mut ManifestBuilder);
+
+impl<'de> DeserializeSeed<'de> for EntriesSeed<'_> {
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_seq(self)
     }
 }
 
-impl<'de> Visitor<'de> for DirsSeed<'_> {
+impl<'de> Visitor<'de> for EntriesSeed<'_> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a list of directory entries")
+        f.write_str(match self.0 {
+            List::Dirs => "a list of directory entries",
+            List::Files => "a list of file entries",
+        })
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let EntriesSeed(list, st, b) = self;
+        let list_name = match list {
+            List::Dirs => "dirs",
+            List::Files => "files",
+        };
         let mut i = 0;
         loop {
-            self.1.cursor = Some(("dirs", i));
-            let item = DirItem {
-                st: &mut *self.0,
-                b: &mut *self.1,
+            b.cursor = Some((list_name, i));
+            let item = Entry {
+                list,
+                st: &mut *st,
+                b: &mut *b,
                 index: i,
             };
             if seq.next_element_seed(item)?.is_none() {
-                self.1.cursor = None;
+                b.cursor = None;
                 return Ok(());
             }
             i += 1;
@@ -166,25 +183,39 @@ impl<'de> Visitor<'de> for DirsSeed<'_> {
     }
 }
 
-struct DirItem<'s> {
+/// One entry of `dirs[]` or `files[]`.
+struct Entry<'s> {
+    list: List,
     st: &'s mut Staged,
     b: &'s mut ManifestBuilder,
     index: usize,
 }
 
-impl<'de> DeserializeSeed<'de> for DirItem<'_> {
+impl<'de> DeserializeSeed<'de> for Entry<'_> {
     type Value = ();
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_map(self)
     }
 }
 
-impl<'de> Visitor<'de> for DirItem<'_> {
+impl<'de> Visitor<'de> for Entry<'_> {
     type Value = ();
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a directory entry object")
+        f.write_str(match self.list {
+            List::Dirs => "a directory entry object",
+            List::Files => "a file entry object",
+        })
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        match self.list {
+            List::Dirs => self.visit_dir(map),
+            List::Files => self.visit_file(map),
+        }
+    }
+}
+
+impl Entry<'_> {
+    fn visit_dir<'de, A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let st = self.st;
         let mut name = None;
         let mut deleted = None;
@@ -231,60 +262,8 @@ impl<'de> Visitor<'de> for DirItem<'_> {
         }
         Ok(())
     }
-}
 
-/// Reads `files[]`; chunk hashes go straight to the builder.
-pub(crate) struct FilesSeed<'s>(pub &'s mut Staged, pub &'s mut ManifestBuilder);
-
-impl<'de> DeserializeSeed<'de> for FilesSeed<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_seq(self)
-    }
-}
-
-impl<'de> Visitor<'de> for FilesSeed<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a list of file entries")
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let mut i = 0;
-        loop {
-            self.1.cursor = Some(("files", i));
-            let item = FileItem {
-                st: &mut *self.0,
-                b: &mut *self.1,
-                index: i,
-            };
-            if seq.next_element_seed(item)?.is_none() {
-                self.1.cursor = None;
-                return Ok(());
-            }
-            i += 1;
-        }
-    }
-}
-
-struct FileItem<'s> {
-    st: &'s mut Staged,
-    b: &'s mut ManifestBuilder,
-    index: usize,
-}
-
-impl<'de> DeserializeSeed<'de> for FileItem<'_> {
-    type Value = ();
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
-        d.deserialize_map(self)
-    }
-}
-
-impl<'de> Visitor<'de> for FileItem<'_> {
-    type Value = ();
-    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-        f.write_str("a file entry object")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+    fn visit_file<'de, A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let (st, b) = (self.st, self.b);
         let mut name = None;
         let mut deleted = None;
@@ -384,12 +363,9 @@ impl<'de> Visitor<'de> for FileItem<'_> {
                 }
             }
             slot.executable = runnable.unwrap_or(false);
-            match size {
-                Some(Int::U(v)) => slot.size = v,
-                Some(Int::I(v)) => errs.push((Rule::NegativeSize, format!("size {v} is negative"))),
-                Some(Int::Fraction) => {
-                    errs.push((Rule::NotInteger, "size must be an integer".into()))
-                }
+            match size.map(super::v2023::size_bytes) {
+                Some(Ok(v)) => slot.size = v,
+                Some(Err(e)) => errs.push(e),
                 None => errs.push((Rule::Schema, "missing key \"size\"".into())),
             }
             match mtime.map(super::v2023::mtime_us) {

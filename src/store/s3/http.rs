@@ -357,27 +357,7 @@ async fn exchange(
     }
     match (direct, head.content_length) {
         (Some(dest), Some(length)) if success && length == dest.len() as u64 => {
-            if early.len() > dest.len() {
-                return Err(protocol("more body bytes than Content-Length"));
-            }
-            dest[..early.len()].copy_from_slice(early);
-            let mut got = early.len();
-            while got < dest.len() {
-                let n = stream
-                    .read(&mut dest[got..])
-                    .await
-                    .map_err(|e| broken(e, false))?;
-                if n == 0 {
-                    return Err(Failure {
-                        error: HttpError::Truncated {
-                            expected: length,
-                            got: got as u64,
-                        },
-                        stale: false,
-                    });
-                }
-                got += n;
-            }
+            read_body(stream, early, dest).await?;
             Ok((
                 Response {
                     head,
@@ -389,27 +369,7 @@ async fn exchange(
         }
         (_, Some(length)) if length <= MAX_SMALL_BODY => {
             let mut body = vec![0; length as usize];
-            if early.len() > body.len() {
-                return Err(protocol("more body bytes than Content-Length"));
-            }
-            body[..early.len()].copy_from_slice(early);
-            let mut got = early.len();
-            while got < body.len() {
-                let n = stream
-                    .read(&mut body[got..])
-                    .await
-                    .map_err(|e| broken(e, false))?;
-                if n == 0 {
-                    return Err(Failure {
-                        error: HttpError::Truncated {
-                            expected: length,
-                            got: got as u64,
-                        },
-                        stale: false,
-                    });
-                }
-                got += n;
-            }
+            read_body(stream, early, &mut body).await?;
             Ok((
                 Response {
                     head,
@@ -430,6 +390,33 @@ async fn exchange(
             false,
         )),
     }
+}
+
+/// Fills `dest`, a body of exactly `dest.len()` bytes (its Content-Length): first with `early`,
+/// the body bytes that came in with the head, then from `stream`.
+async fn read_body(stream: &mut Stream, early: &[u8], dest: &mut [u8]) -> Result<(), Failure> {
+    if early.len() > dest.len() {
+        return Err(protocol("more body bytes than Content-Length"));
+    }
+    dest[..early.len()].copy_from_slice(early);
+    let mut got = early.len();
+    while got < dest.len() {
+        let n = stream
+            .read(&mut dest[got..])
+            .await
+            .map_err(|e| broken(e, false))?;
+        if n == 0 {
+            return Err(Failure {
+                error: HttpError::Truncated {
+                    expected: dest.len() as u64,
+                    got: got as u64,
+                },
+                stale: false,
+            });
+        }
+        got += n;
+    }
+    Ok(())
 }
 
 /// Parses a complete head, or `None` while it is incomplete.
