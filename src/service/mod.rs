@@ -153,6 +153,20 @@ fn object_len(size: u64, chunked: bool, index: usize) -> u64 {
     }
 }
 
+/// Where file position `pos` is: (object index, block within the object, offset in the block).
+fn locate(chunked: bool, pos: u64) -> (usize, u32, usize) {
+    let (object, within) = if chunked {
+        ((pos / CHUNK_SIZE) as usize, pos % CHUNK_SIZE)
+    } else {
+        (0, pos)
+    };
+    (
+        object,
+        (within / BLOCK_SIZE) as u32,
+        (within % BLOCK_SIZE) as usize,
+    )
+}
+
 impl FileService {
     async fn handle(self: Rc<Self>, request: ShardRequest) {
         let c = &self.counters;
@@ -160,7 +174,7 @@ impl FileService {
             c.add(&c.misrouted, 1);
         }
         match request {
-            ShardRequest::Open { ino, reply } => {
+            ShardRequest::Open { reply, .. } => {
                 c.add(&c.opens, 1);
                 let fh = self.next_fh.get();
                 self.next_fh.set(fh + 1);
@@ -171,7 +185,6 @@ impl FileService {
                         window: 1,
                     },
                 );
-                let _ = ino;
                 // Content is immutable: the page cache may keep it across opens.
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
             }
@@ -218,19 +231,7 @@ impl FileService {
             return Ok(Served::Gathered(Vec::new()));
         }
         self.plan_readahead(ino, fh, offset, end);
-        let locate = |pos: u64| {
-            let object = if content.chunked {
-                (pos / CHUNK_SIZE) as usize
-            } else {
-                0
-            };
-            let within = pos - object as u64 * if content.chunked { CHUNK_SIZE } else { 0 };
-            (
-                object,
-                (within / BLOCK_SIZE) as u32,
-                (within % BLOCK_SIZE) as usize,
-            )
-        };
+        let locate = |pos: u64| locate(content.chunked, pos);
         let (object, block, start) = locate(offset);
         let first = self.block(ino, object, block).await?;
         let wanted = (end - offset) as usize;
@@ -277,21 +278,13 @@ impl FileService {
             if pos >= content.size {
                 break;
             }
-            let object = if content.chunked {
-                (pos / CHUNK_SIZE) as usize
-            } else {
-                0
+            let (object, block, _) = locate(content.chunked, pos);
+            let Some(&hash) = content.objects.get(object) else {
+                break;
             };
-            let within = pos
-                - if content.chunked {
-                    object as u64 * CHUNK_SIZE
-                } else {
-                    0
-                };
-            let block = (within / BLOCK_SIZE) as u32;
-            let hash = content.objects[object];
-            // Only read ahead inside verified objects: verification streams the object anyway.
-            if !self.verified.borrow().contains(&hash) || self.cache.contains((hash, block)) {
+            // Blocks of an object not verified yet join its verification: for chunked files
+            // that starts the next chunk's verification before the reader gets there.
+            if self.cache.contains((hash, block)) {
                 continue;
             }
             let service = self.clone();
