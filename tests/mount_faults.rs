@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{pattern, read_all, snapshot, Mount, MountOptions, BIN};
+use common::{job, pattern, read_all, Mount, MountOptions, BIN};
 
 fn object_path(cas: &Path, content: &[u8]) -> std::path::PathBuf {
     cas.join(format!(
@@ -20,17 +20,18 @@ fn object_path(cas: &Path, content: &[u8]) -> std::path::PathBuf {
 #[test]
 fn missing_and_corrupt_objects_give_eio_while_the_rest_keeps_working() {
     let tmp = tempfile::tempdir().unwrap();
-    let tree = tmp.path().join("tree");
-    fs::create_dir_all(&tree).unwrap();
     let good = pattern(1, 5 << 20);
     let missing = pattern(2, 100_000);
     let corrupt = pattern(3, 6 << 20);
-    fs::write(tree.join("good.bin"), &good).unwrap();
-    fs::write(tree.join("missing.bin"), &missing).unwrap();
-    fs::write(tree.join("corrupt.bin"), &corrupt).unwrap();
-    let cas = tmp.path().join("cas");
-    let manifest = tmp.path().join("m.json");
-    snapshot(&tree, &cas, "2023-03-03", &manifest);
+    let (manifest, cas) = job(
+        tmp.path(),
+        &[
+            ("good.bin", &good),
+            ("missing.bin", &missing),
+            ("corrupt.bin", &corrupt),
+        ],
+        "2023-03-03",
+    );
     fs::remove_file(object_path(&cas, &missing)).unwrap();
     // Same size, one flipped byte in the last block: only the hash can tell.
     let mut damaged = corrupt.clone();
@@ -156,14 +157,14 @@ fn unsupported_flags_and_missing_store_are_clear_errors() {
 #[test]
 fn sigterm_under_load_unmounts_cleanly() {
     let tmp = tempfile::tempdir().unwrap();
-    let tree = tmp.path().join("tree");
-    fs::create_dir_all(&tree).unwrap();
-    for i in 0..4 {
-        fs::write(tree.join(format!("f{i}.bin")), pattern(i, 8 << 20)).unwrap();
-    }
-    let cas = tmp.path().join("cas");
-    let manifest = tmp.path().join("m.json");
-    snapshot(&tree, &cas, "2023-03-03", &manifest);
+    let names: Vec<String> = (0..4).map(|i| format!("f{i}.bin")).collect();
+    let contents: Vec<Vec<u8>> = (0..4).map(|i| pattern(i, 8 << 20)).collect();
+    let files: Vec<(&str, &[u8])> = names
+        .iter()
+        .map(String::as_str)
+        .zip(contents.iter().map(Vec::as_slice))
+        .collect();
+    let (manifest, cas) = job(tmp.path(), &files, "2023-03-03");
     let mut mount = Mount::start(
         &manifest,
         &cas,
@@ -214,13 +215,7 @@ impl Drop for Unmount<'_> {
 }
 
 fn small_job(tmp: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let tree = tmp.join("tree");
-    fs::create_dir_all(&tree).unwrap();
-    fs::write(tree.join("a.txt"), b"daemon bytes").unwrap();
-    let cas = tmp.join("cas");
-    let manifest = tmp.join("m.json");
-    snapshot(&tree, &cas, "2023-03-03", &manifest);
-    (manifest, cas)
+    job(tmp, &[("a.txt", b"daemon bytes")], "2023-03-03")
 }
 
 #[test]

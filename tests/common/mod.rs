@@ -50,6 +50,22 @@ pub fn snapshot(tree: &Path, cas: &Path, format: &str, manifest: &Path) {
     );
 }
 
+/// Writes `files` (relative path, bytes) under `root/tree` and snapshots them into `root/cas`;
+/// returns (manifest, cas).
+pub fn job(root: &Path, files: &[(&str, &[u8])], format: &str) -> (PathBuf, PathBuf) {
+    let tree = root.join("tree");
+    for (path, bytes) in files {
+        let path = tree.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+    std::fs::create_dir_all(&tree).unwrap();
+    let cas = root.join("cas");
+    let manifest = root.join("job.manifest");
+    snapshot(&tree, &cas, format, &manifest);
+    (manifest, cas)
+}
+
 /// A running mount. Dropping it unmounts and stops the process.
 pub struct Mount {
     pub dir: PathBuf,
