@@ -1435,11 +1435,11 @@ fn main() {
                     fmt_runs(&s.rates)
                 );
                 println!(
-                    "json: {{\"contender\":\"{}\",\"mode\":\"{mode}\",\"readers\":{readers},\"gbps\":{:.4},\"ratio_raw\":{:.4},\"ratio_peer\":{:.4},\"faults_per_gib\":{:.0},\"cpu_s_per_gib\":{:.3},\"errors\":{}}}",
+                    "json: {{\"contender\":\"{}\",\"mode\":\"{mode}\",\"readers\":{readers},\"gbps\":{:.4},\"ratio_raw\":{},\"ratio_peer\":{},\"faults_per_gib\":{:.0},\"cpu_s_per_gib\":{:.3},\"errors\":{}}}",
                     contender.name(),
                     m / 1e9,
-                    m / best_raw(readers).max(1.0),
-                    m / best_peer(direct, readers).max(1.0),
+                    json_ratio(m, best_raw(readers)),
+                    json_ratio(m, best_peer(direct, readers)),
                     median(s.faults_per_gib.clone()).unwrap_or(0.0),
                     median(s.cpu_per_gib.clone()).unwrap_or(0.0),
                     s.errors.len()
@@ -1468,6 +1468,15 @@ fn main() {
         }
     }
     let _ = fs::remove_dir_all(&base);
+}
+
+/// `x / of` for JSON, `null` without a reference.
+fn json_ratio(x: f64, of: f64) -> String {
+    if of > 0.0 {
+        format!("{:.4}", x / of)
+    } else {
+        "null".into()
+    }
 }
 
 /// Signs `PUT url` with an empty payload (CreateBucket).
