@@ -26,6 +26,8 @@ use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -67,10 +69,15 @@ struct Stored {
     modified: SystemTime,
 }
 
+/// A listing page: objects, common prefixes, truncated, last key or prefix returned.
+type Listing = (Vec<Object>, Vec<CommonPrefix>, bool, Option<String>);
+
 /// Buckets and objects in memory. Reads clone `Bytes` (a refcount), never the data.
 #[derive(Clone, Default)]
 struct MemS3 {
     buckets: Arc<RwLock<BTreeMap<String, BTreeMap<String, Stored>>>>,
+    /// Body bytes handed out by GetObject: what each contender really fetched.
+    served: Arc<AtomicU64>,
 }
 
 impl MemS3 {
@@ -92,7 +99,7 @@ impl MemS3 {
         delimiter: Option<&str>,
         after: Option<&str>,
         max_keys: usize,
-    ) -> S3Result<(Vec<Object>, Vec<CommonPrefix>, bool, Option<String>)> {
+    ) -> S3Result<Listing> {
         let buckets = self.buckets.read().unwrap();
         let objects = buckets.get(bucket).ok_or_else(|| s3_error!(NoSuchBucket))?;
         let mut contents = Vec::new();
@@ -198,6 +205,7 @@ impl S3 for MemS3 {
                 )
             }
         };
+        self.served.fetch_add(body.len() as u64, Ordering::Relaxed);
         Ok(S3Response::new(GetObjectOutput {
             accept_ranges: Some("bytes".into()),
             content_length: Some(body.len() as i64),
@@ -327,6 +335,7 @@ impl S3 for MemS3 {
 /// The server: its own multi-threaded tokio runtime; shut down on drop.
 struct Server {
     port: u16,
+    served: Arc<AtomicU64>,
     runtime: Option<tokio::runtime::Runtime>,
 }
 
@@ -342,7 +351,9 @@ impl Server {
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .unwrap();
         let port = listener.local_addr().unwrap().port();
-        let mut builder = s3s::service::S3ServiceBuilder::new(MemS3::default());
+        let s3 = MemS3::default();
+        let served = s3.served.clone();
+        let mut builder = s3s::service::S3ServiceBuilder::new(s3);
         builder.set_auth(s3s::auth::SimpleAuth::from_single(KEY, SECRET));
         let service = builder.build();
         runtime.spawn(async move {
@@ -361,12 +372,18 @@ impl Server {
         });
         Server {
             port,
+            served,
             runtime: Some(runtime),
         }
     }
 
     fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// GetObject body bytes served so far.
+    fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
     }
 }
 
@@ -852,8 +869,6 @@ fn raw_s3store(
     span_rate(&results)
 }
 
-use std::rc::Rc;
-
 fn span_rate(results: &[(Instant, Instant, u64)]) -> f64 {
     let start = results.iter().map(|r| r.0).min().unwrap();
     let end = results.iter().map(|r| r.1).max().unwrap();
@@ -1056,6 +1071,8 @@ struct Samples {
     rates: Vec<f64>,
     faults_per_gib: Vec<f64>,
     cpu_per_gib: Vec<f64>,
+    /// Bytes fetched from S3 per byte read through the mount.
+    fetched_per_read: Vec<f64>,
     errors: Vec<String>,
 }
 
@@ -1268,6 +1285,7 @@ fn main() {
     let mut raw: BTreeMap<(String, usize), Vec<f64>> = BTreeMap::new();
     let mut mounts: BTreeMap<(String, bool, usize), Samples> = BTreeMap::new();
     let mut ttfb: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut ttfb_fetched: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     let gib = (1u64 << 30) as f64;
     for run in 0..runs {
         eprintln!("# run {}/{runs}", run + 1);
@@ -1289,8 +1307,15 @@ fn main() {
             match Mount::start(contender, &server, &env) {
                 Ok(mount) => {
                     drop_caches();
+                    let s0 = server.served();
                     match first_byte(&mount.files) {
-                        Ok(t) => ttfb.entry(contender.name()).or_default().push(t),
+                        Ok(t) => {
+                            ttfb.entry(contender.name()).or_default().push(t);
+                            ttfb_fetched
+                                .entry(contender.name())
+                                .or_default()
+                                .push((server.served() - s0) as f64);
+                        }
                         Err(e) => eprintln!("# {} TTFB: {e}", contender.name()),
                     }
                 }
@@ -1311,6 +1336,7 @@ fn main() {
                     };
                     let (f0, c0) = faults_and_cpu(mount.pid());
                     drop_caches();
+                    let s0 = server.served();
                     match read_files(&mount.files, readers, size, direct) {
                         Ok(rate) => {
                             let (f1, c1) = faults_and_cpu(mount.pid());
@@ -1318,6 +1344,9 @@ fn main() {
                             samples.rates.push(rate);
                             samples.faults_per_gib.push((f1 - f0) as f64 / read_gib);
                             samples.cpu_per_gib.push((c1 - c0) / read_gib);
+                            samples
+                                .fetched_per_read
+                                .push((server.served() - s0) as f64 / (read_gib * gib));
                         }
                         Err(e) => samples.errors.push(e),
                     }
@@ -1415,11 +1444,12 @@ fn main() {
                     );
                     continue;
                 };
+                let fetched = median(s.fetched_per_read.clone()).unwrap_or(0.0);
                 let extra = if contender.is_peer() {
-                    String::new()
+                    format!("  S3 bytes/byte read {fetched:.2}")
                 } else {
                     format!(
-                        "  faults/GiB {:.0}, CPU s/GiB {:.2}",
+                        "  S3 bytes/byte read {fetched:.2}, faults/GiB {:.0}, CPU s/GiB {:.2}",
                         median(s.faults_per_gib.clone()).unwrap_or(0.0),
                         median(s.cpu_per_gib.clone()).unwrap_or(0.0)
                     )
@@ -1435,7 +1465,7 @@ fn main() {
                     fmt_runs(&s.rates)
                 );
                 println!(
-                    "json: {{\"contender\":\"{}\",\"mode\":\"{mode}\",\"readers\":{readers},\"gbps\":{:.4},\"ratio_raw\":{},\"ratio_peer\":{},\"faults_per_gib\":{:.0},\"cpu_s_per_gib\":{:.3},\"errors\":{}}}",
+                    "json: {{\"contender\":\"{}\",\"mode\":\"{mode}\",\"readers\":{readers},\"gbps\":{:.4},\"ratio_raw\":{},\"ratio_peer\":{},\"s3_bytes_per_byte\":{fetched:.3},\"faults_per_gib\":{:.0},\"cpu_s_per_gib\":{:.3},\"errors\":{}}}",
                     contender.name(),
                     m / 1e9,
                     json_ratio(m, best_raw(readers)),
@@ -1451,19 +1481,28 @@ fn main() {
     for &contender in &contenders {
         let v = ttfb.get(&contender.name()).cloned().unwrap_or_default();
         if let Some(m) = median(v.clone()) {
+            let fetched = median(
+                ttfb_fetched
+                    .get(&contender.name())
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+            .unwrap_or(0.0);
             println!(
-                "TTFB {:<29} {:>8.1} ms  runs: {}",
+                "TTFB {:<29} {:>8.1} ms  ({:.0} MiB fetched from S3 by then)  runs: {}",
                 contender.name(),
                 m * 1e3,
+                fetched / MIB as f64,
                 v.iter()
                     .map(|t| format!("{:.1}", t * 1e3))
                     .collect::<Vec<_>>()
                     .join(" ")
             );
             println!(
-                "json: {{\"contender\":\"{}\",\"ttfb_ms\":{:.2}}}",
+                "json: {{\"contender\":\"{}\",\"ttfb_ms\":{:.2},\"ttfb_fetched_mib\":{:.1}}}",
                 contender.name(),
-                m * 1e3
+                m * 1e3,
+                fetched / MIB as f64
             );
         }
     }
