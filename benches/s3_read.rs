@@ -770,6 +770,7 @@ where
             shards,
             io_memory_per_shard: io_memory,
             hugepages: HugepageMode::Off,
+            spin_before_park: std::time::Duration::ZERO,
         },
         move |ctx, _mailbox| {
             let tx = tx.lock().unwrap().clone();

@@ -49,7 +49,9 @@ use cache::BlockCache;
 pub const BLOCK_SIZE: u64 = 4 << 20;
 
 /// Store reads kept in flight while one object is streamed for verification.
-const VERIFY_READS_IN_FLIGHT: usize = 4;
+/// 8 x 4 MiB keeps a 25-200 Gbps link busy at S3's first-byte latencies; the S3 benchmark
+/// (docs/benchmarks.md) saw verification pull only ~0.55x of the raw client with 4.
+const VERIFY_READS_IN_FLIGHT: usize = 8;
 
 /// Read-ahead window for sequential readers, in blocks: starts at 1 and doubles per sequential
 /// read up to this cap (64 MiB).
@@ -328,7 +330,7 @@ impl FileService {
                     .await;
                 let result = result.map(Rc::new);
                 if let Ok(loaded) = &result {
-                    service.cache.insert((hash, block), loaded.clone());
+                    service.publish((hash, block), loaded.clone());
                 }
                 service.cache.finish_load((hash, block));
                 result
@@ -336,6 +338,25 @@ impl FileService {
             .boxed_local()
         });
         load.await
+    }
+
+    /// Puts a verified block in the cache, then evicts until a full verification window would
+    /// fit in the pool again. Loads already waiting for pool memory are woken by that eviction;
+    /// without it they could wait on memory only the cache holds while nothing new arrives.
+    fn publish(&self, key: BlockKey, block: Rc<Block>) {
+        self.cache.insert(key, block);
+        self.make_room(self.headroom());
+    }
+
+    /// Pool memory kept free for loads: a full verification window, at most a quarter of the
+    /// pool. Retained blocks never reach into it, so a verification can always progress.
+    fn headroom(&self) -> usize {
+        (VERIFY_READS_IN_FLIGHT * BLOCK_SIZE as usize).min(self.pool.capacity() / 4)
+    }
+
+    /// Bytes all verification streams of this shard together may keep for publication.
+    fn retention_budget(&self) -> usize {
+        self.cache.budget().saturating_sub(self.headroom())
     }
 
     /// Evicts cached blocks until `len` more bytes fit in the pool. Without this, loads waiting
@@ -440,8 +461,10 @@ impl FileService {
             };
             hasher.update(&block);
             // Keep the head of the object for the reader that is waiting, within a shard-wide
-            // budget so concurrent verifications cannot fill the pool with unpublished blocks.
-            if self.retained.get() + block.len() <= self.cache.budget() / 4 {
+            // budget that leaves room for the reads in flight, so concurrent verifications
+            // cannot fill the pool with unpublished blocks. Every block not kept is fetched
+            // again after verification, so keep as much as the cache could hold.
+            if self.retained.get() + block.len() <= self.retention_budget() {
                 self.retained.set(self.retained.get() + block.len());
                 kept_bytes += block.len();
                 kept.push((index, Rc::new(block)));
@@ -467,7 +490,7 @@ impl FileService {
         c.add(&c.objects_verified, 1);
         self.verified.borrow_mut().insert(hash);
         for (index, block) in kept {
-            self.cache.insert((hash, index), block);
+            self.publish((hash, index), block);
         }
         Ok(())
     }
