@@ -13,8 +13,8 @@
 //! Verification policy: the unit of verification is a CAS object — the whole file for v2023
 //! manifests, one 256 MiB chunk for chunked v2025 files — because that is what its xxh128 covers.
 //! The first read of an object streams the whole object from the store through the hasher
-//! ([`BLOCK_SIZE`] blocks, several in flight), keeping the first blocks (up to the cache budget less a headroom) as
-//! they pass. Only when the digest matches are those blocks published to the cache and the object
+//! ([`BLOCK_SIZE`] blocks, several in flight), keeping the first blocks (up to the cache budget
+//! less a headroom) as they pass. Only when the digest matches are those blocks published to the cache and the object
 //! marked verified on this shard; on a mismatch nothing is published and the read fails with EIO.
 //! After that, blocks that were not kept are read again from the (now verified) object. A
 //! very large v2023 object therefore costs one full read before its first byte is served; the
