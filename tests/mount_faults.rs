@@ -289,3 +289,44 @@ fn busy_and_stale_mountpoints_get_a_clear_message() {
     );
     drop(mount);
 }
+
+/// Other users are kept out unless `--allow-other` lets them in (then file modes apply).
+#[test]
+fn allow_other_lets_other_users_read() {
+    use std::os::unix::fs::PermissionsExt;
+    let tmp = tempfile::tempdir().unwrap();
+    fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let (manifest, cas) = job(tmp.path(), &[("a.txt", b"for everyone")], "2023-03-03");
+    let cat_as_nobody = |mnt: &Path| {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "cat"])
+            .arg(mnt.join("a.txt"))
+            .output()
+            .unwrap()
+    };
+    let mnt = tmp.path().join("mnt");
+    {
+        let _mount = Mount::start(&manifest, &cas, &mnt, MountOptions::default());
+        let out = cat_as_nobody(&mnt);
+        assert!(
+            !out.status.success(),
+            "another user must be refused without --allow-other"
+        );
+    }
+    let _mount = Mount::start(
+        &manifest,
+        &cas,
+        &mnt,
+        MountOptions {
+            extra: &["--allow-other"],
+            ..Default::default()
+        },
+    );
+    let out = cat_as_nobody(&mnt);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"for everyone");
+}
