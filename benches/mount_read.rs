@@ -10,90 +10,20 @@
 //! `BENCH_DIR` (where the CAS lives; default a directory under target/), `BENCH_SIZE_MIB`
 //! (default 1024), `BENCH_RUNS` (default 3).
 
-use std::ffi::OsStr;
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::Instant;
 
-use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
-    MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyEntry, ReplyOpen, Request,
-};
+mod common;
+
+use common::faults_and_cpu;
 
 const MIB: usize = 1 << 20;
 const READ_SIZE: usize = MIB;
 const BIN: &str = env!("CARGO_BIN_EXE_mount_vfs");
-
-/// The transport ceiling: one file whose every READ is answered from one static buffer.
-struct NullFs {
-    size: u64,
-    buffer: Vec<u8>,
-}
-
-impl NullFs {
-    fn attr(&self, ino: u64) -> FileAttr {
-        let dir = ino == 1;
-        FileAttr {
-            ino: INodeNo(ino),
-            size: if dir { 0 } else { self.size },
-            blocks: 0,
-            atime: UNIX_EPOCH,
-            mtime: UNIX_EPOCH,
-            ctime: UNIX_EPOCH,
-            crtime: UNIX_EPOCH,
-            kind: if dir {
-                FileType::Directory
-            } else {
-                FileType::RegularFile
-            },
-            perm: if dir { 0o755 } else { 0o644 },
-            nlink: 1,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            blksize: READ_SIZE as u32,
-            flags: 0,
-        }
-    }
-}
-
-const TTL: Duration = Duration::from_secs(3600);
-
-impl Filesystem for NullFs {
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        if parent.0 == 1 && name == "file" {
-            reply.entry(&TTL, &self.attr(2), Generation(0));
-        } else {
-            reply.error(Errno::ENOENT);
-        }
-    }
-
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        reply.attr(&TTL, &self.attr(ino.0));
-    }
-
-    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
-    }
-
-    fn read(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        let len = (size as u64).min(self.size.saturating_sub(offset)) as usize;
-        reply.data(&self.buffer[..len.min(self.buffer.len())]);
-    }
-}
 
 /// Reads `path` sequentially in 1 MiB requests; returns bytes per second.
 fn sequential_read(path: &Path, direct: bool) -> f64 {
@@ -141,23 +71,6 @@ fn parallel_read(paths: &[PathBuf], direct: bool) -> f64 {
         .collect();
     let total: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
     total as f64 / started.elapsed().as_secs_f64()
-}
-
-/// (minor faults, CPU seconds) of a process, from /proc/PID/stat.
-fn faults_and_cpu(pid: u32) -> (u64, f64) {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .unwrap()
-        .1
-        .split_whitespace()
-        .collect();
-    // After the command name: state is field 3, minflt field 10, utime 14, stime 15.
-    let minflt: u64 = fields[7].parse().unwrap();
-    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (minflt, ticks / hz)
 }
 
 struct Daemon {
@@ -282,22 +195,7 @@ fn main() {
     );
 
     let null_mnt = base.join("null_mnt");
-    fs::create_dir_all(&null_mnt).unwrap();
-    let mut config = fuser::Config::default();
-    config.mount_options = vec![MountOption::RO, MountOption::FSName("nullfs".into())];
-    config.n_threads = Some(2);
-    config.clone_fd = true;
-    let null = fuser::Session::new(
-        NullFs {
-            size: size as u64,
-            buffer: vec![7u8; 16 * MIB],
-        },
-        &null_mnt,
-        &config,
-    )
-    .unwrap()
-    .spawn()
-    .unwrap();
+    let null = common::mount_null(&null_mnt, size as u64, &["file"]);
     let ceiling: Vec<f64> = (0..runs)
         .map(|_| sequential_read(&null_mnt.join("file"), true))
         .collect();

@@ -20,7 +20,6 @@
 //! `BENCH_PEERS=0` to skip the peers. Writes only under /dev/shm/mount_vfs_s3bench.
 
 use std::collections::BTreeMap;
-use std::ffi::OsStr;
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
@@ -29,13 +28,12 @@ use std::process::{Child, Command, Stdio};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use fuser::{
-    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo, LockOwner,
-    MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyEntry, ReplyOpen, Request,
-};
+mod common;
+
+use common::faults_and_cpu;
 use futures::StreamExt;
 use mount_vfs::manifest::Hash;
 use mount_vfs::store::s3::{CredentialSource, S3Config, S3Tuning};
@@ -715,25 +713,6 @@ fn drop_caches() {
     let _ = fs::write("/proc/sys/vm/drop_caches", "3");
 }
 
-/// (minor faults, CPU seconds) of a process, from /proc/PID/stat.
-fn faults_and_cpu(pid: u32) -> (u64, f64) {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    if fields.len() < 13 {
-        return (0, 0.0);
-    }
-    // After the command name: minflt is field 10, utime 14, stime 15.
-    let minflt: u64 = fields[7].parse().unwrap_or(0);
-    let ticks: f64 =
-        fields[11].parse::<f64>().unwrap_or(0.0) + fields[12].parse::<f64>().unwrap_or(0.0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    (minflt, ticks / hz)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Raw clients
 // ---------------------------------------------------------------------------------------------
@@ -987,74 +966,7 @@ fn raw_hyper(endpoint: &str, keys: [String; 2], readers: usize, size: u64) -> f6
 // The do-nothing FUSE baseline
 // ---------------------------------------------------------------------------------------------
 
-/// The transport ceiling: one file whose every READ is answered from one static buffer.
-struct NullFs {
-    size: u64,
-    buffer: Vec<u8>,
-}
-
-const TTL: Duration = Duration::from_secs(3600);
-
-impl NullFs {
-    fn attr(&self, ino: u64) -> FileAttr {
-        let dir = ino == 1;
-        FileAttr {
-            ino: INodeNo(ino),
-            size: if dir { 0 } else { self.size },
-            blocks: 0,
-            atime: UNIX_EPOCH,
-            mtime: UNIX_EPOCH,
-            ctime: UNIX_EPOCH,
-            crtime: UNIX_EPOCH,
-            kind: if dir {
-                FileType::Directory
-            } else {
-                FileType::RegularFile
-            },
-            perm: if dir { 0o755 } else { 0o644 },
-            nlink: 1,
-            uid: 0,
-            gid: 0,
-            rdev: 0,
-            blksize: READ_SIZE as u32,
-            flags: 0,
-        }
-    }
-}
-
-impl Filesystem for NullFs {
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        if parent.0 == 1 && (name == "a.bin" || name == "b.bin") {
-            let ino = if name == "a.bin" { 2 } else { 3 };
-            reply.entry(&TTL, &self.attr(ino), Generation(0));
-        } else {
-            reply.error(Errno::ENOENT);
-        }
-    }
-
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        reply.attr(&TTL, &self.attr(ino.0));
-    }
-
-    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        reply.opened(FileHandle(0), FopenFlags::empty());
-    }
-
-    fn read(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        let len = (size as u64).min(self.size.saturating_sub(offset)) as usize;
-        reply.data(&self.buffer[..len.min(self.buffer.len())]);
-    }
-}
+// (NullFs lives in benches/common.)
 
 // ---------------------------------------------------------------------------------------------
 // Main
@@ -1248,22 +1160,7 @@ fn main() {
 
     // The do-nothing FUSE ceiling, in this run.
     let null_mnt = base.join("null_mnt");
-    fs::create_dir_all(&null_mnt).unwrap();
-    let mut config = fuser::Config::default();
-    config.mount_options = vec![MountOption::RO, MountOption::FSName("nullfs".into())];
-    config.n_threads = Some(2);
-    config.clone_fd = true;
-    let null = fuser::Session::new(
-        NullFs {
-            size,
-            buffer: vec![7u8; 16 * MIB],
-        },
-        &null_mnt,
-        &config,
-    )
-    .unwrap()
-    .spawn()
-    .unwrap();
+    let null = common::mount_null(&null_mnt, size, &["a.bin", "b.bin"]);
     let mut null_rates: BTreeMap<(bool, usize), Vec<f64>> = BTreeMap::new();
     for _ in 0..runs {
         for direct in [true, false] {
