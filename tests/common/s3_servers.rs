@@ -220,9 +220,13 @@ impl Drop for Seaweed {
         let _ = self.child.kill();
         let _ = self.child.wait();
         for port in &self.ports {
-            let _ = std::fs::remove_file(format!("/tmp/seaweedfs-volume-{port}.sock"));
-            let _ = std::fs::remove_file(format!("/tmp/seaweedfs-master-{port}.sock"));
-            let _ = std::fs::remove_file(format!("/tmp/seaweedfs-filer-{port}.sock"));
+            // Each server leaves a socket named after its port, and one for its gRPC port
+            // (port + 10000 by default).
+            let grpc = u32::from(*port) + 10_000;
+            for kind in ["master", "volume", "filer", "s3"] {
+                let _ = std::fs::remove_file(format!("/tmp/seaweedfs-{kind}-{port}.sock"));
+                let _ = std::fs::remove_file(format!("/tmp/seaweedfs-{kind}-grpc-{grpc}.sock"));
+            }
         }
         let _ = self.dir.path();
     }
