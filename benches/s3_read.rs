@@ -9,7 +9,8 @@
 //!   `plain/a.bin`, `plain/b.bin` for the peers, which mount the bucket rather than a manifest.
 //! - Raw clients (no FUSE): our `S3Store` on glommio shards, and an independent hyper client
 //!   signing with `aws-sigv4`; both issue 8 MiB ranged GETs, 4 in flight per reader.
-//! - Mounts: mount_vfs (`--shards 1` and `2`, `--memory-limit 4G`), s3fs, rclone. Every
+//! - Mounts: mount_vfs (`--shards 1` and `2`, `--memory-limit 4G`, without and with a
+//!   `--cache-dir` on local storage, `BENCH_CACHE_DIR`, default /var/tmp), s3fs, rclone. Every
 //!   measurement is cold: page cache dropped and a fresh mount. One reader reads `a` whole;
 //!   four readers read the two halves of `a` and of `b`. 1 MiB reads, O_DIRECT (aligned) and
 //!   buffered. Time to first byte: open + first 1 MiB O_DIRECT read on a fresh mount.
@@ -17,7 +18,7 @@
 //!
 //! Run: `cargo bench --bench s3_read` (root; /dev/fuse; s3fs and rclone on PATH or they are
 //! skipped). Environment: `BENCH_RUNS` (default 3), `BENCH_SIZE_MIB` (default 1024),
-//! `BENCH_PEERS=0` to skip the peers. Writes only under /dev/shm/mount_vfs_s3bench.
+//! `BENCH_PEERS=0` to skip the peers. Writes under /dev/shm/mount_vfs_s3bench and the cache dir.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -437,7 +438,11 @@ fn is_mounted(mnt: &Path) -> bool {
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Contender {
-    MountVfs { shards: usize },
+    /// `cache`: with `--cache-dir` (emptied before every mount, so still cold).
+    MountVfs {
+        shards: usize,
+        cache: bool,
+    },
     S3fs,
     Rclone,
 }
@@ -445,7 +450,10 @@ enum Contender {
 impl Contender {
     fn name(self) -> String {
         match self {
-            Contender::MountVfs { shards } => format!("mount_vfs --shards {shards}"),
+            Contender::MountVfs { shards, cache } => format!(
+                "mount_vfs --shards {shards}{}",
+                if cache { " --cache-dir" } else { "" }
+            ),
             Contender::S3fs => "s3fs".into(),
             Contender::Rclone => "rclone".into(),
         }
@@ -474,8 +482,12 @@ impl Mount {
         }
         let endpoint = server.endpoint();
         let mut command = match contender {
-            Contender::MountVfs { shards } => {
+            Contender::MountVfs { shards, cache } => {
                 let mut c = Command::new(BIN);
+                if cache {
+                    let _ = fs::remove_dir_all(&env.cache_dir);
+                    c.arg("--cache-dir").arg(&env.cache_dir);
+                }
                 c.arg(&env.manifest)
                     .arg(&mnt)
                     .args(["--s3", &format!("s3://{BUCKET}/root")])
@@ -974,6 +986,8 @@ fn raw_hyper(endpoint: &str, keys: [String; 2], readers: usize, size: u64) -> f6
 
 struct Env {
     base: PathBuf,
+    /// mount_vfs's `--cache-dir`: local storage, not /dev/shm, as on a render node.
+    cache_dir: PathBuf,
     manifest: PathBuf,
     passwd: PathBuf,
 }
@@ -1064,6 +1078,10 @@ fn main() {
     fs::set_permissions(&passwd, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let env = Env {
         base: base.clone(),
+        cache_dir: std::env::var_os("BENCH_CACHE_DIR").map_or_else(
+            || PathBuf::from("/var/tmp/mount_vfs_s3bench_cache"),
+            PathBuf::from,
+        ),
         manifest,
         passwd,
     };
@@ -1138,10 +1156,12 @@ fn main() {
         kernel.trim()
     );
 
-    let mut contenders = vec![
-        Contender::MountVfs { shards: 1 },
-        Contender::MountVfs { shards: 2 },
-    ];
+    let mut contenders = vec![];
+    for cache in [false, true] {
+        for shards in [1, 2] {
+            contenders.push(Contender::MountVfs { shards, cache });
+        }
+    }
     for (peer, bin) in [(Contender::S3fs, "s3fs"), (Contender::Rclone, "rclone")] {
         let present = Command::new("sh")
             .args(["-c", &format!("command -v {bin}")])
@@ -1255,6 +1275,7 @@ fn main() {
     }
     *DEADLINE.lock().unwrap() = None;
     drop(server);
+    let _ = fs::remove_dir_all(&env.cache_dir);
 
     // Report.
     let best_raw = |readers: usize| {

@@ -120,12 +120,16 @@ pub struct MountArgs {
     #[arg(long, help_heading = "Content store")]
     pub profile: Option<String>,
 
+    /// Disk cache on local storage: verified objects are kept in DIR/Data/{hash}.xxh128, so
+    /// later reads and later mounts skip the store, and the kernel reads cached files itself
+    /// (FUSE passthrough, Linux 6.9+). Cache files are re-verified once per mount. Not evicted
+    /// yet: the directory grows with the distinct objects read.
+    #[arg(long, value_name = "DIR", help_heading = "Content store")]
+    pub cache_dir: Option<PathBuf>,
+
     /// Capture writes in a copy-on-write overlay (not yet supported).
     #[arg(long, help_heading = "Writable overlay")]
     pub writable: bool,
-    /// Directory for the disk cache and the overlay's dirty data (not yet supported).
-    #[arg(long, value_name = "DIR", help_heading = "Writable overlay")]
-    pub cache_dir: Option<PathBuf>,
 
     /// Print per-shard counters every second, and a summary at unmount.
     #[arg(long, help_heading = "Mount")]

@@ -14,9 +14,9 @@ use crate::cli::{self, MountArgs};
 use crate::fuse_front::FuseFront;
 use crate::manifest::Manifest;
 use crate::namespace::Namespace;
-use crate::service::{run_shard, CounterSnapshot, ShardCounters};
+use crate::service::{run_shard, CounterSnapshot, ServiceConfig, ShardCounters};
 use crate::store::s3::S3Config;
-use crate::store::{S3Target, StoreConfig};
+use crate::store::{DiskCache, S3Target, StoreConfig};
 
 /// Largest registered buffer one shard may have: the kernel refuses io_uring fixed buffers over
 /// 1 GiB (verified on 6.18).
@@ -74,12 +74,6 @@ fn check_supported(args: &MountArgs) -> Result<StoreChoice, MountError> {
         return Err(not_yet(
             "--writable",
             "the copy-on-write overlay is planned",
-        ));
-    }
-    if args.cache_dir.is_some() {
-        return Err(not_yet(
-            "--cache-dir",
-            "the disk cache comes with the S3 store and overlay",
         ));
     }
     if let Some(cas) = &args.cas {
@@ -223,6 +217,9 @@ pub fn run(args: MountArgs) -> Result<(), MountError> {
         }
     }
     check_mountpoint(mountpoint)?;
+    if let Some(dir) = &args.cache_dir {
+        DiskCache::prepare(dir).map_err(MountError::Usage)?;
+    }
     if args.daemon && std::env::var_os(READY_FD_ENV).is_none() {
         return daemonize();
     }
@@ -253,22 +250,25 @@ pub fn run(args: MountArgs) -> Result<(), MountError> {
         },
         spin_before_park: spin_before_park(),
     };
-    let shard_namespace = namespace.clone();
+    let service = ServiceConfig {
+        namespace: namespace.clone(),
+        store,
+        cache_dir: args.cache_dir.clone(),
+        passthrough: Arc::default(),
+    };
+    let passthrough = args
+        .cache_dir
+        .is_some()
+        .then(|| service.passthrough.clone());
     let shard_counters = counters.clone();
     let executors = Shards::start(&config, move |ctx, mailbox| {
         let counters = shard_counters[ctx.id].clone();
-        run_shard(
-            ctx,
-            mailbox,
-            shard_namespace.clone(),
-            store.clone(),
-            counters,
-        )
+        run_shard(ctx, mailbox, service.clone(), counters)
     })
     .map_err(|e| MountError::Runtime(format!("cannot start shards: {e}")))?;
 
     let senders: Vec<_> = (0..shards).map(|i| executors.sender(i).clone()).collect();
-    let front = FuseFront::new(namespace.clone(), senders);
+    let front = FuseFront::new(namespace.clone(), senders, passthrough);
     let mut options = vec![
         MountOption::RO,
         MountOption::FSName("mount_vfs".into()),

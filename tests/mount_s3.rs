@@ -68,8 +68,6 @@ fn mount_refuses_a_wrong_bucket_before_mounting() {
     assert!(!is_mounted(&mnt));
 }
 
-/// Needs the real manifest decoder (`Manifest::decode` is a stub in this branch, so the
-/// namespace is empty): enable after merging with the manifest work.
 #[test]
 fn mount_serves_s3_files_and_never_serves_flipped_bytes() {
     let moto = Moto::start();
@@ -123,4 +121,71 @@ fn mount_serves_s3_files_and_never_serves_flipped_bytes() {
         "{}",
         mount.stderr()
     );
+
+    drop(mount);
+
+    // One GET with a flipped byte: the object fails verification once and is fetched again.
+    proxy.clear();
+    let mut mount = Mount::start_with_store(
+        &manifest_path,
+        &store,
+        &ENV,
+        &work.path().join("mnt3"),
+        MountOptions {
+            shards: 1,
+            extra: &["--stats"],
+        },
+    );
+    proxy.inject(&[Fault::Flip]);
+    assert!(read_all(&mount.dir.join("big.bin")).unwrap() == big);
+    mount.stop();
+    let total = &mount.stats("final").unwrap()["total"];
+    assert_eq!(total["verify_failures"], 1);
+    assert_eq!(total["bytes_fetched"], 2 * big.len() as u64);
+}
+
+#[test]
+fn a_disk_cache_spares_the_store_on_the_next_mount() {
+    let moto = Moto::start();
+    moto.create_bucket("cas");
+    let proxy = FaultProxy::start(moto.port);
+    let big = pattern(5, (6 << 20) + 7);
+    let files: Vec<(&str, &[u8])> = vec![("big.bin", &big)];
+    let key = format!("Data/{}.xxh128", Hash::of(&big));
+    let target = S3Target::start(&config(&moto.endpoint(), "cas", "root", "k", "s")).unwrap();
+    let upload = big.clone();
+    on_shard(move |_pool| async move {
+        S3Store::new(target)
+            .put_object(&key, &upload)
+            .await
+            .unwrap();
+    });
+    let work = tempfile::tempdir().unwrap();
+    let manifest_path = work.path().join("m.manifest");
+    std::fs::write(&manifest_path, manifest(&files)).unwrap();
+    let cache = work.path().join("cache");
+    let endpoint = proxy.endpoint();
+    let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
+    let extra = ["--cache-dir", cache.to_str().unwrap(), "--stats"];
+    let options = || MountOptions {
+        shards: 2,
+        extra: &extra,
+    };
+    let mnt = work.path().join("mnt");
+    let mut first = Mount::start_with_store(&manifest_path, &store, &ENV, &mnt, options());
+    assert!(read_all(&first.dir.join("big.bin")).unwrap() == big);
+    first.stop();
+    assert_eq!(first.stats("final").unwrap()["total"]["objects_cached"], 1);
+
+    // Every GET would now return flipped bytes: the second mount never makes one.
+    let gets = proxy.gets();
+    proxy.inject(&[Fault::Flip; 16]);
+    let mut second = Mount::start_with_store(&manifest_path, &store, &ENV, &mnt, options());
+    assert!(read_all(&second.dir.join("big.bin")).unwrap() == big);
+    second.stop();
+    let total = &second.stats("final").unwrap()["total"];
+    assert_eq!(total["objects_from_disk_cache"], 1);
+    assert_eq!(total["bytes_fetched"], 0);
+    // One GET: the start-up probe (ListObjectsV2); none for the object.
+    assert_eq!(proxy.gets(), gets + 1, "only the probe reached the server");
 }

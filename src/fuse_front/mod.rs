@@ -8,12 +8,13 @@
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory,
     ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
 };
 use mount_vfs_executors::ShardSender;
@@ -34,10 +35,17 @@ pub struct FuseFront {
     shards: Vec<ShardSender<ShardRequest>>,
     uid: u32,
     gid: u32,
+    /// Where to record whether the kernel agreed to passthrough; `None`: do not ask (no disk
+    /// cache to pass through to).
+    passthrough: Option<Arc<AtomicBool>>,
 }
 
 impl FuseFront {
-    pub fn new(namespace: Arc<Namespace>, shards: Vec<ShardSender<ShardRequest>>) -> FuseFront {
+    pub fn new(
+        namespace: Arc<Namespace>,
+        shards: Vec<ShardSender<ShardRequest>>,
+        passthrough: Option<Arc<AtomicBool>>,
+    ) -> FuseFront {
         // SAFETY: getuid/getgid cannot fail and have no preconditions.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         FuseFront {
@@ -45,6 +53,7 @@ impl FuseFront {
             shards,
             uid,
             gid,
+            passthrough,
         }
     }
 
@@ -116,6 +125,21 @@ impl Filesystem for FuseFront {
         if let Err(max) = config.set_max_readahead(PREFERRED_IO_SIZE) {
             let _ = config.set_max_readahead(max);
         }
+        if let Some(granted) = &self.passthrough {
+            // Stack depth 1: backing files on a plain local filesystem, as the cache dir is.
+            match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+                Ok(()) if config.set_max_stack_depth(1).is_ok() => {
+                    granted.store(true, Ordering::Relaxed);
+                    tracing::info!(
+                        "FUSE passthrough on: verified cached files are read by the kernel"
+                    );
+                }
+                _ => tracing::info!(
+                    "this kernel offers no FUSE passthrough (needs Linux 6.9+); \
+                     every read goes through the shards"
+                ),
+            }
+        }
         Ok(())
     }
 
@@ -149,7 +173,14 @@ impl Filesystem for FuseFront {
             return reply.error(Errno::EROFS);
         }
         match self.namespace.attr(ino.0).map(|a| a.kind) {
-            Some(NodeKind::File) => self.route(ino.0, ShardRequest::Open { ino: ino.0, reply }),
+            Some(NodeKind::File) => self.route(
+                ino.0,
+                ShardRequest::Open {
+                    ino: ino.0,
+                    direct: flags.0 & libc::O_DIRECT != 0,
+                    reply,
+                },
+            ),
             Some(NodeKind::Dir) => reply.error(Errno::EISDIR),
             Some(NodeKind::Symlink) => reply.error(Errno::ELOOP),
             None => reply.error(Errno::ENOENT),

@@ -47,6 +47,16 @@ counters! {
     objects_verified,
     /// Objects whose bytes did not match their hash.
     verify_failures,
+    /// Objects verified from a disk-cache file (no store read).
+    objects_from_disk_cache,
+    /// Objects written into the disk cache after they verified.
+    objects_cached,
+    /// Bytes read from disk-cache files.
+    disk_cache_bytes,
+    /// Failed writes to the disk cache (the reads still succeed, from memory or the store).
+    disk_cache_write_errors,
+    /// Opens answered with a passthrough backing file (their READs never reach us).
+    passthrough_opens,
     /// Requests answered with an error.
     errors,
     /// Requests that arrived at a shard that does not own the inode (must stay 0).

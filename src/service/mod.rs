@@ -18,25 +18,41 @@
 //! marked verified on this shard; on a mismatch nothing is published and the read fails with EIO.
 //! After that, blocks that were not kept are read again from the (now verified) object. A
 //! very large v2023 object therefore costs one full read before its first byte is served; the
-//! chunked v2025 format bounds that to 256 MiB.
+//! chunked v2025 format bounds that to 256 MiB. Bytes from the store that fail verification are
+//! fetched once more (a flipped bit in transit), then the read fails with EIO.
+//!
+//! With a disk cache (`--cache-dir`, [`DiskCache`]) the verification stream also writes the
+//! object into it, and is committed there only when it matched; later passes read the cache
+//! file instead of the store, and a cache file is itself re-verified once per mount before it is
+//! trusted (a mismatch deletes it and the object comes from the store again).
+//!
+//! Passthrough: when the kernel supports it and the disk cache holds a verified copy, a
+//! buffered open of a single-object file is answered with the cache file as its backing file,
+//! and the kernel reads it without calling us at all. The open of such a file waits for the
+//! object's verification (the first read would wait for it anyway). O_DIRECT opens, files of
+//! several v2025 chunks (one backing file per inode) and opens while shard-served handles of the
+//! inode are open stay on the shard: the kernel refuses to mix the two modes on one inode, so
+//! [`IoMode`] follows whichever mode the inode's open handles already use.
 
 mod cache;
 mod counters;
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use fuser::{Errno, FileHandle, FopenFlags, ReplyData, ReplyEmpty, ReplyOpen};
+use fuser::{BackingId, Errno, FileHandle, FopenFlags, ReplyData, ReplyEmpty, ReplyOpen};
 use futures::future::{FutureExt, LocalBoxFuture, Shared};
 use futures::StreamExt;
 use mount_vfs_executors::{rounded_size, BufferPool, Mailbox, ShardContext};
 
 use crate::manifest::{Hash, CHUNK_SIZE};
 use crate::namespace::{owner, Ino, Namespace};
-use crate::store::{Block, Store, StoreConfig};
+use crate::store::{Block, CacheWriter, DiskCache, Store, StoreConfig, StoreError};
 
 pub use cache::BlockKey;
 pub use counters::{CounterSnapshot, ShardCounters};
@@ -61,6 +77,8 @@ const MAX_READAHEAD_BLOCKS: u64 = 16;
 pub enum ShardRequest {
     Open {
         ino: Ino,
+        /// The open asked for O_DIRECT: such readers bypass caches, so they stay shard-served.
+        direct: bool,
         reply: ReplyOpen,
     },
     Read {
@@ -93,6 +111,44 @@ struct Handle {
     window: u64,
 }
 
+/// How an inode's open handles are served. The kernel keeps one mode per inode while any handle
+/// is open (a passthrough open next to a cached one fails with ETXTBSY, the reverse with
+/// EINVAL), so a new open joins the mode already in use.
+enum IoMode {
+    /// READs come to this shard.
+    Shard { handles: usize },
+    /// The kernel reads the cache file itself; every handle shares one backing id.
+    Passthrough {
+        backing: Rc<BackingId>,
+        handles: usize,
+    },
+}
+
+/// Where a verification stream reads an object from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Store,
+    DiskCache,
+}
+
+/// Why a verification stream ended without a verified object.
+enum StreamError {
+    /// The bytes arrived but hash to this digest instead.
+    Mismatch(Hash),
+    Failed(StoreError),
+}
+
+/// What every shard is started with (built on the main thread, cloned into each shard).
+#[derive(Clone)]
+pub struct ServiceConfig {
+    pub namespace: Arc<Namespace>,
+    pub store: StoreConfig,
+    /// `--cache-dir`, already prepared ([`DiskCache::prepare`]).
+    pub cache_dir: Option<PathBuf>,
+    /// Set by the FUSE front once the kernel agreed to passthrough at INIT.
+    pub passthrough: Arc<AtomicBool>,
+}
+
 type Verify = Shared<LocalBoxFuture<'static, Result<(), Errno>>>;
 
 /// Everything one shard owns. See the module docs for the rules.
@@ -108,6 +164,12 @@ pub struct FileService {
     next_fh: Cell<u64>,
     verified: RefCell<HashSet<Hash>>,
     verifying: RefCell<HashMap<Hash, Verify>>,
+    disk_cache: Option<DiskCache>,
+    /// Verified objects whose disk-cache file is known good.
+    cached: RefCell<HashSet<Hash>>,
+    io_modes: RefCell<HashMap<Ino, IoMode>>,
+    /// The kernel agreed to passthrough and no backing file was refused yet.
+    passthrough: Arc<AtomicBool>,
     /// Bytes held by verification streams for publication once their object verifies.
     retained: Cell<usize>,
     /// Objects whose failure was already logged, so a failing object logs once, not per read.
@@ -118,8 +180,7 @@ pub struct FileService {
 pub async fn run_shard(
     ctx: ShardContext<ShardRequest>,
     mailbox: Mailbox<ShardRequest>,
-    namespace: Arc<Namespace>,
-    store: StoreConfig,
+    config: ServiceConfig,
     counters: Arc<ShardCounters>,
 ) {
     let pool = ctx.pool.clone();
@@ -128,8 +189,15 @@ pub async fn run_shard(
     let service = Rc::new(FileService {
         shard: ctx.id,
         shards: ctx.peers.len(),
-        namespace,
-        store: store.open_for_shard(),
+        namespace: config.namespace,
+        store: config.store.open_for_shard(),
+        disk_cache: config
+            .cache_dir
+            .as_deref()
+            .map(|dir| DiskCache::new(dir, ctx.id)),
+        cached: RefCell::new(HashSet::new()),
+        io_modes: RefCell::new(HashMap::new()),
+        passthrough: config.passthrough,
         pool,
         cache: BlockCache::new(cache_budget),
         counters,
@@ -176,8 +244,9 @@ impl FileService {
             c.add(&c.misrouted, 1);
         }
         match request {
-            ShardRequest::Open { reply, .. } => {
+            ShardRequest::Open { ino, direct, reply } => {
                 c.add(&c.opens, 1);
+                let backing = self.join_io_mode(ino, direct, &reply).await;
                 let fh = self.next_fh.get();
                 self.next_fh.set(fh + 1);
                 self.handles.borrow_mut().insert(
@@ -187,11 +256,29 @@ impl FileService {
                         window: 1,
                     },
                 );
-                // Content is immutable: the page cache may keep it across opens.
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+                match backing {
+                    Some(backing) => {
+                        c.add(&c.passthrough_opens, 1);
+                        reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &backing);
+                    }
+                    // Content is immutable: the page cache may keep it across opens.
+                    None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+                }
             }
-            ShardRequest::Release { fh, reply, .. } => {
-                self.handles.borrow_mut().remove(&fh);
+            ShardRequest::Release { ino, fh, reply } => {
+                let handle = self.handles.borrow_mut().remove(&fh);
+                if handle.is_some() {
+                    let mut modes = self.io_modes.borrow_mut();
+                    if let Some(IoMode::Shard { handles } | IoMode::Passthrough { handles, .. }) =
+                        modes.get_mut(&ino)
+                    {
+                        *handles -= 1;
+                        if *handles == 0 {
+                            // Dropping the last Rc<BackingId> closes the backing id.
+                            modes.remove(&ino);
+                        }
+                    }
+                }
                 reply.ok();
             }
             ShardRequest::Read {
@@ -216,6 +303,84 @@ impl FileService {
                         reply.error(errno);
                     }
                 }
+            }
+        }
+    }
+
+    /// Registers a new open of `ino` in the inode's [`IoMode`] and returns the backing file
+    /// when that mode is passthrough. Starts passthrough only for a buffered open of a
+    /// single-object file whose object is (after waiting for its verification) in the disk
+    /// cache; see the module docs.
+    async fn join_io_mode(
+        self: &Rc<Self>,
+        ino: Ino,
+        direct: bool,
+        reply: &ReplyOpen,
+    ) -> Option<Rc<BackingId>> {
+        let mut backing = None;
+        if !self.io_modes.borrow().contains_key(&ino) && !direct {
+            backing = self.open_backing(ino, reply).await;
+        }
+        // No await from here on: the mode checked is the mode joined.
+        let mut modes = self.io_modes.borrow_mut();
+        match modes.get_mut(&ino) {
+            Some(IoMode::Passthrough { backing, handles }) => {
+                *handles += 1;
+                Some(backing.clone())
+            }
+            Some(IoMode::Shard { handles }) => {
+                *handles += 1;
+                None
+            }
+            None => {
+                let mode = match &backing {
+                    Some(backing) => IoMode::Passthrough {
+                        backing: backing.clone(),
+                        handles: 1,
+                    },
+                    None => IoMode::Shard { handles: 1 },
+                };
+                modes.insert(ino, mode);
+                backing
+            }
+        }
+    }
+
+    /// The cache file of single-object file `ino` registered as a passthrough backing file, or
+    /// `None` where passthrough does not apply or fails (the open is then shard-served).
+    async fn open_backing(self: &Rc<Self>, ino: Ino, reply: &ReplyOpen) -> Option<Rc<BackingId>> {
+        let cache = self.disk_cache.as_ref()?;
+        if !self.passthrough.load(Ordering::Relaxed) {
+            return None;
+        }
+        let content = self.namespace.file_content(ino)?;
+        let [hash] = content.objects[..] else {
+            return None;
+        };
+        if content.size == 0 {
+            return None;
+        }
+        // A failure here is the first read's failure too; the read reports it.
+        self.verify(ino, hash, content.size).await.ok()?;
+        if !self.cached.borrow().contains(&hash) {
+            return None;
+        }
+        let registered = cache
+            .open_for_passthrough(hash)
+            .and_then(|file| reply.open_backing(&file));
+        match registered {
+            Ok(backing) => Some(Rc::new(backing)),
+            Err(e) => {
+                // Typically a cache directory on a stacked filesystem (overlayfs, another FUSE
+                // mount): the kernel allows one level of stacking.
+                if self.passthrough.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "FUSE passthrough of cache file {} refused: {e}; serving every read \
+                         through the shards (put --cache-dir on a local filesystem to use it)",
+                        cache.location(hash).display()
+                    );
+                }
+                None
             }
         }
     }
@@ -326,7 +491,7 @@ impl FileService {
             async move {
                 let start = block as u64 * BLOCK_SIZE;
                 let result = service
-                    .fetch(ino, hash, len, start, (len - start).min(BLOCK_SIZE))
+                    .reload(ino, hash, len, start, (len - start).min(BLOCK_SIZE))
                     .await;
                 let result = result.map(Rc::new);
                 if let Ok(loaded) = &result {
@@ -370,8 +535,46 @@ impl FileService {
         }
     }
 
-    /// Reads from the store, counting and logging (once per object) failures.
+    /// Reads a range of object `hash` from `source` into the pool, counting what it costs.
     async fn fetch(
+        &self,
+        hash: Hash,
+        object_len: u64,
+        offset: u64,
+        len: u64,
+        source: Source,
+    ) -> Result<Block, StoreError> {
+        self.make_room(len as usize);
+        let started = Instant::now();
+        let len = len as usize;
+        let c = &self.counters;
+        let result = match (source, &self.disk_cache) {
+            (Source::DiskCache, Some(cache)) => {
+                let read = cache
+                    .files()
+                    .read(&self.pool, hash, object_len, offset, len);
+                let result = read.await;
+                if let Ok(block) = &result {
+                    c.add(&c.disk_cache_bytes, block.len() as u64);
+                }
+                result
+            }
+            _ => {
+                let read = self.store.read(&self.pool, hash, object_len, offset, len);
+                let result = read.await;
+                if let Ok(block) = &result {
+                    c.add(&c.bytes_fetched, block.len() as u64);
+                }
+                result
+            }
+        };
+        c.add(&c.fetch_micros, started.elapsed().as_micros() as u64);
+        result
+    }
+
+    /// A block of a verified object that was not kept: from its cache file when there is one
+    /// (falling back to the store if that fails), else from the store.
+    async fn reload(
         &self,
         ino: Ino,
         hash: Hash,
@@ -379,24 +582,24 @@ impl FileService {
         offset: u64,
         len: u64,
     ) -> Result<Block, Errno> {
-        self.make_room(len as usize);
-        let started = Instant::now();
-        let result = self
-            .store
-            .read(&self.pool, hash, object_len, offset, len as usize)
-            .await;
-        let c = &self.counters;
-        c.add(&c.fetch_micros, started.elapsed().as_micros() as u64);
-        match result {
-            Ok(block) => {
-                c.add(&c.bytes_fetched, block.len() as u64);
-                Ok(block)
-            }
-            Err(error) => {
-                self.report(ino, hash, &error);
-                Err(error.errno())
+        if self.cached.borrow().contains(&hash) {
+            match self
+                .fetch(hash, object_len, offset, len, Source::DiskCache)
+                .await
+            {
+                Ok(block) => return Ok(block),
+                Err(error) => {
+                    tracing::warn!(shard = self.shard, "{error}; reading the store instead");
+                    self.cached.borrow_mut().remove(&hash);
+                }
             }
         }
+        self.fetch(hash, object_len, offset, len, Source::Store)
+            .await
+            .map_err(|error| {
+                self.report(ino, hash, &error);
+                error.errno()
+            })
     }
 
     fn report(&self, ino: Ino, hash: Hash, error: &dyn std::fmt::Display) {
@@ -434,12 +637,116 @@ impl FileService {
         run.await
     }
 
+    /// Streams object `hash` through the hasher: from the disk cache when it holds a copy,
+    /// else from the store (writing it into the disk cache as it passes); see the module docs.
     async fn stream_and_verify(
         self: &Rc<Self>,
         ino: Ino,
         hash: Hash,
         len: u64,
     ) -> Result<(), Errno> {
+        let c = &self.counters;
+        if let Some(cache) = self.disk_cache.as_ref().filter(|d| d.has(hash, len)) {
+            match self.stream(hash, len, Source::DiskCache, None).await {
+                Ok(kept) => {
+                    c.add(&c.objects_from_disk_cache, 1);
+                    self.cached.borrow_mut().insert(hash);
+                    self.accept(hash, kept);
+                    return Ok(());
+                }
+                Err(StreamError::Mismatch(digest)) => tracing::warn!(
+                    shard = self.shard,
+                    "cache file {} is corrupt (content hash {digest}); removed, fetching {hash} again",
+                    cache.location(hash).display()
+                ),
+                Err(StreamError::Failed(error)) => {
+                    tracing::warn!(shard = self.shard, "{error}; removed, fetching {hash} again")
+                }
+            }
+            cache.discard(hash);
+        }
+        let mut last_digest = hash;
+        for _attempt in 0..2 {
+            let writer = self.disk_cache.as_ref().and_then(|cache| {
+                cache
+                    .begin(hash)
+                    .map_err(|e| self.warn_cache_write(cache.location(hash), e))
+                    .ok()
+            });
+            let mut writer = writer;
+            match self
+                .stream(hash, len, Source::Store, Some(&mut writer))
+                .await
+            {
+                Ok(kept) => {
+                    if let Some(writer) = writer {
+                        let target = writer.target().to_path_buf();
+                        match writer.commit() {
+                            Ok(()) => {
+                                c.add(&c.objects_cached, 1);
+                                self.cached.borrow_mut().insert(hash);
+                            }
+                            Err(e) => self.warn_cache_write(target, e),
+                        }
+                    }
+                    self.accept(hash, kept);
+                    return Ok(());
+                }
+                Err(StreamError::Failed(error)) => {
+                    self.report(ino, hash, &error);
+                    return Err(error.errno());
+                }
+                Err(StreamError::Mismatch(digest)) => {
+                    // Corrupted in transit or at rest: one more fetch tells the two apart.
+                    c.add(&c.verify_failures, 1);
+                    last_digest = digest;
+                }
+            }
+        }
+        self.report(
+            ino,
+            hash,
+            &format_args!(
+                "object {} has content hash {last_digest} (twice): corrupt, not served",
+                self.store.location(hash)
+            ),
+        );
+        Err(Errno::EIO)
+    }
+
+    /// Marks a verified object and publishes the blocks its stream kept.
+    fn accept(&self, hash: Hash, kept: Vec<(u32, Rc<Block>)>) {
+        let c = &self.counters;
+        c.add(&c.objects_verified, 1);
+        self.verified.borrow_mut().insert(hash);
+        for (index, block) in kept {
+            self.publish((hash, index), block);
+        }
+    }
+
+    /// A failed cache write costs the cache copy, not the read: one warning per shard.
+    fn warn_cache_write(&self, location: PathBuf, error: std::io::Error) {
+        let c = &self.counters;
+        if c.disk_cache_write_errors.load(Ordering::Relaxed) == 0 {
+            tracing::warn!(
+                shard = self.shard,
+                "cannot write cache file {}: {error}; serving without the disk cache",
+                location.display()
+            );
+        }
+        c.add(&c.disk_cache_write_errors, 1);
+    }
+
+    /// One pass over object `hash` from `source`, [`BLOCK_SIZE`] blocks with several in flight,
+    /// hashing in order; blocks go to `writer` (a cache file) when given, and the head of the
+    /// object is kept for publication within a shard-wide budget.
+    async fn stream(
+        self: &Rc<Self>,
+        hash: Hash,
+        len: u64,
+        source: Source,
+        mut writer: Option<&mut Option<CacheWriter>>,
+    ) -> Result<Vec<(u32, Rc<Block>)>, StreamError> {
         let blocks = len.div_ceil(BLOCK_SIZE);
         let mut kept: Vec<(u32, Rc<Block>)> = Vec::new();
         let mut kept_bytes = 0usize;
@@ -447,22 +754,31 @@ impl FileService {
         let mut reads = futures::stream::iter(0..blocks)
             .map(|index| {
                 let start = index * BLOCK_SIZE;
-                self.fetch(ino, hash, len, start, (len - start).min(BLOCK_SIZE))
+                self.fetch(hash, len, start, (len - start).min(BLOCK_SIZE), source)
             })
             .buffered(VERIFY_READS_IN_FLIGHT);
         let mut index = 0u32;
-        while let Some(block) = reads.next().await {
+        let result = loop {
+            let Some(block) = reads.next().await else {
+                break Ok(());
+            };
             let block: Block = match block {
                 Ok(block) => block,
-                Err(errno) => {
-                    self.retained.set(self.retained.get() - kept_bytes);
-                    return Err(errno);
-                }
+                Err(error) => break Err(StreamError::Failed(error)),
             };
             hasher.update(&block);
+            if let Some(slot) = writer.as_deref_mut() {
+                if let Some(file) = slot {
+                    let offset = index as u64 * BLOCK_SIZE;
+                    if let Err(e) = file.write_at(offset, &block) {
+                        self.warn_cache_write(file.target().to_path_buf(), e);
+                        *slot = None;
+                    }
+                }
+            }
             // Keep the head of the object for the reader that is waiting, within a shard-wide
             // budget that leaves room for the reads in flight, so concurrent verifications
-            // cannot fill the pool with unpublished blocks. Every block not kept is fetched
+            // cannot fill the pool with unpublished blocks. Every block not kept is read
             // again after verification, so keep as much as the cache could hold.
             if self.retained.get() + block.len() <= self.retention_budget() {
                 self.retained.set(self.retained.get() + block.len());
@@ -470,29 +786,15 @@ impl FileService {
                 kept.push((index, Rc::new(block)));
             }
             index += 1;
-        }
+        };
         drop(reads);
         self.retained.set(self.retained.get() - kept_bytes);
-        let c = &self.counters;
+        result?;
         let digest = Hash(hasher.digest128());
         if digest != hash {
-            c.add(&c.verify_failures, 1);
-            self.report(
-                ino,
-                hash,
-                &format_args!(
-                    "object {} has content hash {digest}: corrupt, not served",
-                    self.store.location(hash)
-                ),
-            );
-            return Err(Errno::EIO);
+            return Err(StreamError::Mismatch(digest));
         }
-        c.add(&c.objects_verified, 1);
-        self.verified.borrow_mut().insert(hash);
-        for (index, block) in kept {
-            self.publish((hash, index), block);
-        }
-        Ok(())
+        Ok(kept)
     }
 }
 

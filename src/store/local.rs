@@ -122,6 +122,11 @@ impl LocalCas {
         Ok(file)
     }
 
+    /// Closes object `hash` if it is open (its file is about to be replaced or deleted).
+    pub fn forget(&self, hash: Hash) {
+        self.files.borrow_mut().remove(&hash);
+    }
+
     fn too_large(&self, hash: Hash, error: TooLarge) -> StoreError {
         StoreError::Io {
             location: self.location(hash),

@@ -4,12 +4,14 @@
 //! Store types are `!Send` on purpose: one instance lives on each shard, and its buffers never
 //! leave that shard.
 
+mod disk_cache;
 mod local;
 pub mod s3;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
+pub use disk_cache::{CacheWriter, DiskCache};
 pub use local::{Block, LocalCas};
 pub use s3::{S3Store, S3Target};
 

@@ -1,0 +1,207 @@
+//! The disk cache (`--cache-dir DIR`): verified objects kept on local storage in the CAS layout,
+//! `DIR/Data/{hash}.xxh128`, so a second pass over an object, a later mount or a kernel
+//! passthrough open never fetches it from the store again.
+//!
+//! Rules:
+//! - Only verified bytes become a cache file. A verification stream writes each block it pulls
+//!   from the store into a private temporary file (`.{hash}.partial-{pid}-{shard}`) and renames
+//!   it into place only when the whole object matched its hash; a failed or abandoned stream
+//!   deletes its temporary file. Two shards caching the same object race harmlessly: both
+//!   rename identical bytes.
+//! - A cache file is trusted only after this mount hashed it once (the service streams it
+//!   through the hasher like any store); a mismatch deletes it and the object is fetched again.
+//!   So a corrupt or truncated cache file costs a re-fetch, never wrong bytes.
+//! - Writes are plain `pwrite`s into the page cache, on the shard thread: the bytes are then
+//!   already in memory for the passthrough reader that is usually waiting for them. No fsync:
+//!   after a crash a torn file fails its first verification and is replaced.
+//! - Nothing is evicted yet: the directory grows with the distinct objects read.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use super::{object_key, LocalCas};
+use crate::manifest::Hash;
+
+/// One shard's view of the cache directory. `!Send` through its `LocalCas`.
+pub struct DiskCache {
+    root: PathBuf,
+    shard: usize,
+    /// Reads cache files with O_DIRECT into the shard's buffers, like the local CAS store.
+    files: LocalCas,
+}
+
+impl DiskCache {
+    /// Prepares `root/Data` and removes temporary files left by processes that are gone. Called
+    /// once at start-up, before any shard runs; the error names what to fix.
+    pub fn prepare(root: &Path) -> Result<(), String> {
+        let data = root.join("Data");
+        std::fs::create_dir_all(&data).map_err(|e| {
+            format!(
+                "--cache-dir {}: cannot create {}: {e}",
+                root.display(),
+                data.display()
+            )
+        })?;
+        let probe = data.join(format!(".write-test-{}", std::process::id()));
+        std::fs::write(&probe, b"").map_err(|e| {
+            format!(
+                "--cache-dir {}: not writable ({e}); pick a directory on local storage",
+                root.display()
+            )
+        })?;
+        let _ = std::fs::remove_file(&probe);
+        let mut removed = 0usize;
+        for entry in std::fs::read_dir(&data).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(partial_owner) else {
+                continue;
+            };
+            if !Path::new(&format!("/proc/{pid}")).exists()
+                && std::fs::remove_file(entry.path()).is_ok()
+            {
+                removed += 1;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(
+                "--cache-dir {}: removed {removed} partial files left by earlier runs",
+                root.display()
+            );
+        }
+        Ok(())
+    }
+
+    pub fn new(root: &Path, shard: usize) -> DiskCache {
+        DiskCache {
+            root: root.to_path_buf(),
+            shard,
+            files: LocalCas::new(root),
+        }
+    }
+
+    /// The cache file of object `hash`, whether or not it exists.
+    pub fn location(&self, hash: Hash) -> PathBuf {
+        self.root.join(object_key(hash))
+    }
+
+    /// Whether a cache file of the right length exists (not yet whether its bytes are right).
+    pub fn has(&self, hash: Hash, len: u64) -> bool {
+        std::fs::metadata(self.location(hash)).is_ok_and(|m| m.is_file() && m.len() == len)
+    }
+
+    /// The O_DIRECT reader of cache files.
+    pub fn files(&self) -> &LocalCas {
+        &self.files
+    }
+
+    /// Opens the cache file for the kernel to read it itself (FUSE passthrough).
+    pub fn open_for_passthrough(&self, hash: Hash) -> io::Result<File> {
+        File::open(self.location(hash))
+    }
+
+    /// Deletes a cache file that failed verification, so the object is fetched again.
+    pub fn discard(&self, hash: Hash) {
+        self.files.forget(hash);
+        let location = self.location(hash);
+        if let Err(e) = std::fs::remove_file(&location) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(
+                    "cannot remove corrupt cache file {}: {e}",
+                    location.display()
+                );
+            }
+        }
+    }
+
+    /// Starts writing object `hash` into a temporary file.
+    pub fn begin(&self, hash: Hash) -> io::Result<CacheWriter> {
+        let target = self.location(hash);
+        let temporary = target.with_file_name(format!(
+            ".{hash}.partial-{}-{}",
+            std::process::id(),
+            self.shard
+        ));
+        let file = File::create(&temporary)?;
+        Ok(CacheWriter {
+            file,
+            temporary,
+            target,
+            committed: false,
+        })
+    }
+}
+
+/// The pid in a temporary file's name `.{hash}.partial-{pid}-{shard}`.
+fn partial_owner(name: &str) -> Option<u32> {
+    let (_, owner) = name.strip_prefix('.')?.split_once(".partial-")?;
+    owner.split('-').next()?.parse().ok()
+}
+
+/// An object being written into the cache; dropped without [`commit`](Self::commit), its
+/// temporary file is deleted.
+pub struct CacheWriter {
+    file: File,
+    temporary: PathBuf,
+    target: PathBuf,
+    committed: bool,
+}
+
+impl CacheWriter {
+    pub fn write_at(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(bytes, offset)
+    }
+
+    /// Puts the (verified) object in place under its final name.
+    pub fn commit(mut self) -> io::Result<()> {
+        std::fs::rename(&self.temporary, &self.target)?;
+        self.committed = true;
+        Ok(())
+    }
+
+    /// Where the object is being written, for log lines.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+}
+
+impl Drop for CacheWriter {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.temporary);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_names_carry_their_owner() {
+        assert_eq!(partial_owner(".0011.partial-4242-3"), Some(4242));
+        assert_eq!(partial_owner("0011.xxh128"), None);
+        assert_eq!(partial_owner(".write-test-12"), None);
+    }
+
+    #[test]
+    fn uncommitted_writers_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        DiskCache::prepare(dir.path()).unwrap();
+        let cache = DiskCache::new(dir.path(), 0);
+        let hash = Hash(7);
+        let writer = cache.begin(hash).unwrap();
+        writer.write_at(0, b"abc").unwrap();
+        drop(writer);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("Data")).unwrap().count(),
+            0
+        );
+        let writer = cache.begin(hash).unwrap();
+        writer.write_at(0, b"abc").unwrap();
+        writer.commit().unwrap();
+        assert!(cache.has(hash, 3));
+        assert!(!cache.has(hash, 4));
+    }
+}

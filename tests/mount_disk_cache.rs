@@ -1,0 +1,203 @@
+//! `--cache-dir`: verified objects land in a disk cache in the CAS layout, later mounts read
+//! them from there (re-verified, so a damaged cache file is replaced, never served), and buffered
+//! opens of cached files are served by the kernel through FUSE passthrough.
+
+mod common;
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use common::{job, pattern, read_all, Mount, MountOptions};
+
+fn object_name(content: &[u8]) -> String {
+    format!("Data/{:032x}.xxh128", xxhash_rust::xxh3::xxh3_128(content))
+}
+
+fn counter(mount: &mut Mount, name: &str) -> u64 {
+    let stats = mount.stats("final").expect("final stats line");
+    stats["total"][name].as_u64().unwrap()
+}
+
+/// Reads `path` with O_DIRECT (aligned 1 MiB reads).
+fn read_direct(path: &Path) -> std::io::Result<Vec<u8>> {
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)?;
+    let layout = std::alloc::Layout::from_size_align(1 << 20, 4096).unwrap();
+    // SAFETY: the layout has a non-zero size; the buffer is freed below.
+    let raw = unsafe { std::alloc::alloc(layout) };
+    // SAFETY: `raw` is a fresh allocation of `layout.size()` bytes.
+    let buffer = unsafe { std::slice::from_raw_parts_mut(raw, layout.size()) };
+    let mut out = Vec::new();
+    let result = loop {
+        match file.read(buffer) {
+            Ok(0) => break Ok(out),
+            Ok(n) => out.extend_from_slice(&buffer[..n]),
+            Err(e) => break Err(e),
+        }
+    };
+    // SAFETY: allocated above with the same layout.
+    unsafe { std::alloc::dealloc(raw, layout) };
+    result
+}
+
+struct Job {
+    _tmp: tempfile::TempDir,
+    manifest: PathBuf,
+    cas: PathBuf,
+    cache: PathBuf,
+    mnt: PathBuf,
+    big: Vec<u8>,
+    small: Vec<u8>,
+}
+
+fn setup() -> Job {
+    let tmp = tempfile::tempdir().unwrap();
+    let big = pattern(11, (9 << 20) + 123);
+    let small = pattern(12, 5000);
+    let (manifest, cas) = job(
+        tmp.path(),
+        &[("big.bin", &big), ("dir/small.bin", &small), ("empty", b"")],
+        "2023-03-03",
+    );
+    Job {
+        cache: tmp.path().join("cache"),
+        mnt: tmp.path().join("mnt"),
+        _tmp: tmp,
+        manifest,
+        cas,
+        big,
+        small,
+    }
+}
+
+fn mount(job: &Job) -> Mount {
+    let cache = job.cache.to_str().unwrap();
+    Mount::start(
+        &job.manifest,
+        &job.cas,
+        &job.mnt,
+        MountOptions {
+            shards: 2,
+            extra: &["--cache-dir", cache, "--stats"],
+        },
+    )
+}
+
+#[test]
+fn verified_objects_are_cached_and_later_mounts_need_no_store() {
+    let job = setup();
+    let mut first = mount(&job);
+    assert!(read_all(&first.dir.join("big.bin")).unwrap() == job.big);
+    assert!(read_all(&first.dir.join("dir/small.bin")).unwrap() == job.small);
+    assert!(read_all(&first.dir.join("empty")).unwrap().is_empty());
+    first.stop();
+    assert_eq!(counter(&mut first, "objects_cached"), 2);
+    // Buffered opens of cached single-object files went to the kernel: READs never came.
+    assert_eq!(counter(&mut first, "passthrough_opens"), 2);
+    assert_eq!(counter(&mut first, "errors"), 0);
+    for content in [&job.big, &job.small] {
+        let cached = fs::read(job.cache.join(object_name(content))).unwrap();
+        assert!(&cached == content, "cache file holds the object");
+    }
+    // Nothing else was left in the cache directory (no temporary files).
+    assert_eq!(fs::read_dir(job.cache.join("Data")).unwrap().count(), 2);
+
+    // The store is gone: a new mount serves everything from the cache.
+    fs::remove_dir_all(job.cas.join("Data")).unwrap();
+    fs::create_dir(job.cas.join("Data")).unwrap();
+    let mut second = mount(&job);
+    assert!(read_all(&second.dir.join("big.bin")).unwrap() == job.big);
+    assert!(read_direct(&second.dir.join("big.bin")).unwrap() == job.big);
+    assert!(read_all(&second.dir.join("dir/small.bin")).unwrap() == job.small);
+    second.stop();
+    assert_eq!(counter(&mut second, "objects_from_disk_cache"), 2);
+    assert_eq!(counter(&mut second, "bytes_fetched"), 0);
+    assert_eq!(counter(&mut second, "errors"), 0);
+}
+
+#[test]
+fn a_corrupt_cache_file_is_replaced_from_the_store_and_never_served() {
+    let job = setup();
+    let mut first = mount(&job);
+    assert!(read_all(&first.dir.join("big.bin")).unwrap() == job.big);
+    first.stop();
+    let cached = job.cache.join(object_name(&job.big));
+    let mut damaged = fs::read(&cached).unwrap();
+    damaged[7 << 20] ^= 0x01;
+    fs::write(&cached, &damaged).unwrap();
+
+    // The store still has the object: the read is right and the cache file is repaired.
+    let mut second = mount(&job);
+    assert!(read_all(&second.dir.join("big.bin")).unwrap() == job.big);
+    second.stop();
+    let log = second.stderr();
+    assert!(
+        log.contains("is corrupt") && log.contains(&cached.display().to_string()),
+        "log names the corrupt cache file: {log}"
+    );
+    assert!(fs::read(&cached).unwrap() == job.big, "cache file repaired");
+
+    // Damaged again and the store lost it too: EIO, for buffered and O_DIRECT readers alike.
+    fs::write(&cached, &damaged).unwrap();
+    fs::remove_file(job.cas.join(object_name(&job.big))).unwrap();
+    let third = mount(&job);
+    let err = read_all(&third.dir.join("big.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    let err = read_direct(&third.dir.join("big.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    assert!(read_all(&third.dir.join("dir/small.bin")).unwrap() == job.small);
+    assert!(!cached.exists(), "the damaged cache file was removed");
+}
+
+#[test]
+fn direct_and_buffered_opens_of_one_file_mix_in_either_order() {
+    let job = setup();
+    let mut mount = mount(&job);
+    let big = mount.dir.join("big.bin");
+    // O_DIRECT first (shard-served), a buffered open while it is held joins that mode.
+    {
+        let _held = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&big)
+            .unwrap();
+        assert!(read_all(&big).unwrap() == job.big);
+    }
+    // Buffered first (passthrough), an O_DIRECT open while it is held joins passthrough.
+    {
+        let _held = fs::File::open(&big).unwrap();
+        assert!(read_direct(&big).unwrap() == job.big);
+        assert!(read_all(&big).unwrap() == job.big);
+    }
+    // All closed: a new O_DIRECT open is shard-served again.
+    assert!(read_direct(&big).unwrap() == job.big);
+    mount.stop();
+    assert_eq!(counter(&mut mount, "errors"), 0);
+    assert_eq!(counter(&mut mount, "passthrough_opens"), 3);
+}
+
+#[test]
+fn an_unusable_cache_dir_is_refused_before_mounting() {
+    let job = setup();
+    // A regular file where the cache directory should be.
+    let not_a_dir = job.cas.join(object_name(&job.small));
+    fs::create_dir_all(&job.mnt).unwrap();
+    let output = std::process::Command::new(common::BIN)
+        .arg(&job.manifest)
+        .arg(&job.mnt)
+        .args(["--cas", job.cas.to_str().unwrap(), "--cache-dir"])
+        .arg(&not_a_dir)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--cache-dir") && stderr.contains(&not_a_dir.display().to_string()),
+        "{stderr}"
+    );
+    assert!(!common::is_mounted(&job.mnt));
+}
