@@ -8,6 +8,7 @@ command -v cc >/dev/null || need_apt+=(build-essential)
 command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
+command -v openssl >/dev/null || need_apt+=(openssl)  # tests: a self-signed certificate for HTTPS
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   apt-get update -qq

@@ -62,18 +62,13 @@ impl MountError {
     }
 }
 
-fn not_yet(flag: &str, what: &str) -> MountError {
-    MountError::Usage(format!(
-        "{flag} is not yet supported ({what}); mount a local CAS with --cas DIR for now"
-    ))
-}
-
 /// Refuses flags that are accepted for compatibility but not implemented yet, loudly.
 fn check_supported(args: &MountArgs) -> Result<StoreChoice, MountError> {
     if args.writable {
-        return Err(not_yet(
-            "--writable",
-            "the copy-on-write overlay is planned",
+        return Err(MountError::Usage(
+            "--writable is not yet supported (the copy-on-write overlay is planned); \
+             drop --writable to mount read-only"
+                .into(),
         ));
     }
     if let Some(cas) = &args.cas {

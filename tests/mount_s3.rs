@@ -113,7 +113,10 @@ fn mount_serves_s3_files_and_never_serves_flipped_bytes() {
         &store,
         &ENV,
         &work.path().join("mnt2"),
-        MountOptions::default(),
+        MountOptions {
+            shards: 1,
+            extra: &["--stats"],
+        },
     );
     proxy.inject(&[Fault::Reset, Fault::SlowDown, Fault::Truncate]);
     assert!(
@@ -121,7 +124,11 @@ fn mount_serves_s3_files_and_never_serves_flipped_bytes() {
         "{}",
         mount.stderr()
     );
-
+    mount.stop();
+    // Each fault cost at least one retry (a reset can also fail a request queued on that
+    // connection), and --stats shows them.
+    let retries = mount.stats("final").unwrap()["total"]["store_retries"].clone();
+    assert!((3..=8).contains(&retries.as_u64().unwrap()), "{retries}");
     drop(mount);
 
     // One GET with a flipped byte: the object fails verification once and is fetched again.

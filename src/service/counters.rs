@@ -41,6 +41,9 @@ counters! {
     cache_misses,
     /// Bytes read from the store (verification and reloads).
     bytes_fetched,
+    /// Store requests sent again after a transient failure (S3 5xx, throttling, resets,
+    /// timeouts, short bodies).
+    store_retries,
     /// Microseconds spent waiting on store reads, summed.
     fetch_micros,
     /// Objects whose xxh128 was checked and matched.

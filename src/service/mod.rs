@@ -170,6 +170,8 @@ pub struct FileService {
     io_modes: RefCell<HashMap<Ino, IoMode>>,
     /// The kernel agreed to passthrough and no backing file was refused yet.
     passthrough: Arc<AtomicBool>,
+    /// The store's retry count already added to the counters.
+    retries_counted: Cell<u64>,
     /// Bytes held by verification streams for publication once their object verifies.
     retained: Cell<usize>,
     /// Objects whose failure was already logged, so a failing object logs once, not per read.
@@ -207,6 +209,7 @@ pub async fn run_shard(
         verifying: RefCell::new(HashMap::new()),
         reported: RefCell::new(HashSet::new()),
         retained: Cell::new(0),
+        retries_counted: Cell::new(0),
     });
     while let Some(request) = mailbox.recv().await {
         let service = service.clone();
@@ -550,9 +553,7 @@ impl FileService {
         let c = &self.counters;
         let result = match (source, &self.disk_cache) {
             (Source::DiskCache, Some(cache)) => {
-                let read = cache
-                    .files()
-                    .read(&self.pool, hash, object_len, offset, len);
+                let read = cache.read(&self.pool, hash, object_len, offset, len);
                 let result = read.await;
                 if let Ok(block) = &result {
                     c.add(&c.disk_cache_bytes, block.len() as u64);
@@ -569,6 +570,11 @@ impl FileService {
             }
         };
         c.add(&c.fetch_micros, started.elapsed().as_micros() as u64);
+        let retries = self.store.retries();
+        c.add(
+            &c.store_retries,
+            retries - self.retries_counted.replace(retries),
+        );
         result
     }
 

@@ -14,22 +14,33 @@
 //! - Writes are plain `pwrite`s into the page cache, on the shard thread: the bytes are then
 //!   already in memory for the passthrough reader that is usually waiting for them. No fsync:
 //!   after a crash a torn file fails its first verification and is replaced.
+//! - Reads are io_uring *buffered* reads (glommio `BufferedFile`) into the shard's arena: a
+//!   freshly written file is served from the page cache, where an O_DIRECT read would first
+//!   force the dirty pages out to the disk.
 //! - Nothing is evicted yet: the directory grows with the distinct objects read.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
-use super::{object_key, LocalCas};
+use glommio::io::BufferedFile;
+use mount_vfs_executors::BufferPool;
+
+use super::{object_key, Block, StoreError};
 use crate::manifest::Hash;
 
-/// One shard's view of the cache directory. `!Send` through its `LocalCas`.
+/// Open cache files kept per shard; past this the table is cleared.
+const MAX_OPEN_FILES: usize = 256;
+
+/// One shard's view of the cache directory. `!Send`: it holds that shard's open files.
 pub struct DiskCache {
     root: PathBuf,
     shard: usize,
-    /// Reads cache files with O_DIRECT into the shard's buffers, like the local CAS store.
-    files: LocalCas,
+    files: RefCell<HashMap<Hash, Rc<BufferedFile>>>,
 }
 
 impl DiskCache {
@@ -77,7 +88,7 @@ impl DiskCache {
         DiskCache {
             root: root.to_path_buf(),
             shard,
-            files: LocalCas::new(root),
+            files: RefCell::new(HashMap::new()),
         }
     }
 
@@ -91,9 +102,75 @@ impl DiskCache {
         std::fs::metadata(self.location(hash)).is_ok_and(|m| m.is_file() && m.len() == len)
     }
 
-    /// The O_DIRECT reader of cache files.
-    pub fn files(&self) -> &LocalCas {
-        &self.files
+    /// Bytes `[offset, offset + len)` of cached object `hash` (`object_len` bytes long), in a
+    /// buffer of the shard's pool. A file shorter than the manifest says is an error, as in
+    /// every store.
+    pub async fn read(
+        &self,
+        pool: &BufferPool,
+        hash: Hash,
+        object_len: u64,
+        offset: u64,
+        len: usize,
+    ) -> Result<Block, StoreError> {
+        let location = || self.location(hash);
+        let io = |source: io::Error| StoreError::Io {
+            location: location(),
+            source,
+        };
+        let file = self.open(hash, object_len).await?;
+        let accounting = pool
+            .reserve(len)
+            .await
+            .map_err(|e| io(io::Error::other(e)))?;
+        let data = file.read_at(offset, len).await.map_err(|e| io(e.into()))?;
+        if data.len() != len {
+            // Truncated under us: the caller discards the file or falls back to the store.
+            return Err(io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "cache file ended early",
+            )));
+        }
+        Ok(Block::from_read(data, accounting))
+    }
+
+    async fn open(&self, hash: Hash, object_len: u64) -> Result<Rc<BufferedFile>, StoreError> {
+        if let Some(file) = self.files.borrow().get(&hash) {
+            return Ok(file.clone());
+        }
+        let location = self.location(hash);
+        let file = BufferedFile::open(&location).await.map_err(|e| {
+            let source = io::Error::from(e);
+            if source.kind() == io::ErrorKind::NotFound {
+                StoreError::NotFound {
+                    location: location.clone(),
+                }
+            } else {
+                StoreError::Io {
+                    location: location.clone(),
+                    source,
+                }
+            }
+        })?;
+        let actual = file.file_size().await.map_err(|e| StoreError::Io {
+            location: location.clone(),
+            source: e.into(),
+        })?;
+        if actual != object_len {
+            let _ = file.close().await;
+            return Err(StoreError::WrongSize {
+                location,
+                expected: object_len,
+                actual,
+            });
+        }
+        let file = Rc::new(file);
+        let mut files = self.files.borrow_mut();
+        if files.len() >= MAX_OPEN_FILES {
+            files.clear();
+        }
+        files.insert(hash, file.clone());
+        Ok(file)
     }
 
     /// Opens the cache file for the kernel to read it itself (FUSE passthrough).
@@ -103,7 +180,7 @@ impl DiskCache {
 
     /// Deletes a cache file that failed verification, so the object is fetched again.
     pub fn discard(&self, hash: Hash) {
-        self.files.forget(hash);
+        self.files.borrow_mut().remove(&hash);
         let location = self.location(hash);
         if let Err(e) = std::fs::remove_file(&location) {
             if e.kind() != io::ErrorKind::NotFound {

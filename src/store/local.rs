@@ -43,6 +43,16 @@ impl Block {
         }
     }
 
+    /// A buffer glommio filled and allocated from the arena, under `accounting`.
+    pub fn from_read(data: ReadResult, accounting: Reservation) -> Block {
+        Block {
+            data: BlockData::Read {
+                data,
+                _accounting: accounting,
+            },
+        }
+    }
+
     /// The first `len` bytes of `buffer` (filled by a socket read, for example).
     pub fn from_pool(buffer: PoolBuffer, len: usize) -> Block {
         debug_assert!(len <= buffer.len());
@@ -120,11 +130,6 @@ impl LocalCas {
         }
         files.insert(hash, file.clone());
         Ok(file)
-    }
-
-    /// Closes object `hash` if it is open (its file is about to be replaced or deleted).
-    pub fn forget(&self, hash: Hash) {
-        self.files.borrow_mut().remove(&hash);
     }
 
     fn too_large(&self, hash: Hash, error: TooLarge) -> StoreError {

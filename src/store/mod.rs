@@ -64,6 +64,14 @@ impl Store {
         }
     }
 
+    /// Requests this shard's store sent again after transient failures, so far.
+    pub fn retries(&self) -> u64 {
+        match self {
+            Store::Local(_) => 0,
+            Store::S3(s3) => s3.retries(),
+        }
+    }
+
     /// Where object `hash` lives, for log lines.
     pub fn location(&self, hash: Hash) -> String {
         match self {

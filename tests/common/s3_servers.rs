@@ -103,34 +103,150 @@ fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
 pub struct Moto {
     pub port: u16,
     child: Child,
+    /// HTTPS: the CA certificate that issued its certificate (trust it with `AWS_CA_BUNDLE`),
+    /// and the venv's python, which talks to it for set-up.
+    tls: Option<(PathBuf, PathBuf)>,
 }
 
 impl Moto {
     pub fn start() -> Moto {
+        Moto::launch(None)
+    }
+
+    /// moto serving HTTPS (werkzeug over OpenSSL) with a certificate for 127.0.0.1 issued by a
+    /// fresh test CA; the CA certificate (what clients must trust) and the server's key and
+    /// certificate are written into `dir`.
+    pub fn start_tls(dir: &Path) -> Moto {
+        let ca_cert = dir.join("test-ca.pem");
+        let ca_key = dir.join("test-ca-key.pem");
+        let cert = dir.join("moto-cert.pem");
+        let key = dir.join("moto-key.pem");
+        let csr = dir.join("moto.csr");
+        let ext = dir.join("moto.ext");
+        std::fs::write(
+            &ext,
+            "basicConstraints=critical,CA:FALSE\nsubjectAltName=IP:127.0.0.1\n\
+             extendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        let openssl = |args: &[&std::ffi::OsStr]| {
+            let status = Command::new("openssl")
+                .args(args)
+                .stderr(Stdio::null())
+                .status()
+                .expect("openssl");
+            assert!(status.success(), "openssl {args:?} failed");
+        };
+        let os = |s: &'static str| std::ffi::OsStr::new(s);
+        openssl(&[
+            os("req"),
+            os("-x509"),
+            os("-newkey"),
+            os("rsa:2048"),
+            os("-nodes"),
+            os("-days"),
+            os("1"),
+            os("-subj"),
+            os("/CN=mount_vfs test CA"),
+            os("-keyout"),
+            ca_key.as_os_str(),
+            os("-out"),
+            ca_cert.as_os_str(),
+        ]);
+        openssl(&[
+            os("req"),
+            os("-newkey"),
+            os("rsa:2048"),
+            os("-nodes"),
+            os("-subj"),
+            os("/CN=127.0.0.1"),
+            os("-keyout"),
+            key.as_os_str(),
+            os("-out"),
+            csr.as_os_str(),
+        ]);
+        openssl(&[
+            os("x509"),
+            os("-req"),
+            os("-in"),
+            csr.as_os_str(),
+            os("-CA"),
+            ca_cert.as_os_str(),
+            os("-CAkey"),
+            ca_key.as_os_str(),
+            os("-CAcreateserial"),
+            os("-days"),
+            os("1"),
+            os("-extfile"),
+            ext.as_os_str(),
+            os("-out"),
+            cert.as_os_str(),
+        ]);
+        Moto::launch(Some((cert, key, ca_cert)))
+    }
+
+    fn launch(tls: Option<(PathBuf, PathBuf, PathBuf)>) -> Moto {
         let bin = venv("moto", &["moto[s3]", "flask", "flask-cors"], "moto_server");
         let port = free_port();
-        let child = Command::new(bin.join("moto_server"))
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        let mut command = Command::new(bin.join("moto_server"));
+        command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        if let Some((cert, key, _)) = &tls {
+            command.arg("-c").arg(cert).arg("-k").arg(key);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start moto_server");
-        let moto = Moto { port, child };
+        let moto = Moto {
+            port,
+            child,
+            tls: tls.map(|(_, _, ca)| (ca, bin.join("python"))),
+        };
         wait_until("moto", Duration::from_secs(30), || {
-            matches!(raw_request(port, "GET", "/moto-api/", b""), Ok((200, _)))
+            matches!(moto.request("GET", "/moto-api/"), Ok(200))
         });
         moto
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
 
-    /// Creates `bucket` (moto accepts unsigned requests).
+    /// The CA certificate to trust, for an HTTPS moto.
+    pub fn certificate(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|(cert, _)| cert.as_path())
+    }
+
+    /// One unsigned request with an empty body (moto checks no signatures); its status.
+    fn request(&self, method: &str, path: &str) -> std::io::Result<u16> {
+        let Some((cert, python)) = &self.tls else {
+            return raw_request(self.port, method, path, b"").map(|(status, _)| status);
+        };
+        let script = "import ssl, sys, urllib.request\n\
+            ctx = ssl.create_default_context(cafile=sys.argv[1])\n\
+            req = urllib.request.Request(sys.argv[3], method=sys.argv[2], data=b'' if sys.argv[2] == 'PUT' else None)\n\
+            try:\n    print(urllib.request.urlopen(req, context=ctx, timeout=10).status)\n\
+            except urllib.error.HTTPError as e:\n    print(e.code)\n";
+        let output = Command::new(python)
+            .args(["-c", script])
+            .arg(cert)
+            .arg(method)
+            .arg(format!("{}{path}", self.endpoint()))
+            .output()?;
+        String::from_utf8_lossy(&output.stdout)
+            .trim()
+            .parse()
+            .map_err(|_| {
+                std::io::Error::other(String::from_utf8_lossy(&output.stderr).into_owned())
+            })
+    }
+
+    /// Creates `bucket`.
     pub fn create_bucket(&self, bucket: &str) {
-        let (status, body) = raw_request(self.port, "PUT", &format!("/{bucket}"), b"").unwrap();
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        assert_eq!(self.request("PUT", &format!("/{bucket}")).unwrap(), 200);
     }
 }
 

@@ -97,8 +97,10 @@ fn control_thread(
     ready: mpsc::Sender<Ready>,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) {
+    // I/O as well as timers: the credential providers make HTTP calls (IMDS, ECS, SSO, STS)
+    // and spawn processes (`credential_process`), which need tokio's I/O and signal drivers.
     let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_time()
+        .enable_all()
         .build()
     {
         Ok(runtime) => runtime,

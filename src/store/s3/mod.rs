@@ -181,6 +181,8 @@ pub struct S3Store {
     /// Encoded request path of the root prefix, ending in `/` (`/bucket/root/` path-style).
     root_path: String,
     unsuffixed: RefCell<HashSet<Hash>>,
+    /// Requests sent again after a transient failure, for `--stats`.
+    retries: std::cell::Cell<u64>,
 }
 
 impl S3Store {
@@ -203,6 +205,7 @@ impl S3Store {
             root_path,
             target,
             unsuffixed: RefCell::new(HashSet::new()),
+            retries: std::cell::Cell::new(0),
         }
     }
 
@@ -508,6 +511,11 @@ impl S3Store {
         }
     }
 
+    /// Requests retried so far (every attempt after a transient failure counts once).
+    pub fn retries(&self) -> u64 {
+        self.retries.get()
+    }
+
     /// Signs and sends one request up to `max_attempts` times, sleeping a jittered backoff
     /// between attempts, until `classify` says done or failed. Attempts are logged at debug
     /// level only: the service logs a failing object once.
@@ -560,6 +568,7 @@ impl S3Store {
                         self.http.drop_idle();
                     }
                     if attempt < tuning.max_attempts {
+                        self.retries.set(self.retries.get() + 1);
                         glommio::timer::sleep(backoff(tuning, attempt)).await;
                     }
                 }

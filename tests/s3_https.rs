@@ -1,0 +1,103 @@
+//! The S3 store over HTTPS: moto serving TLS (werkzeug over OpenSSL) with a certificate from a
+//! fresh test CA, trusted through `AWS_CA_BUNDLE`; and refused, before mounting, without it.
+//! One test in its own binary: it sets `AWS_CA_BUNDLE` for this process.
+
+mod common;
+
+use std::process::Command;
+
+use common::s3_servers::{config, on_shard, Moto};
+use common::{is_mounted, pattern, read_all, Mount, MountOptions, BIN};
+use mount_vfs::manifest::Hash;
+use mount_vfs::store::{S3Store, S3Target};
+
+const ENV: [(&str, &str); 4] = [
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+    ("AWS_REGION", "us-east-1"),
+];
+
+#[test]
+fn https_endpoints_are_read_with_a_trusted_ca_and_refused_without() {
+    let work = tempfile::tempdir().unwrap();
+    let moto = Moto::start_tls(work.path());
+    moto.create_bucket("cas");
+    let cert = moto.certificate().unwrap().to_str().unwrap().to_string();
+    // SAFETY: this binary holds this one test; nothing else reads the environment concurrently.
+    unsafe { std::env::set_var("AWS_CA_BUNDLE", &cert) };
+
+    let big = pattern(21, (9 << 20) + 5);
+    let small = b"over TLS".to_vec();
+    let files: Vec<(&str, &[u8])> = vec![("big.bin", &big), ("small.txt", &small)];
+    let uploads: Vec<(String, Vec<u8>)> = files
+        .iter()
+        .map(|(_, d)| (format!("Data/{}.xxh128", Hash::of(d)), d.to_vec()))
+        .collect();
+    let target = S3Target::start(&config(&moto.endpoint(), "cas", "root", "k", "s")).unwrap();
+    on_shard(move |_pool| async move {
+        let store = S3Store::new(target);
+        for (key, data) in &uploads {
+            store.put_object(key, data).await.unwrap();
+        }
+    });
+    let mut entries: Vec<String> = files
+        .iter()
+        .map(|(path, data)| {
+            format!(
+                r#"{{"hash":"{}","mtime":1700000000000000,"path":"{path}","size":{}}}"#,
+                Hash::of(data),
+                data.len()
+            )
+        })
+        .collect();
+    entries.sort();
+    let manifest = work.path().join("m.manifest");
+    std::fs::write(
+        &manifest,
+        format!(
+            r#"{{"hashAlg":"xxh128","manifestVersion":"2023-03-03","paths":[{}],"totalSize":{}}}"#,
+            entries.join(","),
+            big.len() + small.len()
+        ),
+    )
+    .unwrap();
+
+    let endpoint = moto.endpoint();
+    assert!(endpoint.starts_with("https://"));
+    let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
+    let env: Vec<(&str, &str)> = ENV
+        .iter()
+        .copied()
+        .chain([("AWS_CA_BUNDLE", cert.as_str())])
+        .collect();
+    let mount = Mount::start_with_store(
+        &manifest,
+        &store,
+        &env,
+        &work.path().join("mnt"),
+        MountOptions {
+            shards: 2,
+            ..Default::default()
+        },
+    );
+    assert!(read_all(&mount.dir.join("big.bin")).unwrap() == big);
+    assert_eq!(read_all(&mount.dir.join("small.txt")).unwrap(), small);
+    drop(mount);
+
+    // The same server without the CA: refused before mounting, saying why.
+    let mnt = work.path().join("mnt2");
+    std::fs::create_dir(&mnt).unwrap();
+    let output = Command::new(BIN)
+        .arg(&manifest)
+        .arg(&mnt)
+        .args(store)
+        .envs(ENV)
+        .env_remove("AWS_CA_BUNDLE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "mounted without trusting the CA");
+    assert!(stderr.to_lowercase().contains("certificate"), "{stderr}");
+    assert!(!is_mounted(&mnt));
+}
