@@ -5,38 +5,9 @@ mod common;
 use std::process::Command;
 
 use common::fault_proxy::{Fault, FaultProxy};
-use common::s3_servers::{config, on_shard, Moto};
+use common::s3_servers::{config, upload_job, v2023_manifest, Moto, MOUNT_ENV as ENV};
 use common::{is_mounted, pattern, read_all, Mount, MountOptions, BIN};
-use mount_vfs::manifest::Hash;
-use mount_vfs::store::{S3Store, S3Target};
-
-/// Environment for the daemon: fixed keys, no metadata-service lookups.
-const ENV: [(&str, &str); 4] = [
-    ("AWS_ACCESS_KEY_ID", "testing"),
-    ("AWS_SECRET_ACCESS_KEY", "testing"),
-    ("AWS_EC2_METADATA_DISABLED", "true"),
-    ("AWS_REGION", "us-east-1"),
-];
-
-/// A v2023-03-03 manifest for `files` (path, content), canonical form.
-fn manifest(files: &[(&str, &[u8])]) -> String {
-    let mut entries: Vec<String> = files
-        .iter()
-        .map(|(path, data)| {
-            format!(
-                r#"{{"hash":"{}","mtime":1700000000000000,"path":"{path}","size":{}}}"#,
-                Hash::of(data),
-                data.len()
-            )
-        })
-        .collect();
-    entries.sort();
-    let total: usize = files.iter().map(|(_, d)| d.len()).sum();
-    format!(
-        r#"{{"hashAlg":"xxh128","manifestVersion":"2023-03-03","paths":[{}],"totalSize":{total}}}"#,
-        entries.join(",")
-    )
-}
+use mount_vfs::store::S3Target;
 
 #[test]
 fn mount_refuses_a_wrong_bucket_before_mounting() {
@@ -44,7 +15,7 @@ fn mount_refuses_a_wrong_bucket_before_mounting() {
     moto.create_bucket("real-bucket");
     let work = tempfile::tempdir().unwrap();
     let manifest_path = work.path().join("m.manifest");
-    std::fs::write(&manifest_path, manifest(&[("a.txt", b"hello world")])).unwrap();
+    std::fs::write(&manifest_path, v2023_manifest(&[("a.txt", b"hello world")])).unwrap();
     let mnt = work.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     let output = Command::new(BIN)
@@ -76,20 +47,10 @@ fn mount_serves_s3_files_and_never_serves_flipped_bytes() {
     let big = pattern(3, (9 << 20) + 123);
     let small = b"hello world".to_vec();
     let files: Vec<(&str, &[u8])> = vec![("big.bin", &big), ("dir/small.txt", &small)];
-    let uploads: Vec<(String, Vec<u8>)> = files
-        .iter()
-        .map(|(_, d)| (format!("Data/{}.xxh128", Hash::of(d)), d.to_vec()))
-        .collect();
     let target = S3Target::start(&config(&moto.endpoint(), "cas", "root", "k", "s")).unwrap();
-    on_shard(move |_pool| async move {
-        let store = S3Store::new(target);
-        for (key, data) in &uploads {
-            store.put_object(key, data).await.unwrap();
-        }
-    });
     let work = tempfile::tempdir().unwrap();
     let manifest_path = work.path().join("m.manifest");
-    std::fs::write(&manifest_path, manifest(&files)).unwrap();
+    std::fs::write(&manifest_path, upload_job(&target, &files)).unwrap();
     let endpoint = proxy.endpoint();
     let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
     let mut mount = Mount::start_with_store(
@@ -158,18 +119,10 @@ fn a_disk_cache_spares_the_store_on_the_next_mount() {
     let proxy = FaultProxy::start(moto.port);
     let big = pattern(5, (6 << 20) + 7);
     let files: Vec<(&str, &[u8])> = vec![("big.bin", &big)];
-    let key = format!("Data/{}.xxh128", Hash::of(&big));
     let target = S3Target::start(&config(&moto.endpoint(), "cas", "root", "k", "s")).unwrap();
-    let upload = big.clone();
-    on_shard(move |_pool| async move {
-        S3Store::new(target)
-            .put_object(&key, &upload)
-            .await
-            .unwrap();
-    });
     let work = tempfile::tempdir().unwrap();
     let manifest_path = work.path().join("m.manifest");
-    std::fs::write(&manifest_path, manifest(&files)).unwrap();
+    std::fs::write(&manifest_path, upload_job(&target, &files)).unwrap();
     let cache = work.path().join("cache");
     let endpoint = proxy.endpoint();
     let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];

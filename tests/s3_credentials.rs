@@ -7,11 +7,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::s3_servers::{
-    config, create_bucket_signed, on_shard, Seaweed, SEAWEED_KEY, SEAWEED_SECRET,
+    config, create_bucket_signed, upload_job, Seaweed, SEAWEED_KEY, SEAWEED_SECRET,
 };
 use common::{pattern, read_all, Mount, MountOptions};
-use mount_vfs::manifest::Hash;
-use mount_vfs::store::{S3Store, S3Target};
+use mount_vfs::store::S3Target;
 
 /// Credentials that expire in this many seconds: the control thread refreshes at half-life.
 const LIFETIME_S: u64 = 14;
@@ -31,38 +30,9 @@ fn refreshed_credentials_reach_the_shards_before_they_expire() {
         SEAWEED_SECRET,
     ))
     .unwrap();
-    let uploads: Vec<(String, Vec<u8>)> = files
-        .iter()
-        .map(|(_, d)| (format!("Data/{}.xxh128", Hash::of(d)), d.to_vec()))
-        .collect();
-    on_shard(move |_pool| async move {
-        let store = S3Store::new(target);
-        for (key, data) in &uploads {
-            store.put_object(key, data).await.unwrap();
-        }
-    });
     let work = tempfile::tempdir().unwrap();
-    let mut entries: Vec<String> = files
-        .iter()
-        .map(|(path, data)| {
-            format!(
-                r#"{{"hash":"{}","mtime":1700000000000000,"path":"{path}","size":{}}}"#,
-                Hash::of(data),
-                data.len()
-            )
-        })
-        .collect();
-    entries.sort();
     let manifest = work.path().join("m.manifest");
-    std::fs::write(
-        &manifest,
-        format!(
-            r#"{{"hashAlg":"xxh128","manifestVersion":"2023-03-03","paths":[{}],"totalSize":{}}}"#,
-            entries.join(","),
-            a.len() + b.len()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&manifest, upload_job(&target, &files)).unwrap();
 
     // The first call hands out the right keys, expiring soon; every later call a key id
     // SeaweedFS does not know. Each call leaves a line in `calls`.

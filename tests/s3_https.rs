@@ -6,17 +6,9 @@ mod common;
 
 use std::process::Command;
 
-use common::s3_servers::{config, on_shard, Moto};
+use common::s3_servers::{config, upload_job, Moto, MOUNT_ENV as ENV};
 use common::{is_mounted, pattern, read_all, Mount, MountOptions, BIN};
-use mount_vfs::manifest::Hash;
-use mount_vfs::store::{S3Store, S3Target};
-
-const ENV: [(&str, &str); 4] = [
-    ("AWS_ACCESS_KEY_ID", "testing"),
-    ("AWS_SECRET_ACCESS_KEY", "testing"),
-    ("AWS_EC2_METADATA_DISABLED", "true"),
-    ("AWS_REGION", "us-east-1"),
-];
+use mount_vfs::store::S3Target;
 
 #[test]
 fn https_endpoints_are_read_with_a_trusted_ca_and_refused_without() {
@@ -30,38 +22,9 @@ fn https_endpoints_are_read_with_a_trusted_ca_and_refused_without() {
     let big = pattern(21, (9 << 20) + 5);
     let small = b"over TLS".to_vec();
     let files: Vec<(&str, &[u8])> = vec![("big.bin", &big), ("small.txt", &small)];
-    let uploads: Vec<(String, Vec<u8>)> = files
-        .iter()
-        .map(|(_, d)| (format!("Data/{}.xxh128", Hash::of(d)), d.to_vec()))
-        .collect();
     let target = S3Target::start(&config(&moto.endpoint(), "cas", "root", "k", "s")).unwrap();
-    on_shard(move |_pool| async move {
-        let store = S3Store::new(target);
-        for (key, data) in &uploads {
-            store.put_object(key, data).await.unwrap();
-        }
-    });
-    let mut entries: Vec<String> = files
-        .iter()
-        .map(|(path, data)| {
-            format!(
-                r#"{{"hash":"{}","mtime":1700000000000000,"path":"{path}","size":{}}}"#,
-                Hash::of(data),
-                data.len()
-            )
-        })
-        .collect();
-    entries.sort();
     let manifest = work.path().join("m.manifest");
-    std::fs::write(
-        &manifest,
-        format!(
-            r#"{{"hashAlg":"xxh128","manifestVersion":"2023-03-03","paths":[{}],"totalSize":{}}}"#,
-            entries.join(","),
-            big.len() + small.len()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&manifest, upload_job(&target, &files)).unwrap();
 
     let endpoint = moto.endpoint();
     assert!(endpoint.starts_with("https://"));

@@ -9,23 +9,13 @@ use std::time::Instant;
 
 use common::pattern;
 use common::s3_servers::{
-    config, create_bucket_signed, free_port, on_shard, Moto, Seaweed, SEAWEED_KEY, SEAWEED_SECRET,
+    config, create_bucket_signed, free_port, on_shard, upload, Moto, Seaweed, SEAWEED_KEY,
+    SEAWEED_SECRET,
 };
 use mount_vfs::manifest::Hash;
 use mount_vfs::store::{S3Store, S3Target, StoreError};
 
 const ROOT: &str = "Deadline Root/farm";
-
-/// Uploads `data` as `Data/{hash}.xxh128` (or without suffix) through the store's own signed PUT.
-fn upload(target: &std::sync::Arc<S3Target>, objects: Vec<(String, Vec<u8>)>) {
-    let target = target.clone();
-    on_shard(move |_pool| async move {
-        let store = S3Store::new(target);
-        for (key, data) in &objects {
-            store.put_object(key, data).await.expect("upload");
-        }
-    })
-}
 
 fn key(hash: Hash) -> String {
     format!("Data/{hash}.xxh128")

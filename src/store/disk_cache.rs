@@ -19,8 +19,6 @@
 //!   force the dirty pages out to the disk.
 //! - Nothing is evicted yet: the directory grows with the distinct objects read.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -30,17 +28,14 @@ use std::rc::Rc;
 use glommio::io::BufferedFile;
 use mount_vfs_executors::BufferPool;
 
-use super::{object_key, Block, StoreError};
+use super::{object_key, Block, OpenFiles, StoreError};
 use crate::manifest::Hash;
-
-/// Open cache files kept per shard; past this the table is cleared.
-const MAX_OPEN_FILES: usize = 256;
 
 /// One shard's view of the cache directory. `!Send`: it holds that shard's open files.
 pub struct DiskCache {
     root: PathBuf,
     shard: usize,
-    files: RefCell<HashMap<Hash, Rc<BufferedFile>>>,
+    files: OpenFiles<BufferedFile>,
 }
 
 impl DiskCache {
@@ -88,7 +83,7 @@ impl DiskCache {
         DiskCache {
             root: root.to_path_buf(),
             shard,
-            files: RefCell::new(HashMap::new()),
+            files: OpenFiles::new(),
         }
     }
 
@@ -135,42 +130,18 @@ impl DiskCache {
     }
 
     async fn open(&self, hash: Hash, object_len: u64) -> Result<Rc<BufferedFile>, StoreError> {
-        if let Some(file) = self.files.borrow().get(&hash) {
-            return Ok(file.clone());
+        if let Some(file) = self.files.get(hash) {
+            return Ok(file);
         }
         let location = self.location(hash);
-        let file = BufferedFile::open(&location).await.map_err(|e| {
-            let source = io::Error::from(e);
-            if source.kind() == io::ErrorKind::NotFound {
-                StoreError::NotFound {
-                    location: location.clone(),
-                }
-            } else {
-                StoreError::Io {
-                    location: location.clone(),
-                    source,
-                }
-            }
-        })?;
-        let actual = file.file_size().await.map_err(|e| StoreError::Io {
-            location: location.clone(),
-            source: e.into(),
-        })?;
-        if actual != object_len {
+        let failed = |e: glommio::GlommioError<()>| StoreError::file(&location, e.into());
+        let file = BufferedFile::open(&location).await.map_err(failed)?;
+        let actual = file.file_size().await.map_err(failed)?;
+        if let Err(wrong) = StoreError::check_size(&location, object_len, actual) {
             let _ = file.close().await;
-            return Err(StoreError::WrongSize {
-                location,
-                expected: object_len,
-                actual,
-            });
+            return Err(wrong);
         }
-        let file = Rc::new(file);
-        let mut files = self.files.borrow_mut();
-        if files.len() >= MAX_OPEN_FILES {
-            files.clear();
-        }
-        files.insert(hash, file.clone());
-        Ok(file)
+        Ok(self.files.insert(hash, file))
     }
 
     /// Opens the cache file for the kernel to read it itself (FUSE passthrough).
@@ -180,7 +151,7 @@ impl DiskCache {
 
     /// Deletes a cache file that failed verification, so the object is fetched again.
     pub fn discard(&self, hash: Hash) {
-        self.files.borrow_mut().remove(&hash);
+        self.files.forget(hash);
         let location = self.location(hash);
         if let Err(e) = std::fs::remove_file(&location) {
             if e.kind() != io::ErrorKind::NotFound {

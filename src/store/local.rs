@@ -2,8 +2,6 @@
 //! (O_DIRECT, io_uring; glommio turns O_DIRECT off by itself on tmpfs) straight into buffers of
 //! the shard's registered arena. This is also the layout of the disk cache.
 
-use std::cell::RefCell;
-use std::collections::HashMap;
 use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -11,12 +9,8 @@ use std::rc::Rc;
 use glommio::io::{DmaFile, ReadResult};
 use mount_vfs_executors::{BufferPool, PoolBuffer, Reservation, TooLarge};
 
-use super::{object_key, StoreError};
+use super::{object_key, OpenFiles, StoreError};
 use crate::manifest::Hash;
-
-/// Open object files kept per shard; past this the table is cleared (objects are large and
-/// read sequentially, so reopening is rare and cheap next to the reads).
-const MAX_OPEN_FILES: usize = 256;
 
 /// Bytes of one object, in the shard's registered memory.
 pub struct Block {
@@ -77,14 +71,14 @@ impl std::ops::Deref for Block {
 /// A CAS directory. One instance per shard (`!Send`: it holds that shard's open files).
 pub struct LocalCas {
     root: PathBuf,
-    files: RefCell<HashMap<Hash, Rc<DmaFile>>>,
+    files: OpenFiles<DmaFile>,
 }
 
 impl LocalCas {
     pub fn new(root: &Path) -> LocalCas {
         LocalCas {
             root: root.to_path_buf(),
-            files: RefCell::new(HashMap::new()),
+            files: OpenFiles::new(),
         }
     }
 
@@ -94,42 +88,18 @@ impl LocalCas {
     }
 
     async fn open(&self, hash: Hash, expected_len: u64) -> Result<Rc<DmaFile>, StoreError> {
-        if let Some(file) = self.files.borrow().get(&hash) {
-            return Ok(file.clone());
+        if let Some(file) = self.files.get(hash) {
+            return Ok(file);
         }
         let location = self.location(hash);
-        let file = DmaFile::open(&location).await.map_err(|e| {
-            let e = std::io::Error::from(e);
-            if e.kind() == ErrorKind::NotFound {
-                StoreError::NotFound {
-                    location: location.clone(),
-                }
-            } else {
-                StoreError::Io {
-                    location: location.clone(),
-                    source: e,
-                }
-            }
-        })?;
-        let actual = file.file_size().await.map_err(|e| StoreError::Io {
-            location: location.clone(),
-            source: e.into(),
-        })?;
-        if actual != expected_len {
+        let failed = |e: glommio::GlommioError<()>| StoreError::file(&location, e.into());
+        let file = DmaFile::open(&location).await.map_err(failed)?;
+        let actual = file.file_size().await.map_err(failed)?;
+        if let Err(wrong) = StoreError::check_size(&location, expected_len, actual) {
             let _ = file.close().await;
-            return Err(StoreError::WrongSize {
-                location,
-                expected: expected_len,
-                actual,
-            });
+            return Err(wrong);
         }
-        let file = Rc::new(file);
-        let mut files = self.files.borrow_mut();
-        if files.len() >= MAX_OPEN_FILES {
-            files.clear();
-        }
-        files.insert(hash, file.clone());
-        Ok(file)
+        Ok(self.files.insert(hash, file))
     }
 
     fn too_large(&self, hash: Hash, error: TooLarge) -> StoreError {

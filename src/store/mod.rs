@@ -8,7 +8,10 @@ mod disk_cache;
 mod local;
 pub mod s3;
 
-use std::path::PathBuf;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 
 pub use disk_cache::{CacheWriter, DiskCache};
@@ -89,6 +92,41 @@ pub fn object_key(hash: Hash) -> String {
     format!("Data/{hash}{OBJECT_SUFFIX}")
 }
 
+/// Object files a shard keeps open, by hash. Past [`OpenFiles::LIMIT`] the table is cleared:
+/// objects are large and read sequentially, so reopening is rare and cheap next to the reads.
+pub(crate) struct OpenFiles<F> {
+    files: RefCell<HashMap<Hash, Rc<F>>>,
+}
+
+impl<F> OpenFiles<F> {
+    const LIMIT: usize = 256;
+
+    pub fn new() -> OpenFiles<F> {
+        OpenFiles {
+            files: RefCell::new(HashMap::new()),
+        }
+    }
+
+    pub fn get(&self, hash: Hash) -> Option<Rc<F>> {
+        self.files.borrow().get(&hash).cloned()
+    }
+
+    pub fn insert(&self, hash: Hash, file: F) -> Rc<F> {
+        let file = Rc::new(file);
+        let mut files = self.files.borrow_mut();
+        if files.len() >= Self::LIMIT {
+            files.clear();
+        }
+        files.insert(hash, file.clone());
+        file
+    }
+
+    /// Closes object `hash` (its file is about to be deleted or replaced).
+    pub fn forget(&self, hash: Hash) {
+        self.files.borrow_mut().remove(&hash);
+    }
+}
+
 /// Why a store could not produce an object's bytes.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -120,6 +158,32 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Opening or reading object file `location` failed with `source`.
+    pub fn file(location: &Path, source: std::io::Error) -> StoreError {
+        if source.kind() == std::io::ErrorKind::NotFound {
+            StoreError::NotFound {
+                location: location.to_path_buf(),
+            }
+        } else {
+            StoreError::Io {
+                location: location.to_path_buf(),
+                source,
+            }
+        }
+    }
+
+    /// An object file of `actual` bytes where the manifest says `expected`.
+    pub fn check_size(location: &Path, expected: u64, actual: u64) -> Result<(), StoreError> {
+        if actual == expected {
+            return Ok(());
+        }
+        Err(StoreError::WrongSize {
+            location: location.to_path_buf(),
+            expected,
+            actual,
+        })
+    }
+
     /// The errno a FUSE read gets for this failure.
     pub fn errno(&self) -> fuser::Errno {
         match self {

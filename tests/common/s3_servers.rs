@@ -10,8 +10,18 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use mount_vfs::manifest::Hash;
 use mount_vfs::store::s3::{CredentialSource, S3Config, S3Tuning};
+use mount_vfs::store::{S3Store, S3Target};
 use mount_vfs_executors::{BufferPool, HugepageMode, ShardConfig, Shards};
+
+/// Environment for a mount_vfs daemon on moto: fixed keys, no metadata-service lookups.
+pub const MOUNT_ENV: [(&str, &str); 4] = [
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+    ("AWS_REGION", "us-east-1"),
+];
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
@@ -420,4 +430,46 @@ pub fn create_bucket_signed(endpoint: &str, bucket: &str, key: &str, secret: &st
         "create_bucket: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// Uploads each `(key, bytes)` under the target's root prefix through the store's own signed PUT.
+pub fn upload(target: &std::sync::Arc<S3Target>, objects: Vec<(String, Vec<u8>)>) {
+    let target = target.clone();
+    on_shard(move |_pool| async move {
+        let store = S3Store::new(target);
+        for (key, data) in &objects {
+            store.put_object(key, data).await.expect("upload");
+        }
+    })
+}
+
+/// Uploads `files` (path, content) as CAS objects `Data/{hash}.xxh128` and returns a canonical
+/// v2023-03-03 manifest listing them.
+pub fn upload_job(target: &std::sync::Arc<S3Target>, files: &[(&str, &[u8])]) -> String {
+    let objects = files
+        .iter()
+        .map(|(_, data)| (format!("Data/{}.xxh128", Hash::of(data)), data.to_vec()))
+        .collect();
+    upload(target, objects);
+    v2023_manifest(files)
+}
+
+/// A canonical v2023-03-03 manifest for `files` (path, content).
+pub fn v2023_manifest(files: &[(&str, &[u8])]) -> String {
+    let mut entries: Vec<String> = files
+        .iter()
+        .map(|(path, data)| {
+            format!(
+                r#"{{"hash":"{}","mtime":1700000000000000,"path":"{path}","size":{}}}"#,
+                Hash::of(data),
+                data.len()
+            )
+        })
+        .collect();
+    entries.sort();
+    let total: usize = files.iter().map(|(_, d)| d.len()).sum();
+    format!(
+        r#"{{"hashAlg":"xxh128","manifestVersion":"2023-03-03","paths":[{}],"totalSize":{total}}}"#,
+        entries.join(",")
+    )
 }
