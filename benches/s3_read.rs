@@ -10,7 +10,9 @@
 //! - Raw clients (no FUSE): our `S3Store` on glommio shards, and an independent hyper client
 //!   signing with `aws-sigv4`; both issue 8 MiB ranged GETs, 4 in flight per reader.
 //! - Mounts: mount_vfs (`--shards 1` and `2`, `--memory-limit 4G`, without and with a
-//!   `--cache-dir` on local storage, `BENCH_CACHE_DIR`, default /var/tmp), s3fs, rclone. Every
+//!   `--cache-dir` on local storage, `BENCH_CACHE_DIR`, default /var/tmp; and through a
+//!   v2025 manifest of the same files, whose 256 MiB chunks are verified one by one), s3fs,
+//!   rclone. Every
 //!   measurement is cold: page cache dropped and a fresh mount. One reader reads `a` whole;
 //!   four readers read the two halves of `a` and of `b`. 1 MiB reads, O_DIRECT (aligned) and
 //!   buffered. Time to first byte: open + first 1 MiB O_DIRECT read on a fresh mount.
@@ -439,10 +441,12 @@ fn is_mounted(mnt: &Path) -> bool {
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Contender {
-    /// `cache`: with `--cache-dir` (emptied before every mount, so still cold).
+    /// `cache`: with `--cache-dir` (emptied before every mount, so still cold). `chunked`: the
+    /// same files through the v2025 manifest (256 MiB chunk objects) instead of v2023.
     MountVfs {
         shards: usize,
         cache: bool,
+        chunked: bool,
     },
     S3fs,
     Rclone,
@@ -451,9 +455,14 @@ enum Contender {
 impl Contender {
     fn name(self) -> String {
         match self {
-            Contender::MountVfs { shards, cache } => format!(
-                "mount_vfs --shards {shards}{}",
-                if cache { " --cache-dir" } else { "" }
+            Contender::MountVfs {
+                shards,
+                cache,
+                chunked,
+            } => format!(
+                "mount_vfs --shards {shards}{}{}",
+                if cache { " --cache-dir" } else { "" },
+                if chunked { " v2025" } else { "" }
             ),
             Contender::S3fs => "s3fs".into(),
             Contender::Rclone => "rclone".into(),
@@ -495,22 +504,30 @@ impl Mount {
         }
         let endpoint = server.endpoint();
         let mut command = match contender {
-            Contender::MountVfs { shards, cache } => {
+            Contender::MountVfs {
+                shards,
+                cache,
+                chunked,
+            } => {
                 let mut c = Command::new(BIN);
                 if cache {
                     c.arg("--cache-dir").arg(&env.cache_dir);
                 }
-                c.arg(&env.manifest)
-                    .arg(&mnt)
-                    .args(["--s3", &format!("s3://{BUCKET}/root")])
-                    .args(["--endpoint-url", &endpoint])
-                    .args(["--shards", &shards.to_string(), "--memory-limit", "4G"])
-                    .env("AWS_ACCESS_KEY_ID", KEY)
-                    .env("AWS_SECRET_ACCESS_KEY", SECRET)
-                    .env("AWS_REGION", REGION)
-                    .env_remove("AWS_PROFILE")
-                    .env_remove("AWS_ENDPOINT_URL_S3")
-                    .env_remove("AWS_ENDPOINT_URL");
+                c.arg(if chunked {
+                    &env.manifest_v2025
+                } else {
+                    &env.manifest
+                })
+                .arg(&mnt)
+                .args(["--s3", &format!("s3://{BUCKET}/root")])
+                .args(["--endpoint-url", &endpoint])
+                .args(["--shards", &shards.to_string(), "--memory-limit", "4G"])
+                .env("AWS_ACCESS_KEY_ID", KEY)
+                .env("AWS_SECRET_ACCESS_KEY", SECRET)
+                .env("AWS_REGION", REGION)
+                .env_remove("AWS_PROFILE")
+                .env_remove("AWS_ENDPOINT_URL_S3")
+                .env_remove("AWS_ENDPOINT_URL");
                 c
             }
             Contender::S3fs => {
@@ -1005,6 +1022,8 @@ struct Env {
     /// mount_vfs's `--cache-dir`: local storage, not /dev/shm, as on a render node.
     cache_dir: PathBuf,
     manifest: PathBuf,
+    /// The same files as a v2025-12-04-beta manifest: 256 MiB chunk objects.
+    manifest_v2025: PathBuf,
     passwd: PathBuf,
 }
 
@@ -1106,17 +1125,27 @@ fn main() {
     let hashes = [hashes[0], hashes[1]];
     let cas = base.join("cas");
     let manifest = base.join("bench.manifest");
-    let status = Command::new(BIN)
-        .arg("snapshot")
-        .arg(&tree)
-        .arg("--cas")
-        .arg(&cas)
-        .arg("--output")
-        .arg(&manifest)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success(), "mount_vfs snapshot failed");
+    let manifest_v2025 = base.join("bench-v2025.manifest");
+    for (output, format) in [
+        (&manifest, "2023-03-03"),
+        (&manifest_v2025, "2025-12-04-beta"),
+    ] {
+        let status = Command::new(BIN)
+            .arg("snapshot")
+            .arg(&tree)
+            .arg("--cas")
+            .arg(&cas)
+            .arg("--output")
+            .arg(output)
+            .args(["--format", format])
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mount_vfs snapshot --format {format} failed"
+        );
+    }
     let passwd = base.join("s3fs.passwd");
     fs::write(&passwd, format!("{KEY}:{SECRET}\n")).unwrap();
     fs::set_permissions(&passwd, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
@@ -1127,6 +1156,7 @@ fn main() {
             PathBuf::from,
         ),
         manifest,
+        manifest_v2025,
         passwd,
     };
 
@@ -1168,7 +1198,9 @@ fn main() {
             )
         })
         .collect();
-    assert_eq!(cas_objects.len(), 2, "expected two CAS objects");
+    // Two whole-file objects (v2023) and the 256 MiB chunks of the v2025 manifest.
+    let chunks = 2 * size.div_ceil(256 << 20) as usize;
+    assert_eq!(cas_objects.len(), 2 + chunks, "unexpected CAS objects");
     upload(&endpoint, "root", cas_objects);
     upload(
         &endpoint,
@@ -1201,9 +1233,13 @@ fn main() {
     );
 
     let mut contenders = vec![];
-    for cache in [false, true] {
+    for (cache, chunked) in [(false, false), (true, false), (false, true)] {
         for shards in [1, 2] {
-            contenders.push(Contender::MountVfs { shards, cache });
+            contenders.push(Contender::MountVfs {
+                shards,
+                cache,
+                chunked,
+            });
         }
     }
     for (peer, bin) in [(Contender::S3fs, "s3fs"), (Contender::Rclone, "rclone")] {

@@ -5,11 +5,10 @@
 mod common;
 
 use std::fs;
-use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use common::{job, pattern, read_all, Mount, MountOptions};
+use common::{job, pattern, read_all, read_direct, Mount, MountOptions};
 
 fn object_name(content: &[u8]) -> String {
     format!("Data/{:032x}.xxh128", xxhash_rust::xxh3::xxh3_128(content))
@@ -18,30 +17,6 @@ fn object_name(content: &[u8]) -> String {
 fn counter(mount: &mut Mount, name: &str) -> u64 {
     let stats = mount.stats("final").expect("final stats line");
     stats["total"][name].as_u64().unwrap()
-}
-
-/// Reads `path` with O_DIRECT (aligned 1 MiB reads).
-fn read_direct(path: &Path) -> std::io::Result<Vec<u8>> {
-    let mut file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)?;
-    let layout = std::alloc::Layout::from_size_align(1 << 20, 4096).unwrap();
-    // SAFETY: the layout has a non-zero size; the buffer is freed below.
-    let raw = unsafe { std::alloc::alloc(layout) };
-    // SAFETY: `raw` is a fresh allocation of `layout.size()` bytes.
-    let buffer = unsafe { std::slice::from_raw_parts_mut(raw, layout.size()) };
-    let mut out = Vec::new();
-    let result = loop {
-        match file.read(buffer) {
-            Ok(0) => break Ok(out),
-            Ok(n) => out.extend_from_slice(&buffer[..n]),
-            Err(e) => break Err(e),
-        }
-    };
-    // SAFETY: allocated above with the same layout.
-    unsafe { std::alloc::dealloc(raw, layout) };
-    result
 }
 
 struct Job {

@@ -6,11 +6,11 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use common::{pattern, read_all, snapshot, Mount, MountOptions};
+use common::{pattern, read_all, snapshot, AlignedBuf, Mount, MountOptions};
 
 /// A source tree with the shapes that matter: nesting, empty files, non-ASCII names, sizes around
 /// the 4 MiB block and 1 MiB READ boundaries, an executable, a symlink and an empty directory.
@@ -326,6 +326,56 @@ fn chunked_600_mib_file_reads_across_chunk_boundaries() {
     let whole = read_all(&mount.dir.join("big.exr")).unwrap();
     assert_eq!(whole.len(), source.len());
     assert!(whole == source);
+}
+
+/// A sequential reader of a chunked file gets the next chunk verified ahead of it: after the
+/// first 8 MiB of a 300 MiB file (chunks of 256 + 44 MiB), with read-ahead reaching 72 MiB at
+/// most, the second chunk is verified before anyone reads it.
+#[test]
+fn sequential_readers_get_the_next_chunk_verified_ahead() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tree = tmp.path().join("tree");
+    fs::create_dir_all(&tree).unwrap();
+    let source = pattern(300, 300 << 20);
+    fs::write(tree.join("plate.exr"), &source).unwrap();
+    let cas = tmp.path().join("cas");
+    let manifest = tmp.path().join("m.json");
+    snapshot(&tree, &cas, "2025-12-04-beta", &manifest);
+    let mut mount = Mount::start(
+        &manifest,
+        &cas,
+        &tmp.path().join("mnt"),
+        MountOptions {
+            shards: 1,
+            extra: &["--stats"],
+        },
+    );
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(mount.dir.join("plate.exr"))
+        .unwrap();
+    let mut buf = AlignedBuf::new(1 << 20);
+    for i in 0..8usize {
+        let n = file.read(buf.as_mut()).unwrap();
+        assert!(buf.as_mut()[..n] == source[i << 20..(i << 20) + n]);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let verified = mount
+            .stats("interval")
+            .map_or(0, |s| s["total"]["objects_verified"].as_u64().unwrap());
+        if verified == 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second chunk was not verified ahead ({verified} objects verified)"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    drop(file);
+    assert!(read_all(&mount.dir.join("plate.exr")).unwrap() == source);
 }
 
 /// A directory far larger than one READDIR reply: every name comes back once, in both the plain

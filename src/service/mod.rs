@@ -170,6 +170,8 @@ pub struct FileService {
     io_modes: RefCell<HashMap<Ino, IoMode>>,
     /// The kernel agreed to passthrough and no backing file was refused yet.
     passthrough: Arc<AtomicBool>,
+    /// Bytes of the objects being verified now (whether or not their blocks are kept).
+    verifying_bytes: Cell<u64>,
     /// The store's retry count already added to the counters.
     retries_counted: Cell<u64>,
     /// Bytes held by verification streams for publication once their object verifies.
@@ -210,6 +212,7 @@ pub async fn run_shard(
         reported: RefCell::new(HashSet::new()),
         retained: Cell::new(0),
         retries_counted: Cell::new(0),
+        verifying_bytes: Cell::new(0),
     });
     while let Some(request) = mailbox.recv().await {
         let service = service.clone();
@@ -463,6 +466,34 @@ impl FileService {
             })
             .detach();
         }
+        if content.chunked {
+            self.verify_next_chunk(ino, end, content.size, content.objects);
+        }
+    }
+
+    /// A sequential reader of a chunked file whose current chunk is verified gets the next
+    /// chunk verified ahead, so that chunk's full pass overlaps serving this one instead of
+    /// stalling the reader at the boundary. One chunk ahead at most, and only while every
+    /// verification in progress fits the retention budget: blocks a stream cannot keep are
+    /// fetched twice, so running ahead past the budget costs more than the stall it saves.
+    fn verify_next_chunk(self: &Rc<Self>, ino: Ino, position: u64, size: u64, objects: &[Hash]) {
+        let current = (position / CHUNK_SIZE) as usize;
+        let (Some(hash), Some(&next)) = (objects.get(current), objects.get(current + 1)) else {
+            return;
+        };
+        let ready = |h: &Hash| self.verified.borrow().contains(h);
+        if !ready(hash) || ready(&next) || self.verifying.borrow().contains_key(&next) {
+            return;
+        }
+        let len = object_len(size, true, current + 1);
+        if self.verifying_bytes.get() + len > self.retention_budget() as u64 {
+            return;
+        }
+        let service = self.clone();
+        glommio::spawn_local(async move {
+            let _ = service.verify(ino, next, len).await;
+        })
+        .detach();
     }
 
     /// Block `block` of object `object` of file `ino`, verified, from the cache or the store.
@@ -632,11 +663,15 @@ impl FileService {
                 let run = async move {
                     let result = service.stream_and_verify(ino, hash, len).await;
                     service.verifying.borrow_mut().remove(&hash);
+                    service
+                        .verifying_bytes
+                        .set(service.verifying_bytes.get() - len);
                     result
                 }
                 .boxed_local()
                 .shared();
                 self.verifying.borrow_mut().insert(hash, run.clone());
+                self.verifying_bytes.set(self.verifying_bytes.get() + len);
                 run
             }
         };
