@@ -18,8 +18,10 @@
 //! marked verified on this shard; on a mismatch nothing is published and the read fails with EIO.
 //! After that, blocks that were not kept are read again from the (now verified) object. A
 //! very large v2023 object therefore costs one full read before its first byte is served; the
-//! chunked v2025 format bounds that to 256 MiB. Bytes from the store that fail verification are
-//! fetched once more (a flipped bit in transit), then the read fails with EIO.
+//! chunked v2025 format bounds that to 256 MiB, and a sequential reader of a chunked file gets
+//! the next chunk verified while it reads the current one (`FileService::verify_next_chunk`).
+//! Bytes from the store that fail verification are fetched once more (a flipped bit in
+//! transit), then the read fails with EIO.
 //!
 //! With a disk cache (`--cache-dir`, [`DiskCache`]) the verification stream also writes the
 //! object into it, and is committed there only when it matched; later passes read the cache
@@ -32,7 +34,7 @@
 //! object's verification (the first read would wait for it anyway). O_DIRECT opens, files of
 //! several v2025 chunks (one backing file per inode) and opens while shard-served handles of the
 //! inode are open stay on the shard: the kernel refuses to mix the two modes on one inode, so
-//! [`IoMode`] follows whichever mode the inode's open handles already use.
+//! `IoMode` follows whichever mode the inode's open handles already use.
 
 mod cache;
 mod counters;
