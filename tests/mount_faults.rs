@@ -4,11 +4,13 @@
 mod common;
 
 use std::fs;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{job, pattern, read_all, Mount, MountOptions, BIN};
+use common::{job, pattern, read_all, AlignedBuf, Mount, MountOptions, BIN};
 
 fn object_path(cas: &Path, content: &[u8]) -> std::path::PathBuf {
     cas.join(format!(
@@ -76,6 +78,72 @@ fn missing_and_corrupt_objects_give_eio_while_the_rest_keeps_working() {
     );
     // One line per failing object per shard, not one per read.
     assert!(log.matches("missing.bin").count() <= 2, "{log}");
+}
+
+/// An object that changes in the store after it was verified: the blocks the verification pass
+/// could not keep are read again later, and a changed one is refused (EIO), never served.
+#[test]
+fn an_object_changed_after_verification_is_never_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    // 200 MiB: more than a 256 MiB pool keeps during verification (its cache budget less the
+    // headroom), so the tail is read from the store a second time.
+    let big = pattern(7, 200 << 20);
+    let (manifest, cas) = job(tmp.path(), &[("big.bin", &big)], "2023-03-03");
+    let mut mount = Mount::start(
+        &manifest,
+        &cas,
+        &tmp.path().join("mnt"),
+        MountOptions {
+            shards: 1,
+            extra: &["--stats"],
+        },
+    );
+    let path = mount.dir.join("big.bin");
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)
+        .unwrap();
+    let mut buf = AlignedBuf::new(1 << 20);
+    file.read_exact(buf.as_mut()).unwrap();
+    assert!(buf.as_mut()[..] == big[..1 << 20]);
+    // Verified; now one byte near the end changes in the CAS.
+    let changed_at = (199 << 20) + 12345;
+    let mut changed = big.clone();
+    changed[changed_at] ^= 0x40;
+    fs::write(object_path(&cas, &big), &changed).unwrap();
+
+    let mut offset = 1usize << 20;
+    let error = loop {
+        match file.read(buf.as_mut()) {
+            Ok(0) => panic!("read the whole file although its tail changed in the store"),
+            Ok(n) => {
+                assert!(
+                    buf.as_mut()[..n] == big[offset..offset + n],
+                    "wrong bytes at {offset}"
+                );
+                offset += n;
+            }
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(error.raw_os_error(), Some(libc::EIO));
+    assert!(
+        offset <= changed_at,
+        "the changed block was reached at {offset}"
+    );
+    drop(file);
+    mount.stop();
+    let log = mount.stderr();
+    assert!(log.contains("differs from the verified object"), "{log}");
+    let total = &mount.stats("final").unwrap()["total"];
+    // Fetched twice and refused twice, by the read-ahead and then by the read itself at most:
+    // a failed object is retried on demand, not by every read-ahead.
+    let failures = total["verify_failures"].as_u64().unwrap();
+    assert!(
+        (2..=4).contains(&failures),
+        "{failures} verification failures"
+    );
 }
 
 #[test]

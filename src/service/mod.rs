@@ -16,7 +16,9 @@
 //! ([`BLOCK_SIZE`] blocks, several in flight), keeping the first blocks (up to the cache budget
 //! less a headroom) as they pass. Only when the digest matches are those blocks published to the cache and the object
 //! marked verified on this shard; on a mismatch nothing is published and the read fails with EIO.
-//! After that, blocks that were not kept are read again from the (now verified) object. A
+//! After that, blocks that were not kept are read again (from the disk cache or the store) and
+//! served only if they hash to the xxh3-64 digest the same block had during verification, so a
+//! store that changed or a flip in transit after verification is caught too. A
 //! very large v2023 object therefore costs one full read before its first byte is served; the
 //! chunked v2025 format bounds that to 256 MiB, and a sequential reader of a chunked file gets
 //! the next chunk verified while it reads the current one (`FileService::verify_next_chunk`).
@@ -51,6 +53,7 @@ use fuser::{BackingId, Errno, FileHandle, FopenFlags, ReplyData, ReplyEmpty, Rep
 use futures::future::{FutureExt, LocalBoxFuture, Shared};
 use futures::StreamExt;
 use mount_vfs_executors::{rounded_size, BufferPool, Mailbox, ShardContext};
+use xxhash_rust::xxh3::xxh3_64;
 
 use crate::manifest::{Hash, CHUNK_SIZE};
 use crate::namespace::{owner, Ino, Namespace};
@@ -133,6 +136,14 @@ enum Source {
     DiskCache,
 }
 
+/// What a verification stream that matched leaves behind.
+struct Verified {
+    /// Blocks kept for publication, by index.
+    kept: Vec<(u32, Rc<Block>)>,
+    /// xxh3-64 of every block of the object, in order.
+    digests: Rc<[u64]>,
+}
+
 /// Why a verification stream ended without a verified object.
 enum StreamError {
     /// The bytes arrived but hash to this digest instead.
@@ -164,7 +175,9 @@ pub struct FileService {
     counters: Arc<ShardCounters>,
     handles: RefCell<HashMap<u64, Handle>>,
     next_fh: Cell<u64>,
-    verified: RefCell<HashSet<Hash>>,
+    /// Objects verified on this shard, with the xxh3-64 digest of each of their blocks taken
+    /// during verification: a block read again later is checked against it before it is served.
+    verified: RefCell<HashMap<Hash, Rc<[u64]>>>,
     verifying: RefCell<HashMap<Hash, Verify>>,
     disk_cache: Option<DiskCache>,
     /// Verified objects whose disk-cache file is known good.
@@ -209,7 +222,7 @@ pub async fn run_shard(
         counters,
         handles: RefCell::new(HashMap::new()),
         next_fh: Cell::new(1),
-        verified: RefCell::new(HashSet::new()),
+        verified: RefCell::new(HashMap::new()),
         verifying: RefCell::new(HashMap::new()),
         reported: RefCell::new(HashSet::new()),
         retained: Cell::new(0),
@@ -373,18 +386,31 @@ impl FileService {
         if !self.cached.borrow().contains(&hash) {
             return None;
         }
-        let registered = cache
-            .open_for_passthrough(hash)
-            .and_then(|file| reply.open_backing(&file));
-        match registered {
+        let file = match cache.open_for_passthrough(hash) {
+            Ok(file) => file,
+            Err(e) => {
+                // Removed or replaced under us: this open is shard-served, and the next
+                // verification finds out what is there.
+                tracing::warn!(
+                    shard = self.shard,
+                    "cannot open cache file {}: {e}",
+                    cache.location(hash).display()
+                );
+                self.cached.borrow_mut().remove(&hash);
+                return None;
+            }
+        };
+        match reply.open_backing(&file) {
             Ok(backing) => Some(Rc::new(backing)),
             Err(e) => {
-                // Typically a cache directory on a stacked filesystem (overlayfs, another FUSE
-                // mount): the kernel allows one level of stacking.
+                // The kernel refuses backing files without CAP_SYS_ADMIN, and on a stacked
+                // filesystem (overlayfs, another FUSE mount): that will not change, so stop
+                // asking, on every shard.
                 if self.passthrough.swap(false, Ordering::Relaxed) {
                     tracing::warn!(
                         "FUSE passthrough of cache file {} refused: {e}; serving every read \
-                         through the shards (put --cache-dir on a local filesystem to use it)",
+                         through the shards (passthrough needs root and --cache-dir on a local \
+                         filesystem)",
                         cache.location(hash).display()
                     );
                 }
@@ -458,8 +484,9 @@ impl FileService {
                 break;
             };
             // Blocks of an object not verified yet join its verification: for chunked files
-            // that starts the next chunk's verification before the reader gets there.
-            if self.cache.contains((hash, block)) {
+            // that starts the next chunk's verification before the reader gets there. Objects
+            // that already failed are retried on demand only, not by every read-ahead.
+            if self.cache.contains((hash, block)) || self.reported.borrow().contains(&hash) {
                 continue;
             }
             let service = self.clone();
@@ -483,7 +510,7 @@ impl FileService {
         let (Some(hash), Some(&next)) = (objects.get(current), objects.get(current + 1)) else {
             return;
         };
-        let ready = |h: &Hash| self.verified.borrow().contains(h);
+        let ready = |h: &Hash| self.verified.borrow().contains_key(h);
         if !ready(hash) || ready(&next) || self.verifying.borrow().contains_key(&next) {
             return;
         }
@@ -611,8 +638,10 @@ impl FileService {
         result
     }
 
-    /// A block of a verified object that was not kept: from its cache file when there is one
-    /// (falling back to the store if that fails), else from the store.
+    /// A block of a verified object that was not kept: from its cache file when there is one,
+    /// else from the store, and served only if it still has the digest it had when the object
+    /// was verified (a store that changed its mind or a flip in transit gives one more fetch,
+    /// then EIO; a cache file that changed is discarded).
     async fn reload(
         &self,
         ino: Ino,
@@ -621,24 +650,61 @@ impl FileService {
         offset: u64,
         len: u64,
     ) -> Result<Block, Errno> {
+        let index = (offset / BLOCK_SIZE) as usize;
+        let expected = self
+            .verified
+            .borrow()
+            .get(&hash)
+            .and_then(|d| d.get(index).copied());
+        let Some(expected) = expected else {
+            return Err(Errno::EIO);
+        };
+        let intact = |block: &Block| xxh3_64(block) == expected;
         if self.cached.borrow().contains(&hash) {
             match self
                 .fetch(hash, object_len, offset, len, Source::DiskCache)
                 .await
             {
-                Ok(block) => return Ok(block),
+                Ok(block) if intact(&block) => return Ok(block),
+                Ok(_) => {
+                    if let Some(cache) = &self.disk_cache {
+                        tracing::warn!(
+                            shard = self.shard,
+                            "cache file {} changed since it was verified; removed",
+                            cache.location(hash).display()
+                        );
+                        cache.discard(hash);
+                    }
+                }
                 Err(error) => {
-                    tracing::warn!(shard = self.shard, "{error}; reading the store instead");
-                    self.cached.borrow_mut().remove(&hash);
+                    tracing::warn!(shard = self.shard, "{error}; reading the store instead")
+                }
+            }
+            self.cached.borrow_mut().remove(&hash);
+        }
+        let c = &self.counters;
+        for _attempt in 0..2 {
+            match self
+                .fetch(hash, object_len, offset, len, Source::Store)
+                .await
+            {
+                Ok(block) if intact(&block) => return Ok(block),
+                Ok(_) => c.add(&c.verify_failures, 1),
+                Err(error) => {
+                    self.report(ino, hash, &error);
+                    return Err(error.errno());
                 }
             }
         }
-        self.fetch(hash, object_len, offset, len, Source::Store)
-            .await
-            .map_err(|error| {
-                self.report(ino, hash, &error);
-                error.errno()
-            })
+        self.report(
+            ino,
+            hash,
+            &format_args!(
+                "block {index} of object {} differs from the verified object (twice): not served",
+                self.store.location(hash)
+            ),
+        );
+        Err(Errno::EIO)
     }
 
     fn report(&self, ino: Ino, hash: Hash, error: &dyn std::fmt::Display) {
@@ -654,7 +720,7 @@ impl FileService {
 
     /// Makes sure object `hash` (of `len` bytes) was verified on this shard; see the module docs.
     async fn verify(self: &Rc<Self>, ino: Ino, hash: Hash, len: u64) -> Result<(), Errno> {
-        if self.verified.borrow().contains(&hash) {
+        if self.verified.borrow().contains_key(&hash) {
             return Ok(());
         }
         let existing = self.verifying.borrow().get(&hash).cloned();
@@ -691,10 +757,10 @@ impl FileService {
         let c = &self.counters;
         if let Some(cache) = self.disk_cache.as_ref().filter(|d| d.has(hash, len)) {
             match self.stream(hash, len, Source::DiskCache, None).await {
-                Ok(kept) => {
+                Ok(verified) => {
                     c.add(&c.objects_from_disk_cache, 1);
                     self.cached.borrow_mut().insert(hash);
-                    self.accept(hash, kept);
+                    self.accept(hash, verified);
                     return Ok(());
                 }
                 Err(StreamError::Mismatch(digest)) => tracing::warn!(
@@ -721,7 +787,7 @@ impl FileService {
                 .stream(hash, len, Source::Store, Some(&mut writer))
                 .await
             {
-                Ok(kept) => {
+                Ok(verified) => {
                     if let Some(writer) = writer {
                         let target = writer.target().to_path_buf();
                         match writer.commit() {
@@ -732,7 +798,7 @@ impl FileService {
                             Err(e) => self.warn_cache_write(target, e),
                         }
                     }
-                    self.accept(hash, kept);
+                    self.accept(hash, verified);
                     return Ok(());
                 }
                 Err(StreamError::Failed(error)) => {
@@ -758,11 +824,11 @@ impl FileService {
     }
 
     /// Marks a verified object and publishes the blocks its stream kept.
-    fn accept(&self, hash: Hash, kept: Vec<(u32, Rc<Block>)>) {
+    fn accept(&self, hash: Hash, verified: Verified) {
         let c = &self.counters;
         c.add(&c.objects_verified, 1);
-        self.verified.borrow_mut().insert(hash);
-        for (index, block) in kept {
+        self.verified.borrow_mut().insert(hash, verified.digests);
+        for (index, block) in verified.kept {
             self.publish((hash, index), block);
         }
     }
@@ -789,9 +855,10 @@ impl FileService {
         len: u64,
         source: Source,
         mut writer: Option<&mut Option<CacheWriter>>,
-    ) -> Result<Vec<(u32, Rc<Block>)>, StreamError> {
+    ) -> Result<Verified, StreamError> {
         let blocks = len.div_ceil(BLOCK_SIZE);
         let mut kept: Vec<(u32, Rc<Block>)> = Vec::new();
+        let mut digests = Vec::with_capacity(blocks as usize);
         let mut kept_bytes = 0usize;
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
         let mut reads = futures::stream::iter(0..blocks)
@@ -810,6 +877,7 @@ impl FileService {
                 Err(error) => break Err(StreamError::Failed(error)),
             };
             hasher.update(&block);
+            digests.push(xxh3_64(&block));
             if let Some(slot) = writer.as_deref_mut() {
                 if let Some(file) = slot {
                     let offset = index as u64 * BLOCK_SIZE;
@@ -837,7 +905,10 @@ impl FileService {
         if digest != hash {
             return Err(StreamError::Mismatch(digest));
         }
-        Ok(kept)
+        Ok(Verified {
+            kept,
+            digests: digests.into(),
+        })
     }
 }
 
