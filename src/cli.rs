@@ -93,6 +93,11 @@ pub struct MountArgs {
     /// Memory for the in-memory chunk cache, all shards together (e.g. 512M, 4G).
     #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size, help_heading = "Performance")]
     pub memory_limit: u64,
+    /// Unit of fetching and caching: each store read (one S3 ranged GET) and each cached block
+    /// is this large. A power of two from 1M to 64M; at most 1/8 of a shard's pool
+    /// (--memory-limit / --shards), since 8 reads are kept in flight per object.
+    #[arg(long, value_name = "SIZE", default_value = "4M", value_parser = parse_part_size, help_heading = "Performance")]
+    pub part_size: u64,
     /// Back the buffer pools with hugepages.
     #[arg(long, value_enum, default_value_t = HugepageMode::Auto, help_heading = "Performance")]
     pub hugepages: HugepageMode,
@@ -143,6 +148,16 @@ pub struct MountArgs {
 }
 
 /// Parses `1073741824`, `512K`, `64M`, `4G`, `1T` (binary units; an optional trailing `iB`/`B`).
+fn parse_part_size(text: &str) -> Result<u64, String> {
+    let size = parse_size(text)?;
+    if !size.is_power_of_two() || !(1 << 20..=64 << 20).contains(&size) {
+        return Err(format!(
+            "{text} is not a power of two between 1M and 64M (e.g. 4M, 8M, 16M)"
+        ));
+    }
+    Ok(size)
+}
+
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
     let t = t

@@ -234,6 +234,15 @@ pub fn run(args: MountArgs) -> Result<(), MountError> {
     };
     let pool_per_shard =
         (args.memory_limit / shards as u64).clamp(MIN_POOL_PER_SHARD, MAX_POOL_PER_SHARD);
+    if args.part_size * 8 > pool_per_shard {
+        return Err(MountError::Usage(format!(
+            "--part-size {} MiB is too large for a {} MiB pool per shard (--memory-limit / \
+             --shards, at most 1 GiB each): use at most {} MiB, or raise --memory-limit",
+            args.part_size >> 20,
+            pool_per_shard >> 20,
+            ((pool_per_shard / 8) >> 20).max(1)
+        )));
+    }
     let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
     let config = ShardConfig {
         shards,
@@ -248,6 +257,7 @@ pub fn run(args: MountArgs) -> Result<(), MountError> {
     let service = ServiceConfig {
         namespace: namespace.clone(),
         store,
+        block_size: args.part_size,
         cache_dir: args.cache_dir.clone(),
         passthrough: Arc::default(),
     };

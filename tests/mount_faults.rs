@@ -220,6 +220,16 @@ fn unsupported_flags_and_missing_store_are_clear_errors() {
     let (code, err) = run(&["--cas", "/nonexistent/cas"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("no Data/ directory"), "{err}");
+    let (code, err) = run(&["--part-size", "3M"]);
+    assert_eq!(code, Some(2));
+    assert!(err.contains("not a power of two"), "{err}");
+    let cas = tmp.path().join("cas");
+    fs::create_dir_all(cas.join("Data")).unwrap();
+    let cas = cas.to_str().unwrap();
+    let too_large = ["--cas", cas, "--shards", "1", "--memory-limit", "256M"];
+    let (code, err) = run(&[&too_large[..], &["--part-size", "64M"]].concat());
+    assert_eq!(code, Some(2));
+    assert!(err.contains("--part-size 64 MiB is too large"), "{err}");
 }
 
 #[test]

@@ -233,12 +233,28 @@ fn many_threads_read_same_and_different_files_at_once() {
     }
 }
 
+/// 200 random ranges, with the default part size and the smallest and a large `--part-size`.
 #[test]
 fn random_offsets_match_source() {
     let f = fixture("2023-03-03");
-    let mount = Mount::start(&f.manifest, &f.cas, &f.mnt, MountOptions::default());
     let source = fs::read(f.tree.join("big/ten_mib.bin")).unwrap();
-    let mut file = fs::File::open(mount.dir.join("big/ten_mib.bin")).unwrap();
+    for part_size in [None, Some("1M"), Some("16M")] {
+        let extra: Vec<&str> = part_size.iter().flat_map(|p| ["--part-size", p]).collect();
+        let mount = Mount::start(
+            &f.manifest,
+            &f.cas,
+            &f.mnt,
+            MountOptions {
+                shards: 1,
+                extra: &extra,
+            },
+        );
+        read_random_ranges(&mount.dir.join("big/ten_mib.bin"), &source);
+    }
+}
+
+fn read_random_ranges(path: &Path, source: &[u8]) {
+    let mut file = fs::File::open(path).unwrap();
     let mut state = 12345u64;
     for _ in 0..200 {
         state = state

@@ -13,7 +13,7 @@
 //! Verification policy: the unit of verification is a CAS object — the whole file for v2023
 //! manifests, one 256 MiB chunk for chunked v2025 files — because that is what its xxh128 covers.
 //! The first read of an object streams the whole object from the store through the hasher
-//! ([`BLOCK_SIZE`] blocks, several in flight), keeping the first blocks (up to the cache budget
+//! (`--part-size` blocks, several in flight), keeping the first blocks (up to the cache budget
 //! less a headroom) as they pass. Only when the digest matches are those blocks published to the cache and the object
 //! marked verified on this shard; on a mismatch nothing is published and the read fails with EIO.
 //! After that, blocks that were not kept are read again (from the disk cache or the store) and
@@ -64,19 +64,14 @@ pub use counters::{CounterSnapshot, ShardCounters};
 
 use cache::BlockCache;
 
-/// Cache and fetch granularity. 1 MiB READs (the kernel's `max_pages` of 256 pages) and 128 KiB
-/// buffered READs never straddle a block when blocks are a multiple of 1 MiB; 4 MiB keeps
-/// O_DIRECT reads large while a 256 MiB chunk is still 64 blocks.
-pub const BLOCK_SIZE: u64 = 4 << 20;
-
 /// Store reads kept in flight while one object is streamed for verification.
 /// 8 x 4 MiB keeps a 25-200 Gbps link busy at S3's first-byte latencies; the S3 benchmark
 /// (docs/benchmarks.md) saw verification pull only ~0.55x of the raw client with 4.
 const VERIFY_READS_IN_FLIGHT: usize = 8;
 
-/// Read-ahead window for sequential readers, in blocks: starts at 1 and doubles per sequential
-/// read up to this cap (64 MiB).
-const MAX_READAHEAD_BLOCKS: u64 = 16;
+/// Read-ahead window for sequential readers: starts at one block and doubles per sequential
+/// read up to this many bytes.
+const MAX_READAHEAD: u64 = 64 << 20;
 
 /// A data request for an inode, sent by the FUSE front to the inode's owner shard.
 pub enum ShardRequest {
@@ -156,6 +151,8 @@ enum StreamError {
 pub struct ServiceConfig {
     pub namespace: Arc<Namespace>,
     pub store: StoreConfig,
+    /// `--part-size`: bytes per store read and per cached block (a power of two >= 1 MiB).
+    pub block_size: u64,
     /// `--cache-dir`, already prepared ([`DiskCache::prepare`]).
     pub cache_dir: Option<PathBuf>,
     /// Set by the FUSE front once the kernel agreed to passthrough at INIT.
@@ -167,6 +164,8 @@ type Verify = Shared<LocalBoxFuture<'static, Result<(), Errno>>>;
 /// Everything one shard owns. See the module docs for the rules.
 pub struct FileService {
     shard: usize,
+    /// Bytes per block: the unit of store reads, of the cache and of per-block digests.
+    block_size: u64,
     shards: usize,
     namespace: Arc<Namespace>,
     store: Store,
@@ -208,6 +207,7 @@ pub async fn run_shard(
     let service = Rc::new(FileService {
         shard: ctx.id,
         shards: ctx.peers.len(),
+        block_size: config.block_size,
         namespace: config.namespace,
         store: config.store.open_for_shard(),
         disk_cache: config
@@ -245,7 +245,7 @@ fn object_len(size: u64, chunked: bool, index: usize) -> u64 {
 }
 
 /// Where file position `pos` is: (object index, block within the object, offset in the block).
-fn locate(chunked: bool, pos: u64) -> (usize, u32, usize) {
+fn locate(chunked: bool, block_size: u64, pos: u64) -> (usize, u32, usize) {
     let (object, within) = if chunked {
         ((pos / CHUNK_SIZE) as usize, pos % CHUNK_SIZE)
     } else {
@@ -253,8 +253,8 @@ fn locate(chunked: bool, pos: u64) -> (usize, u32, usize) {
     };
     (
         object,
-        (within / BLOCK_SIZE) as u32,
-        (within % BLOCK_SIZE) as usize,
+        (within / block_size) as u32,
+        (within % block_size) as usize,
     )
 }
 
@@ -432,7 +432,7 @@ impl FileService {
             return Ok(Served::Gathered(Vec::new()));
         }
         self.plan_readahead(ino, fh, offset, end);
-        let locate = |pos: u64| locate(content.chunked, pos);
+        let locate = |pos: u64| locate(content.chunked, self.block_size, pos);
         let (object, block, start) = locate(offset);
         let first = self.block(ino, object, block).await?;
         let wanted = (end - offset) as usize;
@@ -460,7 +460,7 @@ impl FileService {
             };
             let sequential = offset == handle.next_offset;
             handle.window = if sequential {
-                (handle.window * 2).min(MAX_READAHEAD_BLOCKS)
+                (handle.window * 2).min((MAX_READAHEAD / self.block_size).max(1))
             } else {
                 1
             };
@@ -473,13 +473,14 @@ impl FileService {
         let Some(content) = self.namespace.file_content(ino) else {
             return;
         };
-        let first = end.div_ceil(BLOCK_SIZE) * BLOCK_SIZE;
+        let block_size = self.block_size;
+        let first = end.div_ceil(block_size) * block_size;
         for i in 0..window {
-            let pos = first + i * BLOCK_SIZE;
+            let pos = first + i * block_size;
             if pos >= content.size {
                 break;
             }
-            let (object, block, _) = locate(content.chunked, pos);
+            let (object, block, _) = locate(content.chunked, block_size, pos);
             let Some(&hash) = content.objects.get(object) else {
                 break;
             };
@@ -552,9 +553,9 @@ impl FileService {
         let service = self.clone();
         let load = self.cache.load_or_join((hash, block), move || {
             async move {
-                let start = block as u64 * BLOCK_SIZE;
+                let start = block as u64 * service.block_size;
                 let result = service
-                    .reload(ino, hash, len, start, (len - start).min(BLOCK_SIZE))
+                    .reload(ino, hash, len, start, (len - start).min(service.block_size))
                     .await;
                 let result = result.map(Rc::new);
                 if let Ok(loaded) = &result {
@@ -579,7 +580,7 @@ impl FileService {
     /// Pool memory kept free for loads: a full verification window, at most a quarter of the
     /// pool. Retained blocks never reach into it, so a verification can always progress.
     fn headroom(&self) -> usize {
-        (VERIFY_READS_IN_FLIGHT * BLOCK_SIZE as usize).min(self.pool.capacity() / 4)
+        (VERIFY_READS_IN_FLIGHT * self.block_size as usize).min(self.pool.capacity() / 4)
     }
 
     /// Bytes all verification streams of this shard together may keep for publication.
@@ -650,7 +651,7 @@ impl FileService {
         offset: u64,
         len: u64,
     ) -> Result<Block, Errno> {
-        let index = (offset / BLOCK_SIZE) as usize;
+        let index = (offset / self.block_size) as usize;
         let expected = self
             .verified
             .borrow()
@@ -846,7 +847,7 @@ impl FileService {
         c.add(&c.disk_cache_write_errors, 1);
     }
 
-    /// One pass over object `hash` from `source`, [`BLOCK_SIZE`] blocks with several in flight,
+    /// One pass over object `hash` from `source`, one block at a time with several in flight,
     /// hashing in order; blocks go to `writer` (a cache file) when given, and the head of the
     /// object is kept for publication within a shard-wide budget.
     async fn stream(
@@ -856,15 +857,16 @@ impl FileService {
         source: Source,
         mut writer: Option<&mut Option<CacheWriter>>,
     ) -> Result<Verified, StreamError> {
-        let blocks = len.div_ceil(BLOCK_SIZE);
+        let block_size = self.block_size;
+        let blocks = len.div_ceil(block_size);
         let mut kept: Vec<(u32, Rc<Block>)> = Vec::new();
         let mut digests = Vec::with_capacity(blocks as usize);
         let mut kept_bytes = 0usize;
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
         let mut reads = futures::stream::iter(0..blocks)
             .map(|index| {
-                let start = index * BLOCK_SIZE;
-                self.fetch(hash, len, start, (len - start).min(BLOCK_SIZE), source)
+                let start = index * block_size;
+                self.fetch(hash, len, start, (len - start).min(block_size), source)
             })
             .buffered(VERIFY_READS_IN_FLIGHT);
         let mut index = 0u32;
@@ -880,7 +882,7 @@ impl FileService {
             digests.push(xxh3_64(&block));
             if let Some(slot) = writer.as_deref_mut() {
                 if let Some(file) = slot {
-                    let offset = index as u64 * BLOCK_SIZE;
+                    let offset = index as u64 * block_size;
                     if let Err(e) = file.write_at(offset, &block) {
                         self.warn_cache_write(file.target().to_path_buf(), e);
                         *slot = None;
