@@ -127,10 +127,14 @@ pub struct MountArgs {
 
     /// Disk cache on local storage: verified objects are kept in DIR/Data/{hash}.xxh128, so
     /// later reads and later mounts skip the store, and the kernel reads cached files itself
-    /// (FUSE passthrough, Linux 6.9+). Cache files are re-verified once per mount. Not evicted
-    /// yet: the directory grows with the distinct objects read.
+    /// (FUSE passthrough, Linux 6.9+). Cache files are re-verified once per mount; see
+    /// --cache-size for eviction.
     #[arg(long, value_name = "DIR", help_heading = "Content store")]
     pub cache_dir: Option<PathBuf>,
+    /// Largest size of the disk cache; least recently used files are deleted past it. Whatever
+    /// the size, 5% of the cache's filesystem is kept free. Default: no limit but that.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, help_heading = "Content store")]
+    pub cache_size: Option<u64>,
 
     /// Capture writes in a copy-on-write overlay (not yet supported).
     #[arg(long, help_heading = "Writable overlay")]

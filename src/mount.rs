@@ -16,7 +16,7 @@ use crate::manifest::Manifest;
 use crate::namespace::Namespace;
 use crate::service::{run_shard, CounterSnapshot, ServiceConfig, ShardCounters};
 use crate::store::s3::S3Config;
-use crate::store::{DiskCache, S3Target, StoreConfig};
+use crate::store::{CacheJanitor, DiskCache, DiskCacheConfig, S3Target, StoreConfig};
 
 /// Largest registered buffer one shard may have: the kernel refuses io_uring fixed buffers over
 /// 1 GiB (verified on 6.18).
@@ -214,6 +214,10 @@ pub fn run(args: MountArgs) -> Result<(), MountError> {
     check_mountpoint(mountpoint)?;
     if let Some(dir) = &args.cache_dir {
         DiskCache::prepare(dir).map_err(MountError::Usage)?;
+    } else if args.cache_size.is_some() {
+        return Err(MountError::Usage(
+            "--cache-size limits the disk cache: give --cache-dir DIR too".into(),
+        ));
     }
     if args.daemon && std::env::var_os(READY_FD_ENV).is_none() {
         return daemonize();
@@ -254,11 +258,23 @@ pub fn run(args: MountArgs) -> Result<(), MountError> {
         },
         spin_before_park: spin_before_park(),
     };
+    let (janitor, disk_cache) = match &args.cache_dir {
+        Some(root) => {
+            let (janitor, usage) =
+                CacheJanitor::start(root, args.cache_size).map_err(MountError::Runtime)?;
+            let config = DiskCacheConfig {
+                root: root.clone(),
+                usage,
+            };
+            (Some(janitor), Some(config))
+        }
+        None => (None, None),
+    };
     let service = ServiceConfig {
         namespace: namespace.clone(),
         store,
         block_size: args.part_size,
-        cache_dir: args.cache_dir.clone(),
+        disk_cache: disk_cache.clone(),
         passthrough: Arc::default(),
     };
     let passthrough = args
@@ -321,6 +337,7 @@ pub fn run(args: MountArgs) -> Result<(), MountError> {
     if let Err(e) = executors.shutdown() {
         tracing::warn!("shard shutdown: {e}");
     }
+    drop(janitor);
     if args.stats {
         print_stats(&counters, "final");
     }

@@ -176,3 +176,62 @@ fn an_unusable_cache_dir_is_refused_before_mounting() {
     );
     assert!(!common::is_mounted(&job.mnt));
 }
+
+#[test]
+fn cache_size_evicts_the_least_recently_used_files() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files: Vec<Vec<u8>> = (0..3).map(|i| pattern(40 + i, 5 << 20)).collect();
+    let (manifest, cas) = job(
+        tmp.path(),
+        &[
+            ("a.bin", &files[0]),
+            ("b.bin", &files[1]),
+            ("c.bin", &files[2]),
+        ],
+        "2023-03-03",
+    );
+    let cache = tmp.path().join("cache");
+    let cache_arg = cache.to_str().unwrap();
+    let mut mount = Mount::start(
+        &manifest,
+        &cas,
+        &tmp.path().join("mnt"),
+        MountOptions {
+            shards: 1,
+            extra: &["--cache-dir", cache_arg, "--cache-size", "12M"],
+        },
+    );
+    for (name, content) in ["a.bin", "b.bin", "c.bin"].iter().zip(&files) {
+        assert!(read_all(&mount.dir.join(name)).unwrap() == *content);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // 15 MiB > 12 MiB: the oldest file goes, down to at most 90% of the limit.
+    let cached = |content: &[u8]| cache.join(object_name(content)).exists();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while cached(&files[0]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "nothing evicted: {}",
+            mount.stderr()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(cached(&files[1]) && cached(&files[2]));
+    // The evicted file still reads right (from memory or the store).
+    assert!(read_all(&mount.dir.join("a.bin")).unwrap() == files[0]);
+    drop(mount);
+
+    // A smaller limit on the next mount shrinks the cache before anything is read.
+    let mount = Mount::start(
+        &manifest,
+        &cas,
+        &tmp.path().join("mnt"),
+        MountOptions {
+            shards: 1,
+            extra: &["--cache-dir", cache_arg, "--cache-size", "6M"],
+        },
+    );
+    let left: Vec<_> = fs::read_dir(cache.join("Data")).unwrap().collect();
+    assert_eq!(left.len(), 1, "one 5 MiB file fits 90% of 6 MiB");
+    assert!(read_all(&mount.dir.join("b.bin")).unwrap() == files[1]);
+}

@@ -57,7 +57,9 @@ use xxhash_rust::xxh3::xxh3_64;
 
 use crate::manifest::{Hash, CHUNK_SIZE};
 use crate::namespace::{owner, Ino, Namespace};
-use crate::store::{Block, CacheWriter, DiskCache, Store, StoreConfig, StoreError};
+use crate::store::{
+    Block, CacheWriter, DiskCache, DiskCacheConfig, Store, StoreConfig, StoreError,
+};
 
 pub use cache::BlockKey;
 pub use counters::{CounterSnapshot, ShardCounters};
@@ -153,8 +155,8 @@ pub struct ServiceConfig {
     pub store: StoreConfig,
     /// `--part-size`: bytes per store read and per cached block (a power of two >= 1 MiB).
     pub block_size: u64,
-    /// `--cache-dir`, already prepared ([`DiskCache::prepare`]).
-    pub cache_dir: Option<PathBuf>,
+    /// `--cache-dir`, already prepared ([`DiskCache::prepare`]), with its janitor running.
+    pub disk_cache: Option<DiskCacheConfig>,
     /// Set by the FUSE front once the kernel agreed to passthrough at INIT.
     pub passthrough: Arc<AtomicBool>,
 }
@@ -211,9 +213,9 @@ pub async fn run_shard(
         namespace: config.namespace,
         store: config.store.open_for_shard(),
         disk_cache: config
-            .cache_dir
-            .as_deref()
-            .map(|dir| DiskCache::new(dir, ctx.id)),
+            .disk_cache
+            .as_ref()
+            .map(|cache| DiskCache::new(cache, ctx.id)),
         cached: RefCell::new(HashSet::new()),
         io_modes: RefCell::new(HashMap::new()),
         passthrough: config.passthrough,
@@ -760,6 +762,7 @@ impl FileService {
             match self.stream(hash, len, Source::DiskCache, None).await {
                 Ok(verified) => {
                     c.add(&c.objects_from_disk_cache, 1);
+                    cache.touch(hash);
                     self.cached.borrow_mut().insert(hash);
                     self.accept(hash, verified);
                     return Ok(());
@@ -789,10 +792,11 @@ impl FileService {
                 .await
             {
                 Ok(verified) => {
-                    if let Some(writer) = writer {
+                    if let (Some(writer), Some(cache)) = (writer, &self.disk_cache) {
                         let target = writer.target().to_path_buf();
                         match writer.commit() {
                             Ok(()) => {
+                                cache.added(len);
                                 c.add(&c.objects_cached, 1);
                                 self.cached.borrow_mut().insert(hash);
                             }

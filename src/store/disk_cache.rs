@@ -17,7 +17,9 @@
 //! - Reads are io_uring *buffered* reads (glommio `BufferedFile`) into the shard's arena: a
 //!   freshly written file is served from the page cache, where an O_DIRECT read would first
 //!   force the dirty pages out to the disk.
-//! - Nothing is evicted yet: the directory grows with the distinct objects read.
+//! - Size: [`CacheJanitor`](super::CacheJanitor) deletes the least recently used files past
+//!   `--cache-size` or when the filesystem runs short of space; shards report what they add and
+//!   touch what they use.
 
 use std::fs::File;
 use std::io;
@@ -28,14 +30,22 @@ use std::rc::Rc;
 use glommio::io::BufferedFile;
 use mount_vfs_executors::BufferPool;
 
-use super::{object_key, Block, OpenFiles, StoreError};
+use super::{object_key, Block, CacheUsage, OpenFiles, StoreError};
 use crate::manifest::Hash;
+
+/// A mount's disk cache as shards are given it: where it is and the janitor's usage account.
+#[derive(Clone, Debug)]
+pub struct DiskCacheConfig {
+    pub root: PathBuf,
+    pub usage: CacheUsage,
+}
 
 /// One shard's view of the cache directory. `!Send`: it holds that shard's open files.
 pub struct DiskCache {
     root: PathBuf,
     shard: usize,
     files: OpenFiles<BufferedFile>,
+    usage: CacheUsage,
 }
 
 impl DiskCache {
@@ -79,12 +89,23 @@ impl DiskCache {
         Ok(())
     }
 
-    pub fn new(root: &Path, shard: usize) -> DiskCache {
+    pub fn new(config: &DiskCacheConfig, shard: usize) -> DiskCache {
         DiskCache {
-            root: root.to_path_buf(),
+            root: config.root.clone(),
             shard,
             files: OpenFiles::new(),
+            usage: config.usage.clone(),
         }
+    }
+
+    /// Object `hash` (`len` bytes) was committed to the cache.
+    pub fn added(&self, len: u64) {
+        self.usage.added(len);
+    }
+
+    /// Object `hash` was just used: it is the last to be evicted.
+    pub fn touch(&self, hash: Hash) {
+        self.usage.touch(&self.location(hash));
     }
 
     /// The cache file of object `hash`, whether or not it exists.
@@ -237,7 +258,12 @@ mod tests {
     fn uncommitted_writers_leave_nothing() {
         let dir = tempfile::tempdir().unwrap();
         DiskCache::prepare(dir.path()).unwrap();
-        let cache = DiskCache::new(dir.path(), 0);
+        let (_janitor, usage) = super::super::CacheJanitor::start(dir.path(), None).unwrap();
+        let config = DiskCacheConfig {
+            root: dir.path().to_path_buf(),
+            usage,
+        };
+        let cache = DiskCache::new(&config, 0);
         let hash = Hash(7);
         let writer = cache.begin(hash).unwrap();
         writer.write_at(0, b"abc").unwrap();

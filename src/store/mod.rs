@@ -4,6 +4,7 @@
 //! Store types are `!Send` on purpose: one instance lives on each shard, and its buffers never
 //! leave that shard.
 
+mod cache_janitor;
 mod disk_cache;
 mod local;
 pub mod s3;
@@ -14,7 +15,8 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
 
-pub use disk_cache::{CacheWriter, DiskCache};
+pub use cache_janitor::{CacheJanitor, CacheUsage};
+pub use disk_cache::{CacheWriter, DiskCache, DiskCacheConfig};
 pub use local::{Block, LocalCas};
 pub use s3::{S3Store, S3Target};
 
