@@ -1123,6 +1123,10 @@ fn main() {
         }
     }
     let hashes = [hashes[0], hashes[1]];
+    // An empty file between them gives b.bin inode 4: with --shards 2 the two big files are
+    // then owned by different shards (inodes 2 and 3 would share shard 0), as most files of a
+    // real job would be spread over the shards.
+    fs::write(tree.join("a.pad"), b"").unwrap();
     let cas = base.join("cas");
     let manifest = base.join("bench.manifest");
     let manifest_v2025 = base.join("bench-v2025.manifest");
@@ -1198,9 +1202,9 @@ fn main() {
             )
         })
         .collect();
-    // Two whole-file objects (v2023) and the 256 MiB chunks of the v2025 manifest.
+    // Two whole-file objects (v2023), the 256 MiB chunks of the v2025 manifest, the empty object.
     let chunks = 2 * size.div_ceil(256 << 20) as usize;
-    assert_eq!(cas_objects.len(), 2 + chunks, "unexpected CAS objects");
+    assert_eq!(cas_objects.len(), 3 + chunks, "unexpected CAS objects");
     upload(&endpoint, "root", cas_objects);
     upload(
         &endpoint,
