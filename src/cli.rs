@@ -87,12 +87,17 @@ pub struct MountArgs {
     #[arg(required = true)]
     pub mountpoint: Option<PathBuf>,
 
-    /// Number of shards (pinned executor threads), default: one per online CPU.
+    /// Number of shards (pinned executor threads). Default: one per online CPU, but no more
+    /// than the manifest has files.
     #[arg(long, value_name = "N", help_heading = "Performance")]
     pub shards: Option<usize>,
-    /// Memory for the in-memory chunk cache, all shards together (e.g. 512M, 4G).
-    #[arg(long, value_name = "SIZE", default_value = "1G", value_parser = parse_size, help_heading = "Performance")]
-    pub memory_limit: u64,
+    /// Memory for the shards' buffer pools, all shards together (e.g. 512M, 4G). It is
+    /// allocated, pre-faulted and registered with io_uring at start-up, so it stays resident for
+    /// the whole mount. Each shard needs at least 32 MiB and 8 parts (--part-size); at most
+    /// 1 GiB per shard is used (the io_uring limit for one registered buffer). Default: the
+    /// manifest's total size within those bounds, and at most 1/8 of the machine's memory.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size, help_heading = "Performance")]
+    pub memory_limit: Option<u64>,
     /// Unit of fetching and caching: each store read (one S3 ranged GET) and each cached block
     /// is this large. A power of two from 1M to 64M; at most 1/8 of a shard's pool
     /// (--memory-limit / --shards), since 8 reads are kept in flight per object.
@@ -125,6 +130,10 @@ pub struct MountArgs {
     #[arg(long, help_heading = "Content store")]
     pub profile: Option<String>,
 
+    /// Longest time one S3 request may take, retries included; past it the read fails with
+    /// EIO and one log line (a server that accepts but never answers).
+    #[arg(long, value_name = "SECONDS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..), help_heading = "Content store")]
+    pub read_timeout: u64,
     /// Disk cache on local storage: verified objects are kept in DIR/Data/{hash}.xxh128, so
     /// later reads and later mounts skip the store, and the kernel reads cached files itself
     /// (FUSE passthrough, Linux 6.9+). Cache files are re-verified once per mount; see
@@ -146,9 +155,26 @@ pub struct MountArgs {
     /// Let users other than the mounting one access the mount.
     #[arg(long, help_heading = "Mount")]
     pub allow_other: bool,
-    /// Return once the mount is ready, leaving the filesystem running in the background.
+    /// Return once the mount is ready, leaving the filesystem running in the background
+    /// (detached from the terminal; its log goes to --log-file, else nowhere).
     #[arg(long, help_heading = "Mount")]
     pub daemon: bool,
+    /// Append the log to FILE instead of standard error.
+    #[arg(long, value_name = "FILE", help_heading = "Mount")]
+    pub log_file: Option<PathBuf>,
+    /// Mount on a directory that is not empty (its entries are hidden while mounted).
+    #[arg(long, help_heading = "Mount")]
+    pub allow_non_empty: bool,
+    /// On SIGTERM/SIGINT with files still open in the mount: the mount is detached at once
+    /// (the path is free), open files are served until closed or for this many seconds, then
+    /// the process exits. A second signal ends the wait.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 30,
+        help_heading = "Mount"
+    )]
+    pub stop_grace: u64,
 }
 
 /// Parses `1073741824`, `512K`, `64M`, `4G`, `1T` (binary units; an optional trailing `iB`/`B`).

@@ -13,16 +13,87 @@ use mount_vfs_executors::{HugepageMode, ShardConfig, Shards};
 use crate::cli::{self, MountArgs};
 use crate::fuse_front::FuseFront;
 use crate::manifest::Manifest;
+use crate::mountpoint::{self, MountpointLock, Unmounted};
 use crate::namespace::Namespace;
 use crate::service::{run_shard, CounterSnapshot, ServiceConfig, ShardCounters};
+use crate::signals::Signals;
 use crate::store::s3::S3Config;
 use crate::store::{CacheJanitor, DiskCache, DiskCacheConfig, S3Target, StoreConfig};
 
 /// Largest registered buffer one shard may have: the kernel refuses io_uring fixed buffers over
 /// 1 GiB (verified on 6.18).
 const MAX_POOL_PER_SHARD: u64 = 1 << 30;
-/// Smallest useful pool: a few blocks in flight plus some cache.
+/// Smallest pool a shard accepts: a verification window of reads in flight plus some cache.
 const MIN_POOL_PER_SHARD: u64 = 32 << 20;
+/// Store reads one shard keeps in flight (the service's verification window), so a pool must
+/// hold at least this many parts.
+const PARTS_PER_POOL: u64 = 8;
+
+/// One shard per online CPU, but no more shards than files: a shard owns whole inodes, so more
+/// would only pin memory.
+fn default_shards(files: u64) -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cpus.min(files.max(1).try_into().unwrap_or(usize::MAX))
+}
+
+/// Each shard's pool size. An explicit `--memory-limit` below the minimum is refused (a smaller
+/// pool cannot keep a verification window in flight); the default follows the manifest: its
+/// total size within [minimum, 1 GiB] per shard, and at most 1/8 of the machine's memory
+/// unless the minimum needs more. The whole pool is pinned for the mount's lifetime.
+fn pool_per_shard(
+    limit: Option<u64>,
+    shards: usize,
+    part_size: u64,
+    manifest_bytes: u64,
+) -> Result<u64, MountError> {
+    let shards = shards as u64;
+    let minimum = MIN_POOL_PER_SHARD.max(PARTS_PER_POOL * part_size);
+    match limit {
+        Some(limit) => {
+            let per_shard = limit / shards;
+            if per_shard < minimum {
+                return Err(MountError::Usage(format!(
+                    "--memory-limit {} MiB gives each of {shards} shards {} MiB, below the {} MiB \
+                     a shard needs ({PARTS_PER_POOL} reads of --part-size {} MiB in flight, at \
+                     least 32 MiB): use --memory-limit {}M or more, fewer --shards, or a smaller \
+                     --part-size",
+                    limit >> 20,
+                    per_shard >> 20,
+                    minimum >> 20,
+                    part_size >> 20,
+                    (minimum * shards) >> 20,
+                )));
+            }
+            if per_shard > MAX_POOL_PER_SHARD {
+                tracing::info!(
+                    "--memory-limit {} MiB: using 1 GiB per shard ({} MiB in all), the largest \
+                     buffer io_uring registers; add --shards to use more",
+                    limit >> 20,
+                    (MAX_POOL_PER_SHARD * shards) >> 20
+                );
+            }
+            Ok(per_shard.min(MAX_POOL_PER_SHARD))
+        }
+        None => {
+            let memory = physical_memory().unwrap_or(8 << 30);
+            let cap = (memory / 8 / shards).min(MAX_POOL_PER_SHARD).max(minimum);
+            let wanted = manifest_bytes.div_ceil(shards).next_multiple_of(2 << 20);
+            Ok(wanted.clamp(minimum, cap))
+        }
+    }
+}
+
+/// Bytes of RAM on this machine.
+fn physical_memory() -> Option<u64> {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let (pages, page) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages > 0 && page > 0).then(|| pages as u64 * page as u64)
+}
 
 /// Idle shards poll this long before sleeping. Measured on 2 vCPUs (docs/benchmarks.md): warm
 /// 1 MiB O_DIRECT reads went from 5.42 to 6.02 GB/s with 200 us; the cost is at most 200 us of
@@ -83,7 +154,10 @@ fn check_supported(args: &MountArgs) -> Result<StoreChoice, MountError> {
             args.endpoint_url.as_deref(),
             args.profile.as_deref(),
         )
-        .map(StoreChoice::S3)
+        .map(|mut config| {
+            config.tuning.request_deadline = Duration::from_secs(args.read_timeout);
+            StoreChoice::S3(config)
+        })
         .map_err(MountError::Usage);
     }
     Err(MountError::Usage(
@@ -117,63 +191,30 @@ fn open_store(choice: StoreChoice) -> Result<StoreConfig, MountError> {
     }
 }
 
-/// Checks the mountpoint is an existing directory, not already (or stale-ly) mounted.
-fn check_mountpoint(path: &Path) -> Result<(), MountError> {
-    let stale = || {
-        MountError::Mountpoint(format!(
-            "mountpoint {} is a stale FUSE mount left by a process that died; \
-             run `umount -l {}` and try again",
-            path.display(),
-            path.display()
-        ))
-    };
-    let is_disconnected = |e: &std::io::Error| e.raw_os_error() == Some(libc::ENOTCONN);
-    match std::fs::metadata(path) {
-        Ok(meta) if meta.is_dir() => {}
-        Ok(_) => {
-            return Err(MountError::Mountpoint(format!(
-                "mountpoint {} is not a directory",
-                path.display()
-            )))
-        }
-        Err(e) if is_disconnected(&e) => return Err(stale()),
-        Err(e) => {
-            return Err(MountError::Mountpoint(format!(
-                "mountpoint {}: {e}",
-                path.display()
-            )))
-        }
-    }
-    let canonical = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    if mounts
-        .lines()
-        .filter_map(|line| line.split(' ').nth(1))
-        .any(|mounted| Path::new(&mounted.replace("\\040", " ")) == canonical)
-    {
-        // Attributes may still be cached by the kernel after a FUSE server died; opening the
-        // directory always reaches the server, so it tells a live mount from a stale one.
-        if let Err(e) = std::fs::read_dir(path) {
-            if is_disconnected(&e) {
-                return Err(stale());
-            }
-        }
-        return Err(MountError::Mountpoint(format!(
-            "{} is already a mount point; unmount it first (`umount {}`)",
-            path.display(),
-            path.display()
-        )));
-    }
-    Ok(())
-}
-
 /// Decodes and validates the manifest, naming the problem on failure.
 fn load_manifest(path: &Path) -> Result<Manifest, MountError> {
-    let bytes = std::fs::read(path).map_err(|e| {
-        MountError::Manifest(format!("cannot read manifest {}: {e}", path.display()))
-    })?;
+    // Unreadable is a usage mistake (exit 2), as in `validate`; invalid is exit 1.
+    let bytes = std::fs::read(path)
+        .map_err(|e| MountError::Usage(format!("cannot read manifest {}: {e}", path.display())))?;
     Manifest::decode(&bytes, &path.display().to_string())
         .map_err(|e| MountError::Manifest(e.to_string()))
+}
+
+/// Up to `count` distinct objects of non-empty files, for the start-up check of the store.
+fn sample_objects(namespace: &Namespace, count: usize) -> Vec<crate::manifest::Hash> {
+    let mut sample = Vec::new();
+    for ino in 1..=namespace.len() as u64 {
+        if let Some(content) = namespace.file_content(ino) {
+            match content.objects.first() {
+                Some(hash) if content.size > 0 && !sample.contains(hash) => sample.push(*hash),
+                _ => {}
+            }
+        }
+        if sample.len() == count {
+            break;
+        }
+    }
+    sample
 }
 
 /// Raises the mount's readahead so buffered readers get 1 MiB READs instead of 128 KiB ones.
@@ -194,6 +235,14 @@ fn raise_readahead(mountpoint: &Path) {
 
 /// Mounts and serves until SIGINT/SIGTERM or an external unmount.
 pub fn run(args: MountArgs) -> Result<(), MountError> {
+    let result = mount_and_serve(args);
+    if let Err(e) = &result {
+        report_to_parent(Err(e));
+    }
+    result
+}
+
+fn mount_and_serve(args: MountArgs) -> Result<(), MountError> {
     let store = check_supported(&args)?;
     let (Some(manifest_path), Some(mountpoint)) =
         (args.manifest.as_deref(), args.mountpoint.as_deref())
@@ -204,23 +253,42 @@ pub fn run(args: MountArgs) -> Result<(), MountError> {
     };
     if let StoreChoice::Local(cas) = &store {
         if !cas.join("Data").is_dir() {
-            return Err(MountError::Usage(format!(
-                "--cas {}: no Data/ directory there; create the CAS with `mount_vfs snapshot DIR --cas {}`",
-                cas.display(),
-                cas.display()
-            )));
+            let named_data = cas.file_name().is_some_and(|n| n == "Data") && cas.is_dir();
+            return Err(MountError::Usage(match cas.parent() {
+                Some(root) if named_data => format!(
+                    "--cas {}: that is the CAS's Data/ directory itself; pass the directory \
+                     above it: --cas {}",
+                    cas.display(),
+                    if root.as_os_str().is_empty() {
+                        Path::new(".")
+                    } else {
+                        root
+                    }
+                    .display()
+                ),
+                _ => format!(
+                    "--cas {}: no Data/ directory there; create the CAS with `mount_vfs \
+                     snapshot DIR --cas {}`",
+                    cas.display(),
+                    cas.display()
+                ),
+            }));
         }
     }
-    check_mountpoint(mountpoint)?;
+    if args.daemon && std::env::var_os(READY_FD_ENV).is_none() {
+        // Checked here too so that the common mistakes are reported before forking; the child
+        // checks again under the lock.
+        mountpoint::check(mountpoint, args.allow_non_empty)?;
+        return daemonize(args.log_file.as_deref());
+    }
+    let _lock = MountpointLock::acquire(mountpoint)?;
+    mountpoint::check(mountpoint, args.allow_non_empty)?;
     if let Some(dir) = &args.cache_dir {
         DiskCache::prepare(dir).map_err(MountError::Usage)?;
     } else if args.cache_size.is_some() {
         return Err(MountError::Usage(
             "--cache-size limits the disk cache: give --cache-dir DIR too".into(),
         ));
-    }
-    if args.daemon && std::env::var_os(READY_FD_ENV).is_none() {
-        return daemonize();
     }
 
     let started = Instant::now();
@@ -230,23 +298,25 @@ pub fn run(args: MountArgs) -> Result<(), MountError> {
         .map_err(|e| MountError::Manifest(format!("{}: {e}", manifest_path.display())))?;
     drop(manifest);
     let namespace = Arc::new(namespace);
+    if let StoreConfig::S3(target) = &store {
+        match target.check_objects(sample_objects(&namespace, 3)) {
+            Ok(Some(warning)) => tracing::warn!("{warning}"),
+            Ok(None) => {}
+            Err(e) => return Err(MountError::Runtime(e)),
+        }
+    }
 
     let shards = match args.shards {
         Some(0) => return Err(MountError::Usage("--shards must be at least 1".into())),
         Some(n) => n,
-        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        None => default_shards(namespace.file_count()),
     };
-    let pool_per_shard =
-        (args.memory_limit / shards as u64).clamp(MIN_POOL_PER_SHARD, MAX_POOL_PER_SHARD);
-    if args.part_size * 8 > pool_per_shard {
-        return Err(MountError::Usage(format!(
-            "--part-size {} MiB is too large for a {} MiB pool per shard (--memory-limit / \
-             --shards, at most 1 GiB each): use at most {} MiB, or raise --memory-limit",
-            args.part_size >> 20,
-            pool_per_shard >> 20,
-            ((pool_per_shard / 8) >> 20).max(1)
-        )));
-    }
+    let pool_per_shard = pool_per_shard(
+        args.memory_limit,
+        shards,
+        args.part_size,
+        namespace.total_size(),
+    )?;
     let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
     let config = ShardConfig {
         shards,
@@ -327,13 +397,18 @@ pub fn run(args: MountArgs) -> Result<(), MountError> {
         started.elapsed().as_secs_f64()
     );
     let _ = std::io::stdout().flush();
-    signal_ready();
+    report_to_parent(Ok(()));
 
-    let stop = wait_for_stop(&session, args.stats.then_some(&counters));
-    tracing::info!("{stop}; unmounting {}", mountpoint.display());
-    if let Err(e) = session.umount_and_join() {
-        tracing::warn!("unmount of {}: {e}", mountpoint.display());
-    }
+    let signals = Signals::new();
+    let stop = wait_for_stop(&signals, &session, args.stats.then_some(&counters));
+    stop_serving(
+        session,
+        &signals,
+        stop,
+        mountpoint,
+        Duration::from_secs(args.stop_grace),
+        &counters,
+    );
     if let Err(e) = executors.shutdown() {
         tracing::warn!("shard shutdown: {e}");
     }
@@ -346,38 +421,123 @@ pub fn run(args: MountArgs) -> Result<(), MountError> {
 
 fn print_stats(counters: &[Arc<ShardCounters>], label: &str) {
     let shards: Vec<CounterSnapshot> = counters.iter().map(|c| c.snapshot()).collect();
-    let total = shards
-        .iter()
-        .fold(CounterSnapshot::default(), |a, &b| a + b);
+    let total = total(counters);
     let line = serde_json::json!({ "stats": label, "total": total, "shards": shards });
     eprintln!("{line}");
 }
 
-/// Blocks until SIGINT/SIGTERM or until the session ends by itself (external `umount`).
+/// Why the mount is ending.
+enum Stop {
+    Signal(&'static str),
+    /// Someone ran `umount` (or `fusermount -u`): the FUSE session has already ended.
+    External,
+}
+
+/// Blocks until SIGINT/SIGTERM or until the session ends by itself (external `umount`). With
+/// `--stats`, prints the counters every second while they change.
 fn wait_for_stop(
+    signals: &Signals,
     session: &fuser::BackgroundSession,
     stats: Option<&Vec<Arc<ShardCounters>>>,
-) -> &'static str {
-    let signals = crate::signals::Signals::new();
+) -> Stop {
     let mut last_stats = Instant::now();
+    let mut last_printed = None;
     loop {
         if let Some(signal) = signals.wait(Duration::from_millis(200)) {
-            return signal;
+            return Stop::Signal(signal);
         }
         if session.guard.is_finished() {
-            return "the filesystem was unmounted externally";
+            return Stop::External;
         }
         if let Some(counters) = stats {
             if last_stats.elapsed() >= Duration::from_secs(1) {
-                print_stats(counters, "interval");
                 last_stats = Instant::now();
+                let now = total(counters);
+                if last_printed != Some(now) {
+                    print_stats(counters, "interval");
+                    last_printed = Some(now);
+                }
             }
         }
     }
 }
 
-/// Re-runs this command in the background and returns once the child reports the mount ready.
-fn daemonize() -> Result<(), MountError> {
+/// Unmounts without ever leaving a stale mount: a busy mount (files or working directories
+/// still open in it) is detached, so the path is free at once, and its open files are served
+/// until they are closed, another signal arrives or `grace` is over. Past that the process
+/// exits anyway and the kernel fails the remaining readers with ENOTCONN.
+fn stop_serving(
+    session: fuser::BackgroundSession,
+    signals: &Signals,
+    stop: Stop,
+    mountpoint: &Path,
+    grace: Duration,
+    counters: &[Arc<ShardCounters>],
+) {
+    let reason = match stop {
+        Stop::External => {
+            tracing::info!("{} was unmounted externally", mountpoint.display());
+            let_go(session);
+            return;
+        }
+        Stop::Signal(reason) => reason,
+    };
+    signals.reset();
+    match mountpoint::unmount(mountpoint, false) {
+        Ok(Unmounted::Clean) => tracing::info!("{reason}; unmounted {}", mountpoint.display()),
+        Ok(Unmounted::Detached) => {
+            let open = total(counters).open_handles();
+            tracing::info!(
+                "{reason}; {} is busy ({open} open files, and maybe working directories): \
+                 detached it, so the path is free; serving what is open for up to {}s",
+                mountpoint.display(),
+                grace.as_secs()
+            );
+        }
+        Err(e) => tracing::warn!("{reason}; cannot unmount {}: {e}", mountpoint.display()),
+    }
+    // Once the last user of the mount is gone the kernel ends the session.
+    let deadline = Instant::now() + grace;
+    while !session.guard.is_finished() && Instant::now() < deadline {
+        if let Some(again) = signals.wait(Duration::from_millis(50)) {
+            tracing::info!("{again} again: not waiting for open files any longer");
+            break;
+        }
+    }
+    if session.guard.is_finished() {
+        let_go(session);
+        return;
+    }
+    tracing::warn!(
+        "{} open files in the detached mount {} were not closed in time; exiting, their \
+         readers get ENOTCONN",
+        total(counters).open_handles(),
+        mountpoint.display()
+    );
+    // The kernel ends the detached mount when this process exits.
+    let_go(session);
+}
+
+/// Lets go of the session without dropping it: its drop would unmount `mountpoint` by path
+/// again, and by now that path is unmounted already or belongs to a new mount.
+fn let_go(session: fuser::BackgroundSession) {
+    std::mem::forget(session);
+}
+
+fn total(counters: &[Arc<ShardCounters>]) -> CounterSnapshot {
+    counters
+        .iter()
+        .map(|c| c.snapshot())
+        .fold(CounterSnapshot::default(), |a, b| a + b)
+}
+
+/// Re-runs this command in the background and returns once the child reports the mount ready,
+/// or with the child's own error if it could not mount. The child keeps none of the caller's
+/// stdio (a pipe reading our output would never close): it logs to `--log-file`, else nowhere.
+fn daemonize(log_file: Option<&Path>) -> Result<(), MountError> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::process::CommandExt;
+
     let mut fds = [0; 2];
     // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -386,61 +546,86 @@ fn daemonize() -> Result<(), MountError> {
             std::io::Error::last_os_error()
         )));
     }
-    let (read_fd, write_fd) = (fds[0], fds[1]);
-    // SAFETY: write_fd is a valid descriptor we own; clearing CLOEXEC lets the child inherit it.
-    unsafe { libc::fcntl(write_fd, libc::F_SETFD, 0) };
+    // SAFETY: pipe2 just returned these two descriptors; each is owned once, here.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: a valid descriptor we own; clearing CLOEXEC lets the child inherit it.
+    unsafe { libc::fcntl(fds[1], libc::F_SETFD, 0) };
     let exe =
         std::env::current_exe().map_err(|e| MountError::Runtime(format!("current_exe: {e}")))?;
     let mut command = std::process::Command::new(exe);
-    // The child keeps stderr for its log; its stdout is not ours to hold open after we exit.
     command
         .args(std::env::args_os().skip(1))
-        .env(READY_FD_ENV, write_fd.to_string())
+        .env(READY_FD_ENV, fds[1].to_string())
         .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null());
-    {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: setsid is async-signal-safe; it detaches the child from our terminal session.
-        unsafe {
-            command.pre_exec(|| {
-                libc::setsid();
-                Ok(())
-            });
-        }
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid is async-signal-safe; it detaches the child from our terminal session.
+    unsafe {
+        command.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
     }
     let mut child = command
         .spawn()
         .map_err(|e| MountError::Runtime(format!("cannot start the background process: {e}")))?;
-    // SAFETY: the child holds its own copy; we close ours so EOF means "child gone".
-    unsafe { libc::close(write_fd) };
-    let mut byte = [0u8; 1];
-    // SAFETY: read into a valid 1-byte buffer from the pipe we own.
-    let n = unsafe { libc::read(read_fd, byte.as_mut_ptr().cast(), 1) };
-    // SAFETY: closing our own descriptor.
-    unsafe { libc::close(read_fd) };
-    if n == 1 {
-        println!("mount_vfs: mounted in the background (pid {})", child.id());
-        return Ok(());
+    // The child holds its own copy; closing ours makes EOF mean "child gone".
+    drop(write_end);
+    let mut report = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut std::fs::File::from(read_end), &mut report);
+    match report.split_first() {
+        Some((b'R', _)) => {
+            let log = log_file.map_or(String::new(), |f| format!(", log in {}", f.display()));
+            println!(
+                "mount_vfs: mounted in the background (pid {}{log})",
+                child.id()
+            );
+            Ok(())
+        }
+        Some((_, failure)) => {
+            let _ = child.wait();
+            let (code, message) = failure.split_first().unwrap_or((&b'1', b""));
+            let message = String::from_utf8_lossy(message).into_owned();
+            Err(if *code == b'2' {
+                MountError::Usage(message)
+            } else {
+                MountError::Runtime(message)
+            })
+        }
+        None => {
+            let status = child
+                .wait()
+                .map_err(|e| MountError::Runtime(e.to_string()))?;
+            Err(MountError::Runtime(format!(
+                "the background mount failed ({status}){}",
+                log_file.map_or(String::new(), |f| format!("; see {}", f.display()))
+            )))
+        }
     }
-    let status = child
-        .wait()
-        .map_err(|e| MountError::Runtime(e.to_string()))?;
-    Err(MountError::Runtime(format!(
-        "the background mount failed ({status})"
-    )))
 }
 
-/// Tells a waiting `--daemon` parent that the mount is ready.
-fn signal_ready() {
+/// Tells a waiting `--daemon` parent how mounting went: `R` ready, or `E`, the exit code's
+/// digit and the error message.
+fn report_to_parent(outcome: Result<(), &MountError>) {
     let Some(fd) = std::env::var(READY_FD_ENV)
         .ok()
         .and_then(|v| v.parse::<i32>().ok())
     else {
         return;
     };
-    // SAFETY: the parent passed us this pipe's write end; we write one byte and close it.
+    static REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if REPORTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        return;
+    }
+    let message = match outcome {
+        Ok(()) => b"R".to_vec(),
+        Err(e) => format!("E{}{e}", e.exit_code()).into_bytes(),
+    };
+    // SAFETY: the parent passed us this pipe's write end and nothing else uses it; we write
+    // the message and close it, once (`REPORTED`).
     unsafe {
-        libc::write(fd, b"1".as_ptr().cast(), 1);
+        libc::write(fd, message.as_ptr().cast(), message.len());
         libc::close(fd);
     }
 }

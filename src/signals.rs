@@ -48,6 +48,14 @@ impl Signals {
     }
 }
 
+impl Signals {
+    /// Forgets the signals seen so far, so that [`wait`](Self::wait) reports the next one.
+    pub fn reset(&self) {
+        self.interrupt.store(false, Ordering::Relaxed);
+        self.terminate.store(false, Ordering::Relaxed);
+    }
+}
+
 impl Default for Signals {
     fn default() -> Signals {
         Signals::new()

@@ -66,6 +66,10 @@ pub struct SnapshotStats {
     pub objects_written: u64,
     pub objects_present: u64,
     pub skipped: usize,
+    /// Symlinks followed (v2023 cannot record them) and files whose exec bit was dropped (nor
+    /// that): what the Deadline client does too, but worth saying.
+    pub symlinks_followed: usize,
+    pub exec_bits_dropped: usize,
 }
 
 struct Job {
@@ -80,6 +84,8 @@ struct Walker {
     jobs: Vec<Job>,
     builder: ManifestBuilder,
     skipped: usize,
+    symlinks_followed: usize,
+    exec_bits_dropped: usize,
     total_bytes: u64,
     /// (dev, ino) of the directories on the current path, for loop detection.
     stack: Vec<(u64, u64)>,
@@ -115,6 +121,9 @@ impl Walker {
             } else {
                 fs::symlink_metadata(&path)
             };
+            if self.follow && e.file_type().is_ok_and(|t| t.is_symlink()) {
+                self.symlinks_followed += 1;
+            }
             let Ok(meta) = meta else {
                 // Dangling link or vanished entry: the client's isfile() is false, it skips.
                 self.skipped += 1;
@@ -143,7 +152,11 @@ impl Walker {
                 self.stack.pop();
             } else if ft.is_file() {
                 self.total_bytes += meta.len();
-                let executable = !self.follow && meta.permissions().mode() & 0o111 != 0;
+                let has_exec_bit = meta.permissions().mode() & 0o111 != 0;
+                let executable = !self.follow && has_exec_bit;
+                if self.follow && has_exec_bit {
+                    self.exec_bits_dropped += 1;
+                }
                 self.jobs.push(Job {
                     name,
                     path,
@@ -351,6 +364,8 @@ pub fn snapshot(
         jobs: Vec::new(),
         builder: ManifestBuilder::new(format),
         skipped: 0,
+        symlinks_followed: 0,
+        exec_bits_dropped: 0,
         total_bytes: 0,
         stack: vec![(root_meta.dev(), root_meta.ino())],
     };
@@ -360,6 +375,8 @@ pub fn snapshot(
         mut builder,
         skipped,
         total_bytes,
+        symlinks_followed,
+        exec_bits_dropped,
         ..
     } = w;
 
@@ -403,6 +420,8 @@ pub fn snapshot(
     let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
     let mut stats = SnapshotStats {
         skipped,
+        symlinks_followed,
+        exec_bits_dropped,
         ..SnapshotStats::default()
     };
     for (job, r) in jobs.iter().zip(results) {
@@ -444,6 +463,26 @@ pub fn run(args: &SnapshotArgs) -> ExitCode {
         SnapshotFormat::V2023_03_03 => Format::V2023_03_03,
         SnapshotFormat::V2025_12_04Beta => Format::V2025_12_04Beta,
     };
+    // Hashing a large tree into the CAS takes a while: refuse an output path that cannot be
+    // written before, not after.
+    if let Some(path) = &args.output {
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if !parent.is_dir() || path.is_dir() {
+            eprintln!(
+                "mount_vfs snapshot: cannot write the manifest to {}: {}",
+                path.display(),
+                if path.is_dir() {
+                    "it is a directory; name a file".to_string()
+                } else {
+                    format!("directory {} does not exist", parent.display())
+                }
+            );
+            return ExitCode::from(2);
+        }
+    }
     let progress = io::stderr().is_terminal();
     let (manifest, stats) = match snapshot(&args.dir, &args.cas, format, progress) {
         Ok(r) => r,
@@ -463,6 +502,13 @@ pub fn run(args: &SnapshotArgs) -> ExitCode {
     if let Err(e) = written {
         eprintln!("mount_vfs snapshot: {e}");
         return ExitCode::from(1);
+    }
+    if stats.symlinks_followed + stats.exec_bits_dropped > 0 {
+        eprintln!(
+            "mount_vfs snapshot: format 2023-03-03 followed {} symlinks and dropped the exec bit \
+             of {} files, as the Deadline client does; --format 2025-12-04-beta keeps both",
+            stats.symlinks_followed, stats.exec_bits_dropped
+        );
     }
     tracing::info!(
         files = stats.files,

@@ -187,6 +187,23 @@ fn negative_or_inconsistent_sizes() {
         Some("paths[0]"),
     );
     expect(&v2023(&entry("a"), "-5"), Rule::NegativeSize, None);
+    // Fits u64 but no off_t: `stat` could not report it (issue 8: validate passed, stat EIO).
+    expect(
+        &v2023(
+            &entry("a").replace("\"size\":11", "\"size\":18446744073709551615"),
+            "18446744073709551615",
+        ),
+        Rule::SizeTooLarge,
+        Some("\"a\""),
+    );
+    expect(
+        &v2023(
+            &entry("a").replace("\"size\":11", "\"size\":9223372036854775808"),
+            "9223372036854775808",
+        ),
+        Rule::SizeTooLarge,
+        None,
+    );
     expect(
         &v2023(&entry("a").replace("\"size\":11", "\"size\":1.5"), "11"),
         Rule::NotInteger,

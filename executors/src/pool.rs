@@ -453,10 +453,27 @@ impl BufferPool {
     /// Fails only if `len` can never fit.
     pub async fn alloc(&self, len: usize) -> Result<PoolBuffer, TooLarge> {
         let rounded = self.check_len(len)?;
-        let mut permit = self.acquire(rounded).await;
+        let permit = self.acquire(rounded).await;
+        Ok(self.carve_under(len, permit).await)
+    }
+
+    /// A buffer of `len` bytes carved under memory already granted by [`reserve`](Self::reserve):
+    /// callers that must take memory in a fixed order (a stream whose head must never wait
+    /// behind its own tail) reserve in that order, then fill the buffers in any order.
+    /// Panics if `memory` is smaller than the buffer needs.
+    pub async fn alloc_reserved(&self, len: usize, memory: Reservation) -> PoolBuffer {
+        assert!(
+            memory.bytes() >= rounded_size(len),
+            "{len} bytes do not fit a reservation of {}",
+            memory.bytes()
+        );
+        self.carve_under(len, memory.permit).await
+    }
+
+    async fn carve_under(&self, len: usize, mut permit: Permit) -> PoolBuffer {
         loop {
             match self.carve(len, permit) {
-                Ok(buf) => return Ok(buf),
+                Ok(buf) => return buf,
                 Err(p) if self.inner.in_use.get() > p.bytes => {
                     // Fragmented: hold our accounting and retry when someone gives memory back.
                     let gen = self.inner.release_gen.get();
@@ -470,10 +487,10 @@ impl BufferPool {
                 Err(p) => {
                     // Nothing else is accounted, yet the buddy is full: glommio itself holds
                     // buffers we were not told about. Serve from the heap rather than hang.
-                    return Ok(PoolBuffer {
+                    return PoolBuffer {
                         buf: glommio::allocate_dma_buffer(len),
                         permit: Reservation { permit: p },
-                    });
+                    };
                 }
             }
         }

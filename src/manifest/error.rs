@@ -16,6 +16,8 @@ pub enum Rule {
     HashAlg,
     MalformedHash,
     NegativeSize,
+    /// A size over 2^63 - 1 bytes, which no file offset (`off_t`) can reach.
+    SizeTooLarge,
     /// A number that must be an integer is not one, or does not fit.
     NotInteger,
     /// Chunk list length disagrees with the size, or a large file is not chunked.
@@ -52,6 +54,7 @@ impl Rule {
             Rule::HashAlg => "hash-alg",
             Rule::MalformedHash => "malformed-hash",
             Rule::NegativeSize => "negative-size",
+            Rule::SizeTooLarge => "size-too-large",
             Rule::NotInteger => "not-integer",
             Rule::ChunkCount => "chunk-count",
             Rule::DuplicatePath => "duplicate-path",

@@ -190,6 +190,16 @@ pub(crate) fn finish(b: ManifestBuilder, source: &str) -> Result<Manifest, Manif
             problems.push(label(path), rule, detail);
         }
         let unsupported = |what: &str| format!("{what} cannot be written in format {format:?}");
+        if matches!(s.kind, SlotKind::Whole | SlotKind::Chunked) && s.size > i64::MAX as u64 {
+            problems.push(
+                label(path),
+                Rule::SizeTooLarge,
+                format!(
+                    "size {} is over 2^63 - 1 bytes, more than any file can hold",
+                    s.size
+                ),
+            );
+        }
         match s.kind {
             SlotKind::Whole => {
                 sum += u128::from(s.size);

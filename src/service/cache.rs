@@ -109,6 +109,11 @@ impl BlockCache {
         true
     }
 
+    /// Loads in flight.
+    pub fn loading(&self) -> usize {
+        self.inner.borrow().loading.len()
+    }
+
     /// The load in flight for `key`, or registers `start()` as the one.
     pub fn load_or_join(
         &self,

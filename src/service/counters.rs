@@ -31,6 +31,8 @@ macro_rules! counters {
 counters! {
     /// OPEN requests handled.
     opens,
+    /// RELEASE requests handled (`opens - releases` files are open).
+    releases,
     /// READ requests handled.
     reads,
     /// Bytes sent in READ replies.
@@ -64,6 +66,13 @@ counters! {
     errors,
     /// Requests that arrived at a shard that does not own the inode (must stay 0).
     misrouted,
+}
+
+impl CounterSnapshot {
+    /// Files open in the mount now (opens not yet released).
+    pub fn open_handles(&self) -> u64 {
+        self.opens.saturating_sub(self.releases)
+    }
 }
 
 impl ShardCounters {

@@ -52,7 +52,7 @@ use std::time::Instant;
 use fuser::{BackingId, Errno, FileHandle, FopenFlags, ReplyData, ReplyEmpty, ReplyOpen};
 use futures::future::{FutureExt, LocalBoxFuture, Shared};
 use futures::StreamExt;
-use mount_vfs_executors::{rounded_size, BufferPool, Mailbox, ShardContext};
+use mount_vfs_executors::{rounded_size, BufferPool, Mailbox, Reservation, ShardContext};
 use xxhash_rust::xxh3::xxh3_64;
 
 use crate::manifest::{Hash, CHUNK_SIZE};
@@ -72,7 +72,7 @@ use cache::BlockCache;
 const VERIFY_READS_IN_FLIGHT: usize = 8;
 
 /// Read-ahead window for sequential readers: starts at one block and doubles per sequential
-/// read up to this many bytes.
+/// read up to this many bytes (less in small pools, see `FileService::max_readahead_blocks`).
 const MAX_READAHEAD: u64 = 64 << 20;
 
 /// A data request for an inode, sent by the FUSE front to the inode's owner shard.
@@ -289,6 +289,7 @@ impl FileService {
                 }
             }
             ShardRequest::Release { ino, fh, reply } => {
+                c.add(&c.releases, 1);
                 let handle = self.handles.borrow_mut().remove(&fh);
                 if handle.is_some() {
                     let mut modes = self.io_modes.borrow_mut();
@@ -444,6 +445,8 @@ impl FileService {
         // The read straddles blocks (an unaligned reader): gather into one reply buffer.
         let mut bytes = Vec::with_capacity(wanted);
         bytes.extend_from_slice(&first[start..]);
+        // Holding a block while waiting for the next could pin the pool with many readers.
+        drop(first);
         while bytes.len() < wanted {
             let (object, block, start) = locate(offset + bytes.len() as u64);
             let next = self.block(ino, object, block).await?;
@@ -462,7 +465,7 @@ impl FileService {
             };
             let sequential = offset == handle.next_offset;
             handle.window = if sequential {
-                (handle.window * 2).min((MAX_READAHEAD / self.block_size).max(1))
+                (handle.window * 2).min(self.max_readahead_blocks())
             } else {
                 1
             };
@@ -491,6 +494,12 @@ impl FileService {
             // that already failed are retried on demand only, not by every read-ahead.
             if self.cache.contains((hash, block)) || self.reported.borrow().contains(&hash) {
                 continue;
+            }
+            // All readers of the shard together load ahead at most half the cache: blocks
+            // loaded past that would evict each other before they are read.
+            let loading = self.cache.loading() as u64 * block_size;
+            if loading + block_size > self.cache.budget() as u64 / 2 {
+                break;
             }
             let service = self.clone();
             glommio::spawn_local(async move {
@@ -546,12 +555,12 @@ impl FileService {
             c.add(&c.cache_hits, 1);
             return Ok(cached);
         }
+        // A miss, whether the verification stream or a reload brings the block.
+        c.add(&c.cache_misses, 1);
         self.verify(ino, hash, len).await?;
         if let Some(cached) = self.cache.get((hash, block)) {
-            c.add(&c.cache_hits, 1);
             return Ok(cached);
         }
-        c.add(&c.cache_misses, 1);
         let service = self.clone();
         let load = self.cache.load_or_join((hash, block), move || {
             async move {
@@ -579,6 +588,14 @@ impl FileService {
         self.make_room(self.headroom());
     }
 
+    /// Largest read-ahead window, in blocks: [`MAX_READAHEAD`], but at most a quarter of the
+    /// cache, so blocks loaded ahead are still cached when the reader gets there (a window as
+    /// large as a small pool evicted its own blocks and every block was fetched again).
+    fn max_readahead_blocks(&self) -> u64 {
+        let bytes = MAX_READAHEAD.min(self.cache.budget() as u64 / 4);
+        (bytes / self.block_size).max(1)
+    }
+
     /// Pool memory kept free for loads: a full verification window, at most a quarter of the
     /// pool. Retained blocks never reach into it, so a verification can always progress.
     fn headroom(&self) -> usize {
@@ -601,6 +618,20 @@ impl FileService {
         }
     }
 
+    /// Pool memory for a read of `len` bytes, after evicting cached blocks to make room. Waits
+    /// in FIFO order behind earlier requests: a caller that needs its reads to complete in order
+    /// takes their memory in that order (see [`FileService::stream`]).
+    async fn grant(&self, hash: Hash, len: u64) -> Result<Reservation, StoreError> {
+        self.make_room(len as usize);
+        self.pool
+            .reserve(len as usize)
+            .await
+            .map_err(|e| StoreError::Io {
+                location: self.store.location(hash).into(),
+                source: std::io::Error::other(e),
+            })
+    }
+
     /// Reads a range of object `hash` from `source` into the pool, counting what it costs.
     async fn fetch(
         &self,
@@ -610,13 +641,27 @@ impl FileService {
         len: u64,
         source: Source,
     ) -> Result<Block, StoreError> {
-        self.make_room(len as usize);
+        let memory = self.grant(hash, len).await?;
+        self.fetch_into(memory, hash, object_len, offset, len, source)
+            .await
+    }
+
+    /// [`fetch`](Self::fetch) into memory the caller was already granted.
+    async fn fetch_into(
+        &self,
+        memory: Reservation,
+        hash: Hash,
+        object_len: u64,
+        offset: u64,
+        len: u64,
+        source: Source,
+    ) -> Result<Block, StoreError> {
         let started = Instant::now();
         let len = len as usize;
         let c = &self.counters;
         let result = match (source, &self.disk_cache) {
             (Source::DiskCache, Some(cache)) => {
-                let read = cache.read(&self.pool, hash, object_len, offset, len);
+                let read = cache.read(memory, hash, object_len, offset, len);
                 let result = read.await;
                 if let Ok(block) = &result {
                     c.add(&c.disk_cache_bytes, block.len() as u64);
@@ -624,7 +669,9 @@ impl FileService {
                 result
             }
             _ => {
-                let read = self.store.read(&self.pool, hash, object_len, offset, len);
+                let read = self
+                    .store
+                    .read(&self.pool, memory, hash, object_len, offset, len);
                 let result = read.await;
                 if let Ok(block) = &result {
                     c.add(&c.bytes_fetched, block.len() as u64);
@@ -867,12 +914,23 @@ impl FileService {
         let mut digests = Vec::with_capacity(blocks as usize);
         let mut kept_bytes = 0usize;
         let mut hasher = xxhash_rust::xxh3::Xxh3::new();
-        let mut reads = futures::stream::iter(0..blocks)
-            .map(|index| {
-                let start = index * block_size;
-                self.fetch(hash, len, start, (len - start).min(block_size), source)
-            })
-            .buffered(VERIFY_READS_IN_FLIGHT);
+        // Memory is granted one block at a time, in block order, and only then is the read
+        // started: the block the hasher waits for always holds its memory before any later one
+        // asks, so later blocks cannot take the last of a small pool while the head waits
+        // behind them (that deadlocked 32 MiB pools).
+        let mut reads = Box::pin(
+            futures::stream::iter(0..blocks)
+                .then(|index| async move {
+                    let start = index * block_size;
+                    let part = (len - start).min(block_size);
+                    (start, part, self.grant(hash, part).await)
+                })
+                .map(|(start, part, memory)| async move {
+                    self.fetch_into(memory?, hash, len, start, part, source)
+                        .await
+                })
+                .buffered(VERIFY_READS_IN_FLIGHT),
+        );
         let mut index = 0u32;
         let result = loop {
             let Some(block) = reads.next().await else {

@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use glommio::io::BufferedFile;
-use mount_vfs_executors::BufferPool;
+use mount_vfs_executors::Reservation;
 
 use super::{object_key, Block, CacheUsage, OpenFiles, StoreError};
 use crate::manifest::Hash;
@@ -118,12 +118,12 @@ impl DiskCache {
         std::fs::metadata(self.location(hash)).is_ok_and(|m| m.is_file() && m.len() == len)
     }
 
-    /// Bytes `[offset, offset + len)` of cached object `hash` (`object_len` bytes long), in a
-    /// buffer of the shard's pool. A file shorter than the manifest says is an error, as in
+    /// Bytes `[offset, offset + len)` of cached object `hash` (`object_len` bytes long), in
+    /// `memory` of the shard's pool (granted by the caller). A file shorter than the manifest says is an error, as in
     /// every store.
     pub async fn read(
         &self,
-        pool: &BufferPool,
+        memory: Reservation,
         hash: Hash,
         object_len: u64,
         offset: u64,
@@ -135,10 +135,8 @@ impl DiskCache {
             source,
         };
         let file = self.open(hash, object_len).await?;
-        let accounting = pool
-            .reserve(len)
-            .await
-            .map_err(|e| io(io::Error::other(e)))?;
+        // Buffered reads allocate exactly `len` from the arena: the caller's grant covers it.
+        let accounting = memory;
         let data = file.read_at(offset, len).await.map_err(|e| io(e.into()))?;
         if data.len() != len {
             // Truncated under us: the caller discards the file or falls back to the store.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use glommio::io::{DmaFile, ReadResult};
-use mount_vfs_executors::{BufferPool, PoolBuffer, Reservation, TooLarge};
+use mount_vfs_executors::{rounded_size, BufferPool, PoolBuffer, Reservation, TooLarge};
 
 use super::{object_key, OpenFiles, StoreError};
 use crate::manifest::Hash;
@@ -119,6 +119,25 @@ impl LocalCas {
         offset: u64,
         len: usize,
     ) -> Result<Block, StoreError> {
+        let memory = pool
+            .reserve(len)
+            .await
+            .map_err(|e| self.too_large(hash, e))?;
+        self.read_reserved(pool, memory, hash, object_len, offset, len)
+            .await
+    }
+
+    /// [`read`](Self::read) into `memory`, granted beforehand by the caller (see
+    /// [`BufferPool::alloc_reserved`]).
+    pub async fn read_reserved(
+        &self,
+        pool: &BufferPool,
+        memory: Reservation,
+        hash: Hash,
+        object_len: u64,
+        offset: u64,
+        len: usize,
+    ) -> Result<Block, StoreError> {
         if len == 0 {
             return Ok(Block::empty());
         }
@@ -127,10 +146,17 @@ impl LocalCas {
             location: self.location(hash),
             source: e.into(),
         };
-        let reservation = pool
-            .reserve_read(&file, offset, len)
-            .await
-            .map_err(|e| self.too_large(hash, e))?;
+        // glommio widens the read to the file's O_DIRECT alignment; block-aligned reads fit the
+        // caller's grant, anything else takes its own (rare: unaligned offsets only).
+        let aligned = (file.align_up(offset + len as u64) - file.align_down(offset)) as usize;
+        let reservation = if memory.bytes() >= rounded_size(aligned) {
+            memory
+        } else {
+            drop(memory);
+            pool.reserve_read(&file, offset, len)
+                .await
+                .map_err(|e| self.too_large(hash, e))?
+        };
         let first = file.read_at(offset, len).await.map_err(io_error)?;
         if first.len() == len {
             return Ok(Block {
@@ -140,12 +166,13 @@ impl LocalCas {
                 },
             });
         }
-        // A short read: assemble the rest into one buffer (rare; costs one copy).
-        drop(reservation);
+        // A short read: assemble the rest into one buffer (rare; costs one copy). The copy
+        // needs its own memory while `first` still holds the grant.
         let mut buffer = pool.alloc(len).await.map_err(|e| self.too_large(hash, e))?;
         buffer[..first.len()].copy_from_slice(&first);
         let mut filled = first.len();
         drop(first);
+        drop(reservation);
         while filled < len {
             let more = file
                 .read_at(offset + filled as u64, len - filled)

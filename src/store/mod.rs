@@ -20,7 +20,7 @@ pub use disk_cache::{CacheWriter, DiskCache, DiskCacheConfig};
 pub use local::{Block, LocalCas};
 pub use s3::{S3Store, S3Target};
 
-use mount_vfs_executors::BufferPool;
+use mount_vfs_executors::{BufferPool, Reservation};
 
 use crate::manifest::Hash;
 
@@ -55,17 +55,26 @@ pub enum Store {
 impl Store {
     /// Bytes `[offset, offset + len)` of object `hash` (whose full length is `object_len`), in
     /// a buffer of the shard's pool. The caller keeps the range inside the object.
+    /// The memory for the bytes (`rounded_size(len)` of the pool) is granted by the caller
+    /// beforehand, so a caller can take memory in the order its reads must complete.
     pub async fn read(
         &self,
         pool: &BufferPool,
+        memory: Reservation,
         hash: Hash,
         object_len: u64,
         offset: u64,
         len: usize,
     ) -> Result<Block, StoreError> {
         match self {
-            Store::Local(cas) => cas.read(pool, hash, object_len, offset, len).await,
-            Store::S3(s3) => s3.read(pool, hash, object_len, offset, len).await,
+            Store::Local(cas) => {
+                cas.read_reserved(pool, memory, hash, object_len, offset, len)
+                    .await
+            }
+            Store::S3(s3) => {
+                s3.read_reserved(pool, memory, hash, object_len, offset, len)
+                    .await
+            }
         }
     }
 

@@ -109,12 +109,13 @@ impl Mount {
             .arg(dir)
             .args(store)
             .envs(env.iter().copied())
-            .args([
-                "--shards",
-                &options.shards.to_string(),
-                "--memory-limit",
-                "256M",
-            ])
+            .args(["--shards", &options.shards.to_string()])
+            .args(
+                (!options.extra.contains(&"--memory-limit"))
+                    .then_some(["--memory-limit", "256M"])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(options.extra)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -197,6 +198,12 @@ impl Mount {
             let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
         }
         status
+    }
+
+    /// The daemon process, which the mount no longer stops or cleans up after (for tests of
+    /// what a crash leaves behind).
+    pub fn take_child(&mut self) -> Option<Child> {
+        self.child.take()
     }
 
     /// The last `--stats` JSON line the daemon printed with this label (`final` after stop).

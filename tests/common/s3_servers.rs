@@ -374,6 +374,7 @@ pub fn config(endpoint: &str, bucket: &str, root: &str, key: &str, secret: &str)
             connect_timeout: Duration::from_secs(2),
             read_timeout: Duration::from_millis(1500),
             max_attempts: 5,
+            request_deadline: Duration::from_secs(30),
             backoff_base: Duration::from_millis(20),
             backoff_cap: Duration::from_millis(200),
             max_idle_connections: 8,

@@ -44,6 +44,9 @@ pub struct S3Tuning {
     pub read_timeout: Duration,
     /// Attempts per request, the first included.
     pub max_attempts: u32,
+    /// Longest time one request may take, all attempts and backoff included (`--read-timeout`):
+    /// a server that accepts but never answers costs a read this long, then EIO.
+    pub request_deadline: Duration,
     /// Backoff before retry `n` is uniform in `[0, min(backoff_cap, backoff_base * 2^n)]`
     /// ("full jitter").
     pub backoff_base: Duration,
@@ -58,6 +61,7 @@ impl Default for S3Tuning {
             connect_timeout: Duration::from_secs(5),
             read_timeout: Duration::from_secs(20),
             max_attempts: 5,
+            request_deadline: Duration::from_secs(30),
             backoff_base: Duration::from_millis(100),
             backoff_cap: Duration::from_secs(5),
             max_idle_connections: 32,

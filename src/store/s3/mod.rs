@@ -21,7 +21,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use mount_vfs_executors::BufferPool;
+use mount_vfs_executors::{BufferPool, Reservation};
 use rustls::pki_types::ServerName;
 
 pub use config::{
@@ -109,6 +109,48 @@ impl S3Target {
     /// endpoint, region, bucket and credentials before mounting. Runs on a short-lived glommio
     /// thread with the same client the shards use. `Ok(Some(warning))`: usable, with a caveat.
     pub fn probe(self: &Arc<Self>) -> Result<Option<String>, String> {
+        self.on_probe_thread(|store| async move { store.probe().await })
+    }
+
+    /// Checks that the manifest's objects are where the mount will look (`hashes`: a few of
+    /// them): a wrong root prefix would otherwise mount fine and fail every read with EIO.
+    /// Fails when none of them exists; warns when some are missing.
+    pub fn check_objects(self: &Arc<Self>, hashes: Vec<Hash>) -> Result<Option<String>, String> {
+        let where_ = self.describe();
+        self.on_probe_thread(move |store| async move {
+            let mut missing = Vec::new();
+            for &hash in &hashes {
+                if store.exists(hash).await == Some(false) {
+                    missing.push(hash);
+                }
+            }
+            let example = |h: &Hash| store.location(*h).display().to_string();
+            match missing.first() {
+                None => Ok(None),
+                Some(first) if missing.len() == hashes.len() => Err(format!(
+                    "{where_}: none of the {} manifest objects checked exists (e.g. {}): check \
+                     the bucket and root prefix (--s3 s3://BUCKET/ROOT_PREFIX, or --root-prefix)",
+                    hashes.len(),
+                    example(first)
+                )),
+                Some(first) => Ok(Some(format!(
+                    "{where_}: {} of {} manifest objects checked are missing (e.g. {}); reads of \
+                     those files will fail with EIO",
+                    missing.len(),
+                    hashes.len(),
+                    example(first)
+                ))),
+            }
+        })
+    }
+
+    /// Runs `job` with a store of its own on a short-lived glommio thread (start-up checks).
+    fn on_probe_thread<T, F, Fut>(self: &Arc<Self>, job: F) -> Result<T, String>
+    where
+        T: Send + 'static,
+        F: FnOnce(S3Store) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<T, String>>,
+    {
         let target = self.clone();
         std::thread::Builder::new()
             .name("mount_vfs-s3-probe".into())
@@ -117,7 +159,7 @@ impl S3Target {
                     .io_memory(2 << 20)
                     .make()
                     .map_err(|e| format!("cannot start the S3 probe executor: {e}"))?;
-                executor.run(async move { S3Store::new(target).probe().await })
+                executor.run(async move { job(S3Store::new(target)).await })
             })
             .map_err(|e| format!("cannot start the S3 probe thread: {e}"))?
             .join()
@@ -236,14 +278,30 @@ impl S3Store {
         offset: u64,
         len: usize,
     ) -> Result<Block, StoreError> {
+        let memory = pool.reserve(len).await.map_err(|e| StoreError::Io {
+            location: self.location(hash),
+            source: std::io::Error::other(e),
+        })?;
+        self.read_reserved(pool, memory, hash, object_len, offset, len)
+            .await
+    }
+
+    /// [`read`](Self::read) into `memory`, granted beforehand by the caller (see
+    /// [`BufferPool::alloc_reserved`]).
+    pub async fn read_reserved(
+        &self,
+        pool: &BufferPool,
+        memory: Reservation,
+        hash: Hash,
+        object_len: u64,
+        offset: u64,
+        len: usize,
+    ) -> Result<Block, StoreError> {
         // The empty object is never requested: S3 cannot serve an empty range.
         if len == 0 {
             return Ok(Block::empty());
         }
-        let mut buffer = pool.alloc(len).await.map_err(|e| StoreError::Io {
-            location: self.location(hash),
-            source: std::io::Error::other(e),
-        })?;
+        let mut buffer = pool.alloc_reserved(len, memory).await;
         let dest = &mut buffer[..len];
         let suffixed = format!("Data/{hash}{OBJECT_SUFFIX}");
         let bare = format!("Data/{hash}");
@@ -503,6 +561,43 @@ impl S3Store {
         }
     }
 
+    /// Whether object `hash` exists (HEAD, then the key without `.xxh128`, as reads do);
+    /// `None` when the server's answers do not tell.
+    async fn exists(&self, hash: Hash) -> Option<bool> {
+        for key in [
+            format!("Data/{hash}{OBJECT_SUFFIX}"),
+            format!("Data/{hash}"),
+        ] {
+            let location = PathBuf::from(self.url_of(&key));
+            let path = format!("{}{}", self.root_path, encode_key(&key));
+            let answer = self
+                .with_retries(
+                    &location,
+                    "HEAD",
+                    &path,
+                    &[],
+                    Payload::Empty,
+                    None,
+                    |response| match response {
+                        Ok(r) if (200..300).contains(&r.head.status) => Outcome::Done(true),
+                        Ok(r) if r.head.status == 404 => Outcome::Done(false),
+                        Ok(r) => match classify_failure(&r, &location) {
+                            Ok(why) => Outcome::Retry(why),
+                            Err(e) => Outcome::Fail(e),
+                        },
+                        Err(e) => Outcome::Retry(e.to_string()),
+                    },
+                )
+                .await;
+            match answer {
+                Ok(true) => return Some(true),
+                Ok(false) => continue,
+                Err(_) => return None,
+            }
+        }
+        Some(false)
+    }
+
     fn target_prefix(&self) -> String {
         if self.target.root_prefix.is_empty() {
             String::new()
@@ -531,6 +626,22 @@ impl S3Store {
         classify: impl Fn(Result<Response, HttpError>) -> Outcome<T, E>,
     ) -> Result<T, RetryError<E>> {
         let tuning = &self.target.tuning;
+        let deadline = std::time::Instant::now() + tuning.request_deadline;
+        let past_deadline = |attempts: u32, last: &str| {
+            RetryError::Exhausted(StoreError::Unavailable {
+                location: location.to_path_buf(),
+                attempts,
+                last: format!(
+                    "no complete answer within {}s (--read-timeout){}",
+                    tuning.request_deadline.as_secs_f64(),
+                    if last.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; before that: {last}")
+                    }
+                ),
+            })
+        };
         let mut last = String::new();
         for attempt in 1..=tuning.max_attempts {
             let head = match self.request_head(method, path, headers, &payload) {
@@ -551,7 +662,20 @@ impl S3Store {
                 body,
                 head_only: method == "HEAD",
             };
-            let response = self.http.send(&request, direct.as_deref_mut()).await;
+            let remaining = deadline.saturating_duration_since(std::time::Instant::now());
+            let send = self.http.send(&request, direct.as_deref_mut());
+            let response = match futures::future::select(
+                std::pin::pin!(send),
+                std::pin::pin!(glommio::timer::sleep(remaining)),
+            )
+            .await
+            {
+                futures::future::Either::Left((response, _)) => response,
+                futures::future::Either::Right(_) => {
+                    // The connection is dropped with the request: it is in an unknown state.
+                    return Err(past_deadline(attempt, &last));
+                }
+            };
             let failed_transport = response.is_err();
             match classify(response) {
                 Outcome::Done(value) => return Ok(value),
@@ -568,8 +692,12 @@ impl S3Store {
                         self.http.drop_idle();
                     }
                     if attempt < tuning.max_attempts {
+                        let pause = backoff(tuning, attempt);
+                        if std::time::Instant::now() + pause >= deadline {
+                            return Err(past_deadline(attempt, &last));
+                        }
                         self.retries.set(self.retries.get() + 1);
-                        glommio::timer::sleep(backoff(tuning, attempt)).await;
+                        glommio::timer::sleep(pause).await;
                     }
                 }
             }
