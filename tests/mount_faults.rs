@@ -66,6 +66,8 @@ fn missing_and_corrupt_objects_give_eio_while_the_rest_keeps_working() {
         fs::metadata(mount.dir.join("corrupt.bin")).unwrap().len(),
         6 << 20
     );
+    // Closed before stopping: an open file would keep the detached mount serving it.
+    drop(file);
     mount.stop();
     let log = mount.stderr();
     assert!(
@@ -229,7 +231,10 @@ fn unsupported_flags_and_missing_store_are_clear_errors() {
     let too_large = ["--cas", cas, "--shards", "1", "--memory-limit", "256M"];
     let (code, err) = run(&[&too_large[..], &["--part-size", "64M"]].concat());
     assert_eq!(code, Some(2));
-    assert!(err.contains("--part-size 64 MiB is too large"), "{err}");
+    assert!(
+        err.contains("below the 512 MiB a shard needs (8 reads of --part-size 64 MiB"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -333,8 +338,10 @@ fn daemon_returns_once_mounted_and_exits_on_external_unmount() {
     }
 }
 
+/// A stale mount (the daemon killed hard) is cleaned by the next mount: see
+/// `mount_reliability.rs`.
 #[test]
-fn busy_and_stale_mountpoints_get_a_clear_message() {
+fn a_busy_mountpoint_names_the_process_serving_it() {
     let tmp = tempfile::tempdir().unwrap();
     let (manifest, cas) = small_job(tmp.path());
     let mnt = tmp.path().join("mnt");
@@ -355,16 +362,8 @@ fn busy_and_stale_mountpoints_get_a_clear_message() {
     };
     let (ok, err) = second(&mnt);
     assert!(!ok);
-    assert!(err.contains("already a mount point"), "{err}");
-    // A daemon killed hard leaves a stale mount (ENOTCONN).
-    common::signal(mount.pid().unwrap(), libc::SIGKILL);
-    std::thread::sleep(Duration::from_millis(300));
-    let (ok, err) = second(&mnt);
-    assert!(!ok);
-    assert!(
-        err.contains("stale FUSE mount") && err.contains("umount -l"),
-        "{err}"
-    );
+    let holder = format!("served by mount_vfs pid {}", mount.pid().unwrap());
+    assert!(err.contains(&holder), "{err}");
     drop(mount);
 }
 

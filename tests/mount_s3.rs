@@ -149,3 +149,110 @@ fn a_disk_cache_spares_the_store_on_the_next_mount() {
     // One GET: the start-up probe (ListObjectsV2); none for the object.
     assert_eq!(proxy.gets(), gets + 1, "only the probe reached the server");
 }
+
+#[test]
+fn a_server_that_stops_answering_costs_a_read_the_read_timeout_then_eio() {
+    // Issue 8.5: an S3 server that accepts but never answers blocked a read for 100-160 s.
+    let moto = Moto::start();
+    moto.create_bucket("cas");
+    let proxy = FaultProxy::start(moto.port);
+    let data = pattern(85, (2 << 20) + 5);
+    let files: Vec<(&str, &[u8])> = vec![("a.bin", &data)];
+    let target = S3Target::start(&config(&moto.endpoint(), "cas", "root", "k", "s")).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let manifest_path = work.path().join("m.manifest");
+    std::fs::write(&manifest_path, upload_job(&target, &files)).unwrap();
+    let endpoint = proxy.endpoint();
+    let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
+    let mut mount = Mount::start_with_store(
+        &manifest_path,
+        &store,
+        &ENV,
+        &work.path().join("mnt"),
+        MountOptions {
+            shards: 1,
+            extra: &["--read-timeout", "3"],
+        },
+    );
+    // Every GET now sends half a body, then nothing for ten minutes.
+    proxy.inject(&[Fault::Stall(std::time::Duration::from_secs(600)); 16]);
+    let started = std::time::Instant::now();
+    let error = read_all(&mount.dir.join("a.bin")).unwrap_err();
+    let took = started.elapsed();
+    assert_eq!(error.raw_os_error(), Some(libc::EIO));
+    assert!(
+        took >= std::time::Duration::from_secs(3) && took < std::time::Duration::from_secs(10),
+        "the read failed after {took:?}"
+    );
+    mount.stop();
+    let log = mount.stderr();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("no complete answer within 3s"))
+        .count();
+    assert_eq!(lines, 1, "{log}");
+}
+
+#[test]
+fn a_wrong_root_prefix_is_refused_before_mounting() {
+    // Issue 8.6: a wrong prefix mounted, and every read was EIO.
+    let moto = Moto::start();
+    moto.create_bucket("cas");
+    let files: Vec<(&str, &[u8])> = vec![("a.txt", b"hello"), ("b.txt", b"world")];
+    let target = S3Target::start(&config(&moto.endpoint(), "cas", "root", "k", "s")).unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let manifest_path = work.path().join("m.manifest");
+    std::fs::write(&manifest_path, upload_job(&target, &files)).unwrap();
+    let mnt = work.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    // No region anywhere, and the instance metadata service (were it asked) at a closed
+    // loopback port: any IMDS lookup would show as a warning.
+    let mount = |prefix: &str, log: &str| {
+        Command::new(BIN)
+            .arg(&manifest_path)
+            .arg(&mnt)
+            .args(["--s3", prefix, "--endpoint-url", &moto.endpoint()])
+            .args(["--stop-grace", "1"])
+            .envs(ENV)
+            .env_remove("AWS_REGION")
+            .env_remove("AWS_EC2_METADATA_DISABLED")
+            .env("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://127.0.0.1:9")
+            .env("RUST_LOG", log)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let output = mount("s3://cas/wrong-root", "info")
+        .wait_with_output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("none of the 2 manifest objects checked exists")
+            && stderr.contains("s3://cas/wrong-root/Data/"),
+        "{stderr}"
+    );
+    assert!(!is_mounted(&mnt));
+    assert!(!stderr.to_lowercase().contains("imds"), "{stderr}");
+
+    // The right prefix mounts. Even at trace level the log names no access key.
+    let mut child = mount("s3://cas/root", "trace");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut ready = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut ready).unwrap();
+    assert!(ready.contains("mounted"), "{ready}");
+    assert_eq!(read_all(&mnt.join("a.txt")).unwrap(), b"hello");
+    common::signal(child.id(), libc::SIGTERM);
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    assert!(!is_mounted(&mnt));
+    let log = String::from_utf8_lossy(&output.stderr);
+    let key = ENV
+        .iter()
+        .find(|(k, _)| *k == "AWS_ACCESS_KEY_ID")
+        .unwrap()
+        .1;
+    assert!(!log.contains(&format!("\"{key}\"")) && !log.contains(&format!("{key}/")));
+    assert!(!log.to_lowercase().contains("imds"), "{log}");
+}

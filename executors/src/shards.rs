@@ -583,12 +583,20 @@ fn inspect_arena<M>(setup: &ShardSetup<M>, outcome: ArenaOutcome) -> ArenaInfo {
         }
         ArenaOutcome::Granted(g) => {
             let smaps = probe::smaps_entry(g.addr).unwrap_or_default();
-            if g.hugetlb_errno != 0 && setup.config.hugepages == HugepageMode::Auto {
+            // Expected on most machines: said once per process, plainly, not once per shard.
+            static SAID: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+            if g.hugetlb_errno != 0
+                && setup.config.hugepages == HugepageMode::Auto
+                && !SAID.swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                let why = if g.hugetlb_errno == libc::ENOMEM {
+                    "none are reserved, or too few (/proc/sys/vm/nr_hugepages)".to_string()
+                } else {
+                    std::io::Error::from_raw_os_error(g.hugetlb_errno).to_string()
+                };
                 tracing::info!(
-                    shard,
-                    error = %std::io::Error::from_raw_os_error(g.hugetlb_errno),
-                    "explicit hugepages unavailable (reserve them in /proc/sys/vm/nr_hugepages); \
-                     falling back to transparent hugepages"
+                    "buffer pools use transparent hugepages: explicit 2 MiB hugepages are not \
+                     available ({why}); this is fine, reserving them only saves page-table work"
                 );
             }
             let (kind, huge) = match g.backing {

@@ -204,6 +204,21 @@ async fn resolve(
             }
             if let Some(region) = &config.region {
                 loader = loader.region(Region::new(region.clone()));
+            } else if config.endpoint_url.is_some() {
+                // A custom endpoint: the instance metadata service cannot know its region, and
+                // asking it logs a warning per provider. Environment, then profile, then the
+                // us-east-1 that local servers ignore.
+                let mut profile = aws_config::profile::ProfileFileRegionProvider::builder();
+                if let Some(name) = profile_name_of(config) {
+                    profile = profile.profile_name(name);
+                }
+                loader = loader.region(
+                    aws_config::meta::region::RegionProviderChain::first_try(
+                        aws_config::environment::EnvironmentVariableRegionProvider::new(),
+                    )
+                    .or_else(profile.build())
+                    .or_else(Region::new("us-east-1")),
+                );
             }
             let sdk = loader.load().await;
             let provider = sdk.credentials_provider().ok_or_else(|| {
@@ -234,6 +249,14 @@ async fn resolve(
         )
     })?;
     Ok((region, endpoint, provider, credentials))
+}
+
+/// The profile named by `--profile`, if any.
+fn profile_name_of(config: &S3Config) -> Option<&str> {
+    match &config.credentials {
+        CredentialSource::Chain { profile } => profile.as_deref(),
+        CredentialSource::Static { .. } => None,
+    }
 }
 
 /// The error and its causes on one line (the SDK's top-level messages are terse).
