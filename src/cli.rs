@@ -18,6 +18,11 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
         mount_vfs snapshot ./scene --cas ./cas --output scene.manifest\n  \
         mount_vfs scene.manifest ./vfs --cas ./cas\n  \
         mount_vfs validate scene.manifest",
+    override_usage = "mount_vfs [OPTIONS] <MANIFEST> <MOUNTPOINT>   mount a manifest\n       \
+        mount_vfs snapshot <DIR> --cas <CAS_DIR> [--output <FILE>]   hash a tree into a CAS\n       \
+        mount_vfs validate <MANIFEST>   check a manifest",
+    after_help = "Exit status: 0 success; 1 the mount failed or the manifest is invalid; 2 a usage \
+        mistake (bad flag or value, unreadable manifest).",
     args_conflicts_with_subcommands = true,
     subcommand_negates_reqs = true
 )]

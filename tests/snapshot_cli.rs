@@ -149,3 +149,79 @@ fn validate_exit_codes() {
         .unwrap();
     assert_eq!(o.status.code(), Some(2));
 }
+
+#[test]
+fn v2023_snapshot_says_what_it_cannot_record_and_checks_output_first() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("root");
+    fs::create_dir_all(&root).unwrap();
+    fs::write(root.join("a.txt"), b"hello").unwrap();
+    fs::write(root.join("run.sh"), b"#!/bin/sh\n").unwrap();
+    fs::set_permissions(root.join("run.sh"), fs::Permissions::from_mode(0o755)).unwrap();
+    std::os::unix::fs::symlink("a.txt", root.join("link.txt")).unwrap();
+    let cas = tmp.path().join("cas");
+    let run = |output: &Path| {
+        Command::new(BIN)
+            .arg("snapshot")
+            .arg(&root)
+            .arg("--cas")
+            .arg(&cas)
+            .arg("--output")
+            .arg(output)
+            .output()
+            .unwrap()
+    };
+    // An output directory that does not exist is refused before anything is hashed.
+    let o = run(&tmp.path().join("nodir/x.manifest"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("nodir") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(
+        !cas.exists(),
+        "hashed into the CAS before checking --output"
+    );
+
+    let o = run(&tmp.path().join("job.manifest"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains("followed 1 symlinks and dropped the exec bit of 1 files")
+            && err.contains("--format 2025-12-04-beta"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_cas_data_directory_suggests_its_parent_and_bare_usage_lists_subcommands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("cas/Data");
+    fs::create_dir_all(&data).unwrap();
+    fs::write(tmp.path().join("m.manifest"), b"{}").unwrap();
+    let mnt = tmp.path().join("mnt");
+    fs::create_dir(&mnt).unwrap();
+    let o = Command::new(BIN)
+        .arg(tmp.path().join("m.manifest"))
+        .arg(&mnt)
+        .arg("--cas")
+        .arg(&data)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    let parent = tmp.path().join("cas");
+    assert!(
+        err.contains(&format!("--cas {}", parent.display())) && !err.contains("snapshot"),
+        "{err}"
+    );
+
+    let o = Command::new(BIN).output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        err.contains("mount_vfs snapshot") && err.contains("mount_vfs validate"),
+        "{err}"
+    );
+}
