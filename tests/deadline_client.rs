@@ -2,15 +2,20 @@
 //!
 //! The client runs offline and isolated (HOME in a temp dir, telemetry off, no EC2 metadata).
 //! Its venv is cached in `target/test-venvs/deadline` (made in a temp dir, then renamed, so an
-//! interrupted install never leaves a half venv behind). When pip cannot reach its registry the
-//! test says so LOUDLY and returns; every other failure fails.
+//! interrupted install never leaves a half venv behind). The version is pinned: a newer client
+//! may write other bytes. When pip cannot reach its registry the test fails, unless
+//! `MOUNT_VFS_ALLOW_SKIP` names it (see `tests/support/skip.rs`); every other failure fails.
 
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+#[path = "support/skip.rs"]
+mod skip;
+
 use mount_vfs::manifest::{to_fs_name, Content, EntryKind, Hash, Manifest};
+use skip::skip_or_fail;
 
 const NETWORK_SIGNS: &[&str] = &[
     "Failed to establish a new connection",
@@ -21,10 +26,12 @@ const NETWORK_SIGNS: &[&str] = &[
     "ConnectTimeoutError",
     "ProxyError",
     "Connection refused",
-    // `deadline` exists on PyPI, so "no versions at all" means the index was not reachable
-    // (pip prints only this when retries are off or exhausted quietly).
-    "(from versions: none)",
 ];
+
+/// The released client whose output we match byte for byte (its `.ready` marker holds it, so
+/// changing it rebuilds the venv). "No matching distribution ... (from versions: none)" then
+/// means this Python is too old for it, not that the network is down.
+const DEADLINE_VERSION: &str = "0.60.10";
 
 fn venv_dir() -> PathBuf {
     let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
@@ -42,11 +49,13 @@ fn text(o: &Output) -> String {
     )
 }
 
-/// Returns the venv, or None when the package registry is unreachable.
+/// Returns the venv, or None when the package registry is unreachable and skipping is allowed.
 fn deadline_venv() -> Option<PathBuf> {
     let venv = venv_dir();
-    if venv.join(".ready").exists() {
-        return Some(venv);
+    match fs::read_to_string(venv.join(".ready")) {
+        Ok(version) if version == DEADLINE_VERSION => return Some(venv),
+        Ok(_) => fs::remove_dir_all(&venv).unwrap(),
+        Err(_) => {}
     }
     let parent = venv.parent().unwrap();
     fs::create_dir_all(parent).unwrap();
@@ -59,22 +68,24 @@ fn deadline_venv() -> Option<PathBuf> {
         .expect("python3 must be installed");
     assert!(o.status.success(), "python3 -m venv failed: {}", text(&o));
     let o = Command::new(staging.join("bin/pip"))
-        .args(["install", "--disable-pip-version-check", "deadline"])
+        .args(["install", "--disable-pip-version-check"])
+        .arg(format!("deadline=={DEADLINE_VERSION}"))
         .output()
         .unwrap();
     if !o.status.success() {
         let out = text(&o);
         let _ = fs::remove_dir_all(&staging);
         if NETWORK_SIGNS.iter().any(|s| out.contains(s)) {
-            eprintln!("\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!");
-            eprintln!("!!! SKIPPED deadline_client: pip cannot reach its package registry");
-            eprintln!("!!! {}", out.lines().last().unwrap_or_default());
-            eprintln!("!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n");
+            let why = format!(
+                "pip cannot reach its package registry: {}",
+                out.lines().last().unwrap_or_default()
+            );
+            skip_or_fail("snapshot_is_byte_identical_to_the_deadline_client", &why);
             return None;
         }
         panic!("pip install deadline failed (not a network problem):\n{out}");
     }
-    fs::write(staging.join(".ready"), b"ok").unwrap();
+    fs::write(staging.join(".ready"), DEADLINE_VERSION).unwrap();
     // Venvs hard-code their path in scripts: a renamed venv must be run as `python -m`.
     if fs::rename(&staging, &venv).is_err() {
         // Another test run won the race; use its venv.

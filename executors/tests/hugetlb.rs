@@ -3,12 +3,15 @@
 //! they serialise on `SYSTEM`; no other test binary reserves hugepages.
 
 mod common;
+#[path = "../../tests/support/skip.rs"]
+mod skip;
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use common::{config, run_on, start_jobs, MIB};
 use mount_vfs_executors::{smaps_entry, ArenaAllocator, HugepageMode, MemoryKind, HUGE_PAGE};
+use skip::skip_or_fail;
 
 #[global_allocator]
 static ALLOC: ArenaAllocator = ArenaAllocator;
@@ -48,18 +51,24 @@ struct Reserved {
 
 impl Reserved {
     /// Reserves `extra` more 2 MiB pages, or `None` (with a loud message) if the kernel refuses.
-    fn extra(extra: u64) -> Option<Reserved> {
+    fn extra(test: &str, extra: u64) -> Option<Reserved> {
         let old = read_u64(NR_HUGEPAGES);
         let guard = Reserved { old };
         if let Err(e) = std::fs::write(NR_HUGEPAGES, (old + extra).to_string()) {
-            eprintln!("SKIPPED: cannot write {NR_HUGEPAGES} ({e}); run as root to test hugetlb");
+            skip_or_fail(
+                test,
+                &format!("cannot write {NR_HUGEPAGES} ({e}); run as root to test hugetlb"),
+            );
             return None;
         }
         let now = read_u64(NR_HUGEPAGES);
         if now < old + extra {
-            eprintln!(
-                "SKIPPED: kernel reserved only {now} of {} hugepages (memory fragmented?)",
-                old + extra
+            skip_or_fail(
+                test,
+                &format!(
+                    "the kernel reserved only {now} of {} hugepages (memory fragmented?)",
+                    old + extra
+                ),
             );
             return None;
         }
@@ -80,7 +89,10 @@ fn require_gets_hugetlb_arenas_and_gives_the_pages_back() {
     let _serial = SYSTEM.lock().unwrap_or_else(|e| e.into_inner());
     let shards_n = glommio::CpuSet::online().unwrap().len().min(2);
     let arena = 16 * MIB;
-    let Some(_reserved) = Reserved::extra((shards_n * arena / HUGE_PAGE) as u64) else {
+    let Some(_reserved) = Reserved::extra(
+        "require_gets_hugetlb_arenas_and_gives_the_pages_back",
+        (shards_n * arena / HUGE_PAGE) as u64,
+    ) else {
         return;
     };
     let free_before = meminfo("HugePages_Free:");
@@ -115,10 +127,12 @@ fn measure_prefault_1gib() {
     let arena = 1 << 30;
     for mode in [HugepageMode::Require, HugepageMode::Auto, HugepageMode::Off] {
         let reserved = match mode {
-            HugepageMode::Require => match Reserved::extra((arena / HUGE_PAGE) as u64) {
-                Some(r) => Some(r),
-                None => continue,
-            },
+            HugepageMode::Require => {
+                match Reserved::extra("measure_prefault_1gib", (arena / HUGE_PAGE) as u64) {
+                    Some(r) => Some(r),
+                    None => continue,
+                }
+            }
             _ => None,
         };
         for round in 0..3 {

@@ -1,6 +1,8 @@
 //! Shards on real pinned `LocalExecutor`s, with the allocator hook installed.
 
 mod common;
+#[path = "../../tests/support/skip.rs"]
+mod skip;
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -11,6 +13,7 @@ use mount_vfs_executors::{
     smaps_entry, ArenaAllocator, HugepageMode, MemoryKind, ShardFailureCause, Shards, StartError,
     HUGE_PAGE,
 };
+use skip::skip_or_fail;
 
 #[global_allocator]
 static ALLOC: ArenaAllocator = ArenaAllocator;
@@ -155,8 +158,8 @@ fn config_errors_are_clear() {
 #[test]
 fn require_without_reserved_hugepages_fails_naming_the_shard() {
     if nr_hugepages() != 0 {
-        eprintln!("SKIPPED: hugepages are reserved on this machine");
-        return;
+        let test = "require_without_reserved_hugepages_fails_naming_the_shard";
+        return skip_or_fail(test, "hugepages are reserved on this machine");
     }
     let err = start_jobs(&config(
         2.min(online_cpus()),
@@ -199,8 +202,8 @@ fn off_gives_normal_pages() {
 #[test]
 fn auto_falls_back_to_thp_when_no_hugetlb_pages() {
     if nr_hugepages() != 0 || !thp_enabled() {
-        eprintln!("SKIPPED: needs nr_hugepages = 0 and THP not 'never'");
-        return;
+        let test = "auto_falls_back_to_thp_when_no_hugetlb_pages";
+        return skip_or_fail(test, "needs nr_hugepages = 0 and THP not 'never'");
     }
     let shards = start_jobs(&config(1, 16 * MIB, HugepageMode::Auto)).unwrap();
     let (kind, smaps) = run_on(&shards, 0, |ctx| async move {
@@ -302,7 +305,8 @@ fn buffers_are_zero_copy_writable_and_dma_reads_run_under_a_reservation() {
     if std::path::Path::new("/dev/shm").is_dir() {
         dma_roundtrip("/dev/shm".into());
     } else {
-        eprintln!("SKIPPED tmpfs case: no /dev/shm");
+        let test = "buffers_are_zero_copy_writable_and_dma_reads_run_under_a_reservation";
+        skip_or_fail(test, "no /dev/shm for the tmpfs case");
     }
 }
 
