@@ -257,20 +257,36 @@ fn sigterm_under_load_unmounts_cleanly() {
             ..Default::default()
         },
     );
+    // Each reader reads its whole file over and over and checks every read; the signal waits
+    // until each has read and verified its file at least once.
+    let (verified_tx, verified_rx) = std::sync::mpsc::channel();
     let readers: Vec<_> = (0..4)
         .map(|i| {
             let path = mount.dir.join(format!("f{i}.bin"));
+            let expected = contents[i].clone();
+            let verified_tx = verified_tx.clone();
             std::thread::spawn(move || {
-                // Read until the mount goes away; errors after unmount are expected.
-                for _ in 0..1000 {
-                    if read_all(&path).is_err() {
+                let mut whole_reads = 0;
+                // Until the mount goes away (an open of the freed path fails then).
+                while let Ok(bytes) = read_all(&path) {
+                    assert!(bytes == expected, "reader {i} got wrong bytes");
+                    whole_reads += 1;
+                    if whole_reads == 1 {
+                        verified_tx.send(()).unwrap();
+                    }
+                    if whole_reads == 1000 {
                         break;
                     }
                 }
+                whole_reads
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..4 {
+        verified_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("every reader verified its file before the signal");
+    }
     let status = mount.stop().expect("exits by itself after SIGTERM");
     assert!(
         status.success(),
@@ -279,7 +295,7 @@ fn sigterm_under_load_unmounts_cleanly() {
     );
     assert!(!common::is_mounted(&mount.dir));
     for r in readers {
-        r.join().unwrap();
+        assert!(r.join().unwrap() >= 1);
     }
     assert!(mount.stderr().contains("SIGTERM"));
 }

@@ -7,7 +7,6 @@ use std::process::Command;
 use common::fault_proxy::{Fault, FaultProxy};
 use common::s3_servers::{config, upload_job, v2023_manifest, Moto, MOUNT_ENV as ENV};
 use common::{is_mounted, pattern, read_all, Mount, MountOptions, BIN};
-use mount_vfs::store::S3Target;
 
 #[test]
 fn mount_refuses_a_wrong_bucket_before_mounting() {
@@ -47,10 +46,10 @@ fn mount_serves_s3_files_and_never_serves_flipped_bytes() {
     let big = pattern(3, (9 << 20) + 123);
     let small = b"hello world".to_vec();
     let files: Vec<(&str, &[u8])> = vec![("big.bin", &big), ("dir/small.txt", &small)];
-    let target = S3Target::start(&config(&moto.endpoint(), "cas", "root", "k", "s")).unwrap();
+    let s3_config = config(&moto.endpoint(), "cas", "root", "k", "s");
     let work = tempfile::tempdir().unwrap();
     let manifest_path = work.path().join("m.manifest");
-    std::fs::write(&manifest_path, upload_job(&target, &files)).unwrap();
+    std::fs::write(&manifest_path, upload_job(&s3_config, &files)).unwrap();
     let endpoint = proxy.endpoint();
     let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
     let mut mount = Mount::start_with_store(
@@ -61,10 +60,15 @@ fn mount_serves_s3_files_and_never_serves_flipped_bytes() {
         MountOptions::default(),
     );
     assert_eq!(read_all(&mount.dir.join("dir/small.txt")).unwrap(), small);
-    // Every GET of the big file gets a flipped byte: verification must refuse it (EIO).
+    // Every GET of the big file gets a flipped byte: verification must refuse it (EIO), and
+    // whatever a read returned before the error must be the file's own bytes.
     proxy.inject(&[Fault::Flip; 64]);
-    let error = read_all(&mount.dir.join("big.bin")).unwrap_err();
+    let (served, error) = common::read_until_error(&mount.dir.join("big.bin"), &big);
     assert_eq!(error.raw_os_error(), Some(libc::EIO), "{}", mount.stderr());
+    assert_eq!(
+        served, 0,
+        "bytes of an object that failed verification were served"
+    );
     // Resets, 503s and truncation are retried by the store: the bytes are exact (a fresh mount,
     // so nothing is cached or marked corrupt).
     drop(mount);
@@ -119,10 +123,10 @@ fn a_disk_cache_spares_the_store_on_the_next_mount() {
     let proxy = FaultProxy::start(moto.port);
     let big = pattern(5, (6 << 20) + 7);
     let files: Vec<(&str, &[u8])> = vec![("big.bin", &big)];
-    let target = S3Target::start(&config(&moto.endpoint(), "cas", "root", "k", "s")).unwrap();
+    let s3_config = config(&moto.endpoint(), "cas", "root", "k", "s");
     let work = tempfile::tempdir().unwrap();
     let manifest_path = work.path().join("m.manifest");
-    std::fs::write(&manifest_path, upload_job(&target, &files)).unwrap();
+    std::fs::write(&manifest_path, upload_job(&s3_config, &files)).unwrap();
     let cache = work.path().join("cache");
     let endpoint = proxy.endpoint();
     let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
@@ -158,10 +162,10 @@ fn a_server_that_stops_answering_costs_a_read_the_read_timeout_then_eio() {
     let proxy = FaultProxy::start(moto.port);
     let data = pattern(85, (2 << 20) + 5);
     let files: Vec<(&str, &[u8])> = vec![("a.bin", &data)];
-    let target = S3Target::start(&config(&moto.endpoint(), "cas", "root", "k", "s")).unwrap();
+    let s3_config = config(&moto.endpoint(), "cas", "root", "k", "s");
     let work = tempfile::tempdir().unwrap();
     let manifest_path = work.path().join("m.manifest");
-    std::fs::write(&manifest_path, upload_job(&target, &files)).unwrap();
+    std::fs::write(&manifest_path, upload_job(&s3_config, &files)).unwrap();
     let endpoint = proxy.endpoint();
     let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
     let mut mount = Mount::start_with_store(
@@ -199,10 +203,10 @@ fn a_wrong_root_prefix_is_refused_before_mounting() {
     let moto = Moto::start();
     moto.create_bucket("cas");
     let files: Vec<(&str, &[u8])> = vec![("a.txt", b"hello"), ("b.txt", b"world")];
-    let target = S3Target::start(&config(&moto.endpoint(), "cas", "root", "k", "s")).unwrap();
+    let s3_config = config(&moto.endpoint(), "cas", "root", "k", "s");
     let work = tempfile::tempdir().unwrap();
     let manifest_path = work.path().join("m.manifest");
-    std::fs::write(&manifest_path, upload_job(&target, &files)).unwrap();
+    std::fs::write(&manifest_path, upload_job(&s3_config, &files)).unwrap();
     let mnt = work.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     // No region anywhere, and the instance metadata service (were it asked) at a closed

@@ -10,7 +10,6 @@ use common::s3_servers::{
     config, create_bucket_signed, upload_job, Seaweed, SEAWEED_KEY, SEAWEED_SECRET,
 };
 use common::{pattern, read_all, Mount, MountOptions};
-use mount_vfs::store::S3Target;
 
 /// Credentials that expire in this many seconds: the control thread refreshes at half-life.
 const LIFETIME_S: u64 = 14;
@@ -22,17 +21,16 @@ fn refreshed_credentials_reach_the_shards_before_they_expire() {
     let a = pattern(31, 300_000);
     let b = pattern(32, 200_000);
     let files: Vec<(&str, &[u8])> = vec![("a.bin", &a), ("b.bin", &b)];
-    let target = S3Target::start(&config(
+    let s3_config = config(
         &seaweed.endpoint(),
         "cas",
         "root",
         SEAWEED_KEY,
         SEAWEED_SECRET,
-    ))
-    .unwrap();
+    );
     let work = tempfile::tempdir().unwrap();
     let manifest = work.path().join("m.manifest");
-    std::fs::write(&manifest, upload_job(&target, &files)).unwrap();
+    std::fs::write(&manifest, upload_job(&s3_config, &files)).unwrap();
 
     // The first call hands out the right keys, expiring soon; every later call a key id
     // SeaweedFS does not know. Each call leaves a line in `calls`.

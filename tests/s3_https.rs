@@ -8,7 +8,6 @@ use std::process::Command;
 
 use common::s3_servers::{config, upload_job, Moto, MOUNT_ENV as ENV};
 use common::{is_mounted, pattern, read_all, Mount, MountOptions, BIN};
-use mount_vfs::store::S3Target;
 
 #[test]
 fn https_endpoints_are_read_with_a_trusted_ca_and_refused_without() {
@@ -22,9 +21,9 @@ fn https_endpoints_are_read_with_a_trusted_ca_and_refused_without() {
     let big = pattern(21, (9 << 20) + 5);
     let small = b"over TLS".to_vec();
     let files: Vec<(&str, &[u8])> = vec![("big.bin", &big), ("small.txt", &small)];
-    let target = S3Target::start(&config(&moto.endpoint(), "cas", "root", "k", "s")).unwrap();
+    let s3_config = config(&moto.endpoint(), "cas", "root", "k", "s");
     let manifest = work.path().join("m.manifest");
-    std::fs::write(&manifest, upload_job(&target, &files)).unwrap();
+    std::fs::write(&manifest, upload_job(&s3_config, &files)).unwrap();
 
     let endpoint = moto.endpoint();
     assert!(endpoint.starts_with("https://"));

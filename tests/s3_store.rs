@@ -25,7 +25,8 @@ fn key(hash: Hash) -> String {
 fn moto_ranged_reads_return_exact_bytes_and_fall_back_without_suffix() {
     let moto = Moto::start();
     moto.create_bucket("cas-bucket");
-    let target = S3Target::start(&config(&moto.endpoint(), "cas-bucket", ROOT, "k", "s")).unwrap();
+    let target_config = config(&moto.endpoint(), "cas-bucket", ROOT, "k", "s");
+    let target = S3Target::start(&target_config).unwrap();
     assert_eq!(target.probe().unwrap(), None);
 
     let sizes = [1usize, 4096, (1 << 20) + 17, (5 << 20) + 3];
@@ -41,7 +42,7 @@ fn moto_ranged_reads_return_exact_bytes_and_fall_back_without_suffix() {
     let old = pattern(99, 300_000);
     let old_hash = Hash::of(&old);
     uploads.push((format!("Data/{old_hash}"), old.clone()));
-    upload(&target, uploads);
+    upload(&target_config, uploads);
 
     let store_target = target.clone();
     let (mismatches, missing, wrong_size) = on_shard(move |pool| async move {
@@ -132,7 +133,8 @@ fn moto_ranged_reads_return_exact_bytes_and_fall_back_without_suffix() {
 fn moto_not_found_is_not_retried_and_maps_to_eio() {
     let moto = Moto::start();
     moto.create_bucket("cas-bucket");
-    let target = S3Target::start(&config(&moto.endpoint(), "cas-bucket", "", "k", "s")).unwrap();
+    let target_config = config(&moto.endpoint(), "cas-bucket", "", "k", "s");
+    let target = S3Target::start(&target_config).unwrap();
     let (error, elapsed) = on_shard(move |pool| async move {
         let store = S3Store::new(target);
         let started = Instant::now();
@@ -153,14 +155,8 @@ fn moto_not_found_is_not_retried_and_maps_to_eio() {
 fn probe_names_the_wrong_bucket_and_the_dead_endpoint() {
     let moto = Moto::start();
     moto.create_bucket("cas-bucket");
-    let target = S3Target::start(&config(
-        &moto.endpoint(),
-        "no-such-bucket",
-        "root",
-        "k",
-        "s",
-    ))
-    .unwrap();
+    let target_config = config(&moto.endpoint(), "no-such-bucket", "root", "k", "s");
+    let target = S3Target::start(&target_config).unwrap();
     let message = target.probe().unwrap_err();
     assert!(
         message.contains("bucket no-such-bucket does not exist"),
@@ -168,7 +164,8 @@ fn probe_names_the_wrong_bucket_and_the_dead_endpoint() {
     );
 
     let dead = format!("http://127.0.0.1:{}", free_port());
-    let target = S3Target::start(&config(&dead, "cas-bucket", "root", "k", "s")).unwrap();
+    let target_config = config(&dead, "cas-bucket", "root", "k", "s");
+    let target = S3Target::start(&target_config).unwrap();
     let message = target.probe().unwrap_err();
     assert!(
         message.contains("cannot connect to the S3 endpoint") && message.contains("--endpoint-url"),
@@ -185,18 +182,18 @@ fn seaweedfs_checks_credentials() {
         SEAWEED_KEY,
         SEAWEED_SECRET,
     );
-    let good = S3Target::start(&config(
+    let good_config = config(
         &seaweed.endpoint(),
         "sigv4-bucket",
         ROOT,
         SEAWEED_KEY,
         SEAWEED_SECRET,
-    ))
-    .unwrap();
+    );
+    let good = S3Target::start(&good_config).unwrap();
     assert_eq!(good.probe().unwrap(), None);
     let data = pattern(7, 3 << 20);
     let hash = Hash::of(&data);
-    upload(&good, vec![(key(hash), data.clone())]);
+    upload(&good_config, vec![(key(hash), data.clone())]);
     let expected = data.clone();
     let ok = on_shard(move |pool| async move {
         let store = S3Store::new(good);
@@ -208,14 +205,14 @@ fn seaweedfs_checks_credentials() {
     });
     assert!(ok, "SeaweedFS returned wrong bytes");
 
-    let wrong_secret = S3Target::start(&config(
+    let wrong_secret_config = config(
         &seaweed.endpoint(),
         "sigv4-bucket",
         ROOT,
         SEAWEED_KEY,
         "not-the-secret",
-    ))
-    .unwrap();
+    );
+    let wrong_secret = S3Target::start(&wrong_secret_config).unwrap();
     let message = wrong_secret.probe().unwrap_err();
     assert!(message.contains("secret access key is wrong"), "{message}");
     let error = on_shard(move |pool| async move {
@@ -228,14 +225,14 @@ fn seaweedfs_checks_credentials() {
     assert!(matches!(error, StoreError::Denied { .. }), "{error}");
     assert_eq!(error.errno(), fuser::Errno::EACCES);
 
-    let wrong_key = S3Target::start(&config(
+    let wrong_key_config = config(
         &seaweed.endpoint(),
         "sigv4-bucket",
         ROOT,
         "nobody",
         SEAWEED_SECRET,
-    ))
-    .unwrap();
+    );
+    let wrong_key = S3Target::start(&wrong_key_config).unwrap();
     let message = wrong_key.probe().unwrap_err();
     assert!(message.contains("access key id is not known"), "{message}");
 }
@@ -247,10 +244,11 @@ fn seaweedfs_checks_credentials() {
 fn moto_single_shard_throughput() {
     let moto = Moto::start();
     moto.create_bucket("bench");
-    let target = S3Target::start(&config(&moto.endpoint(), "bench", "root", "k", "s")).unwrap();
+    let target_config = config(&moto.endpoint(), "bench", "root", "k", "s");
+    let target = S3Target::start(&target_config).unwrap();
     let data = pattern(5, 16 << 20);
     let hash = Hash::of(&data);
-    upload(&target, vec![(key(hash), data)]);
+    upload(&target_config, vec![(key(hash), data)]);
     let (bytes, elapsed) = on_shard(move |pool| async move {
         use futures::StreamExt;
         let store = S3Store::new(target);

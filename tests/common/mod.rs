@@ -241,6 +241,33 @@ pub fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// Reads `path` 1 MiB at a time until an error, checking every chunk a read returned against
+/// `expected` (so a test of "never served" cannot pass by discarding what came before the
+/// error); returns how many bytes were served, and the error. Panics on a wrong byte, or if the
+/// whole file reads without error.
+pub fn read_until_error(path: &Path, expected: &[u8]) -> (usize, std::io::Error) {
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(e) => return (0, e),
+    };
+    let mut buffer = vec![0u8; 1 << 20];
+    let mut offset = 0;
+    loop {
+        match file.read(&mut buffer) {
+            Ok(0) => panic!("{} read to the end without an error", path.display()),
+            Ok(n) => {
+                assert!(
+                    buffer[..n] == expected[offset..offset + n],
+                    "wrong bytes served at offset {offset} of {}",
+                    path.display()
+                );
+                offset += n;
+            }
+            Err(e) => return (offset, e),
+        }
+    }
+}
+
 /// Sends `signal` to process `pid`.
 pub fn signal(pid: u32, signal: i32) {
     // SAFETY: kill(2) has no memory-safety preconditions.

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 
 use mount_vfs::manifest::Hash;
 use mount_vfs::store::s3::{CredentialSource, S3Config, S3Tuning};
-use mount_vfs::store::{S3Store, S3Target};
 use mount_vfs_executors::{BufferPool, HugepageMode, ShardConfig, Shards};
 
 /// Environment for a mount_vfs daemon on moto: fixed keys, no metadata-service lookups.
@@ -433,25 +432,67 @@ pub fn create_bucket_signed(endpoint: &str, bucket: &str, key: &str, secret: &st
     );
 }
 
-/// Uploads each `(key, bytes)` under the target's root prefix through the store's own signed PUT.
-pub fn upload(target: &std::sync::Arc<S3Target>, objects: Vec<(String, Vec<u8>)>) {
-    let target = target.clone();
-    on_shard(move |_pool| async move {
-        let store = S3Store::new(target);
-        for (key, data) in &objects {
-            store.put_object(key, data).await.expect("upload");
-        }
-    })
+/// Uploads each `(key, bytes)` under the configuration's root prefix with boto3 (from the moto
+/// venv), not with our own store: a key, prefix or encoding bug shared by our upload and our
+/// download could otherwise hide. HTTPS servers are trusted through `AWS_CA_BUNDLE`.
+pub fn upload(config: &S3Config, objects: Vec<(String, Vec<u8>)>) {
+    let bin = venv("moto", &["moto[s3]", "flask", "flask-cors"], "moto_server");
+    let CredentialSource::Static {
+        access_key_id,
+        secret_access_key,
+        ..
+    } = &config.credentials
+    else {
+        panic!("test uploads need static credentials");
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let mut listing = String::new();
+    for (i, (key, data)) in objects.iter().enumerate() {
+        let file = dir.path().join(i.to_string());
+        std::fs::write(&file, data).unwrap();
+        let full_key = if config.root_prefix.is_empty() {
+            key.clone()
+        } else {
+            format!("{}/{key}", config.root_prefix)
+        };
+        listing.push_str(&format!("{}\t{full_key}\n", file.display()));
+    }
+    let list = dir.path().join("objects.tsv");
+    std::fs::write(&list, listing).unwrap();
+    let script = r#"
+import sys, boto3, botocore.config
+endpoint, bucket, key, secret, listing = sys.argv[1:6]
+s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=key,
+    aws_secret_access_key=secret, region_name="us-east-1",
+    config=botocore.config.Config(s3={"addressing_style": "path"}))
+for line in open(listing):
+    path, name = line.rstrip("\n").split("\t", 1)
+    s3.put_object(Bucket=bucket, Key=name, Body=open(path, "rb").read())
+"#;
+    let output = Command::new(bin.join("python"))
+        .args(["-c", script])
+        .arg(config.endpoint_url.as_deref().expect("a test endpoint"))
+        .arg(&config.bucket)
+        .arg(access_key_id)
+        .arg(secret_access_key)
+        .arg(&list)
+        .output()
+        .expect("run boto3");
+    assert!(
+        output.status.success(),
+        "boto3 upload: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 /// Uploads `files` (path, content) as CAS objects `Data/{hash}.xxh128` and returns a canonical
 /// v2023-03-03 manifest listing them.
-pub fn upload_job(target: &std::sync::Arc<S3Target>, files: &[(&str, &[u8])]) -> String {
+pub fn upload_job(config: &S3Config, files: &[(&str, &[u8])]) -> String {
     let objects = files
         .iter()
         .map(|(_, data)| (format!("Data/{}.xxh128", Hash::of(data)), data.to_vec()))
         .collect();
-    upload(target, objects);
+    upload(config, objects);
     v2023_manifest(files)
 }
 

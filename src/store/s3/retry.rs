@@ -38,6 +38,19 @@ mod tests {
         }
         let first_max = tuning.backoff_base;
         assert!((0..100).all(|_| backoff(&tuning, 1) <= first_max));
+        // It grows: the largest of many draws follows base * 2^(n-1) until the cap.
+        let largest = |attempt| (0..2000).map(|_| backoff(&tuning, attempt)).max().unwrap();
+        let ceiling =
+            |attempt: u32| (tuning.backoff_base * (1 << (attempt - 1))).min(tuning.backoff_cap);
+        for attempt in 1..=8 {
+            let seen = largest(attempt);
+            assert!(seen <= ceiling(attempt), "attempt {attempt}: {seen:?}");
+            assert!(
+                seen >= ceiling(attempt) * 9 / 10,
+                "attempt {attempt}: only {seen:?}"
+            );
+        }
+        assert!(largest(3) > largest(1) * 3);
     }
 
     #[test]

@@ -72,6 +72,40 @@ mod tests {
     use super::*;
     use aws_credential_types::Credentials;
 
+    /// The published example of AWS's S3 SigV4 documentation ("Example: GET Object"): a ranged
+    /// GET of /test.txt in examplebucket on 24 May 2013. Any change to what we sign, or how,
+    /// changes this signature.
+    #[test]
+    fn matches_the_published_s3_get_object_vector() {
+        let identity: Identity = Credentials::new(
+            "AKIAIOSFODNN7EXAMPLE",
+            "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY",
+            None,
+            None,
+            "test",
+        )
+        .into();
+        let headers = sign_request(
+            "GET",
+            "https://examplebucket.s3.amazonaws.com/test.txt",
+            &[("range", "bytes=0-9")],
+            Payload::Empty,
+            &identity,
+            "us-east-1",
+            SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_369_353_600),
+        )
+        .unwrap();
+        let header = |name: &str| &headers.iter().find(|(n, _)| *n == name).unwrap().1;
+        assert_eq!(header("x-amz-date"), "20130524T000000Z");
+        assert_eq!(header("x-amz-content-sha256"), EMPTY_PAYLOAD_SHA256);
+        assert_eq!(
+            header("authorization"),
+            "AWS4-HMAC-SHA256 Credential=AKIAIOSFODNN7EXAMPLE/20130524/us-east-1/s3/aws4_request, \
+             SignedHeaders=host;range;x-amz-content-sha256;x-amz-date, \
+             Signature=f0e8bdb87c964420e857bd35b5d6ed310bd44f0170aba48dd91039c6036bdb41"
+        );
+    }
+
     #[test]
     fn signs_get_with_required_headers() {
         let identity: Identity =
