@@ -751,11 +751,33 @@ fn first_byte(dir: &Path) -> Result<f64, String> {
 }
 
 /// Writes dirty pages back first (a disk-cache file written by the previous mount would stay
-/// in memory otherwise), then drops the page cache.
+/// in memory otherwise), then drops the page cache, and checks that it worked: a "cold" row
+/// measured on a warm cache would flatter whoever reads from disk. Aborts the run otherwise.
 fn drop_caches() {
+    let cached = || -> u64 {
+        fs::read_to_string("/proc/meminfo")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("Cached:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .map_or(u64::MAX, |kib: u64| kib << 10)
+    };
+    let before = cached();
     // SAFETY: sync(2) has no preconditions.
     unsafe { libc::sync() };
-    let _ = fs::write("/proc/sys/vm/drop_caches", "3");
+    if let Err(e) = fs::write("/proc/sys/vm/drop_caches", "3") {
+        panic!("cannot drop the page cache ({e}): cold rows would be warm; run as root");
+    }
+    let after = cached();
+    // What stays cached after a drop is what cannot be dropped (tmpfs, /dev/shm, mapped pages):
+    // it must not have grown, and the drop must have freed what it could.
+    assert!(
+        after < before || after < 512 << 20,
+        "the page cache did not shrink ({} MiB before, {} MiB after drop_caches): cold rows \
+         would be warm",
+        before >> 20,
+        after >> 20
+    );
 }
 
 // ---------------------------------------------------------------------------------------------

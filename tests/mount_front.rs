@@ -1,0 +1,234 @@
+//! Branches that matter and had no test (issue 15.6): the FUSE front's metadata calls and their
+//! errnos, concurrent first readers sharing one verification, and the disk cache's start-up
+//! clean-up and full-filesystem path.
+
+mod common;
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::process::Command;
+
+use common::{job, pattern, read_all, Mount, MountOptions};
+
+fn c_path(path: &Path) -> CString {
+    CString::new(path.as_os_str().as_bytes()).unwrap()
+}
+
+fn errno_of(result: std::io::Result<impl Sized>) -> Option<i32> {
+    result.err().and_then(|e| e.raw_os_error())
+}
+
+#[test]
+fn metadata_calls_answer_with_the_right_values_and_errnos() {
+    let work = tempfile::tempdir().unwrap();
+    let data = pattern(151, 10_000);
+    let (manifest, cas) = job(
+        work.path(),
+        &[("dir/a.bin", &data), ("dir/sub/b.txt", b"b")],
+        "2025-12-04-beta",
+    );
+    let mount = Mount::start(
+        &manifest,
+        &cas,
+        &work.path().join("mnt"),
+        MountOptions::default(),
+    );
+    let dir = &mount.dir;
+
+    // statfs: the manifest's size in 4 KiB blocks, nothing free (read-only), its node count.
+    // SAFETY: an all-zero statvfs is a valid value for the call to fill.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a valid out-pointer.
+    assert_eq!(unsafe { libc::statvfs(c_path(dir).as_ptr(), &mut st) }, 0);
+    assert_eq!(st.f_bsize, 4096);
+    assert_eq!(st.f_blocks, 3, "10,001 bytes in 4 KiB blocks");
+    assert_eq!(st.f_bfree, 0);
+    assert_eq!(
+        st.f_files, 5,
+        "root, dir, dir/a.bin, dir/sub, dir/sub/b.txt"
+    );
+
+    // access: reading is allowed, writing is EROFS, a missing name ENOENT.
+    let access = |path: &Path, mode| {
+        // SAFETY: a valid NUL-terminated path.
+        let rc = unsafe { libc::access(c_path(path).as_ptr(), mode) };
+        if rc == 0 {
+            0
+        } else {
+            std::io::Error::last_os_error().raw_os_error().unwrap()
+        }
+    };
+    assert_eq!(access(&dir.join("dir/a.bin"), libc::R_OK), 0);
+    assert_eq!(access(&dir.join("dir/a.bin"), libc::W_OK), libc::EROFS);
+    assert_eq!(access(&dir.join("dir/none"), libc::R_OK), libc::ENOENT);
+
+    // xattrs: none, and saying so properly.
+    let file = c_path(&dir.join("dir/a.bin"));
+    let name = CString::new("user.x").unwrap();
+    let mut buffer = [0u8; 64];
+    // SAFETY: valid path, name and buffer of the given length.
+    let got =
+        unsafe { libc::getxattr(file.as_ptr(), name.as_ptr(), buffer.as_mut_ptr().cast(), 64) };
+    assert_eq!(got, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::ENODATA)
+    );
+    // SAFETY: as above.
+    let listed = unsafe { libc::listxattr(file.as_ptr(), buffer.as_mut_ptr().cast(), 64) };
+    assert_eq!(listed, 0, "no attribute names");
+    // SAFETY: as above; setting is refused on a read-only mount.
+    let set = unsafe { libc::setxattr(file.as_ptr(), name.as_ptr(), b"v".as_ptr().cast(), 1, 0) };
+    assert_eq!(set, -1);
+    assert_eq!(
+        std::io::Error::last_os_error().raw_os_error(),
+        Some(libc::EROFS)
+    );
+
+    // Errnos of the front: a directory opened as a file, a file used as a directory.
+    assert_eq!(
+        errno_of(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(dir.join("dir"))
+        ),
+        Some(libc::EISDIR)
+    );
+    assert_eq!(
+        errno_of(std::fs::read_dir(dir.join("dir/a.bin"))),
+        Some(libc::ENOTDIR)
+    );
+    assert_eq!(
+        errno_of(std::fs::metadata(dir.join("dir/a.bin/x"))),
+        Some(libc::ENOTDIR)
+    );
+    assert_eq!(
+        errno_of(std::fs::File::create(dir.join("dir/new"))),
+        Some(libc::EROFS)
+    );
+    assert!(read_all(&dir.join("dir/a.bin")).unwrap() == data);
+}
+
+#[test]
+fn concurrent_first_readers_share_one_verification() {
+    let work = tempfile::tempdir().unwrap();
+    let data = pattern(152, 24 << 20);
+    let (manifest, cas) = job(work.path(), &[("a.bin", &data)], "2023-03-03");
+    let mut mount = Mount::start(
+        &manifest,
+        &cas,
+        &work.path().join("mnt"),
+        MountOptions {
+            shards: 1,
+            extra: &["--stats"],
+        },
+    );
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(6));
+    let readers: Vec<_> = (0..6)
+        .map(|_| {
+            let path = mount.dir.join("a.bin");
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                common::read_direct(&path).unwrap()
+            })
+        })
+        .collect();
+    for reader in readers {
+        assert!(reader.join().unwrap() == data);
+    }
+    mount.stop();
+    let total = &mount.stats("final").unwrap()["total"];
+    // One pass over the object for all six: the pool (256 MiB) keeps every block.
+    assert_eq!(total["bytes_fetched"], data.len() as u64, "{total}");
+    assert_eq!(total["objects_verified"], 1, "{total}");
+}
+
+#[test]
+fn partial_cache_files_of_dead_processes_are_removed_at_start() {
+    let work = tempfile::tempdir().unwrap();
+    let data = pattern(153, 100_000);
+    let (manifest, cas) = job(work.path(), &[("a.bin", &data)], "2023-03-03");
+    let cache = work.path().join("cache");
+    std::fs::create_dir_all(cache.join("Data")).unwrap();
+    // A pid that cannot be alive (above pid_max), and ours (a live process: kept).
+    let dead = cache.join("Data/.0123456789abcdef0123456789abcdef.partial-99999999-0");
+    std::fs::write(&dead, b"half an object").unwrap();
+    let live = cache.join(format!(
+        "Data/.0123456789abcdef0123456789abcdef.partial-{}-0",
+        std::process::id()
+    ));
+    std::fs::write(&live, b"being written").unwrap();
+    let cache_arg = cache.to_str().unwrap().to_string();
+    let mount = Mount::start(
+        &manifest,
+        &cas,
+        &work.path().join("mnt"),
+        MountOptions {
+            shards: 1,
+            extra: &["--cache-dir", &cache_arg],
+        },
+    );
+    assert!(!dead.exists(), "a dead process's partial file was kept");
+    assert!(live.exists(), "a live process's partial file was removed");
+    assert!(read_all(&mount.dir.join("a.bin")).unwrap() == data);
+}
+
+/// A tmpfs of `size` mounted on `dir`, unmounted on drop.
+struct SmallFs<'a>(&'a Path);
+
+impl<'a> SmallFs<'a> {
+    fn mount(dir: &'a Path, size: &str) -> SmallFs<'a> {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .unwrap();
+        assert!(status.success(), "mount tmpfs (needs root)");
+        SmallFs(dir)
+    }
+}
+
+impl Drop for SmallFs<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0).status();
+    }
+}
+
+#[test]
+fn a_full_cache_filesystem_costs_the_cache_copy_not_the_read() {
+    let work = tempfile::tempdir().unwrap();
+    let data = pattern(154, 6 << 20);
+    let (manifest, cas) = job(work.path(), &[("a.bin", &data)], "2023-03-03");
+    let cache = work.path().join("cache");
+    let _fs = SmallFs::mount(&cache, "2m");
+    let cache_arg = cache.to_str().unwrap().to_string();
+    let mut mount = Mount::start(
+        &manifest,
+        &cas,
+        &work.path().join("mnt"),
+        MountOptions {
+            shards: 1,
+            extra: &["--cache-dir", &cache_arg, "--stats"],
+        },
+    );
+    assert!(read_all(&mount.dir.join("a.bin")).unwrap() == data);
+    assert!(common::read_direct(&mount.dir.join("a.bin")).unwrap() == data);
+    mount.stop();
+    let total = &mount.stats("final").unwrap()["total"];
+    assert!(
+        total["disk_cache_write_errors"].as_u64().unwrap() >= 1,
+        "{total}"
+    );
+    assert_eq!(total["objects_cached"], 0, "{total}");
+    let log = mount.stderr();
+    assert!(log.contains("cannot write cache file"), "{log}");
+    // Nothing half-written is left to be trusted later.
+    let left: Vec<_> = std::fs::read_dir(cache.join("Data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
