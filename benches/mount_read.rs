@@ -25,8 +25,16 @@ const MIB: usize = 1 << 20;
 const READ_SIZE: usize = MIB;
 const BIN: &str = env!("CARGO_BIN_EXE_mount_vfs");
 
-/// Reads `path` sequentially in 1 MiB requests; returns bytes per second.
-fn sequential_read(path: &Path, direct: bool) -> f64 {
+/// One timed sequential read: its speed, and the xxh3-128 of the bytes it returned (hashed after
+/// the clock stopped), so a contender that returns wrong bytes cannot win.
+struct Timed {
+    bytes_per_sec: f64,
+    digest: u128,
+}
+
+/// Reads `path` sequentially in 1 MiB requests into one pre-faulted buffer (the same work for
+/// every contender), then hashes what it read outside the timed region.
+fn sequential_read(path: &Path, direct: bool) -> Timed {
     let mut options = fs::OpenOptions::new();
     options.read(true);
     if direct {
@@ -35,24 +43,54 @@ fn sequential_read(path: &Path, direct: bool) -> f64 {
     let mut file = options
         .open(path)
         .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    let layout = std::alloc::Layout::from_size_align(READ_SIZE, 4096).unwrap();
+    let len = file.metadata().unwrap().len() as usize;
+    let capacity = len.next_multiple_of(READ_SIZE).max(READ_SIZE);
+    let layout = std::alloc::Layout::from_size_align(capacity, 4096).unwrap();
     // SAFETY: the layout has a non-zero size; the buffer is freed below with the same layout.
     let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-    // SAFETY: ptr points to READ_SIZE initialised (zeroed) bytes that we own exclusively.
-    let buffer = unsafe { std::slice::from_raw_parts_mut(ptr, READ_SIZE) };
+    // SAFETY: ptr points to `capacity` initialised (zeroed) bytes that we own exclusively.
+    let buffer = unsafe { std::slice::from_raw_parts_mut(ptr, capacity) };
+    // Fault every page in before the clock starts.
+    for page in buffer.chunks_mut(4096) {
+        page[0] = 1;
+    }
     let started = Instant::now();
-    let mut total = 0u64;
+    let mut total = 0usize;
     loop {
-        let n = file.read(buffer).expect("read");
+        let n = file
+            .read(&mut buffer[total..total + READ_SIZE])
+            .expect("read");
         if n == 0 {
             break;
         }
-        total += n as u64;
+        total += n;
+        if total + READ_SIZE > capacity {
+            // The last request may only ask for what is left of the buffer.
+            let n = file.read(&mut buffer[total..]).expect("read");
+            total += n;
+            break;
+        }
     }
     let secs = started.elapsed().as_secs_f64();
+    let digest = xxhash_rust::xxh3::xxh3_128(&buffer[..total]);
     // SAFETY: allocated above with this layout.
     unsafe { std::alloc::dealloc(ptr, layout) };
-    total as f64 / secs
+    Timed {
+        bytes_per_sec: total as f64 / secs,
+        digest,
+    }
+}
+
+/// A timed read that must have returned exactly the bytes whose xxh3-128 is `expected`.
+fn checked_read(path: &Path, direct: bool, expected: u128) -> f64 {
+    let timed = sequential_read(path, direct);
+    assert_eq!(
+        timed.digest,
+        expected,
+        "{} returned wrong bytes: its result is void",
+        path.display()
+    );
+    timed.bytes_per_sec
 }
 
 /// Reads `path` with O_DIRECT, `depth` reads of `chunk` bytes in flight (one thread each, chunk
@@ -102,13 +140,39 @@ fn parallel_read(paths: &[PathBuf], direct: bool) -> f64 {
         .map(|p| {
             std::thread::spawn(move || {
                 let size = fs::metadata(&p).unwrap().len();
-                sequential_read(&p, direct);
-                size
+                (size, sequential_read(&p, direct).digest)
             })
         })
         .collect();
-    let total: u64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
-    total as f64 / started.elapsed().as_secs_f64()
+    let results: Vec<(u64, u128)> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let secs = started.elapsed().as_secs_f64();
+    for ((_, digest), path) in results.iter().zip(paths) {
+        let expected = xxhash_rust::xxh3::xxh3_128(&fs::read(source_of(path)).unwrap());
+        assert_eq!(*digest, expected, "{} returned wrong bytes", path.display());
+    }
+    results.iter().map(|(size, _)| size).sum::<u64>() as f64 / secs
+}
+
+/// The tree file a mounted path serves (`.../mnt/x` -> `.../tree/x`).
+fn source_of(mounted: &Path) -> PathBuf {
+    let base = mounted.parent().unwrap().parent().unwrap();
+    base.join("tree").join(mounted.file_name().unwrap())
+}
+
+/// "median (range low-high, n runs)", or a single sample labelled as one.
+fn spread(samples: &[f64]) -> String {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => "no run finished".into(),
+        1 => format!("{} (single sample)", gbs(sorted[0])),
+        n => format!(
+            "{} (median; range {:.2}-{:.2}, {n}/{n} runs ok)",
+            gbs(sorted[n / 2]),
+            sorted[0] / 1e9,
+            sorted[n - 1] / 1e9
+        ),
+    }
 }
 
 struct Daemon {
@@ -198,6 +262,8 @@ fn main() {
     fs::write(tree.join("warm.bin"), &data[..warm_size]).unwrap();
     let shm = Path::new("/dev/shm/mount_vfs_bench.bin");
     fs::write(shm, &data).unwrap();
+    let whole = xxhash_rust::xxh3::xxh3_128(&data);
+    let warm_digest = xxhash_rust::xxh3::xxh3_128(&data[..warm_size]);
     drop(data);
     let cas = base.join("cas");
     let manifest = base.join("bench.manifest");
@@ -212,7 +278,7 @@ fn main() {
         .unwrap();
     assert!(status.success());
 
-    println!("# mount_read: {size_mib} MiB, 1 MiB reads, median of {runs} runs");
+    println!("# mount_read: {size_mib} MiB, 1 MiB reads, {runs} runs each; every read's bytes are hashed after the clock stops and checked");
     let host = fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|c| {
@@ -226,19 +292,17 @@ fn main() {
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
 
-    let tmpfs: Vec<f64> = (0..runs).map(|_| sequential_read(shm, true)).collect();
-    println!(
-        "tmpfs O_DIRECT                 {}",
-        gbs(median(tmpfs.clone()))
-    );
+    let tmpfs: Vec<f64> = (0..runs).map(|_| checked_read(shm, true, whole)).collect();
+    println!("tmpfs O_DIRECT                 {}", spread(&tmpfs));
 
     let null_mnt = base.join("null_mnt");
     let null = common::mount_null(&null_mnt, size as u64, &["file"]);
+    // Its bytes are one static buffer: a transport ceiling, not checked content.
     let ceiling: Vec<f64> = (0..runs)
-        .map(|_| sequential_read(&null_mnt.join("file"), true))
+        .map(|_| sequential_read(&null_mnt.join("file"), true).bytes_per_sec)
         .collect();
+    println!("null FUSE O_DIRECT (ceiling)   {}", spread(&ceiling));
     let ceiling = median(ceiling);
-    println!("null FUSE O_DIRECT (ceiling)   {}", gbs(ceiling));
     drop(null);
 
     // The cold path's own ceiling: the CAS object read directly with O_DIRECT.
@@ -248,11 +312,11 @@ fn main() {
         .max_by_key(|p| fs::metadata(p).unwrap().len())
         .unwrap();
     let disk: Vec<f64> = (0..runs)
-        .map(|_| sequential_read(&big_object, true))
+        .map(|_| checked_read(&big_object, true, whole))
         .collect();
     println!(
-        "CAS object O_DIRECT (disk)     {}  (queue depth 1)",
-        gbs(median(disk))
+        "CAS object O_DIRECT (disk)     {}  queue depth 1",
+        spread(&disk)
     );
     // At the depth the daemon reads a cold object with: 8 reads of 4 MiB (--part-size) in
     // flight. This is the cold path's ceiling; depth 1 understates the disk.
@@ -260,8 +324,8 @@ fn main() {
         .map(|_| deep_read(&big_object, 8, 4 * MIB))
         .collect();
     println!(
-        "CAS object O_DIRECT (disk)     {}  (queue depth 8 x 4 MiB: the cold ceiling)",
-        gbs(median(disk_deep))
+        "CAS object O_DIRECT (disk)     {}  queue depth 8 x 4 MiB: the cold ceiling",
+        spread(&disk_deep)
     );
 
     let mnt = base.join("mnt");
@@ -273,26 +337,25 @@ fn main() {
         let daemon = Daemon::start(&manifest, &cas, &mnt, 1, "1G");
         let pid = daemon.child.id();
         let (f0, c0) = faults_and_cpu(pid);
-        cold.push(sequential_read(&mnt.join("big.bin"), true));
+        cold.push(checked_read(&mnt.join("big.bin"), true, whole));
         let (f1, c1) = faults_and_cpu(pid);
-        sequential_read(&mnt.join("warm.bin"), true);
+        checked_read(&mnt.join("warm.bin"), true, warm_digest);
         let (f2, c2) = faults_and_cpu(pid);
-        warm.push(sequential_read(&mnt.join("warm.bin"), true));
+        warm.push(checked_read(&mnt.join("warm.bin"), true, warm_digest));
         let (f3, c3) = faults_and_cpu(pid);
         let gib = size as f64 / (1u64 << 30) as f64;
         let warm_gib = warm_size as f64 / (1u64 << 30) as f64;
         faults_per_gib.push(((f1 - f0) as f64 / gib, (f3 - f2) as f64 / warm_gib));
         cpu_per_gib.push(((c1 - c0) / gib, (c3 - c2) / warm_gib, c2 - c1));
     }
-    let warm_m = median(warm);
     println!(
-        "mount_vfs cold O_DIRECT        {}  (whole object verified before the first byte)",
-        gbs(median(cold))
+        "mount_vfs cold O_DIRECT        {}  whole object verified before the first byte",
+        spread(&cold)
     );
     println!(
-        "mount_vfs warm O_DIRECT        {}  ({:.2}x ceiling, {} MiB file)",
-        gbs(warm_m),
-        warm_m / ceiling,
+        "mount_vfs warm O_DIRECT        {}  {:.2}x ceiling (medians), {} MiB file",
+        spread(&warm),
+        median(warm.clone()) / ceiling,
         warm_size / MIB
     );
     for (i, ((fc, fw), (cc, cw, _))) in faults_per_gib.iter().zip(&cpu_per_gib).enumerate() {
@@ -308,7 +371,7 @@ fn main() {
         let cold = parallel_read(&files, true);
         let warm = parallel_read(&files, true);
         println!(
-            "two readers, --shards {shards}: cold {} warm {}",
+            "two readers, --shards {shards}: cold {} warm {} (single samples)",
             gbs(cold),
             gbs(warm)
         );

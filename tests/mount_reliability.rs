@@ -6,7 +6,7 @@ mod common;
 
 use std::io::Read;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -50,6 +50,15 @@ fn mount_count(dir: &Path) -> usize {
         .filter_map(|l| l.split(' ').nth(1))
         .filter(|m| Path::new(m) == canonical)
         .count()
+}
+
+/// A one-file job (`a.txt` = "hello") under `root`, and an empty mountpoint for it:
+/// (manifest, cas, mountpoint).
+fn hello_job(root: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (manifest, cas) = job(root, &[("a.txt", b"hello")], "2023-03-03");
+    let mnt = root.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    (manifest, cas, mnt)
 }
 
 fn mount_args(manifest: &Path, cas: &Path, dir: &Path) -> Command {
@@ -111,7 +120,7 @@ fn run_bounded(mut command: Command, limit: Duration) -> Bounded {
 
 /// Stops the given daemons and detaches `dir` on drop, so a failing test leaves nothing behind.
 struct Cleanup {
-    dir: std::path::PathBuf,
+    dir: PathBuf,
     pids: Vec<u32>,
 }
 
@@ -254,9 +263,7 @@ fn rss(pid: u32) -> u64 {
 fn the_default_pool_follows_the_manifest() {
     // Issue 8.1: a one-file mount pinned ~1 GiB whatever the manifest.
     let work = tempfile::tempdir().unwrap();
-    let (manifest, cas) = job(work.path(), &[("a.txt", b"hello")], "2023-03-03");
-    let mnt = work.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
+    let (manifest, cas, mnt) = hello_job(work.path());
     let mut child = mount_args(&manifest, &cas, &mnt)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -432,9 +439,7 @@ fn a_stale_mount_of_a_killed_process_is_cleaned_by_the_next_mount() {
 fn racing_mounts_on_one_mountpoint_leave_exactly_one() {
     // Issue 8.3: four `--daemon` mounts started together all succeeded, stacked on MNT.
     let work = tempfile::tempdir().unwrap();
-    let (manifest, cas) = job(work.path(), &[("a.txt", b"hello")], "2023-03-03");
-    let mnt = work.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
+    let (manifest, cas, mnt) = hello_job(work.path());
     let mut cleanup = Cleanup {
         dir: mnt.clone(),
         pids: Vec::new(),
@@ -472,9 +477,7 @@ fn racing_mounts_on_one_mountpoint_leave_exactly_one() {
 #[test]
 fn a_non_empty_mountpoint_is_refused_unless_allowed() {
     let work = tempfile::tempdir().unwrap();
-    let (manifest, cas) = job(work.path(), &[("a.txt", b"hello")], "2023-03-03");
-    let mnt = work.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
+    let (manifest, cas, mnt) = hello_job(work.path());
     std::fs::write(mnt.join("precious.txt"), b"mine").unwrap();
     let cleanup = Cleanup {
         dir: mnt.clone(),
@@ -507,9 +510,7 @@ fn a_non_empty_mountpoint_is_refused_unless_allowed() {
 fn daemon_mode_lets_go_of_the_callers_stdio_and_reports_its_errors() {
     // Issue 8: the background process kept the caller's stderr, so a pipe never closed.
     let work = tempfile::tempdir().unwrap();
-    let (manifest, cas) = job(work.path(), &[("a.txt", b"hello")], "2023-03-03");
-    let mnt = work.path().join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
+    let (manifest, cas, mnt) = hello_job(work.path());
     let mut cleanup = Cleanup {
         dir: mnt.clone(),
         pids: Vec::new(),

@@ -109,27 +109,10 @@ impl LocalCas {
         }
     }
 
-    /// Reads bytes `[offset, offset + len)` of object `hash`, whose full length is `object_len`.
+    /// Reads bytes `[offset, offset + len)` of object `hash`, whose full length is `object_len`,
+    /// into `memory` granted beforehand by the caller (see [`BufferPool::alloc_reserved`]).
     /// The caller guarantees the range lies inside the object.
     pub async fn read(
-        &self,
-        pool: &BufferPool,
-        hash: Hash,
-        object_len: u64,
-        offset: u64,
-        len: usize,
-    ) -> Result<Block, StoreError> {
-        let memory = pool
-            .reserve(len)
-            .await
-            .map_err(|e| self.too_large(hash, e))?;
-        self.read_reserved(pool, memory, hash, object_len, offset, len)
-            .await
-    }
-
-    /// [`read`](Self::read) into `memory`, granted beforehand by the caller (see
-    /// [`BufferPool::alloc_reserved`]).
-    pub async fn read_reserved(
         &self,
         pool: &BufferPool,
         memory: Reservation,

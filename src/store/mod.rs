@@ -67,10 +67,7 @@ impl Store {
         len: usize,
     ) -> Result<Block, StoreError> {
         match self {
-            Store::Local(cas) => {
-                cas.read_reserved(pool, memory, hash, object_len, offset, len)
-                    .await
-            }
+            Store::Local(cas) => cas.read(pool, memory, hash, object_len, offset, len).await,
             Store::S3(s3) => {
                 s3.read_reserved(pool, memory, hash, object_len, offset, len)
                     .await
