@@ -7,7 +7,8 @@
 #
 # Usage: benches/small_pools.sh [BIN [BASELINE_BIN]]   (root, /dev/fuse)
 #   BIN defaults to target/release/mount_vfs; BASELINE_BIN (e.g. a build of an older commit) is
-#   measured in the same run for a ratio. RUNS (default 3), SIZE_MIB (default 512).
+#   measured in the same run for a ratio. RUNS (default 3), SIZE_MIB (default 512), LIMITS
+#   (default "32M 64M 128M 256M 1G").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/mount_vfs}
@@ -30,7 +31,7 @@ head -c $((SIZE_MIB << 20)) /dev/urandom >"$work/tree/big.bin"
 echo "# small_pools: ${SIZE_MIB} MiB object, --shards 1, cold O_DIRECT 1 MiB reads, $RUNS runs"
 echo "# machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 printf '%-10s %-14s %-8s %-28s %s\n' binary memory-limit ok "MB/s median (range)" "fetched/read"
-for limit in 32M 64M 128M 256M 1G; do
+for limit in ${LIMITS:-32M 64M 128M 256M 1G}; do
   for which in new baseline; do
     bin=$BIN
     if [ "$which" = baseline ]; then

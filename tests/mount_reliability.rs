@@ -158,7 +158,7 @@ fn daemons_of(dir: &Path) -> Vec<u32> {
 fn objects_larger_than_a_small_pool_are_read_to_the_end() {
     // Issue 8.1: with a 32 MiB pool, read-ahead windows larger than the cache evicted their
     // own blocks before the reader got there: a cold 192 MiB O_DIRECT read fetched 10.9 GB
-    // from the store (54 bytes per byte) in 6.6 s, and a 512 MiB one never finished.
+    // from the store (54 bytes per byte) in 6.6 s, a 512 MiB one 63 bytes per byte at 22 MB/s.
     let work = tempfile::tempdir().unwrap();
     let big = pattern(81, 192 << 20);
     let small = pattern(82, 3 << 20);
