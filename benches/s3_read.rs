@@ -689,16 +689,22 @@ fn open(path: &Path, direct: bool) -> std::io::Result<fs::File> {
     options.open(path)
 }
 
-/// Reads `[start, end)` of `path` in 1 MiB reads; returns the bytes read.
-fn read_range(path: &Path, start: u64, end: u64, direct: bool) -> Result<u64, String> {
+/// Reads `[start, end)` of `path` in 1 MiB reads into `dest` (at least `end - start` bytes,
+/// pre-faulted by the caller); returns the bytes read.
+fn read_range(
+    path: &Path,
+    start: u64,
+    end: u64,
+    direct: bool,
+    dest: &mut [u8],
+) -> Result<u64, String> {
     let file = open(path, direct).map_err(|e| format!("open {}: {e}", path.display()))?;
-    let mut buf = AlignedBuf::new(READ_SIZE);
-    let buf = buf.as_mut();
     let mut offset = start;
     while offset < end {
         let want = ((end - offset) as usize).min(READ_SIZE);
+        let at = (offset - start) as usize;
         let n = file
-            .read_at(&mut buf[..want], offset)
+            .read_at(&mut dest[at..at + want], offset)
             .map_err(|e| format!("read {} at {offset}: {e}", path.display()))?;
         if n == 0 {
             return Err(format!(
@@ -709,6 +715,22 @@ fn read_range(path: &Path, start: u64, end: u64, direct: bool) -> Result<u64, St
         offset += n as u64;
     }
     Ok(offset - start)
+}
+
+/// xxh3-128 of every reader's range of the source files, to check what each contender returned
+/// (after its clock stopped): a contender that returns wrong bytes gets a failed run, not a
+/// fast one. Filled once in `main`.
+static EXPECTED: std::sync::OnceLock<BTreeMap<(&'static str, u64, u64), u128>> =
+    std::sync::OnceLock::new();
+
+/// A buffer for `len` bytes with every page already faulted in, so the timed reads of every
+/// contender pay the same (no) page-fault cost.
+fn prefaulted(len: usize) -> AlignedBuf {
+    let mut buffer = AlignedBuf::new(len.next_multiple_of(4096).max(4096));
+    for page in buffer.as_mut().chunks_mut(4096) {
+        page[0] = 1;
+    }
+    buffer
 }
 
 /// The reader layout shared by every contender: one reader takes `a` whole; four take the two
@@ -726,27 +748,68 @@ fn layout(readers: usize, size: u64) -> Vec<(&'static str, u64, u64)> {
     }
 }
 
-/// Runs the readers in parallel; returns aggregate bytes per second.
-fn read_files(dir: &Path, readers: usize, size: u64, direct: bool) -> Result<f64, String> {
+/// Runs the readers in parallel; returns aggregate bytes per second. With `check`, each reader's
+/// bytes are hashed after the clock stopped and compared with the source (the do-nothing FUSE
+/// server serves no real content and is not checked).
+fn read_files(
+    dir: &Path,
+    readers: usize,
+    size: u64,
+    direct: bool,
+    check: bool,
+) -> Result<f64, String> {
+    let ranges = layout(readers, size);
+    let buffers: Vec<AlignedBuf> = ranges
+        .iter()
+        .map(|(_, start, end)| prefaulted((end - start) as usize))
+        .collect();
     let started = Instant::now();
-    let threads: Vec<_> = layout(readers, size)
-        .into_iter()
-        .map(|(name, start, end)| {
+    let threads: Vec<_> = ranges
+        .iter()
+        .zip(buffers)
+        .map(|(&(name, start, end), buffer)| {
             let path = dir.join(name);
-            std::thread::spawn(move || read_range(&path, start, end, direct))
+            let mut buffer = SendBuf(buffer);
+            std::thread::spawn(move || {
+                let read = read_range(&path, start, end, direct, buffer.0.as_mut());
+                read.map(|n| (n, buffer))
+            })
         })
         .collect();
     let mut total = 0;
+    let mut results = Vec::new();
     for t in threads {
-        total += t.join().map_err(|_| "reader panicked".to_string())??;
+        let (n, buffer) = t.join().map_err(|_| "reader panicked".to_string())??;
+        total += n;
+        results.push(buffer);
     }
-    Ok(total as f64 / started.elapsed().as_secs_f64())
+    let rate = total as f64 / started.elapsed().as_secs_f64();
+    if check {
+        let expected = EXPECTED.get().expect("expected digests");
+        for ((name, start, end), mut buffer) in ranges.into_iter().zip(results) {
+            let got = xxhash_rust::xxh3::xxh3_128(&buffer.0.as_mut()[..(end - start) as usize]);
+            if expected.get(&(name, start, end)) != Some(&got) {
+                return Err(format!(
+                    "{name} [{start}, {end}) through {}: wrong bytes",
+                    dir.display()
+                ));
+            }
+        }
+    }
+    Ok(rate)
 }
+
+/// An [`AlignedBuf`] moved to a reader thread and back; only one thread touches it at a time.
+struct SendBuf(AlignedBuf);
+
+// SAFETY: the buffer is owned (no aliasing); ownership moves to the reader thread and back.
+unsafe impl Send for SendBuf {}
 
 /// Open + first 1 MiB (O_DIRECT) of `a.bin`: seconds.
 fn first_byte(dir: &Path) -> Result<f64, String> {
+    let mut buffer = prefaulted(READ_SIZE);
     let started = Instant::now();
-    read_range(&dir.join("a.bin"), 0, READ_SIZE as u64, true)?;
+    read_range(&dir.join("a.bin"), 0, READ_SIZE as u64, true, buffer.as_mut())?;
     Ok(started.elapsed().as_secs_f64())
 }
 
@@ -1062,7 +1125,7 @@ fn measure(
     let (f0, c0) = faults_and_cpu(mount.pid());
     drop_caches();
     let s0 = server.served();
-    match read_files(&mount.files, readers, size, direct) {
+    match read_files(&mount.files, readers, size, direct, true) {
         Ok(rate) => {
             let (f1, c1) = faults_and_cpu(mount.pid());
             let read_gib = (size * if readers == 1 { 1 } else { 2 }) as f64 / gib;
@@ -1133,6 +1196,7 @@ fn main() {
     let tree = base.join("tree");
     fs::create_dir_all(&tree).unwrap();
     let mut hashes = Vec::new();
+    let mut expected = BTreeMap::new();
     {
         let mut data = vec![0u8; size as usize];
         for (seed, name) in [
@@ -1142,8 +1206,18 @@ fn main() {
             fill(seed, &mut data);
             hashes.push(Hash::of(&data));
             fs::write(tree.join(name), &data).unwrap();
+            for readers in [1, 4] {
+                for (file, start, end) in layout(readers, size) {
+                    if file == name {
+                        let digest =
+                            xxhash_rust::xxh3::xxh3_128(&data[start as usize..end as usize]);
+                        expected.insert((file, start, end), digest);
+                    }
+                }
+            }
         }
     }
+    EXPECTED.set(expected).expect("set once");
     let hashes = [hashes[0], hashes[1]];
     // An empty file between them gives b.bin inode 4: with --shards 2 the two big files are
     // then owned by different shards (inodes 2 and 3 would share shard 0), as most files of a
@@ -1296,7 +1370,7 @@ fn main() {
         for direct in [true, false] {
             for readers in [1, 4] {
                 step_deadline();
-                if let Ok(rate) = read_files(&null_mnt, readers, size, direct) {
+                if let Ok(rate) = read_files(&null_mnt, readers, size, direct, false) {
                     null_rates.entry((direct, readers)).or_default().push(rate);
                 }
                 drop_caches();
@@ -1408,7 +1482,12 @@ fn main() {
     };
     println!();
     println!(
-        "{:<34} {:<9} {:>7} {:>8} {:>8} {:>9}  runs (GB/s)",
+        "# settings: mount_vfs --memory-limit 4G (--shards as named); s3fs and rclone with \
+         their defaults and caches off (rclone --vfs-cache-mode off), so a '2nd mount' row (a \
+         warm disk cache) has no peer ratio: the peers have no cache to be warm"
+    );
+    println!(
+        "{:<34} {:<9} {:>7} {:>8} {:>8} {:>9}  ok/tried  runs (GB/s)",
         "contender", "mode", "readers", "GB/s", "/raw", "/peer"
     );
     let fmt_runs = |v: &[f64]| {
@@ -1475,6 +1554,15 @@ fn main() {
                     continue;
                 };
                 let fetched = median(s.fetched_per_read.clone()).unwrap_or(0.0);
+                let tried = s.rates.len() + s.errors.len();
+                let ok = format!("{}/{tried}", s.rates.len());
+                // Like with like: a second mount reads a warm disk cache, the peers read S3.
+                let second_mount = name.ends_with("(2nd mount)");
+                let peer = if second_mount {
+                    0.0
+                } else {
+                    best_peer(direct, readers)
+                };
                 let extra = if is_peer {
                     format!("  S3 bytes/byte read {fetched:.2}")
                 } else {
@@ -1485,13 +1573,13 @@ fn main() {
                     )
                 };
                 println!(
-                    "{:<34} {:<9} {:>7} {:>8.2} {:>8} {:>9}  {}{extra}",
+                    "{:<34} {:<9} {:>7} {:>8.2} {:>8} {:>9}  {ok:>8}  {}{extra}",
                     name,
                     mode,
                     readers,
                     m / 1e9,
                     ratio(m, best_raw(readers)),
-                    ratio(m, best_peer(direct, readers)),
+                    ratio(m, peer),
                     fmt_runs(&s.rates)
                 );
                 println!(
@@ -1499,7 +1587,7 @@ fn main() {
                     name,
                     m / 1e9,
                     json_ratio(m, best_raw(readers)),
-                    json_ratio(m, best_peer(direct, readers)),
+                    json_ratio(m, peer),
                     median(s.faults_per_gib.clone()).unwrap_or(0.0),
                     median(s.cpu_per_gib.clone()).unwrap_or(0.0),
                     s.errors.len()
