@@ -809,7 +809,13 @@ unsafe impl Send for SendBuf {}
 fn first_byte(dir: &Path) -> Result<f64, String> {
     let mut buffer = prefaulted(READ_SIZE);
     let started = Instant::now();
-    read_range(&dir.join("a.bin"), 0, READ_SIZE as u64, true, buffer.as_mut())?;
+    read_range(
+        &dir.join("a.bin"),
+        0,
+        READ_SIZE as u64,
+        true,
+        buffer.as_mut(),
+    )?;
     Ok(started.elapsed().as_secs_f64())
 }
 

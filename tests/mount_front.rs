@@ -176,10 +176,10 @@ fn partial_cache_files_of_dead_processes_are_removed_at_start() {
 }
 
 /// A tmpfs of `size` mounted on `dir`, unmounted on drop.
-struct SmallFs<'a>(&'a Path);
+struct SmallFs;
 
-impl<'a> SmallFs<'a> {
-    fn mount(dir: &'a Path, size: &str) -> SmallFs<'a> {
+impl SmallFs {
+    fn mount<'a>(dir: &'a Path, size: &str) -> SmallFsGuard<'a> {
         std::fs::create_dir_all(dir).unwrap();
         let status = Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
@@ -187,13 +187,7 @@ impl<'a> SmallFs<'a> {
             .status()
             .unwrap();
         assert!(status.success(), "mount tmpfs (needs root)");
-        SmallFs(dir)
-    }
-}
-
-impl Drop for SmallFs<'_> {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.0).status();
+        SmallFsGuard(dir)
     }
 }
 
@@ -231,4 +225,171 @@ fn a_full_cache_filesystem_costs_the_cache_copy_not_the_read() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
+fn a_cache_filesystem_running_short_evicts_the_least_recently_used() {
+    let work = tempfile::tempdir().unwrap();
+    let files: Vec<(String, Vec<u8>)> = (0..3)
+        .map(|i| {
+            (
+                format!("f{i}.bin"),
+                pattern(160 + i, (5 << 20) + (100 << 10)),
+            )
+        })
+        .collect();
+    let listed: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(n, d)| (n.as_str(), d.as_slice()))
+        .collect();
+    let (manifest, cas) = job(work.path(), &listed, "2023-03-03");
+    // 16 MiB: 5% (0.8 MiB) must stay free, and three 5.1 MiB objects leave 0.7 MiB.
+    let cache = work.path().join("cache");
+    let _fs = SmallFs::mount(&cache, "16m");
+    let cache_arg = cache.to_str().unwrap().to_string();
+    let mut mount = Mount::start(
+        &manifest,
+        &cas,
+        &work.path().join("mnt"),
+        MountOptions {
+            shards: 1,
+            extra: &["--cache-dir", &cache_arg],
+        },
+    );
+    let cached = |data: &[u8]| {
+        cache
+            .join("Data")
+            .join(format!("{}.xxh128", mount_vfs::manifest::Hash::of(data)))
+            .exists()
+    };
+    for (name, data) in &files {
+        assert!(read_all(&mount.dir.join(name)).unwrap() == *data);
+        std::thread::sleep(std::time::Duration::from_millis(1100)); // distinct mtimes
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while cached(&files[0].1) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        !cached(&files[0].1),
+        "the least recently used object was kept"
+    );
+    assert!(cached(&files[2].1), "the newest object was evicted");
+    // Still readable: from the store.
+    assert!(common::read_direct(&mount.dir.join("f0.bin")).unwrap() == files[0].1);
+    let log = mount.stderr();
+    assert!(log.contains("least recently used files"), "{log}");
+}
+
+#[test]
+fn a_cache_file_changed_while_mounted_is_never_served() {
+    let work = tempfile::tempdir().unwrap();
+    let data = pattern(170, 48 << 20);
+    let (manifest, cas) = job(work.path(), &[("a.bin", &data)], "2023-03-03");
+    let cache = work.path().join("cache");
+    let cache_arg = cache.to_str().unwrap().to_string();
+    // A 32 MiB pool cannot keep 48 MiB: the second read goes back to the cache file.
+    let mut mount = Mount::start(
+        &manifest,
+        &cas,
+        &work.path().join("mnt"),
+        MountOptions {
+            shards: 1,
+            extra: &["--cache-dir", &cache_arg, "--memory-limit", "32M"],
+        },
+    );
+    assert!(common::read_direct(&mount.dir.join("a.bin")).unwrap() == data);
+    let cache_file = cache
+        .join("Data")
+        .join(format!("{}.xxh128", mount_vfs::manifest::Hash::of(&data)));
+    assert!(cache_file.exists());
+    // Overwritten in place (same inode, so the shard's open file sees it): same size.
+    std::fs::write(&cache_file, pattern(171, data.len())).unwrap();
+    assert!(common::read_direct(&mount.dir.join("a.bin")).unwrap() == data);
+    let log = mount.stderr();
+    assert!(log.contains("changed since it was verified"), "{log}");
+}
+
+#[test]
+fn a_corrupt_chunk_of_a_v2025_file_fails_there_and_not_before() {
+    let work = tempfile::tempdir().unwrap();
+    let chunk = 256usize << 20;
+    let data = pattern(180, chunk + (1 << 20));
+    let (manifest, cas) = job(work.path(), &[("big.bin", &data)], "2025-12-04-beta");
+    // Corrupt the second chunk's object (1 MiB): same size, one byte changed.
+    let second = cas.join("Data").join(format!(
+        "{}.xxh128",
+        mount_vfs::manifest::Hash::of(&data[chunk..])
+    ));
+    let mut damaged = data[chunk..].to_vec();
+    damaged[12345] ^= 0x20;
+    std::fs::write(&second, damaged).unwrap();
+    let mount = Mount::start(
+        &manifest,
+        &cas,
+        &work.path().join("mnt"),
+        MountOptions::default(),
+    );
+    let (served, error) = common::read_until_error(&mount.dir.join("big.bin"), &data);
+    assert_eq!(error.raw_os_error(), Some(libc::EIO));
+    assert_eq!(
+        served, chunk,
+        "the first chunk is served whole, nothing of the second"
+    );
+}
+
+#[test]
+fn a_refused_passthrough_falls_back_to_shard_reads() {
+    // The kernel refuses a backing file on a stacked filesystem: put the cache on overlayfs.
+    let work = tempfile::tempdir().unwrap();
+    let data = pattern(190, 3 << 20);
+    let (manifest, cas) = job(work.path(), &[("a.bin", &data)], "2023-03-03");
+    let layers = work.path().join("layers");
+    for d in ["lower", "upper", "work", "merged"] {
+        std::fs::create_dir_all(layers.join(d)).unwrap();
+    }
+    let merged = layers.join("merged");
+    let status = Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!(
+            "lowerdir={},upperdir={},workdir={}",
+            layers.join("lower").display(),
+            layers.join("upper").display(),
+            layers.join("work").display()
+        ))
+        .arg(&merged)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mount overlayfs (needs root)");
+    let _overlay = SmallFsGuard(&merged);
+    let cache_arg = merged.join("cache").to_str().unwrap().to_string();
+    let mut mount = Mount::start(
+        &manifest,
+        &cas,
+        &work.path().join("mnt"),
+        MountOptions {
+            shards: 1,
+            extra: &["--cache-dir", &cache_arg, "--stats"],
+        },
+    );
+    assert!(read_all(&mount.dir.join("a.bin")).unwrap() == data);
+    // Opened again now that the object is cached: passthrough is asked for, and refused.
+    assert!(read_all(&mount.dir.join("a.bin")).unwrap() == data);
+    mount.stop();
+    let total = &mount.stats("final").unwrap()["total"];
+    assert_eq!(total["passthrough_opens"], 0, "{total}");
+    let log = mount.stderr();
+    assert!(
+        log.contains("passthrough of cache file") && log.contains("refused"),
+        "{log}"
+    );
+}
+
+/// Unmounts a filesystem mounted by a test, on drop.
+struct SmallFsGuard<'a>(&'a Path);
+
+impl Drop for SmallFsGuard<'_> {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(self.0).status();
+    }
 }

@@ -35,15 +35,19 @@ struct Shared {
     /// Bytes of cache files, as of the last sweep plus what shards added since.
     used: AtomicU64,
     max_bytes: Option<u64>,
+    /// The cache's `Data/` directory, whose filesystem's free space is checked on every commit.
+    data: PathBuf,
     wake: flume::Sender<()>,
     stopping: AtomicBool,
 }
 
 impl CacheUsage {
-    /// A cache file of `bytes` was committed; wakes the janitor when that crosses the limit.
+    /// A cache file of `bytes` was committed; wakes the janitor when that crosses the limit or
+    /// leaves the filesystem short (one statvfs per committed object: objects are large).
     pub fn added(&self, bytes: u64) {
         let used = self.shared.used.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if self.shared.max_bytes.is_some_and(|max| used > max) {
+        let over_limit = self.shared.max_bytes.is_some_and(|max| used > max);
+        if over_limit || running_short(&self.shared.data) {
             let _ = self.shared.wake.try_send(());
         }
     }
@@ -74,6 +78,7 @@ impl CacheJanitor {
             shared: Arc::new(Shared {
                 used: AtomicU64::new(0),
                 max_bytes,
+                data: root.join("Data"),
                 wake,
                 stopping: AtomicBool::new(false),
             }),
@@ -128,7 +133,7 @@ fn sweep(data: &Path, shared: &Shared) {
         .collect();
     let mut used: u64 = files.iter().map(|(_, len, _)| len).sum();
     let (mut free, total) = filesystem_space(data).unwrap_or((u64::MAX, u64::MAX));
-    let min_free = (total as f64 * MIN_FREE) as u64;
+    let min_free = min_free(total);
     let over =
         |used: u64, free: u64| shared.max_bytes.is_some_and(|max| used > max) || free < min_free;
     if over(used, free) {
@@ -159,6 +164,16 @@ fn sweep(data: &Path, shared: &Shared) {
         );
     }
     shared.used.store(used, Ordering::Relaxed);
+}
+
+/// Free bytes a filesystem of `total` bytes must keep.
+fn min_free(total: u64) -> u64 {
+    (total as f64 * MIN_FREE) as u64
+}
+
+/// Whether the filesystem holding `path` has less free than it must keep.
+fn running_short(path: &Path) -> bool {
+    filesystem_space(path).is_some_and(|(free, total)| free < min_free(total))
 }
 
 /// (free, total) bytes of the filesystem holding `path`.
