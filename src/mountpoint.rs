@@ -23,7 +23,7 @@ pub struct MountpointLock {
 impl MountpointLock {
     /// Takes the lock for `mountpoint` (an existing directory), or says who holds it.
     pub fn acquire(mountpoint: &Path) -> Result<MountpointLock, MountError> {
-        let canonical = std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.into());
+        let canonical = canonical_mountpoint(mountpoint);
         let dir = lock_dir();
         std::fs::create_dir_all(&dir).map_err(|e| {
             MountError::Mountpoint(format!(
@@ -67,6 +67,18 @@ impl MountpointLock {
             tracing::debug!("cannot record our pid in {}: {e}", path.display());
         }
         Ok(MountpointLock { _file: file })
+    }
+}
+
+/// The mountpoint's absolute path with its parent resolved: the mountpoint itself may be a stale
+/// mount that cannot be resolved (ENOTCONN), and every mount of it must find the same lock.
+fn canonical_mountpoint(mountpoint: &Path) -> PathBuf {
+    let absolute = std::path::absolute(mountpoint).unwrap_or_else(|_| mountpoint.into());
+    match (absolute.parent(), absolute.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+            .map(|p| p.join(name))
+            .unwrap_or(absolute),
+        _ => absolute,
     }
 }
 
