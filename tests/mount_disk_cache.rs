@@ -19,6 +19,25 @@ fn counter(mount: &mut Mount, name: &str) -> u64 {
     stats["total"][name].as_u64().unwrap()
 }
 
+/// Waits (up to 10 s) until a `--stats` line shows every open released.
+fn wait_until_all_released(mount: &mut Mount) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        if let Some(stats) = mount.stats("interval") {
+            let total = &stats["total"];
+            if total["opens"].as_u64() > Some(0) && total["opens"] == total["releases"] {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "opens not released: {:?}",
+            mount.stats("interval")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 struct Job {
     _tmp: tempfile::TempDir,
     manifest: PathBuf,
@@ -148,7 +167,9 @@ fn direct_and_buffered_opens_of_one_file_mix_in_either_order() {
         assert!(read_direct(&big).unwrap() == job.big);
         assert!(read_all(&big).unwrap() == job.big);
     }
-    // All closed: a new O_DIRECT open is shard-served again.
+    // All closed: a new O_DIRECT open is shard-served again, once the kernel's RELEASEs (sent
+    // asynchronously after close) have reached the shard.
+    wait_until_all_released(&mut mount);
     assert!(read_direct(&big).unwrap() == job.big);
     mount.stop();
     assert_eq!(counter(&mut mount, "errors"), 0);
