@@ -119,10 +119,7 @@ fn concurrent_first_readers_share_one_verification() {
         &manifest,
         &cas,
         &work.path().join("mnt"),
-        MountOptions {
-            shards: 1,
-            extra: &["--stats"],
-        },
+        MountOptions::with(&["--stats"]),
     );
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(6));
     let readers: Vec<_> = (0..6)
@@ -165,10 +162,7 @@ fn partial_cache_files_of_dead_processes_are_removed_at_start() {
         &manifest,
         &cas,
         &work.path().join("mnt"),
-        MountOptions {
-            shards: 1,
-            extra: &["--cache-dir", &cache_arg],
-        },
+        MountOptions::with(&["--cache-dir", &cache_arg]),
     );
     assert!(!dead.exists(), "a dead process's partial file was kept");
     assert!(live.exists(), "a live process's partial file was removed");
@@ -203,10 +197,7 @@ fn a_full_cache_filesystem_costs_the_cache_copy_not_the_read() {
         &manifest,
         &cas,
         &work.path().join("mnt"),
-        MountOptions {
-            shards: 1,
-            extra: &["--cache-dir", &cache_arg, "--stats"],
-        },
+        MountOptions::with(&["--cache-dir", &cache_arg, "--stats"]),
     );
     assert!(read_all(&mount.dir.join("a.bin")).unwrap() == data);
     assert!(common::read_direct(&mount.dir.join("a.bin")).unwrap() == data);
@@ -251,10 +242,7 @@ fn a_cache_filesystem_running_short_evicts_the_least_recently_used() {
         &manifest,
         &cas,
         &work.path().join("mnt"),
-        MountOptions {
-            shards: 1,
-            extra: &["--cache-dir", &cache_arg],
-        },
+        MountOptions::with(&["--cache-dir", &cache_arg]),
     );
     let cached = |data: &[u8]| {
         cache
@@ -293,10 +281,7 @@ fn a_cache_file_changed_while_mounted_is_never_served() {
         &manifest,
         &cas,
         &work.path().join("mnt"),
-        MountOptions {
-            shards: 1,
-            extra: &["--cache-dir", &cache_arg, "--memory-limit", "32M"],
-        },
+        MountOptions::with(&["--cache-dir", &cache_arg, "--memory-limit", "32M"]),
     );
     assert!(common::read_direct(&mount.dir.join("a.bin")).unwrap() == data);
     let cache_file = cache
@@ -367,10 +352,7 @@ fn a_refused_passthrough_falls_back_to_shard_reads() {
         &manifest,
         &cas,
         &work.path().join("mnt"),
-        MountOptions {
-            shards: 1,
-            extra: &["--cache-dir", &cache_arg, "--stats"],
-        },
+        MountOptions::with(&["--cache-dir", &cache_arg, "--stats"]),
     );
     assert!(read_all(&mount.dir.join("a.bin")).unwrap() == data);
     // Opened again now that the object is cached: passthrough is asked for, and refused.

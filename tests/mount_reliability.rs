@@ -167,10 +167,7 @@ fn objects_larger_than_a_small_pool_are_read_to_the_end() {
         &[("big.bin", &big), ("small.bin", &small)],
         "2023-03-03",
     );
-    let options = || MountOptions {
-        shards: 1,
-        extra: &["--memory-limit", "32M", "--stats"],
-    };
+    let options = || MountOptions::with(&["--memory-limit", "32M", "--stats"]);
     let mut mount = Mount::start(&manifest, &cas, &work.path().join("mnt"), options());
     let path = mount.dir.join("big.bin");
     let read = within(
@@ -392,10 +389,7 @@ fn files_held_past_the_grace_period_do_not_keep_the_process() {
         &manifest,
         &cas,
         &work.path().join("mnt"),
-        MountOptions {
-            shards: 1,
-            extra: &["--stop-grace", "1"],
-        },
+        MountOptions::with(&["--stop-grace", "1"]),
     );
     let held = std::fs::File::open(mount.dir.join("a.txt")).unwrap();
     let pid = mount.pid().unwrap();
@@ -496,10 +490,7 @@ fn a_non_empty_mountpoint_is_refused_unless_allowed() {
         &manifest,
         &cas,
         &mnt,
-        MountOptions {
-            shards: 1,
-            extra: &["--allow-non-empty"],
-        },
+        MountOptions::with(&["--allow-non-empty"]),
     );
     assert_eq!(read_all(&mount.dir.join("a.txt")).unwrap(), b"hello");
     drop(mount);
@@ -556,10 +547,7 @@ fn stats_are_quiet_while_idle_and_count_first_read_misses() {
         &manifest,
         &cas,
         &work.path().join("mnt"),
-        MountOptions {
-            shards: 1,
-            extra: &["--stats"],
-        },
+        MountOptions::with(&["--stats"]),
     );
     assert!(read_all(&mount.dir.join("a.bin")).unwrap() == data);
     std::thread::sleep(Duration::from_millis(3500));

@@ -8,6 +8,18 @@ use common::fault_proxy::{Fault, FaultProxy};
 use common::s3_servers::{config, upload_job, v2023_manifest, Moto, MOUNT_ENV as ENV};
 use common::{is_mounted, pattern, read_all, Mount, MountOptions, BIN};
 
+/// A moto server with bucket `cas` holding `files` under `root/Data/` (uploaded with boto3), and
+/// a work directory with their v2023 manifest: (server, work dir, manifest path).
+fn moto_job(files: &[(&str, &[u8])]) -> (Moto, tempfile::TempDir, std::path::PathBuf) {
+    let moto = Moto::start();
+    moto.create_bucket("cas");
+    let work = tempfile::tempdir().unwrap();
+    let manifest_path = work.path().join("m.manifest");
+    let s3_config = config(&moto.endpoint(), "cas", "root", "k", "s");
+    std::fs::write(&manifest_path, upload_job(&s3_config, files)).unwrap();
+    (moto, work, manifest_path)
+}
+
 #[test]
 fn mount_refuses_a_wrong_bucket_before_mounting() {
     let moto = Moto::start();
@@ -40,16 +52,11 @@ fn mount_refuses_a_wrong_bucket_before_mounting() {
 
 #[test]
 fn mount_serves_s3_files_and_never_serves_flipped_bytes() {
-    let moto = Moto::start();
-    moto.create_bucket("cas");
-    let proxy = FaultProxy::start(moto.port);
     let big = pattern(3, (9 << 20) + 123);
     let small = b"hello world".to_vec();
     let files: Vec<(&str, &[u8])> = vec![("big.bin", &big), ("dir/small.txt", &small)];
-    let s3_config = config(&moto.endpoint(), "cas", "root", "k", "s");
-    let work = tempfile::tempdir().unwrap();
-    let manifest_path = work.path().join("m.manifest");
-    std::fs::write(&manifest_path, upload_job(&s3_config, &files)).unwrap();
+    let (moto, work, manifest_path) = moto_job(&files);
+    let proxy = FaultProxy::start(moto.port);
     let endpoint = proxy.endpoint();
     let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
     let mut mount = Mount::start_with_store(
@@ -78,10 +85,7 @@ fn mount_serves_s3_files_and_never_serves_flipped_bytes() {
         &store,
         &ENV,
         &work.path().join("mnt2"),
-        MountOptions {
-            shards: 1,
-            extra: &["--stats"],
-        },
+        MountOptions::with(&["--stats"]),
     );
     proxy.inject(&[Fault::Reset, Fault::SlowDown, Fault::Truncate]);
     assert!(
@@ -103,10 +107,7 @@ fn mount_serves_s3_files_and_never_serves_flipped_bytes() {
         &store,
         &ENV,
         &work.path().join("mnt3"),
-        MountOptions {
-            shards: 1,
-            extra: &["--stats"],
-        },
+        MountOptions::with(&["--stats"]),
     );
     proxy.inject(&[Fault::Flip]);
     assert!(read_all(&mount.dir.join("big.bin")).unwrap() == big);
@@ -118,15 +119,10 @@ fn mount_serves_s3_files_and_never_serves_flipped_bytes() {
 
 #[test]
 fn a_disk_cache_spares_the_store_on_the_next_mount() {
-    let moto = Moto::start();
-    moto.create_bucket("cas");
-    let proxy = FaultProxy::start(moto.port);
     let big = pattern(5, (6 << 20) + 7);
     let files: Vec<(&str, &[u8])> = vec![("big.bin", &big)];
-    let s3_config = config(&moto.endpoint(), "cas", "root", "k", "s");
-    let work = tempfile::tempdir().unwrap();
-    let manifest_path = work.path().join("m.manifest");
-    std::fs::write(&manifest_path, upload_job(&s3_config, &files)).unwrap();
+    let (moto, work, manifest_path) = moto_job(&files);
+    let proxy = FaultProxy::start(moto.port);
     let cache = work.path().join("cache");
     let endpoint = proxy.endpoint();
     let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
@@ -157,15 +153,10 @@ fn a_disk_cache_spares_the_store_on_the_next_mount() {
 #[test]
 fn a_server_that_stops_answering_costs_a_read_the_read_timeout_then_eio() {
     // Issue 8.5: an S3 server that accepts but never answers blocked a read for 100-160 s.
-    let moto = Moto::start();
-    moto.create_bucket("cas");
-    let proxy = FaultProxy::start(moto.port);
     let data = pattern(85, (2 << 20) + 5);
     let files: Vec<(&str, &[u8])> = vec![("a.bin", &data)];
-    let s3_config = config(&moto.endpoint(), "cas", "root", "k", "s");
-    let work = tempfile::tempdir().unwrap();
-    let manifest_path = work.path().join("m.manifest");
-    std::fs::write(&manifest_path, upload_job(&s3_config, &files)).unwrap();
+    let (moto, work, manifest_path) = moto_job(&files);
+    let proxy = FaultProxy::start(moto.port);
     let endpoint = proxy.endpoint();
     let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
     let mut mount = Mount::start_with_store(
@@ -173,10 +164,7 @@ fn a_server_that_stops_answering_costs_a_read_the_read_timeout_then_eio() {
         &store,
         &ENV,
         &work.path().join("mnt"),
-        MountOptions {
-            shards: 1,
-            extra: &["--read-timeout", "3"],
-        },
+        MountOptions::with(&["--read-timeout", "3"]),
     );
     // Every GET now sends half a body, then nothing for ten minutes.
     proxy.inject(&[Fault::Stall(std::time::Duration::from_secs(600)); 16]);
@@ -200,13 +188,8 @@ fn a_server_that_stops_answering_costs_a_read_the_read_timeout_then_eio() {
 #[test]
 fn a_wrong_root_prefix_is_refused_before_mounting() {
     // Issue 8.6: a wrong prefix mounted, and every read was EIO.
-    let moto = Moto::start();
-    moto.create_bucket("cas");
     let files: Vec<(&str, &[u8])> = vec![("a.txt", b"hello"), ("b.txt", b"world")];
-    let s3_config = config(&moto.endpoint(), "cas", "root", "k", "s");
-    let work = tempfile::tempdir().unwrap();
-    let manifest_path = work.path().join("m.manifest");
-    std::fs::write(&manifest_path, upload_job(&s3_config, &files)).unwrap();
+    let (moto, work, manifest_path) = moto_job(&files);
     let mnt = work.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     // No region anywhere, and the instance metadata service (were it asked) at a closed

@@ -632,22 +632,9 @@ impl FileService {
             })
     }
 
-    /// Reads a range of object `hash` from `source` into the pool, counting what it costs.
+    /// Reads a range of object `hash` from `source` into `memory` (from [`FileService::grant`]),
+    /// counting what it costs.
     async fn fetch(
-        &self,
-        hash: Hash,
-        object_len: u64,
-        offset: u64,
-        len: u64,
-        source: Source,
-    ) -> Result<Block, StoreError> {
-        let memory = self.grant(hash, len).await?;
-        self.fetch_into(memory, hash, object_len, offset, len, source)
-            .await
-    }
-
-    /// [`fetch`](Self::fetch) into memory the caller was already granted.
-    async fn fetch_into(
         &self,
         memory: Reservation,
         hash: Hash,
@@ -710,11 +697,13 @@ impl FileService {
             return Err(Errno::EIO);
         };
         let intact = |block: &Block| xxh3_64(block) == expected;
-        if self.cached.borrow().contains(&hash) {
-            match self
-                .fetch(hash, object_len, offset, len, Source::DiskCache)
+        let read_from = |source| async move {
+            let memory = self.grant(hash, len).await?;
+            self.fetch(memory, hash, object_len, offset, len, source)
                 .await
-            {
+        };
+        if self.cached.borrow().contains(&hash) {
+            match read_from(Source::DiskCache).await {
                 Ok(block) if intact(&block) => return Ok(block),
                 Ok(_) => {
                     if let Some(cache) = &self.disk_cache {
@@ -734,10 +723,7 @@ impl FileService {
         }
         let c = &self.counters;
         for _attempt in 0..2 {
-            match self
-                .fetch(hash, object_len, offset, len, Source::Store)
-                .await
-            {
+            match read_from(Source::Store).await {
                 Ok(block) if intact(&block) => return Ok(block),
                 Ok(_) => c.add(&c.verify_failures, 1),
                 Err(error) => {
@@ -926,8 +912,7 @@ impl FileService {
                     (start, part, self.grant(hash, part).await)
                 })
                 .map(|(start, part, memory)| async move {
-                    self.fetch_into(memory?, hash, len, start, part, source)
-                        .await
+                    self.fetch(memory?, hash, len, start, part, source).await
                 })
                 .buffered(VERIFY_READS_IN_FLIGHT),
         );

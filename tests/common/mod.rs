@@ -79,6 +79,13 @@ pub struct MountOptions<'a> {
     pub extra: &'a [&'a str],
 }
 
+impl<'a> MountOptions<'a> {
+    /// One shard and these extra flags.
+    pub fn with(extra: &'a [&'a str]) -> MountOptions<'a> {
+        MountOptions { shards: 1, extra }
+    }
+}
+
 impl Default for MountOptions<'_> {
     fn default() -> Self {
         MountOptions {

@@ -34,7 +34,7 @@ use self::credentials::{ControlThread, Shared};
 use self::http::{HttpClient, Request, Response};
 use self::retry::{backoff, retryable_status};
 use self::sign::{sign_request, Payload};
-use super::{Block, StoreError, OBJECT_SUFFIX};
+use super::{Block, StoreError};
 use crate::manifest::Hash;
 
 /// Objects read without the `.xxh128` suffix, remembered per shard so old uploads cost one
@@ -303,8 +303,7 @@ impl S3Store {
         }
         let mut buffer = pool.alloc_reserved(len, memory).await;
         let dest = &mut buffer[..len];
-        let suffixed = format!("Data/{hash}{OBJECT_SUFFIX}");
-        let bare = format!("Data/{hash}");
+        let [suffixed, bare] = object_keys(hash);
         let known_bare = self.unsuffixed.borrow().contains(&hash);
         let (first, second) = if known_bare {
             (&bare, &suffixed)
@@ -564,10 +563,7 @@ impl S3Store {
     /// Whether object `hash` exists (HEAD, then the key without `.xxh128`, as reads do);
     /// `None` when the server's answers do not tell.
     async fn exists(&self, hash: Hash) -> Option<bool> {
-        for key in [
-            format!("Data/{hash}{OBJECT_SUFFIX}"),
-            format!("Data/{hash}"),
-        ] {
+        for key in object_keys(hash) {
             let location = PathBuf::from(self.url_of(&key));
             let path = format!("{}{}", self.root_path, encode_key(&key));
             let answer = self
@@ -759,6 +755,12 @@ enum RetryError<E> {
 
 /// A non-2xx answer to an object request: `Ok(reason)` for transient ones (retry), else the
 /// error that names it.
+/// The keys object `hash` may have: `Data/{hash}.xxh128` (what the Deadline client writes), then
+/// `Data/{hash}` (very old uploads).
+fn object_keys(hash: Hash) -> [String; 2] {
+    [super::object_key(hash), format!("Data/{hash}")]
+}
+
 fn classify_failure(r: &Response, location: &std::path::Path) -> Result<String, StoreError> {
     let (code, message) = error_code(&r.body);
     let status = r.head.status;
