@@ -2,18 +2,20 @@
 //! served from a content-addressed store through shard-per-core glommio executors.
 //!
 //! Data flows one way: `manifest` (decode, validate) -> `namespace` (immutable inode table) ->
-//! `fuse` (front: metadata inline, data ops routed to the owner shard) -> `service` (per-shard open
-//! handles, chunk cache, verification) -> `store` (where bytes come from).
+//! `transport` (fuser: kernel requests in, replies out) -> `fs` (the filesystem core: one
+//! dispatch point answering metadata inline and routing data requests to the owner shard, whose
+//! file service keeps open handles, the block cache and verification) -> `store` (where bytes
+//! come from). See docs/architecture.md for the module map.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cli;
-pub mod fuse_front;
+pub mod fs;
 pub mod manifest;
 pub mod mount;
 pub mod mountpoint;
 pub mod namespace;
-pub mod service;
 pub mod signals;
 pub mod snapshot;
 pub mod store;
+pub mod transport;
 pub mod validate;

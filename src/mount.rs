@@ -11,14 +11,15 @@ use fuser::{Config, MountOption, SessionACL};
 use mount_vfs_executors::{HugepageMode, ShardConfig, Shards};
 
 use crate::cli::{self, MountArgs};
-use crate::fuse_front::FuseFront;
+use crate::fs::shard::{run_shard, CounterSnapshot, ServiceConfig, ShardCounters};
+use crate::fs::Dispatcher;
 use crate::manifest::Manifest;
 use crate::mountpoint::{self, MountpointLock, Unmounted};
 use crate::namespace::Namespace;
-use crate::service::{run_shard, CounterSnapshot, ServiceConfig, ShardCounters};
 use crate::signals::Signals;
 use crate::store::s3::S3Config;
 use crate::store::{CacheJanitor, DiskCache, DiskCacheConfig, S3Target, StoreConfig};
+use crate::transport::fuser::FuserTransport;
 
 /// Largest registered buffer one shard may have: the kernel refuses io_uring fixed buffers over
 /// 1 GiB (verified on 6.18).
@@ -359,7 +360,7 @@ fn mount_and_serve(args: MountArgs) -> Result<(), MountError> {
     .map_err(|e| MountError::Runtime(format!("cannot start shards: {e}")))?;
 
     let senders: Vec<_> = (0..shards).map(|i| executors.sender(i).clone()).collect();
-    let front = FuseFront::new(namespace.clone(), senders, passthrough);
+    let front = FuserTransport::new(Dispatcher::new(namespace.clone(), senders), passthrough);
     let mut options = vec![
         MountOption::RO,
         MountOption::FSName("mount_vfs".into()),

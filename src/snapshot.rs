@@ -33,6 +33,7 @@ use crate::manifest::{
     from_fs_name, Content, FileEntry, Format, Hash, Manifest, ManifestBuilder, ManifestError,
     CHUNK_SIZE,
 };
+use crate::store::{object_key, CasWriter};
 
 /// Read size while hashing: large enough for sequential disk throughput, small enough that N
 /// workers hold only N blocks.
@@ -225,30 +226,29 @@ pub fn mtime_us(meta: &fs::Metadata) -> i64 {
     i64::try_from(ns.div_euclid(1000)).unwrap_or(i64::MAX)
 }
 
+/// Where hashed files become objects: each worker writes through a [`CasWriter`], committed
+/// under the content's hash unless that object is already there.
 struct Cas<'a> {
-    data: &'a Path,
+    root: &'a Path,
     seq: &'a AtomicU64,
     written: &'a AtomicU64,
     present: &'a AtomicU64,
 }
 
 impl Cas<'_> {
-    fn temp(&self) -> io::Result<(PathBuf, File)> {
+    fn begin(&self) -> io::Result<CasWriter> {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let p = self.data.join(format!(".tmp-{}-{n}", std::process::id()));
-        let f = File::create(&p)?;
-        Ok((p, f))
+        CasWriter::create(self.root, "snapshot", n as usize)
     }
 
-    /// Renames the temp file to its final name unless that object already exists.
-    fn commit(&self, temp: &Path, hash: Hash) -> io::Result<()> {
-        let dest = self.data.join(format!("{hash}.xxh128"));
-        if dest.exists() {
+    /// Puts the object in place unless an object of that hash already exists.
+    fn commit(&self, writer: CasWriter, hash: Hash) -> io::Result<()> {
+        if self.root.join(object_key(hash)).exists() {
             self.present.fetch_add(1, Ordering::Relaxed);
-            return fs::remove_file(temp);
+            return Ok(());
         }
         self.written.fetch_add(1, Ordering::Relaxed);
-        fs::rename(temp, dest)
+        writer.commit(hash)
     }
 }
 
@@ -264,52 +264,43 @@ fn hash_file(
     let mtime_us = mtime_us(&meta);
     let mut pieces = Vec::new();
     let mut size = 0u64;
-    let (mut temp_path, mut temp) = cas.temp()?;
+    let mut writer = cas.begin()?;
     let mut hasher = Xxh3::new();
     let mut in_chunk = 0u64;
-    let result = (|| -> io::Result<()> {
-        loop {
-            let room = usize::try_from(chunk_limit - in_chunk)
-                .unwrap_or(usize::MAX)
-                .min(buf.len());
-            let Some(block) = buf.get_mut(..room) else {
-                break;
-            };
-            let n = match file.read(block) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            let data = block.get(..n).unwrap_or_default();
-            hasher.update(data);
-            temp.write_all(data)?;
-            progress.inc(n as u64);
-            size += n as u64;
-            in_chunk += n as u64;
-            if in_chunk == chunk_limit {
-                // A full chunk: commit it (renaming an open file is fine: write_all is
-                // unbuffered); the next chunk's temp file replaces and closes this one.
-                let h = Hash(hasher.digest128());
-                cas.commit(&temp_path, h)?;
-                pieces.push(h);
-                (temp_path, temp) = cas.temp()?;
-                hasher = Xxh3::new();
-                in_chunk = 0;
-            }
-        }
-        if in_chunk > 0 || pieces.is_empty() {
+    loop {
+        let room = usize::try_from(chunk_limit - in_chunk)
+            .unwrap_or(usize::MAX)
+            .min(buf.len());
+        let Some(block) = buf.get_mut(..room) else {
+            break;
+        };
+        let n = match file.read(block) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let data = block.get(..n).unwrap_or_default();
+        hasher.update(data);
+        writer.write_at(in_chunk, data)?;
+        progress.inc(n as u64);
+        size += n as u64;
+        in_chunk += n as u64;
+        if in_chunk == chunk_limit {
+            // A full chunk: commit it and start the next chunk's object.
             let h = Hash(hasher.digest128());
-            cas.commit(&temp_path, h)?;
+            let full = std::mem::replace(&mut writer, cas.begin()?);
+            cas.commit(full, h)?;
             pieces.push(h);
-        } else {
-            fs::remove_file(&temp_path)?;
+            hasher = Xxh3::new();
+            in_chunk = 0;
         }
-        Ok(())
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&temp_path);
-        return Err(e);
+    }
+    // An error above drops the writer, which deletes its temporary file.
+    if in_chunk > 0 || pieces.is_empty() {
+        let h = Hash(hasher.digest128());
+        cas.commit(writer, h)?;
+        pieces.push(h);
     }
     Ok(Hashed {
         size,
@@ -393,7 +384,7 @@ pub fn snapshot(
         for _ in 0..workers {
             s.spawn(|| {
                 let cas = Cas {
-                    data: &data,
+                    root: cas,
                     seq: &seq,
                     written: &written,
                     present: &present,

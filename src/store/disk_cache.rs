@@ -23,14 +23,17 @@
 
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+use futures::future::{FutureExt, LocalBoxFuture};
 use glommio::io::BufferedFile;
-use mount_vfs_executors::Reservation;
+use mount_vfs_executors::{BufferPool, Reservation};
 
-use super::{object_key, Block, CacheUsage, OpenFiles, StoreError};
+use super::{
+    object_key, partial_owner, Block, CacheUsage, CasWriter, ObjectRange, ObjectStore, OpenFiles,
+    StoreError,
+};
 use crate::manifest::Hash;
 
 /// A mount's disk cache as shards are given it: where it is and the janitor's usage account.
@@ -118,17 +121,17 @@ impl DiskCache {
         std::fs::metadata(self.location(hash)).is_ok_and(|m| m.is_file() && m.len() == len)
     }
 
-    /// Bytes `[offset, offset + len)` of cached object `hash` (`object_len` bytes long), in
-    /// `memory` of the shard's pool (granted by the caller). A file shorter than the manifest says is an error, as in
-    /// every store.
-    pub async fn read(
+    async fn read_range(
         &self,
         memory: Reservation,
-        hash: Hash,
-        object_len: u64,
-        offset: u64,
-        len: usize,
+        range: ObjectRange,
     ) -> Result<Block, StoreError> {
+        let ObjectRange {
+            hash,
+            object_len,
+            offset,
+            len,
+        } = range;
         let location = || self.location(hash);
         let io = |source: io::Error| StoreError::Io {
             location: location(),
@@ -136,7 +139,6 @@ impl DiskCache {
         };
         let file = self.open(hash, object_len).await?;
         // Buffered reads allocate exactly `len` from the arena: the caller's grant covers it.
-        let accounting = memory;
         let data = file.read_at(offset, len).await.map_err(|e| io(e.into()))?;
         if data.len() != len {
             // Truncated under us: the caller discards the file or falls back to the store.
@@ -145,7 +147,7 @@ impl DiskCache {
                 "cache file ended early",
             )));
         }
-        Ok(Block::from_read(data, accounting))
+        Ok(Block::from_read(data, memory))
     }
 
     async fn open(&self, hash: Hash, object_len: u64) -> Result<Rc<BufferedFile>, StoreError> {
@@ -182,62 +184,25 @@ impl DiskCache {
         }
     }
 
-    /// Starts writing object `hash` into a temporary file.
-    pub fn begin(&self, hash: Hash) -> io::Result<CacheWriter> {
-        let target = self.location(hash);
-        let temporary = target.with_file_name(format!(
-            ".{hash}.partial-{}-{}",
-            std::process::id(),
-            self.shard
-        ));
-        let file = File::create(&temporary)?;
-        Ok(CacheWriter {
-            file,
-            temporary,
-            target,
-            committed: false,
-        })
+    /// Starts writing object `hash` into the cache; it becomes a cache file only when committed.
+    pub fn begin(&self, hash: Hash) -> io::Result<CasWriter> {
+        CasWriter::create(&self.root, &hash.to_string(), self.shard)
     }
 }
 
-/// The pid in a temporary file's name `.{hash}.partial-{pid}-{shard}`.
-fn partial_owner(name: &str) -> Option<u32> {
-    let (_, owner) = name.strip_prefix('.')?.split_once(".partial-")?;
-    owner.split('-').next()?.parse().ok()
-}
-
-/// An object being written into the cache; dropped without [`commit`](Self::commit), its
-/// temporary file is deleted.
-pub struct CacheWriter {
-    file: File,
-    temporary: PathBuf,
-    target: PathBuf,
-    committed: bool,
-}
-
-impl CacheWriter {
-    pub fn write_at(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
-        self.file.write_all_at(bytes, offset)
+/// A file shorter than the manifest says is an error, as in every store.
+impl ObjectStore for DiskCache {
+    fn read<'a>(
+        &'a self,
+        _pool: &'a BufferPool,
+        memory: Reservation,
+        range: ObjectRange,
+    ) -> LocalBoxFuture<'a, Result<Block, StoreError>> {
+        self.read_range(memory, range).boxed_local()
     }
 
-    /// Puts the (verified) object in place under its final name.
-    pub fn commit(mut self) -> io::Result<()> {
-        std::fs::rename(&self.temporary, &self.target)?;
-        self.committed = true;
-        Ok(())
-    }
-
-    /// Where the object is being written, for log lines.
-    pub fn target(&self) -> &Path {
-        &self.target
-    }
-}
-
-impl Drop for CacheWriter {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_file(&self.temporary);
-        }
+    fn location(&self, hash: Hash) -> PathBuf {
+        DiskCache::location(self, hash)
     }
 }
 
@@ -246,14 +211,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn partial_names_carry_their_owner() {
-        assert_eq!(partial_owner(".0011.partial-4242-3"), Some(4242));
-        assert_eq!(partial_owner("0011.xxh128"), None);
-        assert_eq!(partial_owner(".write-test-12"), None);
-    }
-
-    #[test]
-    fn uncommitted_writers_leave_nothing() {
+    fn uncommitted_objects_leave_nothing() {
         let dir = tempfile::tempdir().unwrap();
         DiskCache::prepare(dir.path()).unwrap();
         let (_janitor, usage) = super::super::CacheJanitor::start(dir.path(), None).unwrap();
@@ -272,7 +230,7 @@ mod tests {
         );
         let writer = cache.begin(hash).unwrap();
         writer.write_at(0, b"abc").unwrap();
-        writer.commit().unwrap();
+        writer.commit(hash).unwrap();
         assert!(cache.has(hash, 3));
         assert!(!cache.has(hash, 4));
     }

@@ -6,67 +6,12 @@ use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
-use glommio::io::{DmaFile, ReadResult};
-use mount_vfs_executors::{rounded_size, BufferPool, PoolBuffer, Reservation, TooLarge};
+use futures::future::{FutureExt, LocalBoxFuture};
+use glommio::io::DmaFile;
+use mount_vfs_executors::{rounded_size, BufferPool, Reservation, TooLarge};
 
-use super::{object_key, OpenFiles, StoreError};
+use super::{object_key, Block, ObjectRange, ObjectStore, OpenFiles, StoreError};
 use crate::manifest::Hash;
-
-/// Bytes of one object, in the shard's registered memory.
-pub struct Block {
-    data: BlockData,
-}
-
-enum BlockData {
-    /// Filled by one `read_at`: glommio allocated it from the arena; we hold its accounting.
-    Read {
-        data: ReadResult,
-        /// Held only for its `Drop`: returns the bytes to the pool's accounting.
-        _accounting: Reservation,
-    },
-    /// Assembled from several reads (short reads), or filled by a socket.
-    Owned(PoolBuffer, usize),
-    /// The empty object.
-    Empty,
-}
-
-impl Block {
-    pub fn empty() -> Block {
-        Block {
-            data: BlockData::Empty,
-        }
-    }
-
-    /// A buffer glommio filled and allocated from the arena, under `accounting`.
-    pub fn from_read(data: ReadResult, accounting: Reservation) -> Block {
-        Block {
-            data: BlockData::Read {
-                data,
-                _accounting: accounting,
-            },
-        }
-    }
-
-    /// The first `len` bytes of `buffer` (filled by a socket read, for example).
-    pub fn from_pool(buffer: PoolBuffer, len: usize) -> Block {
-        debug_assert!(len <= buffer.len());
-        Block {
-            data: BlockData::Owned(buffer, len),
-        }
-    }
-}
-
-impl std::ops::Deref for Block {
-    type Target = [u8];
-
-    fn deref(&self) -> &[u8] {
-        match &self.data {
-            BlockData::Read { data, .. } => data,
-            BlockData::Owned(buffer, len) => &buffer[..*len],
-            BlockData::Empty => &[],
-        }
-    }
-}
 
 /// A CAS directory. One instance per shard (`!Send`: it holds that shard's open files).
 pub struct LocalCas {
@@ -109,18 +54,18 @@ impl LocalCas {
         }
     }
 
-    /// Reads bytes `[offset, offset + len)` of object `hash`, whose full length is `object_len`,
-    /// into `memory` granted beforehand by the caller (see [`BufferPool::alloc_reserved`]).
-    /// The caller guarantees the range lies inside the object.
-    pub async fn read(
+    async fn read_range(
         &self,
         pool: &BufferPool,
         memory: Reservation,
-        hash: Hash,
-        object_len: u64,
-        offset: u64,
-        len: usize,
+        range: ObjectRange,
     ) -> Result<Block, StoreError> {
+        let ObjectRange {
+            hash,
+            object_len,
+            offset,
+            len,
+        } = range;
         if len == 0 {
             return Ok(Block::empty());
         }
@@ -142,12 +87,7 @@ impl LocalCas {
         };
         let first = file.read_at(offset, len).await.map_err(io_error)?;
         if first.len() == len {
-            return Ok(Block {
-                data: BlockData::Read {
-                    data: first,
-                    _accounting: reservation,
-                },
-            });
+            return Ok(Block::from_read(first, reservation));
         }
         // A short read: assemble the rest into one buffer (rare; costs one copy). The copy
         // needs its own memory while `first` still holds the grant.
@@ -170,8 +110,21 @@ impl LocalCas {
             buffer[filled..filled + more.len()].copy_from_slice(&more);
             filled += more.len();
         }
-        Ok(Block {
-            data: BlockData::Owned(buffer, len),
-        })
+        Ok(Block::from_pool(buffer, len))
+    }
+}
+
+impl ObjectStore for LocalCas {
+    fn read<'a>(
+        &'a self,
+        pool: &'a BufferPool,
+        memory: Reservation,
+        range: ObjectRange,
+    ) -> LocalBoxFuture<'a, Result<Block, StoreError>> {
+        self.read_range(pool, memory, range).boxed_local()
+    }
+
+    fn location(&self, hash: Hash) -> PathBuf {
+        LocalCas::location(self, hash)
     }
 }

@@ -34,7 +34,7 @@ use self::credentials::{ControlThread, Shared};
 use self::http::{HttpClient, Request, Response};
 use self::retry::{backoff, retryable_status};
 use self::sign::{sign_request, Payload};
-use super::{Block, StoreError};
+use super::{Block, ObjectRange, ObjectStore, StoreError};
 use crate::manifest::Hash;
 
 /// Objects read without the `.xxh128` suffix, remembered per shard so old uploads cost one
@@ -207,6 +207,31 @@ enum Outcome<T, E> {
     Fail(E),
 }
 
+impl ObjectStore for S3Store {
+    fn read<'a>(
+        &'a self,
+        pool: &'a BufferPool,
+        memory: Reservation,
+        range: ObjectRange,
+    ) -> futures::future::LocalBoxFuture<'a, Result<Block, StoreError>> {
+        let ObjectRange {
+            hash,
+            object_len,
+            offset,
+            len,
+        } = range;
+        Box::pin(self.read_reserved(pool, memory, hash, object_len, offset, len))
+    }
+
+    fn location(&self, hash: Hash) -> PathBuf {
+        S3Store::location(self, hash)
+    }
+
+    fn retries(&self) -> u64 {
+        S3Store::retries(self)
+    }
+}
+
 /// A GET that found no object (the caller may try the key without suffix).
 enum GetError {
     Missing,
@@ -288,7 +313,7 @@ impl S3Store {
 
     /// [`read`](Self::read) into `memory`, granted beforehand by the caller (see
     /// [`BufferPool::alloc_reserved`]).
-    pub async fn read_reserved(
+    async fn read_reserved(
         &self,
         pool: &BufferPool,
         memory: Reservation,

@@ -1,5 +1,5 @@
-//! The per-shard block cache: an LRU of verified blocks keyed by (object hash, block index), with
-//! single-flight loads.
+//! The per-shard block cache: an LRU of [`VerifiedBlock`]s (nothing else can be cached), keyed by
+//! (object hash, block index), with single-flight loads.
 //!
 //! Single-flight contract: the first task that misses a key becomes its loader and registers a
 //! shared future under the key; every later task for that key awaits the same future. The loader
@@ -9,17 +9,16 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
-use std::rc::Rc;
 
 use futures::future::{FutureExt, LocalBoxFuture, Shared};
 
+use crate::fs::{FsError, VerifiedBlock};
 use crate::manifest::Hash;
-use crate::store::Block;
 
 /// (object, block index within the object).
 pub type BlockKey = (Hash, u32);
 
-pub type Load = Shared<LocalBoxFuture<'static, Result<Rc<Block>, fuser::Errno>>>;
+pub type Load = Shared<LocalBoxFuture<'static, Result<VerifiedBlock, FsError>>>;
 
 pub struct BlockCache {
     inner: RefCell<Inner>,
@@ -29,7 +28,7 @@ struct Inner {
     budget: usize,
     used: usize,
     clock: u64,
-    blocks: HashMap<BlockKey, (Rc<Block>, u64)>,
+    blocks: HashMap<BlockKey, (VerifiedBlock, u64)>,
     by_age: BTreeMap<u64, BlockKey>,
     loading: HashMap<BlockKey, Load>,
 }
@@ -54,7 +53,7 @@ impl BlockCache {
     }
 
     /// The cached block, marked most recently used.
-    pub fn get(&self, key: BlockKey) -> Option<Rc<Block>> {
+    pub fn get(&self, key: BlockKey) -> Option<VerifiedBlock> {
         let mut inner = self.inner.borrow_mut();
         inner.clock += 1;
         let now = inner.clock;
@@ -72,7 +71,7 @@ impl BlockCache {
     }
 
     /// Inserts a verified block, evicting least recently used blocks to stay within budget.
-    pub fn insert(&self, key: BlockKey, block: Rc<Block>) {
+    pub fn insert(&self, key: BlockKey, block: VerifiedBlock) {
         let mut inner = self.inner.borrow_mut();
         let len = block.len();
         if len > inner.budget {
@@ -118,7 +117,7 @@ impl BlockCache {
     pub fn load_or_join(
         &self,
         key: BlockKey,
-        start: impl FnOnce() -> LocalBoxFuture<'static, Result<Rc<Block>, fuser::Errno>>,
+        start: impl FnOnce() -> LocalBoxFuture<'static, Result<VerifiedBlock, FsError>>,
     ) -> Load {
         let mut inner = self.inner.borrow_mut();
         inner

@@ -1,0 +1,244 @@
+//! The dispatch point: every request of every transport passes [`Dispatcher::dispatch`], which
+//! is where per-operation metrics and tracing attach.
+//!
+//! Metadata of the immutable namespace (lookup, getattr, readdir, readlink, statfs, access,
+//! xattrs) is answered inline on the transport's thread from the `Arc`-shared [`Namespace`].
+//! Data requests (open, read, release) go, with their reply, to the shard that owns the inode
+//! ([`owner`], decided here and nowhere else); that shard replies itself from its own buffers, so
+//! no file byte crosses a thread here. Anything that would modify the tree gets `EROFS`.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mount_vfs_executors::ShardSender;
+
+use super::error::FsError;
+use super::request::{fail, Attributes, DirPlusReply, DirReply, Open, Request, StatFs};
+use super::shard::ShardRequest;
+use crate::namespace::{owner, Attr, Ino, Namespace, NodeKind};
+
+/// Reported as `st_blksize`: tools like `cp` size their reads from it, and 1 MiB matches the
+/// largest FUSE READ the kernel sends (`max_pages` = 256 pages).
+pub const PREFERRED_IO_SIZE: u32 = 1 << 20;
+
+/// The filesystem as a transport sees it.
+pub struct Dispatcher {
+    namespace: Arc<Namespace>,
+    shards: Vec<ShardSender<ShardRequest>>,
+    /// Every file belongs to the user that mounted it.
+    uid: u32,
+    gid: u32,
+}
+
+impl Dispatcher {
+    pub fn new(namespace: Arc<Namespace>, shards: Vec<ShardSender<ShardRequest>>) -> Dispatcher {
+        // SAFETY: getuid/getgid cannot fail and have no preconditions.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        Dispatcher {
+            namespace,
+            shards,
+            uid,
+            gid,
+        }
+    }
+
+    /// Serves `request`: answers it here or hands it to its owner shard.
+    pub fn dispatch(&self, request: Request<'_>) {
+        match request {
+            Request::Lookup {
+                parent,
+                name,
+                reply,
+            } => match self.lookup(parent, name) {
+                Ok(attributes) => reply.entry(&attributes),
+                Err(error) => fail(reply, "lookup", parent, error),
+            },
+            Request::GetAttr { ino, reply } => match self.attributes(ino) {
+                Ok(attributes) => reply.attr(&attributes),
+                Err(error) => fail(reply, "getattr", ino, error),
+            },
+            Request::ReadLink { ino, reply } => match self.namespace.readlink(ino) {
+                Some(target) => reply.bytes(target),
+                None => fail(reply, "readlink", ino, FsError::NotSymbolicLink),
+            },
+            Request::Open(open) => match self.check_open(&open) {
+                Ok(()) => self.route(open.ino, ShardRequest::Open(open)),
+                Err(error) => fail(open.reply, "open", open.ino, error),
+            },
+            Request::Read(read) => self.route(read.ino, ShardRequest::Read(read)),
+            Request::Release(release) => self.route(release.ino, ShardRequest::Release(release)),
+            // Nothing is ever dirty on a read-only mount.
+            Request::Flush { reply, .. } | Request::ReleaseDir { reply, .. } => reply.ok(),
+            Request::OpenDir { ino, reply } => match self.directory(ino) {
+                Ok(()) => reply.opened(0),
+                Err(error) => fail(reply, "opendir", ino, error),
+            },
+            Request::ReadDir {
+                ino,
+                offset,
+                mut reply,
+            } => match self.directory(ino) {
+                Ok(()) => {
+                    self.list(ino, offset, &mut *reply);
+                    reply.ok();
+                }
+                Err(error) => fail(reply, "readdir", ino, error),
+            },
+            Request::ReadDirPlus {
+                ino,
+                offset,
+                mut reply,
+            } => match self.directory(ino) {
+                Ok(()) => {
+                    self.list_plus(ino, offset, &mut *reply);
+                    reply.ok();
+                }
+                Err(error) => fail(reply, "readdirplus", ino, error),
+            },
+            Request::StatFs { reply } => reply.statfs(&self.statfs()),
+            Request::Access { ino, mask, reply } => match self.access(ino, mask) {
+                Ok(()) => reply.ok(),
+                Err(error) => fail(reply, "access", ino, error),
+            },
+            Request::GetXattr { ino, reply, .. } => match self.attributes(ino) {
+                // No file has extended attributes.
+                Ok(_) => fail(reply, "getxattr", ino, FsError::NoAttribute),
+                Err(error) => fail(reply, "getxattr", ino, error),
+            },
+            Request::ListXattr { ino, size, reply } => match self.attributes(ino) {
+                // No attributes: the list is empty, whether the caller asks for its size or
+                // content.
+                Ok(_) if size == 0 => reply.size(0),
+                Ok(_) => reply.data(&[]),
+                Err(error) => fail(reply, "listxattr", ino, error),
+            },
+        }
+    }
+
+    /// Hands a data request to the inode's owner shard. A shard that is gone (shutting down)
+    /// fails the request.
+    fn route(&self, ino: Ino, request: ShardRequest) {
+        let shard = owner(ino, self.shards.len());
+        if let Err(unsent) = self.shards[shard].send(request) {
+            tracing::warn!(shard, ino, "shard mailbox closed; request failed");
+            unsent.msg.fail(FsError::ShuttingDown);
+        }
+    }
+
+    fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attributes, FsError> {
+        let ino = self
+            .namespace
+            .lookup(parent, name)
+            .ok_or(FsError::NotFound)?;
+        self.attributes(ino)
+    }
+
+    fn attributes(&self, ino: Ino) -> Result<Attributes, FsError> {
+        let attr = self.namespace.attr(ino).ok_or(FsError::NotFound)?;
+        Ok(self.present(&attr))
+    }
+
+    fn present(&self, attr: &Attr) -> Attributes {
+        Attributes {
+            ino: attr.ino,
+            size: attr.size,
+            blocks: attr.size.div_ceil(512),
+            mtime: system_time(attr.mtime_us),
+            kind: attr.kind,
+            perm: attr.perm,
+            nlink: attr.nlink,
+            uid: self.uid,
+            gid: self.gid,
+            blksize: PREFERRED_IO_SIZE,
+        }
+    }
+
+    /// Only reading opens of files reach a shard.
+    fn check_open(&self, open: &Open) -> Result<(), FsError> {
+        if open.flags & libc::O_ACCMODE != libc::O_RDONLY || open.flags & libc::O_TRUNC != 0 {
+            return Err(FsError::ReadOnly);
+        }
+        match self.namespace.attr(open.ino).map(|a| a.kind) {
+            Some(NodeKind::File) => Ok(()),
+            Some(NodeKind::Dir) => Err(FsError::IsDirectory),
+            Some(NodeKind::Symlink) => Err(FsError::SymbolicLink),
+            None => Err(FsError::NotFound),
+        }
+    }
+
+    fn directory(&self, ino: Ino) -> Result<(), FsError> {
+        match self.namespace.child_count(ino) {
+            Some(_) => Ok(()),
+            None if self.namespace.attr(ino).is_some() => Err(FsError::NotDirectory),
+            None => Err(FsError::NotFound),
+        }
+    }
+
+    fn access(&self, ino: Ino, mask: i32) -> Result<(), FsError> {
+        if self.namespace.attr(ino).is_none() {
+            Err(FsError::NotFound)
+        } else if mask & libc::W_OK != 0 {
+            Err(FsError::ReadOnly)
+        } else {
+            // Permission bits are enforced by the kernel (`default_permissions`).
+            Ok(())
+        }
+    }
+
+    fn statfs(&self) -> StatFs {
+        const BLOCK: u32 = 4096;
+        StatFs {
+            blocks: self.namespace.total_size().div_ceil(BLOCK as u64),
+            files: self.namespace.len() as u64,
+            block_size: BLOCK,
+            name_len: 255,
+        }
+    }
+
+    /// A directory's entries from position `offset` on: 0 is `.`, 1 is `..`, `2 + i` is child
+    /// `i` in name order.
+    fn entries(&self, dir: Ino, offset: u64) -> impl Iterator<Item = (u64, Ino, &[u8])> + '_ {
+        let ns = &self.namespace;
+        let parent = ns.parent(dir).unwrap_or(dir);
+        (offset..).map_while(move |position| match position {
+            0 => Some((position, dir, &b"."[..])),
+            1 => Some((position, parent, &b".."[..])),
+            n => ns
+                .child_at(dir, (n - 2) as usize)
+                .map(|(child, name, _)| (position, child, name)),
+        })
+    }
+
+    fn list(&self, dir: Ino, offset: u64, reply: &mut dyn DirReply) {
+        for (position, entry, name) in self.entries(dir, offset) {
+            let kind = self
+                .namespace
+                .attr(entry)
+                .map_or(NodeKind::File, |a| a.kind);
+            if reply.add(entry, position + 1, kind, name) {
+                break;
+            }
+        }
+    }
+
+    fn list_plus(&self, dir: Ino, offset: u64, reply: &mut dyn DirPlusReply) {
+        for (position, entry, name) in self.entries(dir, offset) {
+            let Some(attr) = self.namespace.attr(entry) else {
+                break;
+            };
+            if reply.add(position + 1, name, &self.present(&attr)) {
+                break;
+            }
+        }
+    }
+}
+
+/// Manifest mtimes are microseconds since the epoch; negative ones are before it.
+fn system_time(mtime_us: i64) -> SystemTime {
+    let magnitude = Duration::from_micros(mtime_us.unsigned_abs());
+    if mtime_us >= 0 {
+        UNIX_EPOCH + magnitude
+    } else {
+        UNIX_EPOCH.checked_sub(magnitude).unwrap_or(UNIX_EPOCH)
+    }
+}

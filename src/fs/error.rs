@@ -1,0 +1,93 @@
+//! Why a request failed, and the one place each reason becomes an errno and a log level.
+
+use crate::store::StoreError;
+
+/// Every way a filesystem request can fail. `Copy`: one failure (a verification shared by many
+/// readers) is answered to every waiter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum FsError {
+    #[error("no such file or directory")]
+    NotFound,
+    #[error("not a directory")]
+    NotDirectory,
+    #[error("is a directory")]
+    IsDirectory,
+    /// Opening a symbolic link itself (the kernel follows links before it opens).
+    #[error("is a symbolic link")]
+    SymbolicLink,
+    /// `readlink` of something that is not a link.
+    #[error("not a symbolic link")]
+    NotSymbolicLink,
+    /// A request that would change the tree.
+    #[error("read-only file system")]
+    ReadOnly,
+    /// No extended attribute of that name (there are none).
+    #[error("no such attribute")]
+    NoAttribute,
+    /// The store could not produce the bytes: missing, wrong size, I/O error, unavailable after
+    /// its retries, or no pool memory for the read.
+    #[error("the store failed")]
+    Store,
+    /// The store refused the mount's credentials.
+    #[error("access to the store denied")]
+    StoreDenied,
+    /// The bytes did not match their manifest hash (twice): never served.
+    #[error("content does not match its hash")]
+    Corrupt,
+    /// The shard that owns the inode has stopped (the mount is shutting down).
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+impl FsError {
+    /// The errno a reader sees.
+    pub fn errno(self) -> i32 {
+        match self {
+            FsError::NotFound => libc::ENOENT,
+            FsError::NotDirectory => libc::ENOTDIR,
+            FsError::IsDirectory => libc::EISDIR,
+            FsError::SymbolicLink => libc::ELOOP,
+            FsError::NotSymbolicLink => libc::EINVAL,
+            FsError::ReadOnly => libc::EROFS,
+            FsError::NoAttribute => libc::ENODATA,
+            // A missing or damaged object is an I/O error of the file, not "no such file": the
+            // file exists in the namespace. Unavailable is EIO too, not EAGAIN/ETIMEDOUT: most
+            // readers retry neither, and the store already retried with backoff.
+            FsError::Store | FsError::Corrupt | FsError::ShuttingDown => libc::EIO,
+            // The reader cannot fix the mount's credentials, but EACCES tells them it is a
+            // permission problem rather than damaged data.
+            FsError::StoreDenied => libc::EACCES,
+        }
+    }
+
+    /// How loudly the dispatch point logs a request that failed this way. Answers about the
+    /// namespace are routine (every `stat` of a missing file); data failures are logged with
+    /// their cause once per object, at error level, by the shard that saw them, so the per-request
+    /// line only needs to be there when debugging.
+    pub fn log_level(self) -> tracing::Level {
+        match self {
+            FsError::NotFound
+            | FsError::NotDirectory
+            | FsError::IsDirectory
+            | FsError::SymbolicLink
+            | FsError::NotSymbolicLink
+            | FsError::ReadOnly
+            | FsError::NoAttribute => tracing::Level::TRACE,
+            FsError::Store | FsError::StoreDenied | FsError::Corrupt | FsError::ShuttingDown => {
+                tracing::Level::DEBUG
+            }
+        }
+    }
+}
+
+impl From<&StoreError> for FsError {
+    fn from(error: &StoreError) -> FsError {
+        match error {
+            StoreError::Denied { .. } => FsError::StoreDenied,
+            StoreError::NotFound { .. }
+            | StoreError::WrongSize { .. }
+            | StoreError::Io { .. }
+            | StoreError::Unavailable { .. } => FsError::Store,
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! The filesystem core: what mount_vfs does with each request, whatever transport brought it.
+//!
+//! Layers, imports running down only:
+//! - [`dispatch`]: the one entry point every request passes ([`Dispatcher::dispatch`]). Answers
+//!   namespace requests inline from the immutable [`Namespace`](crate::namespace::Namespace) and
+//!   routes data requests (open, read, release) to the inode's owner shard.
+//! - [`shard`]: the shard file service, run on each shard, answering data requests from the
+//!   shard's own buffers.
+//! - [`request`]: typed requests and the reply traits a transport implements.
+//! - [`verified`]: [`VerifiedBlock`], the only bytes a read reply can carry.
+//! - [`error`]: [`FsError`], its errno and log level.
+//!
+//! Nothing here knows fuser; `crate::transport::fuser` converts its requests and replies.
+
+pub mod dispatch;
+pub mod error;
+pub mod request;
+pub mod shard;
+pub mod verified;
+
+pub use dispatch::{Dispatcher, PREFERRED_IO_SIZE};
+pub use error::FsError;
+pub use verified::{BlockDigests, Gather, ObjectHasher, ReadData, VerifiedBlock, VerifiedObject};

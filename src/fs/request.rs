@@ -1,0 +1,215 @@
+//! The filesystem's requests and replies, as a transport hands them in. A transport (fuser
+//! today, FUSE over io_uring next) turns each kernel request into a [`Request`] carrying a reply
+//! object of the matching kind, and implements the reply traits by writing the kernel's answer.
+//!
+//! Replies are boxed trait objects: a data request's reply travels to the owner shard and is
+//! answered there, so it must be `Send`; one small allocation per request is nothing next to a
+//! FUSE round trip.
+
+use std::fs::File;
+use std::time::{Duration, SystemTime};
+
+use super::error::FsError;
+use super::verified::ReadData;
+use crate::namespace::{Ino, NodeKind};
+
+/// One request, with the reply it must be answered through.
+pub enum Request<'a> {
+    Lookup {
+        parent: Ino,
+        name: &'a [u8],
+        reply: Box<dyn EntryReply>,
+    },
+    GetAttr {
+        ino: Ino,
+        reply: Box<dyn AttrReply>,
+    },
+    ReadLink {
+        ino: Ino,
+        reply: Box<dyn BytesReply>,
+    },
+    Open(Open),
+    Read(Read),
+    Release(Release),
+    Flush {
+        ino: Ino,
+        reply: Box<dyn EmptyReply>,
+    },
+    OpenDir {
+        ino: Ino,
+        reply: Box<dyn OpenDirReply>,
+    },
+    ReadDir {
+        ino: Ino,
+        /// 0 is `.`, 1 is `..`, `2 + i` is child `i`; a listing continues at `position + 1`.
+        offset: u64,
+        reply: Box<dyn DirReply>,
+    },
+    ReadDirPlus {
+        ino: Ino,
+        offset: u64,
+        reply: Box<dyn DirPlusReply>,
+    },
+    ReleaseDir {
+        ino: Ino,
+        reply: Box<dyn EmptyReply>,
+    },
+    StatFs {
+        reply: Box<dyn StatFsReply>,
+    },
+    Access {
+        ino: Ino,
+        /// `R_OK | W_OK | X_OK` bits, or `F_OK`.
+        mask: i32,
+        reply: Box<dyn EmptyReply>,
+    },
+    GetXattr {
+        ino: Ino,
+        name: &'a [u8],
+        /// 0 asks for the value's size only.
+        size: u32,
+        reply: Box<dyn XattrReply>,
+    },
+    ListXattr {
+        ino: Ino,
+        size: u32,
+        reply: Box<dyn XattrReply>,
+    },
+}
+
+/// Open a file. Served by the inode's owner shard.
+pub struct Open {
+    pub ino: Ino,
+    /// `open(2)` flags.
+    pub flags: i32,
+    pub reply: Box<dyn OpenReply>,
+}
+
+/// Read from an open file. Served by the inode's owner shard.
+pub struct Read {
+    pub ino: Ino,
+    pub fh: u64,
+    pub offset: u64,
+    pub size: u32,
+    pub reply: Box<dyn ReadReply>,
+}
+
+/// Close an open file. Served by the inode's owner shard.
+pub struct Release {
+    pub ino: Ino,
+    pub fh: u64,
+    pub reply: Box<dyn EmptyReply>,
+}
+
+/// An inode's attributes as the kernel gets them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Attributes {
+    pub ino: Ino,
+    pub size: u64,
+    /// 512-byte blocks.
+    pub blocks: u64,
+    pub mtime: SystemTime,
+    pub kind: NodeKind,
+    pub perm: u16,
+    pub nlink: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Preferred I/O size (`st_blksize`).
+    pub blksize: u32,
+}
+
+/// Filesystem totals for `statfs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatFs {
+    pub blocks: u64,
+    pub files: u64,
+    pub block_size: u32,
+    pub name_len: u32,
+}
+
+/// How long the kernel may cache entries and attributes. Content never changes while mounted,
+/// so as long as it likes; a day keeps numbers sane in tools that print them.
+pub const ATTR_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// How an open file is served.
+pub enum Opened<'a> {
+    /// READs come to the filesystem; the page cache may keep the content across opens.
+    KeepCache,
+    /// The kernel reads this backing file itself (FUSE passthrough).
+    Passthrough(&'a BackingFile),
+}
+
+/// A file the transport registered with the kernel for passthrough, closed on drop. The
+/// transport knows what it holds; the core only keeps it while handles use it.
+pub struct BackingFile(pub Box<dyn std::any::Any>);
+
+/// Every reply can fail the request instead.
+pub trait Reply: Send {
+    fn error(self: Box<Self>, error: FsError);
+}
+
+pub trait EntryReply: Reply {
+    fn entry(self: Box<Self>, attributes: &Attributes);
+}
+
+pub trait AttrReply: Reply {
+    fn attr(self: Box<Self>, attributes: &Attributes);
+}
+
+/// Bytes that are metadata, not file content (a link target).
+pub trait BytesReply: Reply {
+    fn bytes(self: Box<Self>, bytes: &[u8]);
+}
+
+pub trait EmptyReply: Reply {
+    fn ok(self: Box<Self>);
+}
+
+pub trait OpenReply: Reply {
+    /// Registers `file` with the kernel as a passthrough backing file.
+    fn backing_file(&self, file: &File) -> std::io::Result<BackingFile>;
+    fn opened(self: Box<Self>, fh: u64, how: Opened<'_>);
+}
+
+pub trait ReadReply: Reply {
+    fn data(self: Box<Self>, data: ReadData);
+}
+
+pub trait OpenDirReply: Reply {
+    /// An open directory; listings never change, so the kernel may cache them.
+    fn opened(self: Box<Self>, fh: u64);
+}
+
+pub trait DirReply: Reply {
+    /// Adds an entry; true when the reply is full (the entry was not added).
+    fn add(&mut self, ino: Ino, next_offset: u64, kind: NodeKind, name: &[u8]) -> bool;
+    fn ok(self: Box<Self>);
+}
+
+pub trait DirPlusReply: Reply {
+    /// Adds an entry with its attributes; true when the reply is full (the entry was not added).
+    fn add(&mut self, next_offset: u64, name: &[u8], attributes: &Attributes) -> bool;
+    fn ok(self: Box<Self>);
+}
+
+pub trait StatFsReply: Reply {
+    fn statfs(self: Box<Self>, totals: &StatFs);
+}
+
+pub trait XattrReply: Reply {
+    /// The size a buffer for the answer needs (the request asked with size 0).
+    fn size(self: Box<Self>, size: u32);
+    fn data(self: Box<Self>, bytes: &[u8]);
+}
+
+/// Fails `request` (named `op`, about `ino`) with `error`, logged at the error's level: the one
+/// place a failed request is logged, whichever layer failed it.
+pub fn fail(reply: Box<dyn Reply>, op: &'static str, ino: Ino, error: FsError) {
+    let errno = error.errno();
+    if error.log_level() == tracing::Level::TRACE {
+        tracing::trace!(op, ino, errno, "{error}");
+    } else {
+        tracing::debug!(op, ino, errno, "{error}");
+    }
+    reply.error(error);
+}

@@ -1,0 +1,214 @@
+//! The shard file service: everything a shard does for the inodes it owns.
+//!
+//! Ownership rules (the one place they are written down):
+//! - `owner(ino) = namespace::owner(ino, shards)`; the dispatcher ([`super::Dispatcher`]) sends
+//!   every open, read and release of `ino` to that shard, together with its reply object.
+//! - Only the owner touches an inode's open handles, read-ahead state, cached blocks and loads.
+//!   All of it lives in this shard's [`FileService`], which is `!Send` and needs no locks.
+//! - Bytes live in the shard's registered buffer pool and never leave the shard: the shard
+//!   replies itself, and the transport writes the reply straight from the block (fuser: one
+//!   `writev`).
+//! - What crosses threads: [`ShardRequest`] messages (metadata plus a reply object) in, and
+//!   relaxed counter loads out. Nothing else.
+//!
+//! Concerns, one file each: open handles and I/O mode (`handles`), reads and the block cache
+//! (`read`, `cache`), read-ahead (`readahead`), verification and re-reads (`verify`), pool
+//! memory and store fetches (`fetch`), counters (`counters`).
+//!
+//! Verification policy: the unit of verification is a CAS object — the whole file for v2023
+//! manifests, one 256 MiB chunk for chunked v2025 files — because that is what its xxh128 covers.
+//! The first read of an object streams the whole object from the store through the hasher
+//! (`--part-size` blocks, several in flight), keeping the first blocks (up to the cache budget
+//! less a headroom) as they pass. Only when the digest matches are those blocks published to the cache and the object
+//! marked verified on this shard; on a mismatch nothing is published and the read fails with EIO.
+//! After that, blocks that were not kept are read again (from the disk cache or the store) and
+//! served only if they hash to the xxh3-64 digest the same block had during verification, so a
+//! store that changed or a flip in transit after verification is caught too. A
+//! very large v2023 object therefore costs one full read before its first byte is served; the
+//! chunked v2025 format bounds that to 256 MiB, and a sequential reader of a chunked file gets
+//! the next chunk verified while it reads the current one (`verify_next_chunk`).
+//! Bytes from the store that fail verification are fetched once more (a flipped bit in
+//! transit), then the read fails with EIO.
+//!
+//! With a disk cache (`--cache-dir`, [`DiskCache`]) the verification stream also writes the
+//! object into it, and is committed there only when it matched; later passes read the cache
+//! file instead of the store, and a cache file is itself re-verified once per mount before it is
+//! trusted (a mismatch deletes it and the object comes from the store again).
+//!
+//! Passthrough: when the kernel supports it and the disk cache holds a verified copy, a
+//! buffered open of a single-object file is answered with the cache file as its backing file,
+//! and the kernel reads it without calling us at all. The open of such a file waits for the
+//! object's verification (the first read would wait for it anyway). O_DIRECT opens, files of
+//! several v2025 chunks (one backing file per inode) and opens while shard-served handles of the
+//! inode are open stay on the shard: the kernel refuses to mix the two modes on one inode, so
+//! `IoMode` follows whichever mode the inode's open handles already use.
+
+mod cache;
+mod counters;
+mod fetch;
+mod handles;
+mod read;
+mod readahead;
+mod verify;
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use mount_vfs_executors::{BufferPool, Mailbox, ShardContext};
+
+use super::request::{fail, Open, Read, Release};
+use super::FsError;
+use crate::namespace::{owner, Ino, Namespace};
+use crate::store::{DiskCache, DiskCacheConfig, ObjectStore, StoreConfig};
+
+pub use cache::BlockKey;
+pub use counters::{CounterSnapshot, ShardCounters};
+
+use cache::BlockCache;
+use handles::Handles;
+use verify::Verification;
+
+/// A data request for an inode, sent by the dispatcher to the inode's owner shard.
+pub enum ShardRequest {
+    Open(Open),
+    Read(Read),
+    Release(Release),
+}
+
+impl ShardRequest {
+    fn ino(&self) -> Ino {
+        match self {
+            ShardRequest::Open(Open { ino, .. })
+            | ShardRequest::Read(Read { ino, .. })
+            | ShardRequest::Release(Release { ino, .. }) => *ino,
+        }
+    }
+
+    /// Answers the request with `error` (the shard is gone).
+    pub fn fail(self, error: FsError) {
+        match self {
+            ShardRequest::Open(open) => fail(open.reply, "open", open.ino, error),
+            ShardRequest::Read(read) => fail(read.reply, "read", read.ino, error),
+            ShardRequest::Release(release) => fail(release.reply, "release", release.ino, error),
+        }
+    }
+}
+
+/// What every shard is started with (built on the main thread, cloned into each shard).
+#[derive(Clone)]
+pub struct ServiceConfig {
+    pub namespace: Arc<Namespace>,
+    pub store: StoreConfig,
+    /// `--part-size`: bytes per store read and per cached block (a power of two >= 1 MiB).
+    pub block_size: u64,
+    /// `--cache-dir`, already prepared ([`DiskCache::prepare`]), with its janitor running.
+    pub disk_cache: Option<DiskCacheConfig>,
+    /// Set by the transport once the kernel agreed to passthrough at INIT.
+    pub passthrough: Arc<AtomicBool>,
+}
+
+/// Everything one shard owns. See the module docs for the rules.
+pub struct FileService {
+    shard: usize,
+    shards: usize,
+    /// Bytes per block: the unit of store reads, of the cache and of per-block digests.
+    block_size: u64,
+    namespace: Arc<Namespace>,
+    counters: Arc<ShardCounters>,
+    pool: BufferPool,
+    store: Rc<dyn ObjectStore>,
+    disk_cache: Option<DiskCache>,
+    cache: BlockCache,
+    handles: Handles,
+    verification: Verification,
+    /// The store's retry count already added to the counters.
+    retries_counted: Cell<u64>,
+}
+
+/// The parts a [`FileService`] is made of, opened on its shard.
+pub struct ServiceParts {
+    pub shard: usize,
+    pub shards: usize,
+    pub block_size: u64,
+    pub namespace: Arc<Namespace>,
+    pub pool: BufferPool,
+    pub store: Rc<dyn ObjectStore>,
+    pub disk_cache: Option<DiskCache>,
+    pub passthrough: Arc<AtomicBool>,
+    pub counters: Arc<ShardCounters>,
+}
+
+impl FileService {
+    pub fn new(parts: ServiceParts) -> Rc<FileService> {
+        // Leave a quarter of the pool for reads in flight and verification streams.
+        let cache_budget = parts.pool.capacity() / 4 * 3;
+        Rc::new(FileService {
+            shard: parts.shard,
+            shards: parts.shards,
+            block_size: parts.block_size,
+            namespace: parts.namespace,
+            counters: parts.counters,
+            pool: parts.pool,
+            store: parts.store,
+            disk_cache: parts.disk_cache,
+            cache: BlockCache::new(cache_budget),
+            handles: Handles::new(parts.passthrough),
+            verification: Verification::default(),
+            retries_counted: Cell::new(0),
+        })
+    }
+
+    /// Serves one request to the end, replying through its reply object.
+    pub async fn handle(self: Rc<Self>, request: ShardRequest) {
+        let c = &self.counters;
+        if owner(request.ino(), self.shards) != self.shard {
+            c.add(&c.misrouted, 1);
+        }
+        match request {
+            ShardRequest::Open(open) => self.open(open).await,
+            ShardRequest::Release(release) => self.release(release),
+            ShardRequest::Read(read) => {
+                c.add(&c.reads, 1);
+                let result = self.read(read.ino, read.fh, read.offset, read.size).await;
+                match result {
+                    Ok(data) => {
+                        c.add(&c.bytes_served, data.bytes().len() as u64);
+                        read.reply.data(data);
+                    }
+                    Err(error) => {
+                        c.add(&c.errors, 1);
+                        fail(read.reply, "read", read.ino, error);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Runs one shard: takes requests from the mailbox and serves each as its own task.
+pub async fn run_shard(
+    ctx: ShardContext<ShardRequest>,
+    mailbox: Mailbox<ShardRequest>,
+    config: ServiceConfig,
+    counters: Arc<ShardCounters>,
+) {
+    let service = FileService::new(ServiceParts {
+        shard: ctx.id,
+        shards: ctx.peers.len(),
+        block_size: config.block_size,
+        namespace: config.namespace,
+        pool: ctx.pool.clone(),
+        store: config.store.open_for_shard(),
+        disk_cache: config
+            .disk_cache
+            .as_ref()
+            .map(|cache| DiskCache::new(cache, ctx.id)),
+        passthrough: config.passthrough,
+        counters,
+    });
+    while let Some(request) = mailbox.recv().await {
+        glommio::spawn_local(service.clone().handle(request)).detach();
+    }
+}

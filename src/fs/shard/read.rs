@@ -1,0 +1,135 @@
+//! Reads: a file range becomes blocks of its objects, each from the block cache or loaded once
+//! (single-flight) through verification or a digest-checked re-read.
+
+use std::rc::Rc;
+
+use futures::future::FutureExt;
+
+use super::cache::BlockKey;
+use super::FileService;
+use crate::fs::{FsError, Gather, ReadData, VerifiedBlock};
+use crate::manifest::{Hash, CHUNK_SIZE};
+use crate::namespace::Ino;
+
+/// One CAS object of a file: its hash and length.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct ObjectRef {
+    pub hash: Hash,
+    pub len: u64,
+}
+
+/// Length of object `index` of a file: chunked files have 256 MiB objects and a shorter last one.
+pub(super) fn object_len(size: u64, chunked: bool, index: usize) -> u64 {
+    if chunked {
+        (size - index as u64 * CHUNK_SIZE).min(CHUNK_SIZE)
+    } else {
+        size
+    }
+}
+
+/// Where file position `pos` is: (object index, block within the object, offset in the block).
+pub(super) fn locate(chunked: bool, block_size: u64, pos: u64) -> (usize, u32, usize) {
+    let (object, within) = if chunked {
+        ((pos / CHUNK_SIZE) as usize, pos % CHUNK_SIZE)
+    } else {
+        (0, pos)
+    };
+    (
+        object,
+        (within / block_size) as u32,
+        (within % block_size) as usize,
+    )
+}
+
+impl FileService {
+    /// Bytes `[offset, offset + size)` of file `ino` (open as `fh`), verified.
+    pub(super) async fn read(
+        self: &Rc<Self>,
+        ino: Ino,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<ReadData, FsError> {
+        // The one lookup of the file's content for this request; everything below gets it.
+        let content = self.namespace.file_content(ino).ok_or(FsError::NotFound)?;
+        let end = offset.saturating_add(size as u64).min(content.size);
+        if offset >= end {
+            return Ok(ReadData::empty());
+        }
+        self.plan_readahead(ino, fh, &content, offset, end);
+        let block_at = |pos: u64| {
+            let (index, block, start) = locate(content.chunked, self.block_size, pos);
+            let hash = *content.objects.get(index).ok_or(FsError::Corrupt)?;
+            let object = ObjectRef {
+                hash,
+                len: object_len(content.size, content.chunked, index),
+            };
+            Ok::<_, FsError>((object, block, start))
+        };
+        let (object, block, start) = block_at(offset)?;
+        let first = self.block(ino, object, block).await?;
+        let wanted = (end - offset) as usize;
+        if start + wanted <= first.len() {
+            return Ok(ReadData::slice(first, start..start + wanted));
+        }
+        // The read straddles blocks (an unaligned reader): gather into one reply buffer.
+        let mut gathered = Gather::with_capacity(wanted);
+        gathered.push(&first, start..first.len());
+        // Holding a block while waiting for the next could pin the pool with many readers.
+        drop(first);
+        while gathered.len() < wanted {
+            let (object, block, start) = block_at(offset + gathered.len() as u64)?;
+            let next = self.block(ino, object, block).await?;
+            let take = (wanted - gathered.len()).min(next.len() - start);
+            gathered.push(&next, start..start + take);
+        }
+        Ok(gathered.finish())
+    }
+
+    /// Block `block` of `object` (of file `ino`), verified: from the cache, else brought by the
+    /// object's verification or, for an object verified earlier, by one re-read per block no
+    /// matter how many readers ask at once.
+    pub(super) async fn block(
+        self: &Rc<Self>,
+        ino: Ino,
+        object: ObjectRef,
+        block: u32,
+    ) -> Result<VerifiedBlock, FsError> {
+        if object.len == 0 {
+            return Ok(VerifiedBlock::empty());
+        }
+        let hash = object.hash;
+        let c = &self.counters;
+        if let Some(cached) = self.cache.get((hash, block)) {
+            c.add(&c.cache_hits, 1);
+            return Ok(cached);
+        }
+        // A miss, whether the verification stream or a reload brings the block.
+        c.add(&c.cache_misses, 1);
+        self.verify(ino, hash, object.len).await?;
+        if let Some(cached) = self.cache.get((hash, block)) {
+            return Ok(cached);
+        }
+        let service = self.clone();
+        let load = self.cache.load_or_join((hash, block), move || {
+            async move {
+                let result = service.reload(ino, object, block).await;
+                if let Ok(loaded) = &result {
+                    service.publish((hash, block), loaded.clone());
+                }
+                service.cache.finish_load((hash, block));
+                result
+            }
+            .boxed_local()
+        });
+        load.await
+    }
+
+    /// Puts a verified block in the cache, then evicts until a full verification window would
+    /// fit in the pool again. Loads already waiting for pool memory are woken by that eviction;
+    /// without it they could wait on memory only the cache holds while nothing new arrives.
+    pub(super) fn publish(&self, key: BlockKey, block: VerifiedBlock) {
+        self.cache.insert(key, block);
+        self.make_room(self.headroom());
+    }
+}

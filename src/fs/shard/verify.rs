@@ -1,0 +1,370 @@
+//! Verification and re-reads: an object is streamed through its hash once per shard (from the
+//! disk cache when it holds a copy, else from the store, writing the cache as it passes), and
+//! blocks read again later are served only if they keep the digest they had then. Objects that
+//! failed are quarantined: logged once, and left to on-demand reads (read-ahead skips them).
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use futures::future::{FutureExt, LocalBoxFuture, Shared};
+use futures::StreamExt;
+
+use super::fetch::{Source, VERIFY_READS_IN_FLIGHT};
+use super::read::ObjectRef;
+use super::FileService;
+use crate::fs::{BlockDigests, FsError, ObjectHasher, VerifiedBlock, VerifiedObject};
+use crate::manifest::Hash;
+use crate::namespace::Ino;
+use crate::store::{Block, CasWriter, ObjectRange, StoreError};
+
+type Verify = Shared<LocalBoxFuture<'static, Result<(), FsError>>>;
+
+/// What this shard knows about the objects it has verified, is verifying, or saw fail.
+#[derive(Default)]
+pub(super) struct Verification {
+    /// Objects verified on this shard, with the digest of each of their blocks.
+    verified: RefCell<HashMap<Hash, BlockDigests>>,
+    verifying: RefCell<HashMap<Hash, Verify>>,
+    /// Bytes of the objects being verified now (whether or not their blocks are kept).
+    verifying_bytes: Cell<u64>,
+    /// Bytes held by verification streams for publication once their object verifies.
+    retained: Cell<usize>,
+    /// Verified objects whose disk-cache file is known good.
+    in_disk_cache: RefCell<HashSet<Hash>>,
+    /// Objects that failed (logged once; read-ahead leaves them alone).
+    quarantine: RefCell<HashSet<Hash>>,
+}
+
+impl Verification {
+    pub fn is_verified(&self, hash: Hash) -> bool {
+        self.verified.borrow().contains_key(&hash)
+    }
+
+    pub fn is_verifying(&self, hash: Hash) -> bool {
+        self.verifying.borrow().contains_key(&hash)
+    }
+
+    pub fn verifying_bytes(&self) -> u64 {
+        self.verifying_bytes.get()
+    }
+
+    pub fn quarantined(&self, hash: Hash) -> bool {
+        self.quarantine.borrow().contains(&hash)
+    }
+
+    pub fn in_disk_cache(&self, hash: Hash) -> bool {
+        self.in_disk_cache.borrow().contains(&hash)
+    }
+
+    pub fn not_in_disk_cache(&self, hash: Hash) {
+        self.in_disk_cache.borrow_mut().remove(&hash);
+    }
+}
+
+/// Why a verification stream ended without a verified object.
+enum StreamError {
+    /// The bytes arrived but hash to this digest instead.
+    Mismatch(Hash),
+    Failed(StoreError),
+}
+
+impl FileService {
+    /// Makes sure object `hash` (of `len` bytes) was verified on this shard; see the module docs.
+    /// Concurrent callers share one verification.
+    pub(super) async fn verify(
+        self: &Rc<Self>,
+        ino: Ino,
+        hash: Hash,
+        len: u64,
+    ) -> Result<(), FsError> {
+        let v = &self.verification;
+        if v.is_verified(hash) {
+            return Ok(());
+        }
+        let existing = v.verifying.borrow().get(&hash).cloned();
+        let run = match existing {
+            Some(run) => run,
+            None => {
+                let service = self.clone();
+                let run = async move {
+                    let result = service.stream_and_verify(ino, hash, len).await;
+                    let v = &service.verification;
+                    v.verifying.borrow_mut().remove(&hash);
+                    v.verifying_bytes.set(v.verifying_bytes.get() - len);
+                    result
+                }
+                .boxed_local()
+                .shared();
+                v.verifying.borrow_mut().insert(hash, run.clone());
+                v.verifying_bytes.set(v.verifying_bytes.get() + len);
+                run
+            }
+        };
+        run.await
+    }
+
+    /// Streams object `hash` through the hasher: from the disk cache when it holds a copy,
+    /// else from the store (writing it into the disk cache as it passes).
+    async fn stream_and_verify(
+        self: &Rc<Self>,
+        ino: Ino,
+        hash: Hash,
+        len: u64,
+    ) -> Result<(), FsError> {
+        let c = &self.counters;
+        let v = &self.verification;
+        if let Some(cache) = self.disk_cache.as_ref().filter(|d| d.has(hash, len)) {
+            match self.stream(hash, len, Source::DiskCache, &mut None).await {
+                Ok(verified) => {
+                    c.add(&c.objects_from_disk_cache, 1);
+                    cache.touch(hash);
+                    v.in_disk_cache.borrow_mut().insert(hash);
+                    self.accept(hash, verified);
+                    return Ok(());
+                }
+                Err(StreamError::Mismatch(digest)) => tracing::warn!(
+                    shard = self.shard,
+                    "cache file {} is corrupt (content hash {digest}); removed, fetching {hash} again",
+                    cache.location(hash).display()
+                ),
+                Err(StreamError::Failed(error)) => {
+                    tracing::warn!(shard = self.shard, "{error}; removed, fetching {hash} again")
+                }
+            }
+            cache.discard(hash);
+        }
+        let mut last_digest = hash;
+        for _attempt in 0..2 {
+            let mut writer = self.disk_cache.as_ref().and_then(|cache| {
+                cache
+                    .begin(hash)
+                    .map_err(|e| self.warn_cache_write(&self.cache_location(hash), e))
+                    .ok()
+            });
+            match self.stream(hash, len, Source::Store, &mut writer).await {
+                Ok(verified) => {
+                    if let (Some(writer), Some(cache)) = (writer, &self.disk_cache) {
+                        match writer.commit(hash) {
+                            Ok(()) => {
+                                cache.added(len);
+                                c.add(&c.objects_cached, 1);
+                                v.in_disk_cache.borrow_mut().insert(hash);
+                            }
+                            Err(e) => self.warn_cache_write(&self.cache_location(hash), e),
+                        }
+                    }
+                    self.accept(hash, verified);
+                    return Ok(());
+                }
+                Err(StreamError::Failed(error)) => {
+                    self.quarantine(ino, hash, &error);
+                    return Err(FsError::from(&error));
+                }
+                Err(StreamError::Mismatch(digest)) => {
+                    // Corrupted in transit or at rest: one more fetch tells the two apart.
+                    c.add(&c.verify_failures, 1);
+                    last_digest = digest;
+                }
+            }
+        }
+        self.quarantine(
+            ino,
+            hash,
+            &format_args!(
+                "object {} has content hash {last_digest} (twice): corrupt, not served",
+                self.store.location(hash).display()
+            ),
+        );
+        Err(FsError::Corrupt)
+    }
+
+    /// Marks a verified object and publishes the blocks its stream kept.
+    fn accept(&self, hash: Hash, verified: VerifiedObject) {
+        let c = &self.counters;
+        c.add(&c.objects_verified, 1);
+        self.verification
+            .verified
+            .borrow_mut()
+            .insert(hash, verified.digests);
+        for (index, block) in verified.kept {
+            self.publish((hash, index), block);
+        }
+    }
+
+    /// One pass over object `hash` from `source`, one block at a time with several in flight,
+    /// hashing in order; blocks go to `writer` (a cache file) when given, and the head of the
+    /// object is kept for publication within a shard-wide budget.
+    async fn stream(
+        self: &Rc<Self>,
+        hash: Hash,
+        len: u64,
+        source: Source,
+        writer: &mut Option<CasWriter>,
+    ) -> Result<VerifiedObject, StreamError> {
+        let block_size = self.block_size;
+        let blocks = len.div_ceil(block_size);
+        let mut hasher = ObjectHasher::new(hash, blocks as usize);
+        let mut kept_bytes = 0usize;
+        let retained = &self.verification.retained;
+        // Memory is granted one block at a time, in block order, and only then is the read
+        // started: the block the hasher waits for always holds its memory before any later one
+        // asks, so later blocks cannot take the last of a small pool while the head waits
+        // behind them (that deadlocked 32 MiB pools).
+        let mut reads = Box::pin(
+            futures::stream::iter(0..blocks)
+                .then(|index| async move {
+                    let offset = index * block_size;
+                    let part = (len - offset).min(block_size);
+                    let range = ObjectRange {
+                        hash,
+                        object_len: len,
+                        offset,
+                        len: part as usize,
+                    };
+                    (range, self.grant(hash, part).await)
+                })
+                .map(|(range, memory)| async move { self.fetch(memory?, range, source).await })
+                .buffered(VERIFY_READS_IN_FLIGHT),
+        );
+        let mut index = 0u32;
+        let result = loop {
+            let Some(block) = reads.next().await else {
+                break Ok(());
+            };
+            let block: Block = match block {
+                Ok(block) => block,
+                Err(error) => break Err(StreamError::Failed(error)),
+            };
+            hasher.update(&block);
+            if let Some(file) = writer {
+                if let Err(e) = file.write_at(index as u64 * block_size, &block) {
+                    self.warn_cache_write(&self.cache_location(hash), e);
+                    // Dropping the writer deletes its temporary file: no cache copy this time.
+                    *writer = None;
+                }
+            }
+            // Keep the head of the object for the reader that is waiting, within a shard-wide
+            // budget that leaves room for the reads in flight, so concurrent verifications
+            // cannot fill the pool with unpublished blocks. Every block not kept is read
+            // again after verification, so keep as much as the cache could hold.
+            if retained.get() + block.len() <= self.retention_budget() {
+                retained.set(retained.get() + block.len());
+                kept_bytes += block.len();
+                hasher.keep(index, block);
+            }
+            index += 1;
+        };
+        drop(reads);
+        retained.set(retained.get() - kept_bytes);
+        result?;
+        hasher.finish().map_err(StreamError::Mismatch)
+    }
+
+    /// A block of a verified object that was not kept: from its cache file when there is one,
+    /// else from the store, and served only if it still has the digest it had when the object
+    /// was verified (a store that changed its mind or a flip in transit gives one more fetch,
+    /// then EIO; a cache file that changed is discarded).
+    pub(super) async fn reload(
+        &self,
+        ino: Ino,
+        object: ObjectRef,
+        block: u32,
+    ) -> Result<VerifiedBlock, FsError> {
+        let ObjectRef { hash, len } = object;
+        let offset = block as u64 * self.block_size;
+        let range = ObjectRange {
+            hash,
+            object_len: len,
+            offset,
+            len: (len - offset).min(self.block_size) as usize,
+        };
+        let v = &self.verification;
+        let digests = v.verified.borrow().get(&hash).cloned();
+        let Some(digests) = digests else {
+            return Err(FsError::Corrupt);
+        };
+        let read_from = |source| async move {
+            let memory = self.grant(hash, range.len as u64).await?;
+            self.fetch(memory, range, source).await
+        };
+        if v.in_disk_cache(hash) {
+            match read_from(Source::DiskCache).await {
+                Ok(bytes) => match digests.check(block, bytes) {
+                    Ok(verified) => return Ok(verified),
+                    Err(_) => {
+                        if let Some(cache) = &self.disk_cache {
+                            tracing::warn!(
+                                shard = self.shard,
+                                "cache file {} changed since it was verified; removed",
+                                cache.location(hash).display()
+                            );
+                            cache.discard(hash);
+                        }
+                    }
+                },
+                Err(error) => {
+                    tracing::warn!(shard = self.shard, "{error}; reading the store instead")
+                }
+            }
+            v.not_in_disk_cache(hash);
+        }
+        let c = &self.counters;
+        for _attempt in 0..2 {
+            match read_from(Source::Store).await {
+                Ok(bytes) => match digests.check(block, bytes) {
+                    Ok(verified) => return Ok(verified),
+                    Err(_) => c.add(&c.verify_failures, 1),
+                },
+                Err(error) => {
+                    self.quarantine(ino, hash, &error);
+                    return Err(FsError::from(&error));
+                }
+            }
+        }
+        self.quarantine(
+            ino,
+            hash,
+            &format_args!(
+                "block {block} of object {} differs from the verified object (twice): not served",
+                self.store.location(hash).display()
+            ),
+        );
+        Err(FsError::Corrupt)
+    }
+
+    /// Puts a failed object in quarantine; the first failure of an object is logged.
+    fn quarantine(&self, ino: Ino, hash: Hash, error: &dyn std::fmt::Display) {
+        if self.verification.quarantine.borrow_mut().insert(hash) {
+            tracing::error!(
+                shard = self.shard,
+                file = %self.namespace.path(ino).display(),
+                %hash,
+                "cannot serve file: {error}"
+            );
+        }
+    }
+
+    fn cache_location(&self, hash: Hash) -> PathBuf {
+        self.disk_cache
+            .as_ref()
+            .map_or_else(PathBuf::new, |cache| cache.location(hash))
+    }
+
+    /// A failed cache write costs the cache copy, not the read: one warning per shard.
+    fn warn_cache_write(&self, location: &Path, error: std::io::Error) {
+        let c = &self.counters;
+        if c.disk_cache_write_errors
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+        {
+            tracing::warn!(
+                shard = self.shard,
+                "cannot write cache file {}: {error}; serving without the disk cache",
+                location.display()
+            );
+        }
+        c.add(&c.disk_cache_write_errors, 1);
+    }
+}

@@ -1,0 +1,156 @@
+//! Verify before serve, in the type system: a [`VerifiedBlock`] can only be made here, by
+//! [`ObjectHasher::finish`] (the object's xxh128 matched its manifest hash) or by
+//! [`BlockDigests::check`] (a block read again has the digest it had when its object was
+//! verified), and [`ReadData`], the only thing a read reply can send, is built from verified
+//! blocks only. A store hands out plain [`Block`]s; nothing else turns them into replies.
+
+use std::ops::Range;
+use std::rc::Rc;
+
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
+use crate::manifest::Hash;
+use crate::store::Block;
+
+/// Bytes of an object block that passed verification.
+#[derive(Clone)]
+pub struct VerifiedBlock(Rc<Block>);
+
+impl VerifiedBlock {
+    /// The empty object's only block: zero bytes cannot be wrong.
+    pub fn empty() -> VerifiedBlock {
+        VerifiedBlock(Rc::new(Block::empty()))
+    }
+}
+
+impl std::ops::Deref for VerifiedBlock {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Hashes one object's blocks in order as a stream delivers them, keeping some of them for
+/// publication once the whole object matched.
+pub struct ObjectHasher {
+    expected: Hash,
+    hasher: Xxh3,
+    digests: Vec<u64>,
+    kept: Vec<(u32, Block)>,
+}
+
+/// What an object that matched its hash leaves behind.
+pub struct VerifiedObject {
+    /// The blocks the stream kept, by index.
+    pub kept: Vec<(u32, VerifiedBlock)>,
+    pub digests: BlockDigests,
+}
+
+impl ObjectHasher {
+    pub fn new(expected: Hash, blocks: usize) -> ObjectHasher {
+        ObjectHasher {
+            expected,
+            hasher: Xxh3::new(),
+            digests: Vec::with_capacity(blocks),
+            kept: Vec::new(),
+        }
+    }
+
+    /// Feeds the object's next block.
+    pub fn update(&mut self, block: &Block) {
+        self.hasher.update(block);
+        self.digests.push(xxh3_64(block));
+    }
+
+    /// Keeps block `index` (already fed) to be published if the object matches.
+    pub fn keep(&mut self, index: u32, block: Block) {
+        self.kept.push((index, block));
+    }
+
+    /// The verified object, or the digest the bytes had instead of the expected one.
+    pub fn finish(self) -> Result<VerifiedObject, Hash> {
+        let digest = Hash(self.hasher.digest128());
+        if digest != self.expected {
+            return Err(digest);
+        }
+        Ok(VerifiedObject {
+            kept: self
+                .kept
+                .into_iter()
+                .map(|(index, block)| (index, VerifiedBlock(Rc::new(block))))
+                .collect(),
+            digests: BlockDigests(self.digests.into()),
+        })
+    }
+}
+
+/// The xxh3-64 of every block of a verified object, taken while it was verified: a block read
+/// again later is served only if it still has its digest.
+#[derive(Clone)]
+pub struct BlockDigests(Rc<[u64]>);
+
+impl BlockDigests {
+    /// Block `index`, verified; or the block back when it differs from the verified object (or
+    /// the object has no such block).
+    pub fn check(&self, index: u32, block: Block) -> Result<VerifiedBlock, Block> {
+        match self.0.get(index as usize) {
+            Some(&digest) if xxh3_64(&block) == digest => Ok(VerifiedBlock(Rc::new(block))),
+            _ => Err(block),
+        }
+    }
+}
+
+/// What a read reply sends: a range of one verified block (the common, zero-copy case), or
+/// bytes gathered from several.
+pub struct ReadData(Data);
+
+enum Data {
+    Slice(VerifiedBlock, Range<usize>),
+    Gathered(Vec<u8>),
+}
+
+impl ReadData {
+    /// No bytes (a read at or past the end of the file).
+    pub fn empty() -> ReadData {
+        ReadData(Data::Gathered(Vec::new()))
+    }
+
+    /// `range` of `block`.
+    pub fn slice(block: VerifiedBlock, range: Range<usize>) -> ReadData {
+        debug_assert!(range.end <= block.len());
+        ReadData(Data::Slice(block, range))
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        match &self.0 {
+            Data::Slice(block, range) => &block[range.clone()],
+            Data::Gathered(bytes) => bytes,
+        }
+    }
+}
+
+/// Builds a [`ReadData`] from ranges of several verified blocks (a read that straddles blocks).
+pub struct Gather(Vec<u8>);
+
+impl Gather {
+    pub fn with_capacity(len: usize) -> Gather {
+        Gather(Vec::with_capacity(len))
+    }
+
+    pub fn push(&mut self, block: &VerifiedBlock, range: Range<usize>) {
+        self.0.extend_from_slice(&block[range]);
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn finish(self) -> ReadData {
+        ReadData(Data::Gathered(self.0))
+    }
+}

@@ -1,0 +1,222 @@
+//! What every store shares: the bytes of an object range ([`Block`]), the range itself
+//! ([`ObjectRange`]), object keys, the per-shard table of open object files, and the one writer
+//! that puts a new object into a CAS directory ([`CasWriter`], used by `snapshot` and the disk
+//! cache).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use glommio::io::ReadResult;
+use mount_vfs_executors::{PoolBuffer, Reservation};
+
+use crate::manifest::Hash;
+
+/// Object key suffix used by the Deadline client for xxh128-named objects.
+pub const OBJECT_SUFFIX: &str = ".xxh128";
+
+/// `Data/{hash}.xxh128`: an object's key relative to the CAS root (directory or S3 root prefix).
+pub fn object_key(hash: Hash) -> String {
+    format!("Data/{hash}{OBJECT_SUFFIX}")
+}
+
+/// Bytes `[offset, offset + len)` of object `hash`, whose full length is `object_len`. Callers
+/// keep the range inside the object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectRange {
+    pub hash: Hash,
+    pub object_len: u64,
+    pub offset: u64,
+    pub len: usize,
+}
+
+/// Bytes of one object range, in the shard's registered memory. Not yet trusted: only
+/// verification turns a block into something a reply may send (`fs::VerifiedBlock`).
+pub struct Block {
+    data: BlockData,
+}
+
+enum BlockData {
+    /// Filled by one `read_at`: glommio allocated it from the arena; we hold its accounting.
+    Read {
+        data: ReadResult,
+        /// Held only for its `Drop`: returns the bytes to the pool's accounting.
+        _accounting: Reservation,
+    },
+    /// Assembled from several reads (short reads), or filled by a socket.
+    Owned(PoolBuffer, usize),
+    /// The empty range.
+    Empty,
+}
+
+impl Block {
+    pub fn empty() -> Block {
+        Block {
+            data: BlockData::Empty,
+        }
+    }
+
+    /// A buffer glommio filled and allocated from the arena, under `accounting`.
+    pub fn from_read(data: ReadResult, accounting: Reservation) -> Block {
+        Block {
+            data: BlockData::Read {
+                data,
+                _accounting: accounting,
+            },
+        }
+    }
+
+    /// The first `len` bytes of `buffer` (filled by a socket read, for example).
+    pub fn from_pool(buffer: PoolBuffer, len: usize) -> Block {
+        debug_assert!(len <= buffer.len());
+        Block {
+            data: BlockData::Owned(buffer, len),
+        }
+    }
+}
+
+impl std::ops::Deref for Block {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match &self.data {
+            BlockData::Read { data, .. } => data,
+            BlockData::Owned(buffer, len) => &buffer[..*len],
+            BlockData::Empty => &[],
+        }
+    }
+}
+
+/// Object files a shard keeps open, by hash. Past [`OpenFiles::LIMIT`] the table is cleared:
+/// objects are large and read sequentially, so reopening is rare and cheap next to the reads.
+pub(crate) struct OpenFiles<F> {
+    files: RefCell<HashMap<Hash, Rc<F>>>,
+}
+
+impl<F> OpenFiles<F> {
+    const LIMIT: usize = 256;
+
+    pub fn new() -> OpenFiles<F> {
+        OpenFiles {
+            files: RefCell::new(HashMap::new()),
+        }
+    }
+
+    pub fn get(&self, hash: Hash) -> Option<Rc<F>> {
+        self.files.borrow().get(&hash).cloned()
+    }
+
+    pub fn insert(&self, hash: Hash, file: F) -> Rc<F> {
+        let file = Rc::new(file);
+        let mut files = self.files.borrow_mut();
+        if files.len() >= Self::LIMIT {
+            files.clear();
+        }
+        files.insert(hash, file.clone());
+        file
+    }
+
+    /// Closes object `hash` (its file is about to be deleted or replaced).
+    pub fn forget(&self, hash: Hash) {
+        self.files.borrow_mut().remove(&hash);
+    }
+}
+
+/// A new object being written into a CAS directory (`ROOT/Data/`): under a temporary name
+/// `.{name}.partial-{pid}-{writer}` until [`commit`](Self::commit) renames it to
+/// `{hash}.xxh128`. Dropped uncommitted, it deletes its temporary file, so a failed or abandoned
+/// write leaves nothing; after a crash the pid in the name lets the next start remove it
+/// ([`partial_owner`]). No fsync: a torn object fails its hash and is written again.
+pub struct CasWriter {
+    file: File,
+    temporary: PathBuf,
+    committed: bool,
+}
+
+impl CasWriter {
+    /// Starts an object in `root/Data/`; `name` and `writer` make the temporary name unique
+    /// among this process's writers.
+    pub fn create(root: &Path, name: &str, writer: usize) -> io::Result<CasWriter> {
+        let temporary = root.join("Data").join(format!(
+            ".{name}.partial-{}-{writer}",
+            std::process::id()
+        ));
+        let file = File::create(&temporary)?;
+        Ok(CasWriter {
+            file,
+            temporary,
+            committed: false,
+        })
+    }
+
+    pub fn write_at(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(bytes, offset)
+    }
+
+    /// Puts the object in place as `root/Data/{hash}.xxh128`, replacing any file of that name
+    /// (the caller vouches for the bytes: verified, or hashed as they were written).
+    pub fn commit(mut self, hash: Hash) -> io::Result<()> {
+        let target = self.temporary.with_file_name(format!("{hash}{OBJECT_SUFFIX}"));
+        std::fs::rename(&self.temporary, target)?;
+        self.committed = true;
+        Ok(())
+    }
+
+    /// The temporary file, for messages.
+    pub fn temporary(&self) -> &Path {
+        &self.temporary
+    }
+}
+
+impl Drop for CasWriter {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.temporary);
+        }
+    }
+}
+
+/// The pid in a temporary file's name `.{name}.partial-{pid}-{writer}`.
+pub fn partial_owner(name: &str) -> Option<u32> {
+    let (_, owner) = name.strip_prefix('.')?.split_once(".partial-")?;
+    owner.split('-').next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_names_carry_their_owner() {
+        assert_eq!(partial_owner(".0011.partial-4242-3"), Some(4242));
+        assert_eq!(partial_owner("0011.xxh128"), None);
+        assert_eq!(partial_owner(".write-test-12"), None);
+    }
+
+    #[test]
+    fn uncommitted_writers_leave_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("Data")).unwrap();
+        let listing = || {
+            let mut names: Vec<String> = std::fs::read_dir(dir.path().join("Data"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            names.sort();
+            names
+        };
+        let writer = CasWriter::create(dir.path(), "x", 0).unwrap();
+        writer.write_at(0, b"abc").unwrap();
+        assert_eq!(partial_owner(&listing()[0]), Some(std::process::id()));
+        drop(writer);
+        assert!(listing().is_empty());
+        let writer = CasWriter::create(dir.path(), "x", 0).unwrap();
+        writer.write_at(0, b"abc").unwrap();
+        writer.commit(Hash(7)).unwrap();
+        assert_eq!(listing(), [format!("{}{OBJECT_SUFFIX}", Hash(7))]);
+    }
+}

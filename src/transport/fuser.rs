@@ -1,0 +1,415 @@
+//! The fuser transport: turns fuser's callbacks into [`Request`]s for the [`Dispatcher`] and
+//! implements the reply traits on fuser's reply objects. The only module that knows fuser's
+//! request and reply types.
+//!
+//! A fuser reply dropped unanswered (a request that raced shutdown) answers EIO by itself.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use fuser::{
+    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyXattr, Request as FuseRequest,
+};
+
+use crate::fs::request::{
+    self, Attributes, BackingFile, Open, Opened, Read, Release, Reply, Request, StatFs, ATTR_TTL,
+};
+use crate::fs::{Dispatcher, FsError, ReadData, PREFERRED_IO_SIZE};
+use crate::namespace::NodeKind;
+
+/// A [`Dispatcher`] served through fuser.
+pub struct FuserTransport {
+    dispatcher: Dispatcher,
+    /// Where to record whether the kernel agreed to passthrough; `None`: do not ask (no disk
+    /// cache to pass through to).
+    passthrough: Option<Arc<AtomicBool>>,
+}
+
+impl FuserTransport {
+    pub fn new(dispatcher: Dispatcher, passthrough: Option<Arc<AtomicBool>>) -> FuserTransport {
+        FuserTransport {
+            dispatcher,
+            passthrough,
+        }
+    }
+}
+
+fn file_attr(a: &Attributes) -> FileAttr {
+    FileAttr {
+        ino: INodeNo(a.ino),
+        size: a.size,
+        blocks: a.blocks,
+        atime: a.mtime,
+        mtime: a.mtime,
+        ctime: a.mtime,
+        crtime: a.mtime,
+        kind: file_type(a.kind),
+        perm: a.perm,
+        nlink: a.nlink,
+        uid: a.uid,
+        gid: a.gid,
+        rdev: 0,
+        blksize: a.blksize,
+        flags: 0,
+    }
+}
+
+fn file_type(kind: NodeKind) -> FileType {
+    match kind {
+        NodeKind::Dir => FileType::Directory,
+        NodeKind::File => FileType::RegularFile,
+        NodeKind::Symlink => FileType::Symlink,
+    }
+}
+
+fn errno(error: FsError) -> Errno {
+    Errno::from_i32(error.errno())
+}
+
+/// Implements [`Reply`] for fuser reply types, whose `error` takes an [`Errno`].
+macro_rules! replies {
+    ($($reply:ty),* $(,)?) => {$(
+        impl Reply for $reply {
+            fn error(self: Box<Self>, error: FsError) {
+                (*self).error(errno(error));
+            }
+        }
+    )*};
+}
+
+replies!(
+    ReplyEntry,
+    ReplyAttr,
+    ReplyData,
+    ReplyEmpty,
+    ReplyOpen,
+    ReplyDirectory,
+    ReplyDirectoryPlus,
+    ReplyStatfs,
+    ReplyXattr,
+);
+
+impl request::EntryReply for ReplyEntry {
+    fn entry(self: Box<Self>, attributes: &Attributes) {
+        (*self).entry(&ATTR_TTL, &file_attr(attributes), Generation(0));
+    }
+}
+
+impl request::AttrReply for ReplyAttr {
+    fn attr(self: Box<Self>, attributes: &Attributes) {
+        (*self).attr(&ATTR_TTL, &file_attr(attributes));
+    }
+}
+
+impl request::BytesReply for ReplyData {
+    fn bytes(self: Box<Self>, bytes: &[u8]) {
+        (*self).data(bytes);
+    }
+}
+
+impl request::ReadReply for ReplyData {
+    fn data(self: Box<Self>, data: ReadData) {
+        // fuser writes the reply straight from the block: one `writev`, no copy here.
+        (*self).data(data.bytes());
+    }
+}
+
+impl request::EmptyReply for ReplyEmpty {
+    fn ok(self: Box<Self>) {
+        (*self).ok();
+    }
+}
+
+impl request::OpenReply for ReplyOpen {
+    fn backing_file(&self, file: &File) -> std::io::Result<BackingFile> {
+        let id: BackingId = self.open_backing(file)?;
+        Ok(BackingFile(Box::new(id)))
+    }
+
+    fn opened(self: Box<Self>, fh: u64, how: Opened<'_>) {
+        match how {
+            Opened::KeepCache => (*self).opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Opened::Passthrough(backing) => match backing.0.downcast_ref::<BackingId>() {
+                Some(id) => (*self).opened_passthrough(FileHandle(fh), FopenFlags::empty(), id),
+                // Only this transport makes backing files for its replies.
+                None => (*self).error(Errno::EIO),
+            },
+        }
+    }
+}
+
+impl request::OpenDirReply for ReplyOpen {
+    fn opened(self: Box<Self>, fh: u64) {
+        (*self).opened(
+            FileHandle(fh),
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+        );
+    }
+}
+
+impl request::DirReply for ReplyDirectory {
+    fn add(&mut self, ino: u64, next_offset: u64, kind: NodeKind, name: &[u8]) -> bool {
+        ReplyDirectory::add(
+            self,
+            INodeNo(ino),
+            next_offset,
+            file_type(kind),
+            OsStr::from_bytes(name),
+        )
+    }
+
+    fn ok(self: Box<Self>) {
+        (*self).ok();
+    }
+}
+
+impl request::DirPlusReply for ReplyDirectoryPlus {
+    fn add(&mut self, next_offset: u64, name: &[u8], attributes: &Attributes) -> bool {
+        ReplyDirectoryPlus::add(
+            self,
+            INodeNo(attributes.ino),
+            next_offset,
+            OsStr::from_bytes(name),
+            &ATTR_TTL,
+            &file_attr(attributes),
+            Generation(0),
+        )
+    }
+
+    fn ok(self: Box<Self>) {
+        (*self).ok();
+    }
+}
+
+impl request::StatFsReply for ReplyStatfs {
+    fn statfs(self: Box<Self>, t: &StatFs) {
+        (*self).statfs(
+            t.blocks,
+            0,
+            0,
+            t.files,
+            0,
+            t.block_size,
+            t.name_len,
+            t.block_size,
+        );
+    }
+}
+
+impl request::XattrReply for ReplyXattr {
+    fn size(self: Box<Self>, size: u32) {
+        (*self).size(size);
+    }
+
+    fn data(self: Box<Self>, bytes: &[u8]) {
+        (*self).data(bytes);
+    }
+}
+
+impl Filesystem for FuserTransport {
+    fn init(&mut self, _req: &FuseRequest, config: &mut KernelConfig) -> std::io::Result<()> {
+        // Ask for the largest readahead the kernel allows; mount.rs raises the bdi read_ahead_kb
+        // afterwards so buffered readers get 1 MiB READs.
+        if let Err(max) = config.set_max_readahead(PREFERRED_IO_SIZE) {
+            let _ = config.set_max_readahead(max);
+        }
+        if let Some(granted) = &self.passthrough {
+            // Stack depth 1: backing files on a plain local filesystem, as the cache dir is.
+            match config.add_capabilities(InitFlags::FUSE_PASSTHROUGH) {
+                Ok(()) if config.set_max_stack_depth(1).is_ok() => {
+                    granted.store(true, Ordering::Relaxed);
+                    tracing::info!(
+                        "FUSE passthrough on: verified cached files are read by the kernel"
+                    );
+                }
+                _ => tracing::info!(
+                    "this kernel offers no FUSE passthrough (needs Linux 6.9+); \
+                     every read goes through the shards"
+                ),
+            }
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &FuseRequest, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        self.dispatcher.dispatch(Request::Lookup {
+            parent: parent.0,
+            name: name.as_bytes(),
+            reply: Box::new(reply),
+        });
+    }
+
+    fn getattr(
+        &self,
+        _req: &FuseRequest,
+        ino: INodeNo,
+        _fh: Option<FileHandle>,
+        reply: ReplyAttr,
+    ) {
+        self.dispatcher.dispatch(Request::GetAttr {
+            ino: ino.0,
+            reply: Box::new(reply),
+        });
+    }
+
+    fn readlink(&self, _req: &FuseRequest, ino: INodeNo, reply: ReplyData) {
+        self.dispatcher.dispatch(Request::ReadLink {
+            ino: ino.0,
+            reply: Box::new(reply),
+        });
+    }
+
+    fn open(&self, _req: &FuseRequest, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        self.dispatcher.dispatch(Request::Open(Open {
+            ino: ino.0,
+            flags: flags.0,
+            reply: Box::new(reply),
+        }));
+    }
+
+    fn read(
+        &self,
+        _req: &FuseRequest,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        self.dispatcher.dispatch(Request::Read(Read {
+            ino: ino.0,
+            fh: fh.0,
+            offset,
+            size,
+            reply: Box::new(reply),
+        }));
+    }
+
+    fn release(
+        &self,
+        _req: &FuseRequest,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.dispatcher.dispatch(Request::Release(Release {
+            ino: ino.0,
+            fh: fh.0,
+            reply: Box::new(reply),
+        }));
+    }
+
+    fn flush(
+        &self,
+        _req: &FuseRequest,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        self.dispatcher.dispatch(Request::Flush {
+            ino: ino.0,
+            reply: Box::new(reply),
+        });
+    }
+
+    fn opendir(&self, _req: &FuseRequest, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        self.dispatcher.dispatch(Request::OpenDir {
+            ino: ino.0,
+            reply: Box::new(reply),
+        });
+    }
+
+    fn readdir(
+        &self,
+        _req: &FuseRequest,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectory,
+    ) {
+        self.dispatcher.dispatch(Request::ReadDir {
+            ino: ino.0,
+            offset,
+            reply: Box::new(reply),
+        });
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &FuseRequest,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        reply: ReplyDirectoryPlus,
+    ) {
+        self.dispatcher.dispatch(Request::ReadDirPlus {
+            ino: ino.0,
+            offset,
+            reply: Box::new(reply),
+        });
+    }
+
+    fn releasedir(
+        &self,
+        _req: &FuseRequest,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dispatcher.dispatch(Request::ReleaseDir {
+            ino: ino.0,
+            reply: Box::new(reply),
+        });
+    }
+
+    fn statfs(&self, _req: &FuseRequest, _ino: INodeNo, reply: ReplyStatfs) {
+        self.dispatcher.dispatch(Request::StatFs {
+            reply: Box::new(reply),
+        });
+    }
+
+    fn access(&self, _req: &FuseRequest, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        self.dispatcher.dispatch(Request::Access {
+            ino: ino.0,
+            mask: mask.bits(),
+            reply: Box::new(reply),
+        });
+    }
+
+    fn getxattr(
+        &self,
+        _req: &FuseRequest,
+        ino: INodeNo,
+        name: &OsStr,
+        size: u32,
+        reply: ReplyXattr,
+    ) {
+        self.dispatcher.dispatch(Request::GetXattr {
+            ino: ino.0,
+            name: name.as_bytes(),
+            size,
+            reply: Box::new(reply),
+        });
+    }
+
+    fn listxattr(&self, _req: &FuseRequest, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        self.dispatcher.dispatch(Request::ListXattr {
+            ino: ino.0,
+            size,
+            reply: Box::new(reply),
+        });
+    }
+}
