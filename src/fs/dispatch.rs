@@ -242,3 +242,198 @@ fn system_time(mtime_us: i64) -> SystemTime {
         UNIX_EPOCH.checked_sub(magnitude).unwrap_or(UNIX_EPOCH)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use mount_vfs_executors::{HugepageMode, ShardConfig, Shards};
+
+    use super::*;
+    use crate::fs::request::{Read, Request};
+    use crate::fs::testing::{capture, namespace, Listing};
+    use crate::namespace::ROOT_INO;
+
+    fn dispatcher() -> (Dispatcher, Arc<Namespace>) {
+        let ns = namespace(&[("a", b"hello"), ("b", b"")]);
+        (Dispatcher::new(ns.clone(), Vec::new()), ns)
+    }
+
+    fn lookup(d: &Dispatcher, parent: Ino, name: &str) -> Result<Attributes, FsError> {
+        let (reply, answer) = capture::<Attributes>();
+        d.dispatch(Request::Lookup {
+            parent,
+            name: name.as_bytes(),
+            reply,
+        });
+        answer.try_recv().unwrap()
+    }
+
+    #[test]
+    fn metadata_is_answered_inline_with_the_namespace_errnos() {
+        let (d, ns) = dispatcher();
+        let a = lookup(&d, ROOT_INO, "a").unwrap();
+        assert_eq!(
+            (a.size, a.kind, a.perm, a.blocks),
+            (5, NodeKind::File, 0o644, 1)
+        );
+        assert_eq!(lookup(&d, ROOT_INO, "nope"), Err(FsError::NotFound));
+        let dir = lookup(&d, ROOT_INO, "dir").unwrap().ino;
+        let link = lookup(&d, ROOT_INO, "link").unwrap().ino;
+
+        let (reply, answer) = capture::<Vec<u8>>();
+        d.dispatch(Request::ReadLink { ino: link, reply });
+        assert_eq!(answer.try_recv().unwrap().unwrap(), b"a");
+        let (reply, answer) = capture::<Vec<u8>>();
+        d.dispatch(Request::ReadLink { ino: a.ino, reply });
+        let error = answer.try_recv().unwrap().unwrap_err();
+        assert_eq!(error.errno(), libc::EINVAL);
+
+        let (reply, answer) = capture::<u64>();
+        d.dispatch(Request::OpenDir { ino: a.ino, reply });
+        assert_eq!(
+            answer.try_recv().unwrap().unwrap_err().errno(),
+            libc::ENOTDIR
+        );
+        let (reply, answer) = capture::<u64>();
+        d.dispatch(Request::OpenDir { ino: 999, reply });
+        assert_eq!(
+            answer.try_recv().unwrap().unwrap_err().errno(),
+            libc::ENOENT
+        );
+
+        let (tx, listed) = mpsc::channel();
+        let reply = Box::new(Listing {
+            names: Vec::new(),
+            room: 3,
+            done: tx,
+        });
+        d.dispatch(Request::ReadDir {
+            ino: ROOT_INO,
+            offset: 0,
+            reply,
+        });
+        let names: Vec<Vec<u8>> = listed
+            .try_recv()
+            .unwrap()
+            .unwrap()
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(
+            names,
+            [&b"."[..], b"..", b"a"],
+            "a full reply stops the listing"
+        );
+        let (tx, listed) = mpsc::channel();
+        let reply = Box::new(Listing {
+            names: Vec::new(),
+            room: 10,
+            done: tx,
+        });
+        d.dispatch(Request::ReadDirPlus {
+            ino: ROOT_INO,
+            offset: 3,
+            reply,
+        });
+        let rest = listed.try_recv().unwrap().unwrap();
+        assert_eq!(
+            rest,
+            [
+                (b"b".to_vec(), NodeKind::File),
+                (b"dir".to_vec(), NodeKind::Dir),
+                (b"link".to_vec(), NodeKind::Symlink),
+            ]
+        );
+
+        let (reply, answer) = capture::<()>();
+        d.dispatch(Request::Access {
+            ino: a.ino,
+            mask: libc::R_OK,
+            reply,
+        });
+        assert_eq!(answer.try_recv().unwrap(), Ok(()));
+        let (reply, answer) = capture::<()>();
+        d.dispatch(Request::Access {
+            ino: dir,
+            mask: libc::W_OK,
+            reply,
+        });
+        assert_eq!(answer.try_recv().unwrap().unwrap_err().errno(), libc::EROFS);
+
+        let (reply, answer) = capture::<Result<u32, Vec<u8>>>();
+        d.dispatch(Request::GetXattr {
+            ino: a.ino,
+            name: b"user.x",
+            size: 0,
+            reply,
+        });
+        assert_eq!(
+            answer.try_recv().unwrap().unwrap_err().errno(),
+            libc::ENODATA
+        );
+        let (reply, answer) = capture::<Result<u32, Vec<u8>>>();
+        d.dispatch(Request::ListXattr {
+            ino: a.ino,
+            size: 0,
+            reply,
+        });
+        assert_eq!(answer.try_recv().unwrap(), Ok(Ok(0)));
+
+        let (reply, answer) = capture::<StatFs>();
+        d.dispatch(Request::StatFs { reply });
+        let totals = answer.try_recv().unwrap().unwrap();
+        assert_eq!((totals.blocks, totals.files), (1, ns.len() as u64));
+    }
+
+    #[test]
+    fn opens_that_cannot_be_served_are_refused_before_routing() {
+        let (d, _) = dispatcher();
+        let a = lookup(&d, ROOT_INO, "a").unwrap().ino;
+        let dir = lookup(&d, ROOT_INO, "dir").unwrap().ino;
+        let link = lookup(&d, ROOT_INO, "link").unwrap().ino;
+        let cases = [
+            (a, libc::O_WRONLY, libc::EROFS),
+            (a, libc::O_RDWR, libc::EROFS),
+            (a, libc::O_RDONLY | libc::O_TRUNC, libc::EROFS),
+            (dir, libc::O_RDONLY, libc::EISDIR),
+            (link, libc::O_RDONLY, libc::ELOOP),
+            (999, libc::O_RDONLY, libc::ENOENT),
+        ];
+        for (ino, flags, errno) in cases {
+            let (reply, answer) = capture::<(u64, bool)>();
+            d.dispatch(Request::Open(Open { ino, flags, reply }));
+            let error = answer.try_recv().unwrap().unwrap_err();
+            assert_eq!(error.errno(), errno, "ino {ino} flags {flags:#o}");
+        }
+    }
+
+    #[test]
+    fn a_request_for_a_stopped_shard_fails_instead_of_vanishing() {
+        let shards = Shards::<ShardRequest>::start(
+            &ShardConfig {
+                shards: 1,
+                io_memory_per_shard: 2 << 20,
+                hugepages: HugepageMode::Off,
+                spin_before_park: std::time::Duration::ZERO,
+            },
+            |_ctx, _mailbox| async {},
+        )
+        .unwrap();
+        let sender = shards.sender(0).clone();
+        shards.shutdown().unwrap();
+        let ns = namespace(&[("a", b"x")]);
+        let a = ns.lookup(ROOT_INO, b"a").unwrap();
+        let d = Dispatcher::new(ns, vec![sender]);
+        let (reply, answer) = capture::<Vec<u8>>();
+        d.dispatch(Request::Read(Read {
+            ino: a,
+            fh: 1,
+            offset: 0,
+            size: 1,
+            reply,
+        }));
+        let error = answer.try_recv().unwrap().unwrap_err();
+        assert_eq!((error, error.errno()), (FsError::ShuttingDown, libc::EIO));
+    }
+}

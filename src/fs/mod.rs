@@ -18,6 +18,9 @@ pub mod request;
 pub mod shard;
 pub mod verified;
 
+#[cfg(test)]
+mod testing;
+
 pub use dispatch::{Dispatcher, PREFERRED_IO_SIZE};
 pub use error::FsError;
 pub use verified::{BlockDigests, Gather, ObjectHasher, ReadData, VerifiedBlock, VerifiedObject};

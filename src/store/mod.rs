@@ -29,8 +29,8 @@ pub use disk_cache::{DiskCache, DiskCacheConfig};
 pub use fault::{Fault, FaultStore, When};
 pub use local::LocalCas;
 pub use memory::{MemoryObjects, MemoryStore};
-pub use object::{object_key, partial_owner, Block, CasWriter, ObjectRange, OBJECT_SUFFIX};
 pub(crate) use object::OpenFiles;
+pub use object::{object_key, partial_owner, Block, CasWriter, ObjectRange, OBJECT_SUFFIX};
 pub use s3::{S3Store, S3Target};
 
 use crate::manifest::Hash;

@@ -141,10 +141,9 @@ impl CasWriter {
     /// Starts an object in `root/Data/`; `name` and `writer` make the temporary name unique
     /// among this process's writers.
     pub fn create(root: &Path, name: &str, writer: usize) -> io::Result<CasWriter> {
-        let temporary = root.join("Data").join(format!(
-            ".{name}.partial-{}-{writer}",
-            std::process::id()
-        ));
+        let temporary = root
+            .join("Data")
+            .join(format!(".{name}.partial-{}-{writer}", std::process::id()));
         let file = File::create(&temporary)?;
         Ok(CasWriter {
             file,
@@ -160,7 +159,9 @@ impl CasWriter {
     /// Puts the object in place as `root/Data/{hash}.xxh128`, replacing any file of that name
     /// (the caller vouches for the bytes: verified, or hashed as they were written).
     pub fn commit(mut self, hash: Hash) -> io::Result<()> {
-        let target = self.temporary.with_file_name(format!("{hash}{OBJECT_SUFFIX}"));
+        let target = self
+            .temporary
+            .with_file_name(format!("{hash}{OBJECT_SUFFIX}"));
         std::fs::rename(&self.temporary, target)?;
         self.committed = true;
         Ok(())

@@ -13,8 +13,8 @@ use std::sync::Arc;
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
     Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyXattr, Request as FuseRequest,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
+    Request as FuseRequest,
 };
 
 use crate::fs::request::{
@@ -245,13 +245,7 @@ impl Filesystem for FuserTransport {
         });
     }
 
-    fn getattr(
-        &self,
-        _req: &FuseRequest,
-        ino: INodeNo,
-        _fh: Option<FileHandle>,
-        reply: ReplyAttr,
-    ) {
+    fn getattr(&self, _req: &FuseRequest, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         self.dispatcher.dispatch(Request::GetAttr {
             ino: ino.0,
             reply: Box::new(reply),

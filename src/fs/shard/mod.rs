@@ -49,6 +49,8 @@ mod fetch;
 mod handles;
 mod read;
 mod readahead;
+#[cfg(test)]
+mod tests;
 mod verify;
 
 use std::cell::Cell;

@@ -97,7 +97,10 @@ impl FileService {
             };
             let service = self.clone();
             glommio::spawn_local(async move {
-                let _ = service.block(ino, object, block).await;
+                // The object may have failed since this load was planned.
+                if !service.verification.quarantined(object.hash) {
+                    let _ = service.block(ino, object, block).await;
+                }
             })
             .detach();
         }

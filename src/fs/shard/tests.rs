@@ -1,0 +1,366 @@
+//! The shard file service without a kernel or a server: requests with capturing replies, served
+//! from an in-memory store, with faults injected on a fixed schedule.
+
+use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mount_vfs_executors::BufferPool;
+
+use super::{FileService, ServiceParts, ShardCounters, ShardRequest};
+use crate::fs::request::{Open, Read, Release};
+use crate::fs::testing::{capture, namespace, on_shard, pattern};
+use crate::fs::FsError;
+use crate::manifest::Hash;
+use crate::namespace::{Ino, Namespace, ROOT_INO};
+use crate::store::{Fault, FaultStore, MemoryObjects, MemoryStore, ObjectStore, When};
+
+const MIB: usize = 1 << 20;
+/// Test blocks are 1 MiB (`--part-size` minimum).
+const BLOCK: u64 = MIB as u64;
+
+fn service(
+    pool: BufferPool,
+    namespace: Arc<Namespace>,
+    store: Rc<dyn ObjectStore>,
+) -> Rc<FileService> {
+    FileService::new(ServiceParts {
+        shard: 0,
+        shards: 1,
+        block_size: BLOCK,
+        namespace,
+        pool,
+        store,
+        disk_cache: None,
+        passthrough: Arc::new(AtomicBool::new(false)),
+        counters: Arc::new(ShardCounters::default()),
+    })
+}
+
+fn ino(namespace: &Namespace, name: &str) -> Ino {
+    namespace.lookup(ROOT_INO, name.as_bytes()).expect(name)
+}
+
+async fn open(service: &Rc<FileService>, ino: Ino, flags: i32) -> u64 {
+    let (reply, answer) = capture::<(u64, bool)>();
+    service
+        .clone()
+        .handle(ShardRequest::Open(Open { ino, flags, reply }))
+        .await;
+    let (fh, passthrough) = answer.try_recv().unwrap().unwrap();
+    assert!(!passthrough, "no disk cache: nothing to pass through");
+    fh
+}
+
+async fn read(
+    service: &Rc<FileService>,
+    ino: Ino,
+    fh: u64,
+    offset: u64,
+    size: usize,
+) -> Result<Vec<u8>, FsError> {
+    let (reply, answer) = capture::<Vec<u8>>();
+    let request = Read {
+        ino,
+        fh,
+        offset,
+        size: size as u32,
+        reply,
+    };
+    service.clone().handle(ShardRequest::Read(request)).await;
+    answer.try_recv().expect("every read is answered")
+}
+
+/// Lets detached tasks (read-ahead) run to completion.
+async fn settle() {
+    glommio::timer::sleep(Duration::from_millis(50)).await;
+}
+
+#[test]
+fn a_matching_object_is_served_and_a_mismatch_is_eio_with_nothing_published() {
+    let good = pattern(1, 3 * MIB + 5);
+    let claimed = pattern(2, 2 * MIB);
+    // `bad` is listed under the hash of `claimed`, but the store holds other bytes of that size.
+    let ns = namespace(&[("good", &good), ("bad", &claimed)]);
+    let objects: MemoryObjects = [
+        (Hash::of(&good), Bytes::from(good.clone())),
+        (Hash::of(&claimed), Bytes::from(pattern(3, 2 * MIB))),
+    ]
+    .into_iter()
+    .collect();
+    let (good_ino, bad_ino) = (ino(&ns, "good"), ino(&ns, "bad"));
+    let bad_hash = Hash::of(&claimed);
+    on_shard(64 << 20, move |pool| async move {
+        let store = Rc::new(MemoryStore::new(objects));
+        let s = service(pool, ns, store.clone());
+        let fh = open(&s, good_ino, libc::O_RDONLY).await;
+        assert_eq!(read(&s, good_ino, fh, 0, 4 * MIB).await.unwrap(), good);
+        assert_eq!(
+            read(&s, good_ino, fh, 3 * BLOCK - 7, 100).await.unwrap(),
+            good[3 * MIB - 7..3 * MIB + 5],
+            "a read straddling blocks and the end of the file"
+        );
+
+        let fh = open(&s, bad_ino, libc::O_RDONLY).await;
+        // Not at offset 0: a first read there counts as sequential and starts read-ahead.
+        let error = read(&s, bad_ino, fh, 10, MIB).await.unwrap_err();
+        assert_eq!(error, FsError::Corrupt);
+        assert_eq!(error.errno(), libc::EIO);
+        // Fetched twice (a flip in transit is told apart from corruption at rest), both refused.
+        assert_eq!(store.reads_of(bad_hash), 4);
+        assert_eq!(s.counters.snapshot().verify_failures, 2);
+        assert!(!s.verification.is_verified(bad_hash));
+        assert!((0..2).all(|block| s.cache.get((bad_hash, block)).is_none()));
+        assert!(s.verification.quarantined(bad_hash));
+        // Quarantine does not stop a reader from trying again: fetched again, refused again.
+        assert_eq!(read(&s, bad_ino, fh, 0, 10).await, Err(FsError::Corrupt));
+        assert_eq!(store.reads_of(bad_hash), 8);
+    });
+}
+
+#[test]
+fn one_flip_in_transit_costs_one_more_fetch_not_the_read() {
+    let data = pattern(4, 2 * MIB);
+    let ns = namespace(&[("a", &data)]);
+    let objects = MemoryObjects::of([data.clone()]);
+    let a = ino(&ns, "a");
+    on_shard(64 << 20, move |pool| async move {
+        let store = Rc::new(FaultStore::new(Rc::new(MemoryStore::new(objects))));
+        store.inject(When::Read(1), Fault::Flip(12345));
+        let s = service(pool, ns, store.clone());
+        let fh = open(&s, a, libc::O_RDONLY).await;
+        assert_eq!(read(&s, a, fh, 0, 2 * MIB).await.unwrap(), data);
+        assert_eq!(store.reads(), 4, "two blocks, streamed twice");
+        assert_eq!(s.counters.snapshot().verify_failures, 1);
+    });
+}
+
+#[test]
+fn concurrent_readers_of_a_cold_object_share_one_fetch_per_block() {
+    let data = pattern(5, 4 * MIB);
+    let ns = namespace(&[("a", &data)]);
+    let objects = MemoryObjects::of([data.clone()]);
+    let a = ino(&ns, "a");
+    on_shard(64 << 20, move |pool| async move {
+        let store = Rc::new(MemoryStore::new(objects));
+        let s = service(pool, ns, store.clone());
+        let fh = open(&s, a, libc::O_RDONLY).await;
+        let reads = (0..8u64).map(|i| read(&s, a, fh, (i % 4) * BLOCK + i, 1000));
+        let results = futures::future::join_all(reads).await;
+        for (i, result) in results.into_iter().enumerate() {
+            let at = (i % 4) * MIB + i;
+            assert_eq!(result.unwrap(), data[at..at + 1000], "reader {i}");
+        }
+        assert_eq!(store.reads_of(Hash::of(&data)), 4, "one fetch per block");
+        assert_eq!(s.counters.snapshot().objects_verified, 1);
+    });
+}
+
+#[test]
+fn readahead_window_doubles_for_sequential_reads_and_resets_on_a_seek() {
+    let data = pattern(6, 40 * MIB);
+    let ns = namespace(&[("a", &data)]);
+    let objects = MemoryObjects::of([data.clone()]);
+    let a = ino(&ns, "a");
+    on_shard(64 << 20, move |pool| async move {
+        let s = service(pool, ns, Rc::new(MemoryStore::new(objects)));
+        // A 64 MiB pool caches about 48 MiB; read-ahead is capped at a quarter of that.
+        let max = s.max_readahead_blocks();
+        assert!((8..=12).contains(&max), "{max}");
+        let fh = open(&s, a, libc::O_RDONLY).await;
+        let mut windows = Vec::new();
+        for i in 0..5u64 {
+            let bytes = read(&s, a, fh, i * BLOCK, MIB).await.unwrap();
+            assert_eq!(bytes, data[i as usize * MIB..(i as usize + 1) * MIB]);
+            windows.push(s.readahead_window(fh).unwrap());
+        }
+        // The first read is sequential too (a reader starting at 0).
+        assert_eq!(windows, [2, 4, 8, max, max]);
+        read(&s, a, fh, 30 * BLOCK, MIB).await.unwrap();
+        assert_eq!(s.readahead_window(fh), Some(1), "a seek starts over");
+        settle().await;
+    });
+}
+
+/// An 8 MiB pool caches 6 MiB and lets a verification keep 4 MiB: the other blocks of a 12 MiB
+/// object are read again later, and checked against their digests from verification.
+#[test]
+fn blocks_read_again_must_match_their_verified_digest() {
+    let data = pattern(7, 12 * MIB);
+    let hash = Hash::of(&data);
+    let ns = namespace(&[("a", &data)]);
+    let objects = MemoryObjects::of([data.clone()]);
+    let a = ino(&ns, "a");
+    on_shard(8 << 20, move |pool| async move {
+        let store = Rc::new(FaultStore::new(Rc::new(MemoryStore::new(objects))));
+        let s = service(pool, ns, store.clone());
+        let fh = open(&s, a, libc::O_RDONLY).await;
+        assert_eq!(read(&s, a, fh, 0, MIB).await.unwrap(), data[..MIB]);
+        assert_eq!(
+            store.reads(),
+            12,
+            "verification streamed the whole object once"
+        );
+        assert!(s.cache.get((hash, 8)).is_none(), "block 8 was not kept");
+
+        // The store now returns a changed byte: block 8 is fetched twice, then refused.
+        store.inject(When::Always, Fault::Flip(77));
+        let error = read(&s, a, fh, 8 * BLOCK, MIB).await.unwrap_err();
+        assert_eq!(error, FsError::Corrupt);
+        assert_eq!(store.reads(), 14);
+        assert_eq!(s.counters.snapshot().verify_failures, 2);
+        assert!(
+            s.cache.get((hash, 8)).is_none(),
+            "nothing unverified is cached"
+        );
+
+        store.heal();
+        let bytes = read(&s, a, fh, 8 * BLOCK + 3, MIB - 3).await.unwrap();
+        assert_eq!(bytes, data[8 * MIB + 3..9 * MIB]);
+    });
+}
+
+/// Four readers of four 16 MiB objects through a 4 MiB pool: every verification and read waits
+/// for memory instead of failing or deadlocking, and every byte arrives right.
+#[test]
+fn a_pool_far_smaller_than_the_objects_applies_backpressure() {
+    let files: Vec<Vec<u8>> = (0..4).map(|i| pattern(10 + i, 16 * MIB)).collect();
+    let names = ["a", "b", "c", "d"];
+    let ns = namespace(
+        &names
+            .iter()
+            .zip(&files)
+            .map(|(n, f)| (*n, f.as_slice()))
+            .collect::<Vec<_>>(),
+    );
+    let inos: Vec<Ino> = names.iter().map(|n| ino(&ns, n)).collect();
+    let objects = MemoryObjects::of(files.clone());
+    on_shard(4 << 20, move |pool| async move {
+        let s = service(pool.clone(), ns, Rc::new(MemoryStore::new(objects)));
+        let readers = inos.iter().zip(&files).map(|(&ino, file)| {
+            let s = s.clone();
+            async move {
+                let fh = open(&s, ino, libc::O_RDONLY).await;
+                for i in 0..16 {
+                    let bytes = read(&s, ino, fh, i * BLOCK, MIB).await.unwrap();
+                    assert!(bytes == file[i as usize * MIB..(i as usize + 1) * MIB]);
+                }
+            }
+        });
+        let all = futures::future::join_all(readers);
+        glommio::timer::timeout(Duration::from_secs(120), async {
+            all.await;
+            Ok(())
+        })
+        .await
+        .expect("readers finished (no deadlock on pool memory)");
+        assert!(pool.in_use() <= pool.capacity());
+        assert_eq!(s.counters.snapshot().objects_verified, 4);
+        settle().await;
+    });
+}
+
+/// A failed object is quarantined: read-ahead leaves it alone, readers still retry it.
+#[test]
+fn failed_objects_are_quarantined_from_readahead_but_retried_on_demand() {
+    let data = pattern(8, 12 * MIB);
+    let other = pattern(9, 12 * MIB);
+    let hash = Hash::of(&data);
+    let ns = namespace(&[("a", &data), ("b", &other)]);
+    let objects = MemoryObjects::of([data.clone(), other.clone()]);
+    let (a, b) = (ino(&ns, "a"), ino(&ns, "b"));
+    on_shard(8 << 20, move |pool| async move {
+        let store = Rc::new(FaultStore::new(Rc::new(MemoryStore::new(objects))));
+        let s = service(pool, ns, store.clone());
+        // Both verified; 4 MiB of each kept at most, so later blocks are read again.
+        for ino in [a, b] {
+            let fh = open(&s, ino, libc::O_RDONLY).await;
+            read(&s, ino, fh, 0, 10).await.unwrap();
+        }
+        store.inject(When::Object(hash), Fault::Unavailable);
+        let fh = open(&s, a, libc::O_RDONLY).await;
+        let error = read(&s, a, fh, 10 * BLOCK, 10).await.unwrap_err();
+        assert_eq!((error, error.errno()), (FsError::Store, libc::EIO));
+        assert!(s.verification.quarantined(hash));
+        store.heal();
+
+        // From a fresh handle: a seek to block 6 (no read-ahead), then a sequential read of
+        // block 7, whose read-ahead would load block 8.
+        let fetches_for = |ino| {
+            let s = s.clone();
+            let store = store.clone();
+            async move {
+                let fh = open(&s, ino, libc::O_RDONLY).await;
+                let before = store.reads();
+                read(&s, ino, fh, 6 * BLOCK, MIB).await.unwrap();
+                read(&s, ino, fh, 7 * BLOCK, MIB).await.unwrap();
+                settle().await;
+                store.reads() - before
+            }
+        };
+        assert_eq!(fetches_for(a).await, 2, "quarantined: on-demand reads only");
+        // The pool caps read-ahead at one block (a quarter of the cache).
+        assert_eq!(s.max_readahead_blocks(), 1);
+        assert_eq!(fetches_for(b).await, 3, "healthy: block 8 loaded ahead too");
+    });
+}
+
+/// Every errno the service answers with, and a slow store that is only slow.
+#[test]
+fn store_failures_map_to_their_errnos() {
+    let data = pattern(11, MIB + 1);
+    let ns = namespace(&[("a", &data)]);
+    let objects = MemoryObjects::of([data.clone()]);
+    let a = ino(&ns, "a");
+    let cases = [
+        (Fault::NotFound, Err(libc::EIO)),
+        (Fault::Denied, Err(libc::EACCES)),
+        (Fault::Unavailable, Err(libc::EIO)),
+        (Fault::Short(1), Err(libc::EIO)),
+        (Fault::Delay(Duration::from_millis(20)), Ok(())),
+    ];
+    for (fault, expected) in cases {
+        let ns = ns.clone();
+        let objects = objects.clone();
+        let data = data.clone();
+        let got = on_shard(16 << 20, move |pool| async move {
+            let store = Rc::new(FaultStore::new(Rc::new(MemoryStore::new(objects))));
+            store.inject(When::Always, fault);
+            let s = service(pool, ns, store);
+            let fh = open(&s, a, libc::O_RDONLY).await;
+            let result = read(&s, a, fh, 0, 2 * MIB).await;
+            result
+                .map(|bytes| assert_eq!(bytes, data))
+                .map_err(|e| e.errno())
+        });
+        assert_eq!(got, expected, "{fault:?}");
+    }
+}
+
+#[test]
+fn opens_and_releases_keep_count_and_reads_past_the_end_are_empty() {
+    let data = pattern(12, 1000);
+    let ns = namespace(&[("a", &data)]);
+    let objects = MemoryObjects::of([data.clone()]);
+    let a = ino(&ns, "a");
+    on_shard(16 << 20, move |pool| async move {
+        let s = service(pool, ns, Rc::new(MemoryStore::new(objects)));
+        let first = open(&s, a, libc::O_RDONLY).await;
+        let second = open(&s, a, libc::O_RDONLY | libc::O_DIRECT).await;
+        assert_ne!(first, second);
+        assert_eq!(read(&s, a, second, 1000, 10).await.unwrap(), b"");
+        assert_eq!(read(&s, a, first, 990, 4096).await.unwrap(), data[990..]);
+        for fh in [first, second] {
+            let (reply, answer) = capture::<()>();
+            s.clone()
+                .handle(ShardRequest::Release(Release { ino: a, fh, reply }))
+                .await;
+            answer.try_recv().unwrap().unwrap();
+        }
+        let counters = s.counters.snapshot();
+        assert_eq!((counters.opens, counters.open_handles()), (2, 0));
+        assert_eq!(counters.misrouted, 0);
+    });
+}
