@@ -12,6 +12,7 @@ use common::s3_servers::{
     config, create_bucket_signed, free_port, on_shard, upload, Moto, Seaweed, SEAWEED_KEY,
     SEAWEED_SECRET,
 };
+use mount_vfs::fs::FsError;
 use mount_vfs::manifest::Hash;
 use mount_vfs::store::{S3Store, S3Target, StoreError};
 
@@ -146,7 +147,7 @@ fn moto_not_found_is_not_retried_and_maps_to_eio() {
         (error, started.elapsed())
     });
     assert!(matches!(error, StoreError::NotFound { .. }), "{error}");
-    assert_eq!(error.errno(), fuser::Errno::EIO);
+    assert_eq!(FsError::from(&error).errno(), libc::EIO);
     // Two requests (with and without suffix), no backoff.
     assert!(elapsed.as_millis() < 1000, "{elapsed:?}");
 }
@@ -223,7 +224,7 @@ fn seaweedfs_checks_credentials() {
             .expect("must fail")
     });
     assert!(matches!(error, StoreError::Denied { .. }), "{error}");
-    assert_eq!(error.errno(), fuser::Errno::EACCES);
+    assert_eq!(FsError::from(&error).errno(), libc::EACCES);
 
     let wrong_key_config = config(
         &seaweed.endpoint(),

@@ -25,7 +25,7 @@ pub fn capture<T>() -> (Box<Capture<T>>, mpsc::Receiver<Result<T, FsError>>) {
 }
 
 impl<T: Send> Capture<T> {
-    fn send(self: Box<Self>, value: T) {
+    fn send(self, value: T) {
         let _ = self.0.send(Ok(value));
     }
 }
@@ -38,13 +38,13 @@ impl<T: Send> Reply for Capture<T> {
 
 impl ReadReply for Capture<Vec<u8>> {
     fn data(self: Box<Self>, data: ReadData) {
-        self.send(data.bytes().to_vec());
+        (*self).send(data.bytes().to_vec());
     }
 }
 
 impl BytesReply for Capture<Vec<u8>> {
     fn bytes(self: Box<Self>, bytes: &[u8]) {
-        self.send(bytes.to_vec());
+        (*self).send(bytes.to_vec());
     }
 }
 
@@ -58,56 +58,59 @@ impl OpenReply for Capture<(u64, bool)> {
 
     fn opened(self: Box<Self>, fh: u64, how: Opened<'_>) {
         let passthrough = matches!(how, Opened::Passthrough(_));
-        self.send((fh, passthrough));
+        (*self).send((fh, passthrough));
     }
 }
 
 impl OpenDirReply for Capture<u64> {
     fn opened(self: Box<Self>, fh: u64) {
-        self.send(fh);
+        (*self).send(fh);
     }
 }
 
 impl EmptyReply for Capture<()> {
     fn ok(self: Box<Self>) {
-        self.send(());
+        (*self).send(());
     }
 }
 
 impl EntryReply for Capture<Attributes> {
     fn entry(self: Box<Self>, attributes: &Attributes) {
-        self.send(*attributes);
+        (*self).send(*attributes);
     }
 }
 
 impl AttrReply for Capture<Attributes> {
     fn attr(self: Box<Self>, attributes: &Attributes) {
-        self.send(*attributes);
+        (*self).send(*attributes);
     }
 }
 
 impl StatFsReply for Capture<StatFs> {
     fn statfs(self: Box<Self>, totals: &StatFs) {
-        self.send(*totals);
+        (*self).send(*totals);
     }
 }
 
 /// An xattr answer: `Ok(size)` or the bytes.
 impl XattrReply for Capture<Result<u32, Vec<u8>>> {
     fn size(self: Box<Self>, size: u32) {
-        self.send(Ok(size));
+        (*self).send(Ok(size));
     }
 
     fn data(self: Box<Self>, bytes: &[u8]) {
-        self.send(Err(bytes.to_vec()));
+        (*self).send(Err(bytes.to_vec()));
     }
 }
 
-/// A listing: the names, in order, collected until `room` entries fill the reply.
+/// Names and kinds of directory entries, in order.
+pub type Entries = Vec<(Vec<u8>, NodeKind)>;
+
+/// A listing: the entries collected until `room` of them fill the reply.
 pub struct Listing {
-    pub names: Vec<(Vec<u8>, NodeKind)>,
+    pub names: Entries,
     pub room: usize,
-    pub done: mpsc::Sender<Result<Vec<(Vec<u8>, NodeKind)>, FsError>>,
+    pub done: mpsc::Sender<Result<Entries, FsError>>,
 }
 
 impl Reply for Listing {

@@ -63,8 +63,6 @@ pub enum StoreConfig {
     Local { root: PathBuf },
     /// An S3 bucket and root prefix, resolved and probed at start-up.
     S3(Arc<S3Target>),
-    /// Objects held in memory (tests and benchmarks).
-    Memory(MemoryObjects),
 }
 
 impl StoreConfig {
@@ -73,7 +71,6 @@ impl StoreConfig {
         match self {
             StoreConfig::Local { root } => Rc::new(LocalCas::new(root)),
             StoreConfig::S3(target) => Rc::new(S3Store::new(target.clone())),
-            StoreConfig::Memory(objects) => Rc::new(MemoryStore::new(objects.clone())),
         }
     }
 }
