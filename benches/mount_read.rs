@@ -6,10 +6,16 @@
 //! verified) and warm (served from the shard's buffer pool), and with one vs two shards for two
 //! readers. Also the daemon's minor page faults and CPU seconds per GiB served.
 //!
+//! A/B: with `BENCH_BASELINE_BIN=/path/to/older/mount_vfs`, every mount_vfs row is measured
+//! again with that binary, right after this build's in every run (two readers: in every shard
+//! count), as its own "(baseline)" row; this build's row then ends with `new/baseline` (median
+//! over median).
+//!
 //! Run: `cargo bench --bench mount_read` (root; needs /dev/fuse). Options via environment:
 //! `BENCH_DIR` (where the CAS lives; default a directory under target/), `BENCH_SIZE_MIB`
-//! (default 1024), `BENCH_RUNS` (default 3).
+//! (default 1024), `BENCH_RUNS` (default 3), `BENCH_BASELINE_BIN`.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::OpenOptionsExt;
@@ -19,11 +25,10 @@ use std::time::Instant;
 
 mod common;
 
-use common::faults_and_cpu;
+use common::{faults_and_cpu, vs_baseline, Build, BIN};
 
 const MIB: usize = 1 << 20;
 const READ_SIZE: usize = MIB;
-const BIN: &str = env!("CARGO_BIN_EXE_mount_vfs");
 
 /// One timed sequential read: its speed, and the xxh3-128 of the bytes it returned (hashed after
 /// the clock stopped), so a contender that returns wrong bytes cannot win.
@@ -181,9 +186,16 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn start(manifest: &Path, cas: &Path, mnt: &Path, shards: usize, memory: &str) -> Daemon {
+    fn start(
+        build: Build,
+        manifest: &Path,
+        cas: &Path,
+        mnt: &Path,
+        shards: usize,
+        memory: &str,
+    ) -> Daemon {
         fs::create_dir_all(mnt).unwrap();
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(build.bin())
             .arg(manifest)
             .arg(mnt)
             .arg("--cas")
@@ -227,6 +239,25 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
+/// One build's single-reader runs through one shard: cold and warm rates, daemon faults/GiB
+/// (cold, warm) and CPU s/GiB (cold, warm, the warm-up read between them).
+#[derive(Default)]
+struct SingleReader {
+    cold: Vec<f64>,
+    warm: Vec<f64>,
+    faults_per_gib: Vec<(f64, f64)>,
+    cpu_per_gib: Vec<(f64, f64, f64)>,
+}
+
+/// `  new/baseline 1.02x` after a row of this build when `baseline` was measured too; nothing
+/// otherwise.
+fn vs(build: Build, new: f64, baseline: Option<f64>) -> String {
+    match (build, baseline) {
+        (Build::New, Some(old)) => format!("  {}", vs_baseline(new, old)),
+        _ => String::new(),
+    }
+}
+
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -239,6 +270,7 @@ fn main() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
+    let builds = Build::all();
     let base = std::env::var_os("BENCH_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("mount_read_bench"));
@@ -329,53 +361,103 @@ fn main() {
     );
 
     let mnt = base.join("mnt");
-    let mut cold = Vec::new();
-    let mut warm = Vec::new();
-    let mut faults_per_gib = Vec::new();
-    let mut cpu_per_gib = Vec::new();
+    let mut single: BTreeMap<Build, SingleReader> = BTreeMap::new();
     for _ in 0..runs {
-        let daemon = Daemon::start(&manifest, &cas, &mnt, 1, "1G");
-        let pid = daemon.child.id();
-        let (f0, c0) = faults_and_cpu(pid);
-        cold.push(checked_read(&mnt.join("big.bin"), true, whole));
-        let (f1, c1) = faults_and_cpu(pid);
-        checked_read(&mnt.join("warm.bin"), true, warm_digest);
-        let (f2, c2) = faults_and_cpu(pid);
-        warm.push(checked_read(&mnt.join("warm.bin"), true, warm_digest));
-        let (f3, c3) = faults_and_cpu(pid);
-        let gib = size as f64 / (1u64 << 30) as f64;
-        let warm_gib = warm_size as f64 / (1u64 << 30) as f64;
-        faults_per_gib.push(((f1 - f0) as f64 / gib, (f3 - f2) as f64 / warm_gib));
-        cpu_per_gib.push(((c1 - c0) / gib, (c3 - c2) / warm_gib, c2 - c1));
+        for &build in &builds {
+            let samples = single.entry(build).or_default();
+            let daemon = Daemon::start(build, &manifest, &cas, &mnt, 1, "1G");
+            let pid = daemon.child.id();
+            let (f0, c0) = faults_and_cpu(pid);
+            samples
+                .cold
+                .push(checked_read(&mnt.join("big.bin"), true, whole));
+            let (f1, c1) = faults_and_cpu(pid);
+            checked_read(&mnt.join("warm.bin"), true, warm_digest);
+            let (f2, c2) = faults_and_cpu(pid);
+            samples
+                .warm
+                .push(checked_read(&mnt.join("warm.bin"), true, warm_digest));
+            let (f3, c3) = faults_and_cpu(pid);
+            let gib = size as f64 / (1u64 << 30) as f64;
+            let warm_gib = warm_size as f64 / (1u64 << 30) as f64;
+            samples
+                .faults_per_gib
+                .push(((f1 - f0) as f64 / gib, (f3 - f2) as f64 / warm_gib));
+            samples
+                .cpu_per_gib
+                .push(((c1 - c0) / gib, (c3 - c2) / warm_gib, c2 - c1));
+        }
     }
-    println!(
-        "mount_vfs cold O_DIRECT        {}  whole object verified before the first byte",
-        spread(&cold)
-    );
-    println!(
-        "mount_vfs warm O_DIRECT        {}  {:.2}x ceiling (medians), {} MiB file",
-        spread(&warm),
-        median(warm.clone()) / ceiling,
-        warm_size / MIB
-    );
-    for (i, ((fc, fw), (cc, cw, _))) in faults_per_gib.iter().zip(&cpu_per_gib).enumerate() {
+    let baseline = single.get(&Build::Baseline);
+    for (&build, samples) in &single {
         println!(
-            "run {i}: daemon minor faults/GiB cold {fc:.0} warm {fw:.0}; CPU s/GiB cold {cc:.2} warm {cw:.2}"
+            "{:<30} {}  whole object verified before the first byte{}",
+            format!("mount_vfs cold O_DIRECT{}", build.label()),
+            spread(&samples.cold),
+            vs(
+                build,
+                median(samples.cold.clone()),
+                baseline.map(|b| median(b.cold.clone()))
+            )
         );
+    }
+    for (&build, samples) in &single {
+        println!(
+            "{:<30} {}  {:.2}x ceiling (medians), {} MiB file{}",
+            format!("mount_vfs warm O_DIRECT{}", build.label()),
+            spread(&samples.warm),
+            median(samples.warm.clone()) / ceiling,
+            warm_size / MIB,
+            vs(
+                build,
+                median(samples.warm.clone()),
+                baseline.map(|b| median(b.warm.clone()))
+            )
+        );
+    }
+    for (&build, samples) in &single {
+        for (i, ((fc, fw), (cc, cw, _))) in samples
+            .faults_per_gib
+            .iter()
+            .zip(&samples.cpu_per_gib)
+            .enumerate()
+        {
+            println!(
+                "run {i}{}: daemon minor faults/GiB cold {fc:.0} warm {fw:.0}; CPU s/GiB cold {cc:.2} warm {cw:.2}",
+                build.label()
+            );
+        }
     }
 
     // Two readers, one vs two shards (cold, then warm).
     for shards in [1, 2] {
-        let daemon = Daemon::start(&manifest, &cas, &mnt, shards, "2G");
-        let files = [daemon.mnt.join("half_a.bin"), daemon.mnt.join("half_b.bin")];
-        let cold = parallel_read(&files, true);
-        let warm = parallel_read(&files, true);
-        println!(
-            "two readers, --shards {shards}: cold {} warm {} (single samples)",
-            gbs(cold),
-            gbs(warm)
-        );
-        drop(daemon);
+        let rates: BTreeMap<Build, (f64, f64)> = builds
+            .iter()
+            .map(|&build| {
+                let daemon = Daemon::start(build, &manifest, &cas, &mnt, shards, "2G");
+                let files = [daemon.mnt.join("half_a.bin"), daemon.mnt.join("half_b.bin")];
+                let cold = parallel_read(&files, true);
+                let warm = parallel_read(&files, true);
+                (build, (cold, warm))
+            })
+            .collect();
+        let baseline = rates.get(&Build::Baseline);
+        for (&build, &(cold, warm)) in &rates {
+            let vs = match (build, baseline) {
+                (Build::New, Some(&(old_cold, old_warm))) => format!(
+                    "  cold {}, warm {}",
+                    vs_baseline(cold, old_cold),
+                    vs_baseline(warm, old_warm)
+                ),
+                _ => String::new(),
+            };
+            println!(
+                "two readers, --shards {shards}{}: cold {} warm {} (single samples){vs}",
+                build.label(),
+                gbs(cold),
+                gbs(warm),
+            );
+        }
     }
     let _ = fs::remove_file(shm);
     let _ = fs::remove_dir_all(&base);

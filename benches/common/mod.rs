@@ -1,7 +1,9 @@
-//! Pieces shared by the mount benchmarks: the do-nothing FUSE baseline and process accounting.
+//! Pieces shared by the mount benchmarks: the do-nothing FUSE baseline, process accounting, and
+//! the same-invocation A/B comparison with an older mount_vfs binary (`BENCH_BASELINE_BIN`).
 #![allow(dead_code)]
 
 use std::ffi::OsStr;
+use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
 
 use fuser::{
@@ -125,4 +127,63 @@ pub fn mount_null(
         .unwrap()
         .spawn()
         .unwrap()
+}
+
+/// This checkout's mount_vfs, built by cargo for the bench.
+pub const BIN: &str = env!("CARGO_BIN_EXE_mount_vfs");
+
+/// Names an older mount_vfs binary to measure beside this build in the same invocation.
+const BASELINE_BIN: &str = "BENCH_BASELINE_BIN";
+
+/// Which mount_vfs binary a row measures. With `BENCH_BASELINE_BIN` set, every mount_vfs row is
+/// measured with both, interleaved within each run so both see the same machine state: the way
+/// to show that a refactor kept the speed.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub enum Build {
+    /// [`BIN`].
+    New,
+    /// `BENCH_BASELINE_BIN`.
+    Baseline,
+}
+
+impl Build {
+    /// The builds each run measures, in that order: [`Build::New`], then [`Build::Baseline`]
+    /// when `BENCH_BASELINE_BIN` is set (and names a file: a typo fails now, not mid-run).
+    pub fn all() -> Vec<Build> {
+        match std::env::var_os(BASELINE_BIN) {
+            None => vec![Build::New],
+            Some(path) => {
+                assert!(
+                    std::path::Path::new(&path).is_file(),
+                    "{BASELINE_BIN}={}: no such file",
+                    path.to_string_lossy()
+                );
+                vec![Build::New, Build::Baseline]
+            }
+        }
+    }
+
+    pub fn bin(self) -> PathBuf {
+        match self {
+            Build::New => BIN.into(),
+            Build::Baseline => std::env::var_os(BASELINE_BIN)
+                .expect("BENCH_BASELINE_BIN is set")
+                .into(),
+        }
+    }
+
+    /// Appended to a row's label: nothing for this build, so its rows read as without a
+    /// baseline.
+    pub fn label(self) -> &'static str {
+        match self {
+            Build::New => "",
+            Build::Baseline => " (baseline)",
+        }
+    }
+}
+
+/// `new/baseline 1.02x`: a row of this build against the same row of the baseline, median
+/// against median (for a time, below 1 is faster; for a rate, above 1).
+pub fn vs_baseline(new: f64, baseline: f64) -> String {
+    format!("new/baseline {:.2}x", new / baseline)
 }

@@ -1,0 +1,76 @@
+//! Question: how long until a fresh mount returns the first byte? Open + the first 1 MiB
+//! O_DIRECT read of `a.bin` on a fresh mount, page cache dropped, and how much the contender
+//! had fetched from S3 by then.
+
+use std::collections::BTreeMap;
+
+use crate::common::vs_baseline;
+use crate::mounts::{Contender, Env, Mount};
+use crate::readers::{drop_caches, first_byte, MIB};
+use crate::report::{json_ratio, median};
+use crate::server::Server;
+
+/// Every contender's times to first byte (seconds) and bytes fetched by then, every run.
+#[derive(Default)]
+pub struct FirstByte {
+    seconds: BTreeMap<Contender, Vec<f64>>,
+    fetched: BTreeMap<Contender, Vec<f64>>,
+}
+
+impl FirstByte {
+    pub fn measure(&mut self, contender: Contender, server: &Server, env: &Env) {
+        match Mount::start(contender, server, env) {
+            Ok(mount) => {
+                drop_caches();
+                let s0 = server.served();
+                match first_byte(&mount.files) {
+                    Ok(t) => {
+                        self.seconds.entry(contender).or_default().push(t);
+                        self.fetched
+                            .entry(contender)
+                            .or_default()
+                            .push((server.served() - s0) as f64);
+                    }
+                    Err(e) => eprintln!("# {} TTFB: {e}", contender.name()),
+                }
+            }
+            Err(e) => eprintln!("# {e}"),
+        }
+    }
+
+    /// `contender`'s line, if any run succeeded; a mount_vfs line of this build is also
+    /// compared with the baseline's.
+    pub fn print(&self, contender: Contender) {
+        let v = self.seconds.get(&contender).cloned().unwrap_or_default();
+        let Some(m) = median(v.clone()) else {
+            return;
+        };
+        let fetched =
+            median(self.fetched.get(&contender).cloned().unwrap_or_default()).unwrap_or(0.0);
+        let old = contender
+            .baseline()
+            .and_then(|b| self.seconds.get(&b))
+            .and_then(|b| median(b.clone()));
+        println!(
+            "TTFB {:<29} {:>8.1} ms  ({:.0} MiB fetched from S3 by then)  runs: {}{}",
+            contender.name(),
+            m * 1e3,
+            fetched / MIB as f64,
+            v.iter()
+                .map(|t| format!("{:.1}", t * 1e3))
+                .collect::<Vec<_>>()
+                .join(" "),
+            old.map_or(String::new(), |old| format!("  {}", vs_baseline(m, old)))
+        );
+        println!(
+            "json: {{\"contender\":\"{}\",\"ttfb_ms\":{:.2},\"ttfb_fetched_mib\":{:.1}{}}}",
+            contender.name(),
+            m * 1e3,
+            fetched / MIB as f64,
+            old.map_or(String::new(), |old| format!(
+                ",\"ratio_baseline\":{}",
+                json_ratio(m, old)
+            ))
+        );
+    }
+}

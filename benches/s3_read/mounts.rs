@@ -1,0 +1,334 @@
+//! The FUSE contenders and their mounts: mount_vfs in each configuration (with this build or the
+//! `BENCH_BASELINE_BIN` one), s3fs and rclone, each started fresh in the foreground and stopped
+//! on drop, and a watchdog that unmounts everything when a step hangs.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::common::Build;
+use crate::server::{Server, BUCKET, KEY, REGION, SECRET};
+
+/// Longest any one measurement (mount + read) may take before its mounts are lazily unmounted,
+/// which makes a hung read fail instead of hanging the bench.
+pub const STEP_LIMIT: Duration = Duration::from_secs(180);
+
+/// Mountpoints currently mounted by this process, and the deadline of the current step; a
+/// watchdog thread lazily unmounts them all when a step overruns.
+static ACTIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+static DEADLINE: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// Starts a step: the watchdog gives it [`STEP_LIMIT`].
+pub fn step_deadline() {
+    *DEADLINE.lock().unwrap() = Some(Instant::now() + STEP_LIMIT);
+}
+
+pub fn start_watchdog() {
+    std::thread::spawn(|| loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let overrun = DEADLINE.lock().unwrap().is_some_and(|d| Instant::now() > d);
+        if overrun {
+            eprintln!("# watchdog: a step ran past {STEP_LIMIT:?}; unmounting everything");
+            for mnt in ACTIVE.lock().unwrap().iter() {
+                lazy_umount(mnt);
+            }
+            *DEADLINE.lock().unwrap() = None;
+        }
+    });
+}
+
+/// Ends the last step: nothing left for the watchdog to bound.
+pub fn steps_done() {
+    *DEADLINE.lock().unwrap() = None;
+}
+
+fn lazy_umount(mnt: &Path) {
+    let _ = Command::new("umount")
+        .arg("-l")
+        .arg(mnt)
+        .stderr(Stdio::null())
+        .status();
+}
+
+fn is_mounted(mnt: &Path) -> bool {
+    let target = mnt.to_string_lossy().replace(' ', "\\040");
+    fs::read_to_string("/proc/self/mounts")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(1) == Some(&target)))
+        .unwrap_or(false)
+}
+
+/// A FUSE filesystem as measured: which one, in which configuration.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
+pub enum Contender {
+    /// `cache`: with `--cache-dir` (emptied before every mount, so still cold). `chunked`: the
+    /// same files through the v2025 manifest (256 MiB chunk objects) instead of v2023. `build`:
+    /// which mount_vfs binary runs it.
+    MountVfs {
+        shards: usize,
+        cache: bool,
+        chunked: bool,
+        build: Build,
+    },
+    S3fs,
+    Rclone,
+}
+
+impl Contender {
+    pub fn name(self) -> String {
+        match self {
+            Contender::MountVfs {
+                shards,
+                cache,
+                chunked,
+                build,
+            } => format!(
+                "mount_vfs --shards {shards}{}{}{}",
+                if cache { " --cache-dir" } else { "" },
+                if chunked { " v2025" } else { "" },
+                build.label()
+            ),
+            Contender::S3fs => "s3fs".into(),
+            Contender::Rclone => "rclone".into(),
+        }
+    }
+
+    pub fn is_peer(self) -> bool {
+        !matches!(self, Contender::MountVfs { .. })
+    }
+
+    /// mount_vfs with `--cache-dir`: it has a disk cache a second mount can read.
+    pub fn has_cache(self) -> bool {
+        matches!(self, Contender::MountVfs { cache: true, .. })
+    }
+
+    /// This contender as run by each of `builds`, in order; a peer has only itself.
+    pub fn versions(self, builds: &[Build]) -> Vec<Contender> {
+        match self {
+            Contender::MountVfs {
+                shards,
+                cache,
+                chunked,
+                ..
+            } => builds
+                .iter()
+                .map(|&build| Contender::MountVfs {
+                    shards,
+                    cache,
+                    chunked,
+                    build,
+                })
+                .collect(),
+            peer => vec![peer],
+        }
+    }
+
+    /// The row this build's mount_vfs row is compared with: the same mount run by the
+    /// baseline binary. None for the peers and for the baseline itself.
+    pub fn baseline(self) -> Option<Contender> {
+        match self {
+            Contender::MountVfs {
+                shards,
+                cache,
+                chunked,
+                build: Build::New,
+            } => Some(Contender::MountVfs {
+                shards,
+                cache,
+                chunked,
+                build: Build::Baseline,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// One mounted filesystem: the daemon (a child in the foreground), stopped and unmounted on
+/// drop, also when the bench panics.
+pub struct Mount {
+    child: Child,
+    mnt: PathBuf,
+    /// Where `a.bin` and `b.bin` appear.
+    pub files: PathBuf,
+}
+
+impl Mount {
+    pub fn start(contender: Contender, server: &Server, env: &Env) -> Result<Mount, String> {
+        if contender.has_cache() {
+            let _ = fs::remove_dir_all(&env.cache_dir);
+        }
+        Mount::start_keeping_cache(contender, server, env)
+    }
+
+    /// [`start`](Self::start), leaving mount_vfs's disk cache as the last mount left it.
+    pub fn start_keeping_cache(
+        contender: Contender,
+        server: &Server,
+        env: &Env,
+    ) -> Result<Mount, String> {
+        let mnt = env.base.join("mnt");
+        fs::create_dir_all(&mnt).unwrap();
+        if is_mounted(&mnt) {
+            lazy_umount(&mnt);
+        }
+        let endpoint = server.endpoint();
+        let mut command = match contender {
+            Contender::MountVfs {
+                shards,
+                cache,
+                chunked,
+                build,
+            } => {
+                let mut c = Command::new(build.bin());
+                if cache {
+                    c.arg("--cache-dir").arg(&env.cache_dir);
+                }
+                c.arg(if chunked {
+                    &env.manifest_v2025
+                } else {
+                    &env.manifest
+                })
+                .arg(&mnt)
+                .args(["--s3", &format!("s3://{BUCKET}/root")])
+                .args(["--endpoint-url", &endpoint])
+                .args(["--shards", &shards.to_string(), "--memory-limit", "4G"])
+                .env("AWS_ACCESS_KEY_ID", KEY)
+                .env("AWS_SECRET_ACCESS_KEY", SECRET)
+                .env("AWS_REGION", REGION)
+                .env_remove("AWS_PROFILE")
+                .env_remove("AWS_ENDPOINT_URL_S3")
+                .env_remove("AWS_ENDPOINT_URL");
+                c
+            }
+            Contender::S3fs => {
+                let mut c = Command::new("s3fs");
+                c.arg(BUCKET).arg(&mnt).arg("-f").arg("-o").arg(format!(
+                    "passwd_file={},url={endpoint},use_path_request_style,endpoint={REGION},ro",
+                    env.passwd.display()
+                ));
+                c
+            }
+            Contender::Rclone => {
+                let mut c = Command::new("rclone");
+                c.args(["mount", &format!("bench:{BUCKET}")])
+                    .arg(&mnt)
+                    .args(["--read-only", "--vfs-cache-mode", "off"])
+                    .env_remove("AWS_CA_BUNDLE")
+                    .env("RCLONE_CONFIG_BENCH_TYPE", "s3")
+                    .env("RCLONE_CONFIG_BENCH_PROVIDER", "Other")
+                    .env("RCLONE_CONFIG_BENCH_ENDPOINT", &endpoint)
+                    .env("RCLONE_CONFIG_BENCH_ACCESS_KEY_ID", KEY)
+                    .env("RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY", SECRET)
+                    .env("RCLONE_CONFIG_BENCH_REGION", REGION)
+                    .env("RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE", "true")
+                    .env("RCLONE_CONFIG", env.base.join("rclone.conf"));
+                c
+            }
+        };
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", contender.name()))?;
+        ACTIVE.lock().unwrap().push(mnt.clone());
+        let mut mount = Mount {
+            child,
+            files: if contender.is_peer() {
+                mnt.join("plain")
+            } else {
+                mnt.clone()
+            },
+            mnt,
+        };
+        // Drain the daemon's output so it never blocks on a full pipe; keep the last lines.
+        let tail = Arc::new(Mutex::new(Vec::<String>::new()));
+        for pipe in [
+            mount
+                .child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            mount
+                .child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            let tail = tail.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let mut tail = tail.lock().unwrap();
+                    if tail.len() > 20 {
+                        tail.remove(0);
+                    }
+                    tail.push(line);
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if is_mounted(&mount.mnt) && mount.files.join("a.bin").exists() {
+                return Ok(mount);
+            }
+            if let Ok(Some(status)) = mount.child.try_wait() {
+                return Err(format!(
+                    "{} exited ({status}) before mounting: {}",
+                    contender.name(),
+                    tail.lock().unwrap().join(" | ")
+                ));
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{} did not mount in 60 s: {}",
+                    contender.name(),
+                    tail.lock().unwrap().join(" | ")
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) has no memory-safety preconditions.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !matches!(self.child.try_wait(), Ok(Some(_))) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if is_mounted(&self.mnt) {
+            lazy_umount(&self.mnt);
+        }
+        ACTIVE.lock().unwrap().retain(|m| m != &self.mnt);
+    }
+}
+
+/// What every mount needs besides the server: where to mount, the manifests, the peers'
+/// credentials file.
+pub struct Env {
+    pub base: PathBuf,
+    /// mount_vfs's `--cache-dir`: local storage, not /dev/shm, as on a render node.
+    pub cache_dir: PathBuf,
+    pub manifest: PathBuf,
+    /// The same files as a v2025-12-04-beta manifest: 256 MiB chunk objects.
+    pub manifest_v2025: PathBuf,
+    pub passwd: PathBuf,
+}
