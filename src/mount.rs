@@ -158,7 +158,7 @@ fn check_supported(args: &MountArgs) -> Result<StoreChoice, MountError> {
             config.tuning.request_deadline = Duration::from_secs(args.read_timeout);
             StoreChoice::S3(config)
         })
-        .map_err(MountError::Usage);
+        .map_err(|e| MountError::Usage(e.to_string()));
     }
     Err(MountError::Usage(
         "no content store: pass --cas DIR (a directory holding Data/{hash}.xxh128 objects) \
@@ -181,7 +181,8 @@ fn open_store(choice: StoreChoice) -> Result<StoreConfig, MountError> {
     match choice {
         StoreChoice::Local(root) => Ok(StoreConfig::Local { root }),
         StoreChoice::S3(config) => {
-            let target = S3Target::start(&config).map_err(MountError::Runtime)?;
+            let target =
+                S3Target::start(&config).map_err(|e| MountError::Runtime(e.to_string()))?;
             match target.probe().map_err(MountError::Runtime)? {
                 Some(warning) => tracing::warn!("{warning}"),
                 None => tracing::info!("S3 store {} is reachable", target.describe()),
@@ -284,7 +285,7 @@ fn mount_and_serve(args: MountArgs) -> Result<(), MountError> {
     let _lock = MountpointLock::acquire(mountpoint)?;
     mountpoint::check(mountpoint, args.allow_non_empty)?;
     if let Some(dir) = &args.cache_dir {
-        DiskCache::prepare(dir).map_err(MountError::Usage)?;
+        DiskCache::prepare(dir).map_err(|e| MountError::Usage(e.to_string()))?;
     } else if args.cache_size.is_some() {
         return Err(MountError::Usage(
             "--cache-size limits the disk cache: give --cache-dir DIR too".into(),
@@ -302,7 +303,7 @@ fn mount_and_serve(args: MountArgs) -> Result<(), MountError> {
         match target.check_objects(sample_objects(&namespace, 3)) {
             Ok(Some(warning)) => tracing::warn!("{warning}"),
             Ok(None) => {}
-            Err(e) => return Err(MountError::Runtime(e)),
+            Err(e) => return Err(MountError::Runtime(e.to_string())),
         }
     }
 
@@ -330,8 +331,8 @@ fn mount_and_serve(args: MountArgs) -> Result<(), MountError> {
     };
     let (janitor, disk_cache) = match &args.cache_dir {
         Some(root) => {
-            let (janitor, usage) =
-                CacheJanitor::start(root, args.cache_size).map_err(MountError::Runtime)?;
+            let (janitor, usage) = CacheJanitor::start(root, args.cache_size)
+                .map_err(|e| MountError::Runtime(e.to_string()))?;
             let config = DiskCacheConfig {
                 root: root.clone(),
                 usage,
