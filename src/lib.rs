@@ -10,7 +10,6 @@ pub mod cli;
 pub mod fuse_front;
 pub mod manifest;
 pub mod mount;
-pub mod mountpoint;
 pub mod namespace;
 pub mod service;
 pub mod signals;
