@@ -182,18 +182,29 @@ pub struct MountArgs {
     pub stop_grace: u64,
 }
 
-/// Parses `1073741824`, `512K`, `64M`, `4G`, `1T` (binary units; an optional trailing `iB`/`B`).
-fn parse_part_size(text: &str) -> Result<u64, String> {
+/// A `--memory-limit`, `--cache-size` or `--part-size` value that is not usable; clap prints it
+/// after the flag's name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SizeError {
+    #[error("`{0}` is not a size; write e.g. 512M or 4G")]
+    NotASize(String),
+    #[error("`{0}` is too large")]
+    TooLarge(String),
+    #[error("{0} is not a power of two between 1M and 64M (e.g. 4M, 8M, 16M)")]
+    NotAPartSize(String),
+}
+
+/// A [`parse_size`] that is also a power of two from 1 MiB to 64 MiB.
+fn parse_part_size(text: &str) -> Result<u64, SizeError> {
     let size = parse_size(text)?;
     if !size.is_power_of_two() || !(1 << 20..=64 << 20).contains(&size) {
-        return Err(format!(
-            "{text} is not a power of two between 1M and 64M (e.g. 4M, 8M, 16M)"
-        ));
+        return Err(SizeError::NotAPartSize(text.to_string()));
     }
     Ok(size)
 }
 
-pub fn parse_size(text: &str) -> Result<u64, String> {
+/// Parses `1073741824`, `512K`, `64M`, `4G`, `1T` (binary units; an optional trailing `iB`/`B`).
+pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     let t = text.trim();
     let t = t
         .strip_suffix("iB")
@@ -208,10 +219,10 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     };
     let value: u64 = digits
         .parse()
-        .map_err(|_| format!("`{text}` is not a size; write e.g. 512M or 4G"))?;
+        .map_err(|_| SizeError::NotASize(text.to_string()))?;
     value
         .checked_mul(1u64 << shift)
-        .ok_or_else(|| format!("`{text}` is too large"))
+        .ok_or_else(|| SizeError::TooLarge(text.to_string()))
 }
 
 #[cfg(test)]

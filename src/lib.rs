@@ -12,7 +12,6 @@ pub mod cli;
 pub mod fs;
 pub mod manifest;
 pub mod mount;
-pub mod mountpoint;
 pub mod namespace;
 pub mod signals;
 pub mod snapshot;

@@ -8,6 +8,7 @@ static ALLOCATOR: ArenaAllocator = ArenaAllocator;
 
 use clap::Parser;
 use mount_vfs::cli::{Cli, Command};
+use mount_vfs::mount::MountConfig;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -42,7 +43,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Snapshot(args)) => mount_vfs::snapshot::run(&args),
         Some(Command::Validate(args)) => mount_vfs::validate::run(&args),
-        None => match mount_vfs::mount::run(cli.mount) {
+        None => match MountConfig::try_from(cli.mount).and_then(mount_vfs::mount::run) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("mount_vfs: {e}");

@@ -4,7 +4,8 @@
 
 use super::error::{ManifestError, Problems, Rule};
 use super::model::{Content, FileEntry, Format, Hash};
-use super::{validate, Manifest, Slot, SlotKind};
+use super::validate::{self, Draft};
+use super::{append, Manifest, Slot, SlotKind, NAMES_TOO_LARGE};
 
 /// Collects entries (paths are WTF-8, `/`-separated) and turns them into a validated [`Manifest`].
 #[derive(Debug)]
@@ -106,7 +107,30 @@ impl ManifestBuilder {
 
     /// [`ManifestBuilder::build`], naming the manifest `source` in errors.
     pub fn build_named(self, source: &str) -> Result<Manifest, ManifestError> {
-        validate::finish(self, source)
+        let ManifestBuilder {
+            format,
+            diff,
+            parent,
+            declared_total,
+            arena,
+            slots,
+            chunks,
+            problems,
+            required_dirs,
+            cursor: _,
+        } = self;
+        let draft = Draft {
+            format,
+            diff,
+            parent,
+            declared_total,
+            arena,
+            slots,
+            chunks,
+            problems,
+            required_dirs,
+        };
+        validate::finish(draft, source)
     }
 
     pub(crate) fn require_implied_dir(&mut self, path: &[u8]) {
@@ -121,22 +145,11 @@ impl ManifestBuilder {
 
     /// Appends bytes to the name arena; records a problem if the arena would pass 4 GiB.
     pub(crate) fn push_bytes(&mut self, bytes: &[u8]) -> Option<(u32, u32)> {
-        let off = u32::try_from(self.arena.len()).ok();
-        let len = u32::try_from(bytes.len()).ok();
-        let fits = off
-            .zip(len)
-            .is_some_and(|(o, l)| o.checked_add(l).is_some());
-        match (off, len) {
-            (Some(o), Some(l)) if fits => {
-                self.arena.extend_from_slice(bytes);
-                Some((o, l))
-            }
-            _ => {
-                self.problems
-                    .push(None, Rule::TooLarge, "more than 4 GiB of names");
-                None
-            }
+        let range = append(&mut self.arena, bytes);
+        if range.is_none() {
+            self.problems.push(None, Rule::TooLarge, NAMES_TOO_LARGE);
         }
+        range
     }
 
     /// Adds a slot whose path is already in the arena.

@@ -11,7 +11,7 @@ use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use super::builder::ManifestBuilder;
 use super::error::{ManifestError, Problems, Rule};
-use super::json::{HashStr, Int, IntSeed, KeySeed, Text};
+use super::json::{HashStr, Int, IntSeed, KeySeed, MalformedHash, Text};
 use super::model::{Format, Hash};
 use super::v2025_beta::{EntriesSeed, List, Staged};
 use super::{spec2025, v2023, Manifest};
@@ -35,7 +35,7 @@ struct Doc {
     manifest_version: Option<String>,
     spec_version: Option<String>,
     total: Option<Int>,
-    parent: Option<Result<Hash, String>>,
+    parent: Option<Result<Hash, MalformedHash>>,
     seen: [bool; 8],
 }
 
@@ -60,11 +60,9 @@ impl<'de> Visitor<'de> for DocVisitor<'_> {
                 Ok(k) => k,
                 Err(unknown) => {
                     map.next_value::<IgnoredAny>()?;
-                    doc.builder().problems.push(
-                        None,
-                        Rule::Schema,
-                        format!("unknown key {unknown:?}"),
-                    );
+                    doc.builder()
+                        .problems
+                        .push(None, Rule::Schema, unknown.to_string());
                     continue;
                 }
             };

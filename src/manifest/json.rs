@@ -100,27 +100,29 @@ impl<'de> Visitor<'de> for BytesInto<'_> {
     }
 }
 
-/// A JSON string that must be a hash: `Ok(None)` when it is a string but not 32 hex digits
+/// A JSON string that must be a hash: `Ok(Err(..))` when it is a string but not 32 hex digits
 /// (a collected validation problem, not a parse failure).
 pub(crate) struct HashStr;
 
+/// A string where a hash belongs that is not 32 hex digits; holds its first 40 characters.
+#[derive(Debug, thiserror::Error)]
+#[error("hash {0:?} is not 32 hex digits")]
+pub(crate) struct MalformedHash(String);
+
 impl<'de> DeserializeSeed<'de> for HashStr {
-    type Value = Result<Hash, String>;
+    type Value = Result<Hash, MalformedHash>;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_str(self)
     }
 }
 
 impl<'de> Visitor<'de> for HashStr {
-    type Value = Result<Hash, String>;
+    type Value = Result<Hash, MalformedHash>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a hash string")
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
-        Ok(Hash::from_hex(v).ok_or_else(|| {
-            let shown: String = v.chars().take(40).collect();
-            format!("hash {shown:?} is not 32 hex digits")
-        }))
+        Ok(Hash::from_hex(v).ok_or_else(|| MalformedHash(v.chars().take(40).collect())))
     }
 }
 
@@ -197,18 +199,23 @@ impl<'de> Visitor<'de> for BoolSeed {
     }
 }
 
-/// An object key, as a short owned string only when it is not one we know (rare).
+/// An object key: its index among the keys we know, or (rare) [`UnknownKey`].
 pub(crate) struct KeySeed<'k>(pub &'k [&'static str]);
 
+/// A key the format does not define; holds its first 60 characters.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown key {0:?}")]
+pub(crate) struct UnknownKey(String);
+
 impl<'de> DeserializeSeed<'de> for KeySeed<'_> {
-    type Value = Result<usize, String>;
+    type Value = Result<usize, UnknownKey>;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
         d.deserialize_str(self)
     }
 }
 
 impl<'de> Visitor<'de> for KeySeed<'_> {
-    type Value = Result<usize, String>;
+    type Value = Result<usize, UnknownKey>;
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("a key")
     }
@@ -217,7 +224,7 @@ impl<'de> Visitor<'de> for KeySeed<'_> {
             .0
             .iter()
             .position(|k| *k == v)
-            .ok_or_else(|| v.chars().take(60).collect()))
+            .ok_or_else(|| UnknownKey(v.chars().take(60).collect())))
     }
 }
 

@@ -259,6 +259,19 @@ pub(crate) fn range(arena: &[u8], off: u32, len: u32) -> &[u8] {
         .unwrap_or_default()
 }
 
+/// Appends `bytes` to a name arena and returns their range, or `None` (nothing appended) when
+/// the arena would pass 4 GiB, the most a `u32` offset addresses.
+pub(crate) fn append(arena: &mut Vec<u8>, bytes: &[u8]) -> Option<(u32, u32)> {
+    let off = u32::try_from(arena.len()).ok()?;
+    let len = u32::try_from(bytes.len()).ok()?;
+    off.checked_add(len)?;
+    arena.extend_from_slice(bytes);
+    Some((off, len))
+}
+
+/// The problem recorded when [`append`] refuses a name.
+pub(crate) const NAMES_TOO_LARGE: &str = "more than 4 GiB of names";
+
 pub(crate) fn aux_range(arena: &[u8], aux: [u64; 2]) -> &[u8] {
     match (u32::try_from(aux[0]), u32::try_from(aux[1])) {
         (Ok(off), Ok(len)) => range(arena, off, len),

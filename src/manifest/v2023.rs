@@ -113,7 +113,7 @@ impl<'de> Visitor<'de> for PathItem<'_> {
                 Ok(_) => size.replace(map.next_value_seed(IntSeed)?).is_some(),
                 Err(unknown) => {
                     map.next_value::<IgnoredAny>()?;
-                    errs.push((Rule::Schema, format!("unknown key {unknown:?}")));
+                    errs.push((Rule::Schema, unknown.to_string()));
                     false
                 }
             };
@@ -129,7 +129,7 @@ impl<'de> Visitor<'de> for PathItem<'_> {
         let mut slot = Slot::new(SlotKind::Whole);
         match hash {
             Some(Ok(h)) => slot.set_whole_hash(h),
-            Some(Err(msg)) => errs.push((Rule::MalformedHash, msg)),
+            Some(Err(msg)) => errs.push((Rule::MalformedHash, msg.to_string())),
             None => errs.push((Rule::Schema, "missing key \"hash\"".into())),
         }
         match size.map(size_bytes) {

@@ -230,7 +230,7 @@ impl Entry<'_> {
                 Ok(_) => deleted.replace(map.next_value_seed(BoolSeed)?).is_some(),
                 Err(unknown) => {
                     map.next_value::<IgnoredAny>()?;
-                    errs.push((Rule::Schema, format!("unknown key {unknown:?}")));
+                    errs.push((Rule::Schema, unknown.to_string()));
                     false
                 }
             };
@@ -296,7 +296,7 @@ impl Entry<'_> {
                     .is_some(),
                 Err(unknown) => {
                     map.next_value::<IgnoredAny>()?;
-                    errs.push((Rule::Schema, format!("unknown key {unknown:?}")));
+                    errs.push((Rule::Schema, unknown.to_string()));
                     false
                 }
             };
@@ -358,7 +358,7 @@ impl Entry<'_> {
                 slot = Slot::new(SlotKind::Whole);
                 match hash {
                     Some(Ok(h)) => slot.set_whole_hash(h),
-                    Some(Err(msg)) => errs.push((Rule::MalformedHash, msg)),
+                    Some(Err(msg)) => errs.push((Rule::MalformedHash, msg.to_string())),
                     None => {}
                 }
             }

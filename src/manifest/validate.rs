@@ -6,11 +6,10 @@ use std::collections::HashSet;
 
 use xxhash_rust::xxh3::Xxh3DefaultBuilder;
 
-use super::builder::ManifestBuilder;
-use super::error::{ManifestError, Rule};
+use super::error::{ManifestError, Problems, Rule};
 use super::model::{Format, CHUNK_SIZE};
 use super::name::{cmp_utf16, display_name, is_wtf8};
-use super::{aux_range, range, Manifest, Slot, SlotKind};
+use super::{append, aux_range, range, Hash, Manifest, Slot, SlotKind, NAMES_TOO_LARGE};
 
 fn label(path: &[u8]) -> Option<String> {
     Some(format!("{:?}", display_name(path)))
@@ -138,8 +137,25 @@ fn parent(path: &[u8]) -> Option<&[u8]> {
     path.get(..i).filter(|p| !p.is_empty())
 }
 
-pub(crate) fn finish(b: ManifestBuilder, source: &str) -> Result<Manifest, ManifestError> {
-    let ManifestBuilder {
+/// Everything a [`ManifestBuilder`](super::ManifestBuilder) collected, handed over for
+/// [`finish`]: entries in the order they were added, and the problems found while adding them.
+pub(crate) struct Draft {
+    pub format: Format,
+    pub diff: bool,
+    pub parent: Option<Hash>,
+    pub declared_total: Option<u64>,
+    pub arena: Vec<u8>,
+    pub slots: Vec<Slot>,
+    pub chunks: Vec<Hash>,
+    pub problems: Problems,
+    /// Directories that must turn out to be implied by other entries (v2025 -> v2023).
+    pub required_dirs: Vec<(u32, u32)>,
+}
+
+/// Validates `draft`, sorts it into canonical order and returns the manifest, or every problem
+/// found.
+pub(crate) fn finish(draft: Draft, source: &str) -> Result<Manifest, ManifestError> {
+    let Draft {
         format,
         diff,
         parent: parent_hash,
@@ -149,8 +165,7 @@ pub(crate) fn finish(b: ManifestBuilder, source: &str) -> Result<Manifest, Manif
         chunks,
         mut problems,
         required_dirs,
-        cursor: _,
-    } = b;
+    } = draft;
     let absolute = format == Format::AbsoluteBeta2025_12;
     let v2023 = format == Format::V2023_03_03;
 
@@ -387,17 +402,19 @@ pub(crate) fn finish(b: ManifestBuilder, source: &str) -> Result<Manifest, Manif
         return Err(problems.into_error(source));
     }
     if !missing_dirs.is_empty() {
-        let mut extra = ManifestBuilder::new(format);
-        extra.arena = std::mem::take(&mut arena);
-        extra.slots = std::mem::take(&mut slots);
         for d in &missing_dirs {
-            extra.add_dir(d);
+            let Some((off, len)) = append(&mut arena, d) else {
+                problems.push(None, Rule::TooLarge, NAMES_TOO_LARGE);
+                continue;
+            };
+            let mut dir = Slot::new(SlotKind::Dir);
+            dir.off = off;
+            dir.len = len;
+            slots.push(dir);
         }
-        if !extra.problems.is_empty() {
-            return Err(extra.problems.into_error(source));
+        if !problems.is_empty() {
+            return Err(problems.into_error(source));
         }
-        arena = extra.arena;
-        slots = extra.slots;
         slots.sort_by(|a, b| {
             cmp_utf16(range(&arena, a.off, a.len), range(&arena, b.off, b.len))
                 .then(kind_rank(a.kind).cmp(&kind_rank(b.kind)))

@@ -60,6 +60,11 @@ impl CacheUsage {
     }
 }
 
+/// The janitor's thread could not be started.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start the cache janitor thread: {0}")]
+pub struct JanitorStartError(#[source] std::io::Error);
+
 /// The running janitor thread; dropping it stops the thread.
 pub struct CacheJanitor {
     shared: Arc<Shared>,
@@ -72,7 +77,7 @@ impl CacheJanitor {
     pub fn start(
         root: &Path,
         max_bytes: Option<u64>,
-    ) -> Result<(CacheJanitor, CacheUsage), String> {
+    ) -> Result<(CacheJanitor, CacheUsage), JanitorStartError> {
         let (wake, woken) = flume::bounded(1);
         let usage = CacheUsage {
             shared: Arc::new(Shared {
@@ -95,7 +100,7 @@ impl CacheJanitor {
                 }
                 sweep(&data, &shared);
             })
-            .map_err(|e| format!("cannot start the cache janitor thread: {e}"))?;
+            .map_err(JanitorStartError)?;
         let janitor = CacheJanitor {
             shared: usage.shared.clone(),
             thread: Some(thread),

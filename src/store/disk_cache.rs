@@ -43,6 +43,19 @@ pub struct DiskCacheConfig {
     pub usage: CacheUsage,
 }
 
+/// Why `--cache-dir` cannot hold a disk cache (found by [`DiskCache::prepare`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CacheDirError {
+    #[error("--cache-dir {}: cannot create {}: {source}", .root.display(), .data.display())]
+    CannotCreate {
+        root: PathBuf,
+        data: PathBuf,
+        source: io::Error,
+    },
+    #[error("--cache-dir {}: not writable ({source}); pick a directory on local storage", .root.display())]
+    NotWritable { root: PathBuf, source: io::Error },
+}
+
 /// One shard's view of the cache directory. `!Send`: it holds that shard's open files.
 pub struct DiskCache {
     root: PathBuf,
@@ -54,21 +67,17 @@ pub struct DiskCache {
 impl DiskCache {
     /// Prepares `root/Data` and removes temporary files left by processes that are gone. Called
     /// once at start-up, before any shard runs; the error names what to fix.
-    pub fn prepare(root: &Path) -> Result<(), String> {
+    pub fn prepare(root: &Path) -> Result<(), CacheDirError> {
         let data = root.join("Data");
-        std::fs::create_dir_all(&data).map_err(|e| {
-            format!(
-                "--cache-dir {}: cannot create {}: {e}",
-                root.display(),
-                data.display()
-            )
+        std::fs::create_dir_all(&data).map_err(|source| CacheDirError::CannotCreate {
+            root: root.to_path_buf(),
+            data: data.clone(),
+            source,
         })?;
         let probe = data.join(format!(".write-test-{}", std::process::id()));
-        std::fs::write(&probe, b"").map_err(|e| {
-            format!(
-                "--cache-dir {}: not writable ({e}); pick a directory on local storage",
-                root.display()
-            )
+        std::fs::write(&probe, b"").map_err(|source| CacheDirError::NotWritable {
+            root: root.to_path_buf(),
+            source,
         })?;
         let _ = std::fs::remove_file(&probe);
         let mut removed = 0usize;

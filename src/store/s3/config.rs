@@ -3,6 +3,24 @@
 
 use std::time::Duration;
 
+/// Flags that cannot name a bucket or an endpoint: a usage mistake, found before any request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum S3ConfigError {
+    #[error("--s3 {0}: expected s3://BUCKET/ROOT_PREFIX (e.g. s3://my-bucket/DeadlineCloud)")]
+    NotAnS3Uri(String),
+    #[error("--s3 {0}: the bucket name is empty")]
+    EmptyBucket(String),
+    #[error("--s3 already names the bucket and root prefix; drop --bucket/--root-prefix")]
+    BucketNamedTwice,
+    #[error("no bucket: pass --s3 s3://BUCKET/ROOT_PREFIX")]
+    NoBucket,
+    #[error("bucket name `{0}` is not a valid S3 bucket name")]
+    InvalidBucket(String),
+    /// `why` says which part of the URL is wrong.
+    #[error("endpoint URL `{url}`: {why}; expected e.g. http://127.0.0.1:9000")]
+    BadEndpointUrl { url: String, why: &'static str },
+}
+
 /// How to find the bucket, and with which credentials. Built from the command line by
 /// [`S3Config::from_cli`], or directly by tests and embedders.
 #[derive(Clone, Debug)]
@@ -84,16 +102,12 @@ impl S3Config {
         region: Option<&str>,
         endpoint_url: Option<&str>,
         profile: Option<&str>,
-    ) -> Result<S3Config, String> {
+    ) -> Result<S3Config, S3ConfigError> {
         let (bucket, root_prefix) = match (s3_uri, bucket) {
             (Some(uri), None) if root_prefix.is_none() => parse_s3_uri(uri)?,
-            (Some(_), _) => {
-                return Err("--s3 already names the bucket and root prefix; \
-                     drop --bucket/--root-prefix"
-                    .into())
-            }
+            (Some(_), _) => return Err(S3ConfigError::BucketNamedTwice),
             (None, Some(bucket)) => (bucket.to_string(), clean_prefix(root_prefix.unwrap_or(""))),
-            (None, None) => return Err("no bucket: pass --s3 s3://BUCKET/ROOT_PREFIX".into()),
+            (None, None) => return Err(S3ConfigError::NoBucket),
         };
         check_bucket(&bucket)?;
         let endpoint_url = endpoint_url.map(str::to_string).or_else(|| {
@@ -118,13 +132,13 @@ impl S3Config {
 }
 
 /// `s3://BUCKET[/PREFIX]` -> (bucket, prefix without surrounding slashes).
-pub fn parse_s3_uri(uri: &str) -> Result<(String, String), String> {
-    let rest = uri.strip_prefix("s3://").ok_or_else(|| {
-        format!("--s3 {uri}: expected s3://BUCKET/ROOT_PREFIX (e.g. s3://my-bucket/DeadlineCloud)")
-    })?;
+pub fn parse_s3_uri(uri: &str) -> Result<(String, String), S3ConfigError> {
+    let rest = uri
+        .strip_prefix("s3://")
+        .ok_or_else(|| S3ConfigError::NotAnS3Uri(uri.to_string()))?;
     let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
     if bucket.is_empty() {
-        return Err(format!("--s3 {uri}: the bucket name is empty"));
+        return Err(S3ConfigError::EmptyBucket(uri.to_string()));
     }
     Ok((bucket.to_string(), clean_prefix(prefix)))
 }
@@ -135,14 +149,12 @@ fn clean_prefix(prefix: &str) -> String {
 
 /// Rejects names that can never address a bucket, so the user hears it before any request.
 /// Legacy buckets may hold capitals and underscores, so only the impossible is refused.
-fn check_bucket(bucket: &str) -> Result<(), String> {
+fn check_bucket(bucket: &str) -> Result<(), S3ConfigError> {
     if bucket.len() < 3
         || bucket.len() > 255
         || !bucket.bytes().all(|b| b.is_ascii_graphic() && b != b'/')
     {
-        return Err(format!(
-            "bucket name `{bucket}` is not a valid S3 bucket name"
-        ));
+        return Err(S3ConfigError::InvalidBucket(bucket.to_string()));
     }
     Ok(())
 }
@@ -165,7 +177,7 @@ impl Endpoint {
         endpoint_url: Option<&str>,
         bucket: &str,
         region: &str,
-    ) -> Result<Endpoint, String> {
+    ) -> Result<Endpoint, S3ConfigError> {
         if let Some(url) = endpoint_url {
             return parse_endpoint_url(url);
         }
@@ -214,9 +226,11 @@ impl Endpoint {
 }
 
 /// `http(s)://host[:port][/]`: anything else (a path, a query, user info) is refused.
-pub fn parse_endpoint_url(url: &str) -> Result<Endpoint, String> {
-    let bad =
-        |why: &str| format!("endpoint URL `{url}`: {why}; expected e.g. http://127.0.0.1:9000");
+pub fn parse_endpoint_url(url: &str) -> Result<Endpoint, S3ConfigError> {
+    let bad = |why| S3ConfigError::BadEndpointUrl {
+        url: url.to_string(),
+        why,
+    };
     let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
         (true, rest)
     } else if let Some(rest) = url.strip_prefix("http://") {

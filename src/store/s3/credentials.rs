@@ -12,11 +12,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 use aws_config::{BehaviorVersion, Region};
+use aws_credential_types::provider::error::CredentialsError;
 use aws_credential_types::provider::{ProvideCredentials, SharedCredentialsProvider};
 use aws_credential_types::Credentials;
 use aws_smithy_runtime_api::client::identity::Identity;
 
-use super::config::{CredentialSource, Endpoint, S3Config};
+use super::config::{CredentialSource, Endpoint, S3Config, S3ConfigError};
 
 /// Refresh this long before the credentials expire (the SDKs use 5 minutes too).
 const REFRESH_BEFORE_EXPIRY: Duration = Duration::from_secs(300);
@@ -28,6 +29,37 @@ const REFRESH_RETRY: Duration = Duration::from_secs(15);
 const DNS_REFRESH: Duration = Duration::from_secs(30);
 /// The whole start-up resolution (profile files, SSO, metadata services) must answer within this.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why region, endpoint, addresses or credentials could not be resolved at start-up; each
+/// message says how to fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ResolveError {
+    #[error("cannot start the S3 control thread: {0}")]
+    ControlThread(#[source] std::io::Error),
+    #[error("cannot start the S3 control runtime: {0}")]
+    ControlRuntime(#[source] std::io::Error),
+    #[error("the AWS credential chain did not answer within {}s (SSO login, metadata service?); set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass --profile", .0.as_secs())]
+    Timeout(Duration),
+    #[error("no AWS credential provider is configured; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or pass --profile")]
+    NoProvider,
+    /// No region given, configured or implied by a custom endpoint; holds the bucket.
+    #[error(
+        "no AWS region for bucket {0}: pass --region (or set AWS_REGION, or region in the profile)"
+    )]
+    NoRegion(String),
+    #[error(transparent)]
+    Endpoint(#[from] S3ConfigError),
+    /// The chain found no credentials; the message spells out the provider's causes.
+    #[error("no usable AWS credentials: {}; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, pass --profile, or log in (`aws sso login`)", error_chain(.0))]
+    NoCredentials(#[source] CredentialsError),
+    #[error("cannot resolve S3 endpoint host {host}: {source}; check --endpoint-url / AWS_ENDPOINT_URL_S3 and --region")]
+    UnknownHost {
+        host: String,
+        source: std::io::Error,
+    },
+    #[error("S3 endpoint host {0} has no addresses; check --endpoint-url / AWS_ENDPOINT_URL_S3")]
+    NoAddresses(String),
+}
 
 /// State the control thread publishes for the shards.
 pub(crate) struct Shared {
@@ -62,14 +94,14 @@ impl Drop for ControlThread {
 
 /// Starts the control thread and waits until it has resolved region, endpoint, addresses and
 /// credentials; the error says which of them failed and how to fix it.
-pub(crate) fn start(config: &S3Config) -> Result<Resolved, String> {
+pub(crate) fn start(config: &S3Config) -> Result<Resolved, ResolveError> {
     let (ready_tx, ready_rx) = mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
     let config = config.clone();
     let thread = std::thread::Builder::new()
         .name("mount_vfs-s3-control".into())
         .spawn(move || control_thread(config, ready_tx, stop_rx))
-        .map_err(|e| format!("cannot start the S3 control thread: {e}"))?;
+        .map_err(ResolveError::ControlThread)?;
     let control = ControlThread {
         stop: Some(stop_tx),
         thread: Some(thread),
@@ -81,16 +113,12 @@ pub(crate) fn start(config: &S3Config) -> Result<Resolved, String> {
             shared,
             control,
         }),
-        Ok(Err(message)) => Err(message),
-        Err(_) => Err(format!(
-            "the AWS credential chain did not answer within {}s (SSO login, metadata service?); \
-             set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or pass --profile",
-            START_TIMEOUT.as_secs()
-        )),
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(ResolveError::Timeout(START_TIMEOUT)),
     }
 }
 
-type Ready = Result<(String, Endpoint, Arc<Shared>), String>;
+type Ready = Result<(String, Endpoint, Arc<Shared>), ResolveError>;
 
 fn control_thread(
     config: S3Config,
@@ -105,22 +133,22 @@ fn control_thread(
     {
         Ok(runtime) => runtime,
         Err(e) => {
-            let _ = ready.send(Err(format!("cannot start the S3 control runtime: {e}")));
+            let _ = ready.send(Err(ResolveError::ControlRuntime(e)));
             return;
         }
     };
     runtime.block_on(async move {
         let (region, endpoint, provider, credentials) = match resolve(&config).await {
             Ok(resolved) => resolved,
-            Err(message) => {
-                let _ = ready.send(Err(message));
+            Err(error) => {
+                let _ = ready.send(Err(error));
                 return;
             }
         };
         let addrs = match lookup(&endpoint) {
             Ok(addrs) => addrs,
-            Err(message) => {
-                let _ = ready.send(Err(message));
+            Err(error) => {
+                let _ = ready.send(Err(error));
                 return;
             }
         };
@@ -153,7 +181,7 @@ fn control_thread(
             if dns_refresh && now >= next_dns {
                 match lookup(&endpoint) {
                     Ok(addrs) => shared.addrs.store(Arc::new(addrs)),
-                    Err(message) => tracing::warn!("{message}; keeping the known addresses"),
+                    Err(error) => tracing::warn!("{error}; keeping the known addresses"),
                 }
                 next_dns = now + DNS_REFRESH;
             }
@@ -181,7 +209,7 @@ fn control_thread(
 /// Region, endpoint, provider and the first credentials.
 async fn resolve(
     config: &S3Config,
-) -> Result<(String, Endpoint, SharedCredentialsProvider, Credentials), String> {
+) -> Result<(String, Endpoint, SharedCredentialsProvider, Credentials), ResolveError> {
     let (region, provider) = match &config.credentials {
         CredentialSource::Static {
             access_key_id,
@@ -221,11 +249,7 @@ async fn resolve(
                 );
             }
             let sdk = loader.load().await;
-            let provider = sdk.credentials_provider().ok_or_else(|| {
-                "no AWS credential provider is configured; set AWS_ACCESS_KEY_ID and \
-                 AWS_SECRET_ACCESS_KEY or pass --profile"
-                    .to_string()
-            })?;
+            let provider = sdk.credentials_provider().ok_or(ResolveError::NoProvider)?;
             (sdk.region().map(|r| r.to_string()), provider)
         }
     };
@@ -233,21 +257,13 @@ async fn resolve(
         (Some(region), _) => region,
         // Local servers ignore the region but SigV4 needs one.
         (None, Some(_)) => "us-east-1".to_string(),
-        (None, None) => {
-            return Err(format!(
-                "no AWS region for bucket {}: pass --region (or set AWS_REGION, or region in the profile)",
-                config.bucket
-            ))
-        }
+        (None, None) => return Err(ResolveError::NoRegion(config.bucket.clone())),
     };
     let endpoint = Endpoint::resolve(config.endpoint_url.as_deref(), &config.bucket, &region)?;
-    let credentials = provider.provide_credentials().await.map_err(|e| {
-        format!(
-            "no usable AWS credentials: {}; set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, pass \
-             --profile, or log in (`aws sso login`)",
-            error_chain(&e)
-        )
-    })?;
+    let credentials = provider
+        .provide_credentials()
+        .await
+        .map_err(ResolveError::NoCredentials)?;
     Ok((region, endpoint, provider, credentials))
 }
 
@@ -286,22 +302,16 @@ fn refresh_at(credentials: &Credentials) -> Option<Instant> {
 }
 
 /// The endpoint's socket addresses (a blocking lookup: only ever on the control thread).
-fn lookup(endpoint: &Endpoint) -> Result<Vec<SocketAddr>, String> {
+fn lookup(endpoint: &Endpoint) -> Result<Vec<SocketAddr>, ResolveError> {
     let addrs: Vec<SocketAddr> = (endpoint.host.as_str(), endpoint.port)
         .to_socket_addrs()
-        .map_err(|e| {
-            format!(
-                "cannot resolve S3 endpoint host {}: {e}; check --endpoint-url / AWS_ENDPOINT_URL_S3 \
-                 and --region",
-                endpoint.host
-            )
+        .map_err(|source| ResolveError::UnknownHost {
+            host: endpoint.host.clone(),
+            source,
         })?
         .collect();
     if addrs.is_empty() {
-        return Err(format!(
-            "S3 endpoint host {} has no addresses; check --endpoint-url / AWS_ENDPOINT_URL_S3",
-            endpoint.host
-        ));
+        return Err(ResolveError::NoAddresses(endpoint.host.clone()));
     }
     Ok(addrs)
 }

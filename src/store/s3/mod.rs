@@ -25,8 +25,9 @@ use mount_vfs_executors::{BufferPool, Reservation};
 use rustls::pki_types::ServerName;
 
 pub use config::{
-    parse_endpoint_url, parse_s3_uri, CredentialSource, Endpoint, S3Config, S3Tuning,
+    parse_endpoint_url, parse_s3_uri, CredentialSource, Endpoint, S3Config, S3ConfigError, S3Tuning,
 };
+pub use credentials::ResolveError;
 pub use http::{HttpError, HEAD_READ};
 
 use self::config::encode_key;
@@ -40,6 +41,42 @@ use crate::manifest::Hash;
 /// Objects read without the `.xxh128` suffix, remembered per shard so old uploads cost one
 /// request, not two; past this many the set is cleared.
 const MAX_UNSUFFIXED: usize = 4096;
+
+/// Why the S3 store cannot be used, found at start-up ([`S3Target::start`],
+/// [`S3Target::check_objects`]) before anything is mounted.
+#[derive(Debug, thiserror::Error)]
+pub enum S3StartError {
+    #[error(transparent)]
+    Resolve(#[from] ResolveError),
+    #[error("S3 endpoint host {host}: {source}")]
+    InvalidHostName {
+        host: String,
+        source: rustls::pki_types::InvalidDnsNameError,
+    },
+    /// `AWS_CA_BUNDLE` names a file that cannot be read as PEM certificates.
+    #[error("AWS_CA_BUNDLE={bundle}: {source}")]
+    CaBundle {
+        bundle: String,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("no trusted root certificates for HTTPS: install the system CA certificates or set SSL_CERT_FILE / AWS_CA_BUNDLE")]
+    NoTrustedRoots,
+    #[error("TLS configuration: {0}")]
+    Tls(#[source] rustls::Error),
+    #[error("cannot start the S3 probe executor: {0}")]
+    ProbeExecutor(String),
+    #[error("cannot start the S3 probe thread: {0}")]
+    ProbeThread(#[source] std::io::Error),
+    #[error("the S3 probe thread panicked")]
+    ProbePanicked,
+    /// None of the sampled manifest objects is in the store: most likely a wrong root prefix.
+    #[error("{target}: none of the {checked} manifest objects checked exists (e.g. {}): check the bucket and root prefix (--s3 s3://BUCKET/ROOT_PREFIX, or --root-prefix)", .example.display())]
+    ObjectsMissing {
+        target: String,
+        checked: usize,
+        example: PathBuf,
+    },
+}
 
 /// A bucket and root prefix, resolved and reachable: shared by every shard of a mount.
 pub struct S3Target {
@@ -69,11 +106,15 @@ impl S3Target {
     /// Resolves region, endpoint, addresses and credentials (starting the control thread that
     /// refreshes them) and builds the TLS configuration. Talks to no S3 server: see
     /// [`probe`](Self::probe).
-    pub fn start(config: &S3Config) -> Result<Arc<S3Target>, String> {
+    pub fn start(config: &S3Config) -> Result<Arc<S3Target>, S3StartError> {
         let resolved = credentials::start(config)?;
         let tls = if resolved.endpoint.tls {
-            let name = ServerName::try_from(resolved.endpoint.host.clone())
-                .map_err(|e| format!("S3 endpoint host {}: {e}", resolved.endpoint.host))?;
+            let name = ServerName::try_from(resolved.endpoint.host.clone()).map_err(|source| {
+                S3StartError::InvalidHostName {
+                    host: resolved.endpoint.host.clone(),
+                    source,
+                }
+            })?;
             Some((tls_config()?, name))
         } else {
             None
@@ -108,14 +149,19 @@ impl S3Target {
     /// One cheap request (ListObjectsV2, max-keys=1, under `{rootPrefix}/Data/`) that proves
     /// endpoint, region, bucket and credentials before mounting. Runs on a short-lived glommio
     /// thread with the same client the shards use. `Ok(Some(warning))`: usable, with a caveat.
+    /// The error is the message to show (tests match on its text).
     pub fn probe(self: &Arc<Self>) -> Result<Option<String>, String> {
         self.on_probe_thread(|store| async move { store.probe().await })
+            .unwrap_or_else(|e| Err(e.to_string()))
     }
 
     /// Checks that the manifest's objects are where the mount will look (`hashes`: a few of
     /// them): a wrong root prefix would otherwise mount fine and fail every read with EIO.
     /// Fails when none of them exists; warns when some are missing.
-    pub fn check_objects(self: &Arc<Self>, hashes: Vec<Hash>) -> Result<Option<String>, String> {
+    pub fn check_objects(
+        self: &Arc<Self>,
+        hashes: Vec<Hash>,
+    ) -> Result<Option<String>, S3StartError> {
         let where_ = self.describe();
         self.on_probe_thread(move |store| async move {
             let mut missing = Vec::new();
@@ -124,32 +170,31 @@ impl S3Target {
                     missing.push(hash);
                 }
             }
-            let example = |h: &Hash| store.location(*h).display().to_string();
             match missing.first() {
                 None => Ok(None),
-                Some(first) if missing.len() == hashes.len() => Err(format!(
-                    "{where_}: none of the {} manifest objects checked exists (e.g. {}): check \
-                     the bucket and root prefix (--s3 s3://BUCKET/ROOT_PREFIX, or --root-prefix)",
-                    hashes.len(),
-                    example(first)
-                )),
+                Some(first) if missing.len() == hashes.len() => Err(S3StartError::ObjectsMissing {
+                    target: where_,
+                    checked: hashes.len(),
+                    example: store.location(*first),
+                }),
                 Some(first) => Ok(Some(format!(
                     "{where_}: {} of {} manifest objects checked are missing (e.g. {}); reads of \
                      those files will fail with EIO",
                     missing.len(),
                     hashes.len(),
-                    example(first)
+                    store.location(*first).display()
                 ))),
             }
-        })
+        })?
     }
 
-    /// Runs `job` with a store of its own on a short-lived glommio thread (start-up checks).
-    fn on_probe_thread<T, F, Fut>(self: &Arc<Self>, job: F) -> Result<T, String>
+    /// Runs `job` with a store of its own on a short-lived glommio thread (start-up checks);
+    /// fails only if that thread cannot run it.
+    fn on_probe_thread<T, F, Fut>(self: &Arc<Self>, job: F) -> Result<T, S3StartError>
     where
         T: Send + 'static,
         F: FnOnce(S3Store) -> Fut + Send + 'static,
-        Fut: std::future::Future<Output = Result<T, String>>,
+        Fut: std::future::Future<Output = T>,
     {
         let target = self.clone();
         std::thread::Builder::new()
@@ -158,17 +203,17 @@ impl S3Target {
                 let executor = glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
                     .io_memory(2 << 20)
                     .make()
-                    .map_err(|e| format!("cannot start the S3 probe executor: {e}"))?;
-                executor.run(async move { job(S3Store::new(target)).await })
+                    .map_err(|e| S3StartError::ProbeExecutor(e.to_string()))?;
+                Ok(executor.run(async move { job(S3Store::new(target)).await }))
             })
-            .map_err(|e| format!("cannot start the S3 probe thread: {e}"))?
+            .map_err(S3StartError::ProbeThread)?
             .join()
-            .map_err(|_| "the S3 probe thread panicked".to_string())?
+            .map_err(|_| S3StartError::ProbePanicked)?
     }
 }
 
 /// Trusted roots: the system store (honours `SSL_CERT_FILE`) plus `AWS_CA_BUNDLE` when set.
-fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
+fn tls_config() -> Result<Arc<rustls::ClientConfig>, S3StartError> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::CertificateDer;
     let mut roots = rustls::RootCertStore::empty();
@@ -176,25 +221,21 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, String> {
         let _ = roots.add(cert);
     }
     if let Some(bundle) = std::env::var_os("AWS_CA_BUNDLE").filter(|v| !v.is_empty()) {
-        let certs = CertificateDer::pem_file_iter(&bundle)
-            .map_err(|e| format!("AWS_CA_BUNDLE={}: {e}", bundle.to_string_lossy()))?;
-        for cert in certs {
-            let cert =
-                cert.map_err(|e| format!("AWS_CA_BUNDLE={}: {e}", bundle.to_string_lossy()))?;
-            let _ = roots.add(cert);
+        let unreadable = |source| S3StartError::CaBundle {
+            bundle: bundle.to_string_lossy().into_owned(),
+            source,
+        };
+        for cert in CertificateDer::pem_file_iter(&bundle).map_err(unreadable)? {
+            let _ = roots.add(cert.map_err(unreadable)?);
         }
     }
     if roots.is_empty() {
-        return Err(
-            "no trusted root certificates for HTTPS: install the system CA certificates \
-                    or set SSL_CERT_FILE / AWS_CA_BUNDLE"
-                .into(),
-        );
+        return Err(S3StartError::NoTrustedRoots);
     }
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS configuration: {e}"))?
+        .map_err(S3StartError::Tls)?
         .with_root_certificates(roots)
         .with_no_client_auth();
     Ok(Arc::new(config))

@@ -9,7 +9,7 @@ use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use crate::mount::MountError;
+use super::MountError;
 
 /// Held for the whole life of a mount: a second `mount_vfs` on the same mountpoint is refused
 /// with this process's pid instead of stacking a second FUSE mount on the first. An advisory

@@ -1,6 +1,5 @@
-//! The fuser transport: turns fuser's callbacks into [`Request`]s for the [`Dispatcher`] and
-//! implements the reply traits on fuser's reply objects. The only module that knows fuser's
-//! request and reply types.
+//! fuser's callbacks turned into [`Request`]s for the [`Dispatcher`], and the reply traits
+//! implemented on fuser's reply objects.
 //!
 //! A fuser reply dropped unanswered (a request that raced shutdown) answers EIO by itself.
 
@@ -24,16 +23,16 @@ use crate::fs::{Dispatcher, FsError, ReadData, PREFERRED_IO_SIZE};
 use crate::namespace::NodeKind;
 
 /// A [`Dispatcher`] served through fuser.
-pub struct FuserTransport {
+pub(super) struct FuserFilesystem {
     dispatcher: Dispatcher,
     /// Where to record whether the kernel agreed to passthrough; `None`: do not ask (no disk
     /// cache to pass through to).
     passthrough: Option<Arc<AtomicBool>>,
 }
 
-impl FuserTransport {
-    pub fn new(dispatcher: Dispatcher, passthrough: Option<Arc<AtomicBool>>) -> FuserTransport {
-        FuserTransport {
+impl FuserFilesystem {
+    pub fn new(dispatcher: Dispatcher, passthrough: Option<Arc<AtomicBool>>) -> FuserFilesystem {
+        FuserFilesystem {
             dispatcher,
             passthrough,
         }
@@ -212,7 +211,7 @@ impl request::XattrReply for ReplyXattr {
     }
 }
 
-impl Filesystem for FuserTransport {
+impl Filesystem for FuserFilesystem {
     fn init(&mut self, _req: &FuseRequest, config: &mut KernelConfig) -> std::io::Result<()> {
         // Ask for the largest readahead the kernel allows; mount.rs raises the bdi read_ahead_kb
         // afterwards so buffered readers get 1 MiB READs.

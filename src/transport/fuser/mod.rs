@@ -1,0 +1,95 @@
+//! The fuser transport: the only module that knows `fuser`. [`start`] mounts a FUSE session
+//! whose requests `filesystem` turns into [`Request`](crate::fs::request::Request)s for the
+//! [`Dispatcher`]; the mount sees [`start`] and a [`FuseSession`], nothing of fuser.
+
+mod filesystem;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+
+use self::filesystem::FuserFilesystem;
+use crate::fs::Dispatcher;
+
+/// How the session is mounted and served.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionOptions {
+    /// Let users other than the mounting one in (`allow_other`, and no owner-only ACL).
+    pub allow_other: bool,
+    /// Worker threads, each reading its own clone of the /dev/fuse descriptor.
+    pub threads: usize,
+}
+
+/// Why the session did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("cannot mount on {}: {source}", .mountpoint.display())]
+    Mount {
+        mountpoint: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the FUSE session: {0}")]
+    Spawn(#[source] std::io::Error),
+}
+
+/// A mounted, running session. Dropping it would unmount by path; see [`let_go`](Self::let_go).
+pub struct FuseSession {
+    session: BackgroundSession,
+}
+
+/// Mounts `dispatcher` read-only on `mountpoint` and serves it on background threads.
+/// `passthrough`: where to record whether the kernel agreed to FUSE passthrough at INIT; `None`
+/// when there is nothing to pass through to (no disk cache), so it is not asked for.
+pub fn start(
+    dispatcher: Dispatcher,
+    passthrough: Option<Arc<AtomicBool>>,
+    mountpoint: &Path,
+    options: SessionOptions,
+) -> Result<FuseSession, SessionError> {
+    let filesystem = FuserFilesystem::new(dispatcher, passthrough);
+    let mut mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName("mount_vfs".into()),
+        MountOption::Subtype("mount_vfs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::NoSuid,
+    ];
+    if options.allow_other {
+        mount_options.push(MountOption::CUSTOM("allow_other".into()));
+    }
+    let mut config = Config::default();
+    config.mount_options = mount_options;
+    config.acl = if options.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(options.threads);
+    config.clone_fd = true;
+    let session = fuser::Session::new(filesystem, mountpoint, &config).map_err(|source| {
+        SessionError::Mount {
+            mountpoint: mountpoint.to_path_buf(),
+            source,
+        }
+    })?;
+    let session = session.spawn().map_err(SessionError::Spawn)?;
+    Ok(FuseSession { session })
+}
+
+impl FuseSession {
+    /// Whether the kernel has ended the session: someone unmounted it, or the last user of a
+    /// detached mount is gone.
+    pub fn is_finished(&self) -> bool {
+        self.session.guard.is_finished()
+    }
+
+    /// Lets go of the session without dropping it: its drop would unmount the mountpoint by
+    /// path again, and by now that path is unmounted already or belongs to a new mount. A
+    /// session still running ends when the process exits.
+    pub fn let_go(self) {
+        std::mem::forget(self.session);
+    }
+}
