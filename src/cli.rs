@@ -141,14 +141,19 @@ pub struct MountArgs {
     pub read_timeout: u64,
     /// Disk cache on local storage: verified objects are kept in DIR/Data/{hash}.xxh128, so
     /// later reads and later mounts skip the store, and the kernel reads cached files itself
-    /// (FUSE passthrough, Linux 6.9+). Cache files are re-verified once per mount; see
-    /// --cache-size for eviction.
+    /// (FUSE passthrough, Linux 6.9+). A later mount trusts a cache file that an earlier one
+    /// verified and that is unchanged since (DIR/verified.log); any other is hashed once before
+    /// it is used. See --cache-size for eviction.
     #[arg(long, value_name = "DIR", help_heading = "Content store")]
     pub cache_dir: Option<PathBuf>,
     /// Largest size of the disk cache; least recently used files are deleted past it. Whatever
     /// the size, 5% of the cache's filesystem is kept free. Default: no limit but that.
     #[arg(long, value_name = "SIZE", value_parser = parse_size, help_heading = "Content store")]
     pub cache_size: Option<u64>,
+    /// Hash every disk-cache file once before trusting it, even one an earlier mount verified
+    /// and that is unchanged since (for the cautious, or as a periodic scrub).
+    #[arg(long, requires = "cache_dir", help_heading = "Content store")]
+    pub recheck_cache: bool,
 
     /// Capture writes in a copy-on-write overlay (not yet supported).
     #[arg(long, help_heading = "Writable overlay")]

@@ -1,6 +1,7 @@
 //! `--cache-dir`: verified objects land in a disk cache in the CAS layout, later mounts read
-//! them from there (re-verified, so a damaged cache file is replaced, never served), and buffered
-//! opens of cached files are served by the kernel through FUSE passthrough.
+//! them from there (trusted while unchanged since their verification, re-verified otherwise, so a
+//! damaged cache file is replaced, never served), and buffered opens of cached files are served
+//! by the kernel through FUSE passthrough.
 
 mod common;
 
@@ -69,16 +70,68 @@ fn setup() -> Job {
 }
 
 fn mount(job: &Job) -> Mount {
+    mount_with(job, &[])
+}
+
+fn mount_with(job: &Job, more: &[&str]) -> Mount {
     let cache = job.cache.to_str().unwrap();
+    let mut extra = vec!["--cache-dir", cache, "--stats"];
+    extra.extend_from_slice(more);
     Mount::start(
         &job.manifest,
         &job.cas,
         &job.mnt,
         MountOptions {
             shards: 2,
-            extra: &["--cache-dir", cache, "--stats"],
+            extra: &extra,
         },
     )
+}
+
+/// Reads both files of the job through `mount` (buffered and O_DIRECT) and stops it.
+fn read_job(job: &Job, mut mount: Mount) -> Mount {
+    assert!(read_all(&mount.dir.join("big.bin")).unwrap() == job.big);
+    assert!(read_direct(&mount.dir.join("big.bin")).unwrap() == job.big);
+    assert!(read_all(&mount.dir.join("dir/small.bin")).unwrap() == job.small);
+    mount.stop();
+    assert_eq!(counter(&mut mount, "errors"), 0);
+    mount
+}
+
+#[test]
+fn later_mounts_trust_verified_cache_files_until_they_change() {
+    let job = setup();
+    let mut first = read_job(&job, mount(&job));
+    assert_eq!(counter(&mut first, "objects_cached"), 2);
+    assert_eq!(counter(&mut first, "objects_trusted"), 0);
+
+    // Unchanged since: trusted without hashing, and every block read again is still checked
+    // against the recorded digests (the O_DIRECT read goes through the shard).
+    let mut second = read_job(&job, mount(&job));
+    assert_eq!(counter(&mut second, "objects_trusted"), 2);
+    assert_eq!(counter(&mut second, "objects_from_disk_cache"), 2);
+    assert_eq!(counter(&mut second, "bytes_fetched"), 0);
+    assert_eq!(counter(&mut second, "verify_failures"), 0);
+
+    // --recheck-cache hashes them anyway.
+    let mut third = read_job(&job, mount_with(&job, &["--recheck-cache"]));
+    assert_eq!(counter(&mut third, "objects_trusted"), 0);
+    assert_eq!(counter(&mut third, "objects_from_disk_cache"), 2);
+
+    // A cache file written since (even with the same bytes) is hashed again; the other is not.
+    let small = job.cache.join(object_name(&job.small));
+    fs::write(&small, fs::read(&small).unwrap()).unwrap();
+    let mut fourth = read_job(&job, mount(&job));
+    assert_eq!(counter(&mut fourth, "objects_trusted"), 1);
+    assert_eq!(counter(&mut fourth, "objects_from_disk_cache"), 2);
+
+    // A damaged log costs re-hashing, not the mount.
+    fs::write(job.cache.join("verified.log"), b"\0garbage\nmore garbage").unwrap();
+    let mut fifth = read_job(&job, mount(&job));
+    assert_eq!(counter(&mut fifth, "objects_trusted"), 0);
+    assert_eq!(counter(&mut fifth, "objects_from_disk_cache"), 2);
+    let mut sixth = read_job(&job, mount(&job));
+    assert_eq!(counter(&mut sixth, "objects_trusted"), 2);
 }
 
 #[test]

@@ -1,8 +1,10 @@
 //! Verify before serve, in the type system: a [`VerifiedBlock`] can only be made here, by
 //! [`ObjectHasher::finish`] (the object's xxh128 matched its manifest hash) or by
 //! [`BlockDigests::check`] (a block read again has the digest it had when its object was
-//! verified), and [`ReadData`], the only thing a read reply can send, is built from verified
-//! blocks only. A store hands out plain [`Block`]s; nothing else turns them into replies.
+//! verified: in this mount, or in an earlier one whose record of an unchanged cache file vouches
+//! for it, [`BlockDigests::recorded`]), and [`ReadData`], the only thing a read reply can send, is
+//! built from verified blocks only. A store hands out plain [`Block`]s; nothing else turns them
+//! into replies.
 
 use std::ops::Range;
 use std::rc::Rc;
@@ -91,6 +93,16 @@ impl ObjectHasher {
 pub struct BlockDigests(Rc<[u64]>);
 
 impl BlockDigests {
+    /// The digests an earlier mount recorded when it verified the object, for a cache file that
+    /// is unchanged since (`store::VerificationLog`).
+    pub fn recorded(digests: &[u64]) -> BlockDigests {
+        BlockDigests(digests.into())
+    }
+
+    pub fn as_slice(&self) -> &[u64] {
+        &self.0
+    }
+
     /// Block `index`, verified; or the block back when it differs from the verified object (or
     /// the object has no such block).
     pub fn check(&self, index: u32, block: Block) -> Result<VerifiedBlock, Block> {

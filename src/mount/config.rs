@@ -27,6 +27,8 @@ pub struct MountConfig {
     /// Largest size of the disk cache; `None`: bounded only by the filesystem's free space.
     /// Refused without `cache_dir`.
     pub cache_size: Option<u64>,
+    /// Hash every cache file once even when a verification record vouches for it.
+    pub recheck_cache: bool,
     /// Shards (pinned executor threads); `None`: one per CPU, no more than files. `Some(0)` is
     /// refused.
     pub shards: Option<usize>,
@@ -87,6 +89,7 @@ impl TryFrom<MountArgs> for MountConfig {
             store,
             cache_dir: args.cache_dir,
             cache_size: args.cache_size,
+            recheck_cache: args.recheck_cache,
             shards: args.shards,
             memory_limit: args.memory_limit,
             part_size: args.part_size,

@@ -29,7 +29,10 @@ use crate::manifest::Manifest;
 use crate::namespace::Namespace;
 use crate::signals::Signals;
 use crate::store::s3::{S3ConfigError, S3StartError};
-use crate::store::{CacheJanitor, DiskCache, DiskCacheConfig, S3Target, StoreConfig};
+use crate::store::{
+    CacheDirError, CacheJanitor, DiskCache, DiskCacheConfig, JanitorStartError, S3Target,
+    StoreConfig, VerificationLog,
+};
 use crate::transport::fuser::{self as transport, FuseSession, SessionOptions};
 
 /// A failure that ends `mount_vfs` with a message and an exit status.
@@ -57,13 +60,19 @@ pub enum MountError {
     /// The FUSE session did not start.
     #[error(transparent)]
     Session(#[from] SessionError),
+    /// `--cache-dir` cannot hold a disk cache: a usage mistake.
+    #[error(transparent)]
+    CacheDir(#[from] CacheDirError),
+    /// The cache janitor's thread did not start.
+    #[error(transparent)]
+    Janitor(#[from] JanitorStartError),
 }
 
 impl MountError {
     /// 2 for usage mistakes, 1 for everything else (see `mount_vfs --help`).
     pub fn exit_code(&self) -> u8 {
         match self {
-            MountError::Usage(_) | MountError::S3Config(_) => 2,
+            MountError::Usage(_) | MountError::S3Config(_) | MountError::CacheDir(_) => 2,
             _ => 1,
         }
     }
@@ -151,7 +160,7 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
     let _lock = MountpointLock::acquire(mountpoint)?;
     mountpoint::check(mountpoint, config.allow_non_empty)?;
     if let Some(dir) = &config.cache_dir {
-        DiskCache::prepare(dir).map_err(|e| MountError::Usage(e.to_string()))?;
+        DiskCache::prepare(dir)?;
     } else if config.cache_size.is_some() {
         return Err(MountError::Usage(
             "--cache-size limits the disk cache: give --cache-dir DIR too".into(),
@@ -191,11 +200,12 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
     };
     let (janitor, disk_cache) = match &config.cache_dir {
         Some(root) => {
-            let (janitor, usage) = CacheJanitor::start(root, config.cache_size)
-                .map_err(|e| MountError::Runtime(e.to_string()))?;
+            let (janitor, usage) = CacheJanitor::start(root, config.cache_size)?;
             let config = DiskCacheConfig {
                 root: root.clone(),
                 usage,
+                records: Arc::new(VerificationLog::load(root)),
+                recheck: config.recheck_cache,
             };
             (Some(janitor), Some(config))
         }

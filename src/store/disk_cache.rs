@@ -21,15 +21,18 @@
 //!   `--cache-size` or when the filesystem runs short of space; shards report what they add and
 //!   touch what they use.
 
+use std::cell::RefCell;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::Arc;
 
 use futures::future::{FutureExt, LocalBoxFuture};
 use glommio::io::BufferedFile;
 use mount_vfs_executors::{BufferPool, Reservation};
 
+use super::verified_log::{FileIdentity, LogWriter, Record, VerificationLog};
 use super::{
     object_key, partial_owner, Block, CacheUsage, CasWriter, ObjectRange, ObjectStore, OpenFiles,
     StoreError,
@@ -41,6 +44,10 @@ use crate::manifest::Hash;
 pub struct DiskCacheConfig {
     pub root: PathBuf,
     pub usage: CacheUsage,
+    /// What earlier mounts verified ([`VerificationLog::load`], read once at start-up).
+    pub records: Arc<VerificationLog>,
+    /// `--recheck-cache`: hash every cache file once even when a record vouches for it.
+    pub recheck: bool,
 }
 
 /// Why `--cache-dir` cannot hold a disk cache (found by [`DiskCache::prepare`]).
@@ -62,6 +69,9 @@ pub struct DiskCache {
     shard: usize,
     files: OpenFiles<BufferedFile>,
     usage: CacheUsage,
+    records: Arc<VerificationLog>,
+    recheck: bool,
+    log: RefCell<LogWriter>,
 }
 
 impl DiskCache {
@@ -107,7 +117,37 @@ impl DiskCache {
             shard,
             files: OpenFiles::new(),
             usage: config.usage.clone(),
+            records: config.records.clone(),
+            recheck: config.recheck,
+            log: RefCell::new(config.records.writer()),
         }
+    }
+
+    /// The block digests an earlier verification recorded for cache file `hash` (`len` bytes,
+    /// read in blocks of `block_size`), when the file is unchanged since and `--recheck-cache`
+    /// is off: the object may be trusted without hashing it again.
+    pub fn recorded_digests(&self, hash: Hash, len: u64, block_size: u64) -> Option<&[u64]> {
+        if self.recheck {
+            return None;
+        }
+        let record = self.records.get(hash)?;
+        let unchanged = FileIdentity::of(&self.location(hash)).ok()? == record.identity;
+        (unchanged && record.block_size == block_size && record.identity.size() == len)
+            .then_some(&record.digests[..])
+    }
+
+    /// Records that cache file `hash` was just verified (or trusted and touched), with the
+    /// digest of each of its `block_size` blocks, for later mounts.
+    pub fn record_verified(&self, hash: Hash, block_size: u64, digests: &[u64]) {
+        let Ok(identity) = FileIdentity::of(&self.location(hash)) else {
+            return;
+        };
+        let record = Record {
+            identity,
+            block_size,
+            digests: digests.to_vec(),
+        };
+        self.log.borrow_mut().append(hash, &record);
     }
 
     /// Object `hash` (`len` bytes) was committed to the cache.
@@ -227,6 +267,8 @@ mod tests {
         let config = DiskCacheConfig {
             root: dir.path().to_path_buf(),
             usage,
+            records: Arc::new(VerificationLog::load(dir.path())),
+            recheck: false,
         };
         let cache = DiskCache::new(&config, 0);
         let hash = Hash(7);

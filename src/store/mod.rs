@@ -16,6 +16,7 @@ mod local;
 mod memory;
 mod object;
 pub mod s3;
+mod verified_log;
 
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -24,14 +25,15 @@ use std::sync::Arc;
 use futures::future::LocalBoxFuture;
 use mount_vfs_executors::{BufferPool, Reservation};
 
-pub use cache_janitor::{CacheJanitor, CacheUsage};
-pub use disk_cache::{DiskCache, DiskCacheConfig};
+pub use cache_janitor::{CacheJanitor, CacheUsage, JanitorStartError};
+pub use disk_cache::{CacheDirError, DiskCache, DiskCacheConfig};
 pub use fault::{Fault, FaultStore, When};
 pub use local::LocalCas;
 pub use memory::{MemoryObjects, MemoryStore};
 pub(crate) use object::OpenFiles;
 pub use object::{object_key, partial_owner, Block, CasWriter, ObjectRange, OBJECT_SUFFIX};
 pub use s3::{S3Store, S3Target};
+pub use verified_log::VerificationLog;
 
 use crate::manifest::Hash;
 

@@ -54,6 +54,9 @@ counters! {
     verify_failures,
     /// Objects verified from a disk-cache file (no store read).
     objects_from_disk_cache,
+    /// Of those, objects an earlier mount's record vouched for: the cache file was unchanged
+    /// since it was verified, so it was not hashed again.
+    objects_trusted,
     /// Objects written into the disk cache after they verified.
     objects_cached,
     /// Bytes read from disk-cache files.

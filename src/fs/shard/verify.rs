@@ -114,13 +114,25 @@ impl FileService {
         len: u64,
     ) -> Result<(), FsError> {
         let c = &self.counters;
-        let v = &self.verification;
         if let Some(cache) = self.disk_cache.as_ref().filter(|d| d.has(hash, len)) {
+            if let Some(digests) = cache.recorded_digests(hash, len, self.block_size) {
+                let digests = BlockDigests::recorded(digests);
+                c.add(&c.objects_trusted, 1);
+                c.add(&c.objects_from_disk_cache, 1);
+                self.keep_in_disk_cache(hash, &digests);
+                self.accept(
+                    hash,
+                    VerifiedObject {
+                        kept: Vec::new(),
+                        digests,
+                    },
+                );
+                return Ok(());
+            }
             match self.stream(hash, len, Source::DiskCache, &mut None).await {
                 Ok(verified) => {
                     c.add(&c.objects_from_disk_cache, 1);
-                    cache.touch(hash);
-                    v.in_disk_cache.borrow_mut().insert(hash);
+                    self.keep_in_disk_cache(hash, &verified.digests);
                     self.accept(hash, verified);
                     return Ok(());
                 }
@@ -150,7 +162,7 @@ impl FileService {
                             Ok(()) => {
                                 cache.added(len);
                                 c.add(&c.objects_cached, 1);
-                                v.in_disk_cache.borrow_mut().insert(hash);
+                                self.keep_in_disk_cache(hash, &verified.digests);
                             }
                             Err(e) => self.warn_cache_write(&self.cache_location(hash), e),
                         }
@@ -178,6 +190,16 @@ impl FileService {
             ),
         );
         Err(FsError::Corrupt)
+    }
+
+    /// Notes that the disk cache holds a verified copy of `hash`: marked used (last to be
+    /// evicted), and recorded with its identity after that touch, so later mounts trust it.
+    fn keep_in_disk_cache(&self, hash: Hash, digests: &BlockDigests) {
+        if let Some(cache) = &self.disk_cache {
+            cache.touch(hash);
+            cache.record_verified(hash, self.block_size, digests.as_slice());
+            self.verification.in_disk_cache.borrow_mut().insert(hash);
+        }
     }
 
     /// Marks a verified object and publishes the blocks its stream kept.

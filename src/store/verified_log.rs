@@ -1,0 +1,311 @@
+//! Verification records of the disk cache (`DIR/verified.log`): which cache files a mount has
+//! verified, with their per-block digests, so that a later mount trusts an unchanged file
+//! without hashing it again (a job's tasks mount the same inputs one after another).
+//!
+//! Rules:
+//! - A record names the cache file's identity when it was verified: device, inode, size, mtime
+//!   and ctime. Any write to a file changes its ctime, and replacing it changes its inode, so a
+//!   file whose identity still matches holds the bytes that were verified. (Linux 6.13+ gives
+//!   ext4, xfs, btrfs and tmpfs fine-grained ctimes once a ctime was read; on older kernels a
+//!   change within one timer tick of the record could go unseen: `--recheck-cache` hashes every
+//!   file once regardless.)
+//! - A trusted object keeps the same guarantee as one verified in this mount: its block digests
+//!   come from the record, and every block read again is checked against them.
+//! - The log is append-only: each shard appends one line per verification (one `write`, so
+//!   lines of concurrent writers do not interleave). A torn or garbage line is skipped. Start-up
+//!   keeps the last record of each object and rewrites the log when stale lines dominate.
+//! - Whoever can write the cache directory can change cache files anyway: the log adds no trust
+//!   that the directory did not already have.
+
+use std::collections::HashMap;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use crate::manifest::Hash;
+
+/// What identifies a file's bytes without reading them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl FileIdentity {
+    pub fn of(path: &Path) -> io::Result<FileIdentity> {
+        let m = std::fs::metadata(path)?;
+        Ok(FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+
+    /// The file's size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+}
+
+/// One verification of a cache file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub identity: FileIdentity,
+    /// The block size the digests were taken at (`--part-size` of that mount).
+    pub block_size: u64,
+    /// xxh3-64 of every block of the object, in order.
+    pub digests: Vec<u64>,
+}
+
+impl Record {
+    fn line(&self, hash: Hash) -> String {
+        let i = &self.identity;
+        let mut line = format!(
+            "{hash} {} {} {} {} {} {} {} {}",
+            i.dev, i.ino, i.size, i.mtime.0, i.mtime.1, i.ctime.0, i.ctime.1, self.block_size
+        );
+        for (n, digest) in self.digests.iter().enumerate() {
+            line.push(if n == 0 { ' ' } else { ',' });
+            line.push_str(&format!("{digest:016x}"));
+        }
+        line.push('\n');
+        line
+    }
+
+    fn parse(line: &str) -> Option<(Hash, Record)> {
+        let mut fields = line.split(' ');
+        let hash = Hash::from_hex(fields.next()?)?;
+        let mut unsigned = || fields.next()?.parse::<u64>().ok();
+        let (dev, ino, size) = (unsigned()?, unsigned()?, unsigned()?);
+        let mut signed = || fields.next()?.parse::<i64>().ok();
+        let mtime = (signed()?, signed()?);
+        let ctime = (signed()?, signed()?);
+        let block_size = fields.next()?.parse::<u64>().ok().filter(|&b| b > 0)?;
+        let digests = match fields.next() {
+            // The empty object has no blocks.
+            None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(|d| u64::from_str_radix(d, 16).ok())
+                .collect::<Option<Vec<u64>>>()?,
+        };
+        if fields.next().is_some() || digests.len() as u64 != size.div_ceil(block_size) {
+            return None;
+        }
+        let identity = FileIdentity {
+            dev,
+            ino,
+            size,
+            mtime,
+            ctime,
+        };
+        Some((
+            hash,
+            Record {
+                identity,
+                block_size,
+                digests,
+            },
+        ))
+    }
+}
+
+/// The records of one cache directory as this mount found them at start-up (read-only
+/// afterwards, shared by every shard).
+#[derive(Debug, Default)]
+pub struct VerificationLog {
+    path: PathBuf,
+    records: HashMap<Hash, Record>,
+}
+
+impl VerificationLog {
+    /// Name of the log in the cache directory.
+    pub const FILE: &'static str = "verified.log";
+
+    /// Reads `root/verified.log`, keeping each object's last record; a missing or unreadable log
+    /// is an empty one (every cache file is then hashed once, as on a first mount).
+    pub fn load(root: &Path) -> VerificationLog {
+        let path = root.join(Self::FILE);
+        let text = match std::fs::read(&path) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(e) => {
+                if e.kind() != io::ErrorKind::NotFound {
+                    tracing::warn!(
+                        "cannot read {}: {e}; re-hashing cache files",
+                        path.display()
+                    );
+                }
+                String::new()
+            }
+        };
+        let mut records = HashMap::new();
+        let mut lines = 0usize;
+        let mut skipped = 0usize;
+        for line in text.lines() {
+            lines += 1;
+            match Record::parse(line) {
+                Some((hash, record)) => {
+                    records.insert(hash, record);
+                }
+                None => skipped += 1,
+            }
+        }
+        if skipped > 0 {
+            tracing::info!(
+                "{}: skipped {skipped} unreadable lines (a torn write after a crash is harmless)",
+                path.display()
+            );
+        }
+        let log = VerificationLog { path, records };
+        // Rewritten when stale lines dominate, and when it ends in a torn line: a record
+        // appended after that would join it and be lost.
+        let torn = !text.is_empty() && !text.ends_with('\n');
+        if torn || lines > 2 * log.records.len() + 64 {
+            log.compact();
+        }
+        log
+    }
+
+    /// The record of object `hash`, if any.
+    pub fn get(&self, hash: Hash) -> Option<&Record> {
+        self.records.get(&hash)
+    }
+
+    /// Rewrites the log with one line per object. A record another mount appends meanwhile may
+    /// be lost; that costs one re-hash of its file later, nothing else.
+    fn compact(&self) {
+        let temporary = self
+            .path
+            .with_extension(format!("compact-{}", std::process::id()));
+        let text: String = self
+            .records
+            .iter()
+            .map(|(hash, record)| record.line(*hash))
+            .collect();
+        let result =
+            std::fs::write(&temporary, text).and_then(|()| std::fs::rename(&temporary, &self.path));
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&temporary);
+            tracing::warn!("cannot compact {}: {e}", self.path.display());
+        }
+    }
+
+    /// A shard's handle for appending records.
+    pub fn writer(&self) -> LogWriter {
+        LogWriter {
+            path: self.path.clone(),
+            file: None,
+            failed: false,
+        }
+    }
+}
+
+/// Appends records to the log; opened on first use. A failure to write costs later mounts a
+/// re-hash, not this one a read: it is logged once and records stop.
+pub struct LogWriter {
+    path: PathBuf,
+    file: Option<File>,
+    failed: bool,
+}
+
+impl LogWriter {
+    pub fn append(&mut self, hash: Hash, record: &Record) {
+        if self.failed {
+            return;
+        }
+        let line = record.line(hash);
+        let result = match &mut self.file {
+            Some(file) => file.write_all(line.as_bytes()),
+            None => OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(&self.path)
+                .and_then(|mut file| {
+                    file.write_all(line.as_bytes())?;
+                    self.file = Some(file);
+                    Ok(())
+                }),
+        };
+        if let Err(e) = result {
+            self.failed = true;
+            tracing::warn!(
+                "cannot append to {}: {e}; later mounts will re-hash cache files",
+                self.path.display()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(size: u64, block_size: u64) -> Record {
+        Record {
+            identity: FileIdentity {
+                dev: 1,
+                ino: 2,
+                size,
+                mtime: (3, 4),
+                ctime: (-5, 6),
+            },
+            block_size,
+            digests: (0..size.div_ceil(block_size))
+                .map(|i| u64::MAX - i)
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn records_round_trip_and_the_last_one_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = VerificationLog::load(dir.path());
+        assert!(log.get(Hash(1)).is_none());
+        let mut writer = log.writer();
+        writer.append(Hash(1), &record(10, 4));
+        writer.append(Hash(2), &record(0, 4));
+        writer.append(Hash(1), &record(9, 4));
+        let log = VerificationLog::load(dir.path());
+        assert_eq!(log.get(Hash(1)), Some(&record(9, 4)));
+        assert_eq!(log.get(Hash(2)), Some(&record(0, 4)));
+    }
+
+    #[test]
+    fn torn_and_garbage_lines_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = record(10, 4).line(Hash(7));
+        let torn = &record(10, 4).line(Hash(8))[..40];
+        let wrong_count = good.replace(",fffffffffffffffd", "");
+        let text = format!("garbage\n{wrong_count}\n\n{good}{torn}");
+        std::fs::write(dir.path().join(VerificationLog::FILE), text).unwrap();
+        let log = VerificationLog::load(dir.path());
+        assert_eq!(log.get(Hash(7)), Some(&record(10, 4)));
+        assert!(log.get(Hash(8)).is_none());
+        assert_eq!(log.records.len(), 1);
+        // The torn tail was cut off: a record appended now is read back.
+        log.writer().append(Hash(9), &record(4, 4));
+        let log = VerificationLog::load(dir.path());
+        assert_eq!(log.get(Hash(9)), Some(&record(4, 4)));
+        assert_eq!(log.records.len(), 2);
+    }
+
+    #[test]
+    fn a_log_of_mostly_stale_lines_is_compacted_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut writer = VerificationLog::load(dir.path()).writer();
+        for _ in 0..100 {
+            writer.append(Hash(3), &record(8, 4));
+        }
+        let path = dir.path().join(VerificationLog::FILE);
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 100);
+        let log = VerificationLog::load(dir.path());
+        assert_eq!(log.get(Hash(3)), Some(&record(8, 4)));
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+    }
+}
