@@ -34,7 +34,7 @@ use self::config::encode_key;
 use self::credentials::{ControlThread, Shared};
 use self::http::{HttpClient, Request, Response};
 use self::retry::{backoff, retryable_status};
-use self::sign::{sign_request, Payload};
+use self::sign::{sign_request, Payload, SignError};
 use super::{Block, ObjectRange, ObjectStore, StoreError};
 use crate::manifest::Hash;
 
@@ -708,10 +708,10 @@ impl S3Store {
         for attempt in 1..=tuning.max_attempts {
             let head = match self.request_head(method, path, headers, &payload) {
                 Ok(head) => head,
-                Err(message) => {
+                Err(unsigned) => {
                     return Err(RetryError::Exhausted(StoreError::Io {
                         location: location.to_path_buf(),
-                        source: std::io::Error::other(message),
+                        source: std::io::Error::other(unsigned),
                     }))
                 }
             };
@@ -778,7 +778,7 @@ impl S3Store {
         path: &str,
         headers: &[(&str, &str)],
         payload: &Payload<'_>,
-    ) -> Result<String, String> {
+    ) -> Result<String, SignError> {
         let identity = self.target.shared.identity.load();
         let url = format!("{}{path}", self.origin);
         let signed = sign_request(
