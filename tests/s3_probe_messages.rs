@@ -35,7 +35,7 @@ fn canned(response: &'static str) -> String {
 fn probe(response: &'static str) -> Result<Option<String>, String> {
     let endpoint = canned(response);
     let target = S3Target::start(&config(&endpoint, "cas-bucket", "root", "k", "s")).unwrap();
-    target.probe()
+    target.probe().map_err(|e| e.to_string())
 }
 
 #[test]

@@ -158,7 +158,7 @@ fn probe_names_the_wrong_bucket_and_the_dead_endpoint() {
     moto.create_bucket("cas-bucket");
     let target_config = config(&moto.endpoint(), "no-such-bucket", "root", "k", "s");
     let target = S3Target::start(&target_config).unwrap();
-    let message = target.probe().unwrap_err();
+    let message = target.probe().unwrap_err().to_string();
     assert!(
         message.contains("bucket no-such-bucket does not exist"),
         "{message}"
@@ -167,7 +167,7 @@ fn probe_names_the_wrong_bucket_and_the_dead_endpoint() {
     let dead = format!("http://127.0.0.1:{}", free_port());
     let target_config = config(&dead, "cas-bucket", "root", "k", "s");
     let target = S3Target::start(&target_config).unwrap();
-    let message = target.probe().unwrap_err();
+    let message = target.probe().unwrap_err().to_string();
     assert!(
         message.contains("cannot connect to the S3 endpoint") && message.contains("--endpoint-url"),
         "{message}"
@@ -214,7 +214,7 @@ fn seaweedfs_checks_credentials() {
         "not-the-secret",
     );
     let wrong_secret = S3Target::start(&wrong_secret_config).unwrap();
-    let message = wrong_secret.probe().unwrap_err();
+    let message = wrong_secret.probe().unwrap_err().to_string();
     assert!(message.contains("secret access key is wrong"), "{message}");
     let error = on_shard(move |pool| async move {
         S3Store::new(wrong_secret)
@@ -234,7 +234,7 @@ fn seaweedfs_checks_credentials() {
         SEAWEED_SECRET,
     );
     let wrong_key = S3Target::start(&wrong_key_config).unwrap();
-    let message = wrong_key.probe().unwrap_err();
+    let message = wrong_key.probe().unwrap_err().to_string();
     assert!(message.contains("access key id is not known"), "{message}");
 }
 

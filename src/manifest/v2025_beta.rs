@@ -49,6 +49,21 @@ fn dir_ref(name: &[u8]) -> Option<(usize, &[u8])> {
     Some((n, rest))
 }
 
+/// Why a name or symlink target cannot be expanded: the detail of a [`Rule::BadDirRef`] problem.
+/// `what` says which field ("name", "symlink target").
+#[derive(Debug, thiserror::Error)]
+enum DirRefError {
+    /// `$N/a/b` in a name: a name under `$N/` is one component.
+    #[error("{what} `$N/...` must be followed by one name, without `/`")]
+    NestedName { what: &'static str },
+    /// `$N/` names no directory listed before this entry.
+    #[error("{what} refers to ${n}/, but there is no such directory before it")]
+    NoSuchDir { what: &'static str, n: usize },
+    /// `a/b/c` written out in full instead of `$N/c`.
+    #[error("{what} has more than one `/` but is not written `$N/name` (N = index of its parent in dirs)")]
+    NotCompressed { what: &'static str },
+}
+
 /// Resolves staged entries into the builder (full paths), reporting bad `$N/` references.
 pub(crate) fn resolve(st: Staged, b: &mut ManifestBuilder) {
     let mut dir_paths: Vec<Option<(u32, u32)>> = Vec::with_capacity(st.dirs.len());
@@ -57,19 +72,15 @@ pub(crate) fn resolve(st: Staged, b: &mut ManifestBuilder) {
                       raw: &[u8],
                       limit: usize,
                       dir_paths: &[Option<(u32, u32)>],
-                      what: &str,
+                      what: &'static str,
                       literal_ok: bool|
-     -> Result<Option<(u32, u32)>, String> {
+     -> Result<Option<(u32, u32)>, DirRefError> {
         if let Some((n, rest)) = dir_ref(raw) {
             if !literal_ok && rest.contains(&b'/') {
-                return Err(format!(
-                    "{what} `$N/...` must be followed by one name, without `/`"
-                ));
+                return Err(DirRefError::NestedName { what });
             }
             let Some(Some((off, len))) = dir_paths.get(n).filter(|_| n < limit) else {
-                return Err(format!(
-                    "{what} refers to ${n}/, but there is no such directory before it"
-                ));
+                return Err(DirRefError::NoSuchDir { what, n });
             };
             scratch.clear();
             scratch.extend_from_slice(range(&b.arena, *off, *len));
@@ -77,9 +88,7 @@ pub(crate) fn resolve(st: Staged, b: &mut ManifestBuilder) {
             scratch.extend_from_slice(rest);
             Ok(b.push_bytes(&scratch))
         } else if !literal_ok && raw.iter().filter(|&&c| c == b'/').count() > 1 {
-            Err(format!(
-                "{what} has more than one `/` but is not written `$N/name` (N = index of its parent in dirs)"
-            ))
+            Err(DirRefError::NotCompressed { what })
         } else {
             Ok(b.push_bytes(raw))
         }
@@ -102,10 +111,11 @@ pub(crate) fn resolve(st: Staged, b: &mut ManifestBuilder) {
                     b.push_slot(o, l, Slot::new(kind));
                 }
             }
-            Err(msg) => {
+            Err(bad) => {
                 dir_paths.push(None);
                 let label = format!("dirs[{i}] {:?}", display_name(raw));
-                b.problems.push(Some(label), Rule::BadDirRef, msg);
+                b.problems
+                    .push(Some(label), Rule::BadDirRef, bad.to_string());
             }
         }
     }
@@ -119,8 +129,8 @@ pub(crate) fn resolve(st: Staged, b: &mut ManifestBuilder) {
             match expand(b, target, ndirs, &dir_paths, "symlink target", true) {
                 Ok(Some((o, l))) => slot.aux = [u64::from(o), u64::from(l)],
                 Ok(None) => continue,
-                Err(msg) => {
-                    b.problems.push(label(), Rule::BadDirRef, msg);
+                Err(bad) => {
+                    b.problems.push(label(), Rule::BadDirRef, bad.to_string());
                     continue;
                 }
             }
@@ -128,7 +138,7 @@ pub(crate) fn resolve(st: Staged, b: &mut ManifestBuilder) {
         match expand(b, raw, ndirs, &dir_paths, "name", false) {
             Ok(Some((o, l))) => b.push_slot(o, l, slot),
             Ok(None) => {}
-            Err(msg) => b.problems.push(label(), Rule::BadDirRef, msg),
+            Err(bad) => b.problems.push(label(), Rule::BadDirRef, bad.to_string()),
         }
     }
 }
@@ -583,5 +593,26 @@ mod tests {
         assert_eq!(dir_ref(b"$x/a"), None);
         assert_eq!(dir_ref(b"a/b"), None);
         assert_eq!(dir_ref(b"$99999999999/a"), None);
+    }
+
+    /// The problem details users see, word for word.
+    #[test]
+    fn dir_ref_errors_keep_their_wording() {
+        assert_eq!(
+            DirRefError::NestedName { what: "name" }.to_string(),
+            "name `$N/...` must be followed by one name, without `/`"
+        );
+        assert_eq!(
+            DirRefError::NoSuchDir {
+                what: "symlink target",
+                n: 5
+            }
+            .to_string(),
+            "symlink target refers to $5/, but there is no such directory before it"
+        );
+        assert_eq!(
+            DirRefError::NotCompressed { what: "name" }.to_string(),
+            "name has more than one `/` but is not written `$N/name` (N = index of its parent in dirs)"
+        );
     }
 }

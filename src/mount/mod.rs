@@ -85,7 +85,7 @@ fn open_store(choice: StoreChoice) -> Result<StoreConfig, MountError> {
         StoreChoice::Local(root) => Ok(StoreConfig::Local { root }),
         StoreChoice::S3(config) => {
             let target = S3Target::start(&config)?;
-            match target.probe().map_err(MountError::Runtime)? {
+            match target.probe()? {
                 Some(warning) => tracing::warn!("{warning}"),
                 None => tracing::info!("S3 store {} is reachable", target.describe()),
             }

@@ -34,7 +34,7 @@ use self::config::encode_key;
 use self::credentials::{ControlThread, Shared};
 use self::http::{HttpClient, Request, Response};
 use self::retry::{backoff, retryable_status};
-use self::sign::{sign_request, Payload};
+use self::sign::{sign_request, Payload, SignError};
 use super::{Block, ObjectRange, ObjectStore, StoreError};
 use crate::manifest::Hash;
 
@@ -43,7 +43,7 @@ use crate::manifest::Hash;
 const MAX_UNSUFFIXED: usize = 4096;
 
 /// Why the S3 store cannot be used, found at start-up ([`S3Target::start`],
-/// [`S3Target::check_objects`]) before anything is mounted.
+/// [`S3Target::probe`], [`S3Target::check_objects`]) before anything is mounted.
 #[derive(Debug, thiserror::Error)]
 pub enum S3StartError {
     #[error(transparent)]
@@ -69,6 +69,9 @@ pub enum S3StartError {
     ProbeThread(#[source] std::io::Error),
     #[error("the S3 probe thread panicked")]
     ProbePanicked,
+    /// The start-up request ([`S3Target::probe`]) was answered with, or ended in, a failure.
+    #[error(transparent)]
+    Probe(#[from] ProbeError),
     /// None of the sampled manifest objects is in the store: most likely a wrong root prefix.
     #[error("{target}: none of the {checked} manifest objects checked exists (e.g. {}): check the bucket and root prefix (--s3 s3://BUCKET/ROOT_PREFIX, or --root-prefix)", .example.display())]
     ObjectsMissing {
@@ -76,6 +79,89 @@ pub enum S3StartError {
         checked: usize,
         example: PathBuf,
     },
+}
+
+/// Why the start-up request ([`S3Target::probe`]) says the store cannot be used. Each variant
+/// carries what its message names; the messages tell the user what to check or pass, and tests
+/// match on their text. `target` is [`S3Target::describe`].
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// No connection to the endpoint at all: wrong endpoint or region, server down, network.
+    #[error(
+        "cannot connect to the S3 endpoint {origin} ({addr}): {source}; check {}",
+        if *.custom_endpoint {
+            "--endpoint-url / AWS_ENDPOINT_URL_S3 and that the server is running"
+        } else {
+            "--region, --endpoint-url / AWS_ENDPOINT_URL_S3 and the network"
+        }
+    )]
+    Connect {
+        origin: String,
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+        /// A path-style endpoint outside `amazonaws.com` (MinIO, SeaweedFS, ...): the hint
+        /// points at the endpoint flag and the server rather than the region.
+        custom_endpoint: bool,
+    },
+    #[error(
+        "{target}: the access key id is not known to the server: the credentials are wrong \
+         (check AWS_ACCESS_KEY_ID / --profile)"
+    )]
+    UnknownAccessKey { target: String },
+    #[error(
+        "{target}: the request signature does not match: the secret access key is wrong for \
+         this access key id (check AWS_SECRET_ACCESS_KEY / --profile)"
+    )]
+    SignatureMismatch { target: String },
+    /// `ExpiredToken`, `InvalidToken` or `TokenRefreshRequired` (`code`).
+    #[error(
+        "{target}: the session token is expired or invalid ({code}): refresh the credentials \
+         (e.g. `aws sso login`)"
+    )]
+    BadSessionToken { target: String, code: String },
+    #[error("{target}: bucket {bucket} does not exist: check --s3 / --bucket")]
+    NoSuchBucket { target: String, bucket: String },
+    /// The server named the bucket's region, and it is not the one used.
+    #[error("{target}: bucket {bucket} is in region {region}: pass --region {region}")]
+    BucketInRegion {
+        target: String,
+        bucket: String,
+        region: String,
+    },
+    /// A redirect or region error without a usable hint.
+    #[error(
+        "{target}: wrong region for bucket {bucket} ({status} {code}: {message}): pass the \
+         bucket's --region"
+    )]
+    WrongRegion {
+        target: String,
+        bucket: String,
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// A 403 other than the credential errors above.
+    #[error(
+        "{target}: access denied ({code}: {message}): check the credentials and their \
+         permissions on the bucket"
+    )]
+    AccessDenied {
+        target: String,
+        code: String,
+        message: String,
+    },
+    /// Any other answer that retrying will not change.
+    #[error("{target}: the server answered {status} {code} {message}")]
+    Unexpected {
+        target: String,
+        status: u16,
+        code: String,
+        message: String,
+    },
+    /// Transient failures until the attempts or the deadline ran out (or the request could
+    /// not be signed).
+    #[error("{target}: {source}")]
+    Unavailable { target: String, source: StoreError },
 }
 
 /// A bucket and root prefix, resolved and reachable: shared by every shard of a mount.
@@ -148,11 +234,10 @@ impl S3Target {
 
     /// One cheap request (ListObjectsV2, max-keys=1, under `{rootPrefix}/Data/`) that proves
     /// endpoint, region, bucket and credentials before mounting. Runs on a short-lived glommio
-    /// thread with the same client the shards use. `Ok(Some(warning))`: usable, with a caveat.
-    /// The error is the message to show (tests match on its text).
-    pub fn probe(self: &Arc<Self>) -> Result<Option<String>, String> {
-        self.on_probe_thread(|store| async move { store.probe().await })
-            .unwrap_or_else(|e| Err(e.to_string()))
+    /// thread with the same client the shards use. `Ok(Some(warning))`: usable, with a caveat
+    /// to log. Fails with [`S3StartError::Probe`] when the answer rules the store out.
+    pub fn probe(self: &Arc<Self>) -> Result<Option<String>, S3StartError> {
+        Ok(self.on_probe_thread(|store| async move { store.probe().await })??)
     }
 
     /// Checks that the manifest's objects are where the mount will look (`hashes`: a few of
@@ -510,7 +595,8 @@ impl S3Store {
     }
 
     /// ListObjectsV2 with max-keys=1 under `{rootPrefix}/Data/`; see [`S3Target::probe`].
-    async fn probe(&self) -> Result<Option<String>, String> {
+    /// `Ok(Some(warning))`: usable, but the credentials may not list the bucket.
+    async fn probe(&self) -> Result<Option<String>, ProbeError> {
         let prefix = format!("{}Data/", self.target_prefix());
         let bucket_path = if self.target.endpoint.path_style {
             format!("/{}", encode_key(&self.target.bucket))
@@ -537,16 +623,13 @@ impl S3Store {
                 |response| {
                     let r = match response {
                         Ok(r) => r,
-                        Err(HttpError::Connect(addr, e)) => {
-                            return Outcome::Fail(format!(
-                                "cannot connect to the S3 endpoint {} ({addr}): {e}; check {}",
-                                t.endpoint.origin(),
-                                if custom {
-                                    "--endpoint-url / AWS_ENDPOINT_URL_S3 and that the server is running"
-                                } else {
-                                    "--region, --endpoint-url / AWS_ENDPOINT_URL_S3 and the network"
-                                }
-                            ))
+                        Err(HttpError::Connect(addr, source)) => {
+                            return Outcome::Fail(ProbeError::Connect {
+                                origin: t.endpoint.origin(),
+                                addr,
+                                source,
+                                custom_endpoint: custom,
+                            })
                         }
                         Err(e) => return Outcome::Retry(e.to_string()),
                     };
@@ -560,30 +643,26 @@ impl S3Store {
                         .bucket_region
                         .clone()
                         .or_else(|| xml_field(&r.body, "Region"));
+                    let target = where_.clone();
+                    let bucket = t.bucket.clone();
                     match (status, code.as_str()) {
-                        (403, "InvalidAccessKeyId") => Outcome::Fail(format!(
-                            "{where_}: the access key id is not known to the server: the \
-                             credentials are wrong (check AWS_ACCESS_KEY_ID / --profile)"
-                        )),
-                        (403, "SignatureDoesNotMatch") => Outcome::Fail(format!(
-                            "{where_}: the request signature does not match: the secret access \
-                             key is wrong for this access key id (check AWS_SECRET_ACCESS_KEY / --profile)"
-                        )),
+                        (403, "InvalidAccessKeyId") => {
+                            Outcome::Fail(ProbeError::UnknownAccessKey { target })
+                        }
+                        (403, "SignatureDoesNotMatch") => {
+                            Outcome::Fail(ProbeError::SignatureMismatch { target })
+                        }
                         (400 | 403, "ExpiredToken" | "InvalidToken" | "TokenRefreshRequired") => {
-                            Outcome::Fail(format!(
-                                "{where_}: the session token is expired or invalid ({code}): refresh the \
-                                 credentials (e.g. `aws sso login`)"
-                            ))
+                            Outcome::Fail(ProbeError::BadSessionToken { target, code })
                         }
                         (403, "AccessDenied") => Outcome::Done(Some(format!(
                             "{where_}: the credentials may not list the bucket (s3:ListBucket); \
                              reads will still work, but a missing object will read as \
                              'access denied' rather than 'not found'"
                         ))),
-                        (404, "NoSuchBucket") | (404, "") => Outcome::Fail(format!(
-                            "{where_}: bucket {} does not exist: check --s3 / --bucket",
-                            t.bucket
-                        )),
+                        (404, "NoSuchBucket") | (404, "") => {
+                            Outcome::Fail(ProbeError::NoSuchBucket { target, bucket })
+                        }
                         (301 | 307 | 400, _)
                             if region_hint.is_some()
                                 || matches!(
@@ -594,36 +673,45 @@ impl S3Store {
                                 ) =>
                         {
                             Outcome::Fail(match region_hint {
-                                Some(right) if right != t.region => format!(
-                                    "{where_}: bucket {} is in region {right}: pass --region {right}",
-                                    t.bucket
-                                ),
-                                _ => format!(
-                                    "{where_}: wrong region for bucket {} ({status} {code}: {message}): \
-                                     pass the bucket's --region",
-                                    t.bucket
-                                ),
+                                Some(region) if region != t.region => ProbeError::BucketInRegion {
+                                    target,
+                                    bucket,
+                                    region,
+                                },
+                                _ => ProbeError::WrongRegion {
+                                    target,
+                                    bucket,
+                                    status,
+                                    code,
+                                    message,
+                                },
                             })
                         }
-                        (403, _) => Outcome::Fail(format!(
-                            "{where_}: access denied ({code}: {message}): check the credentials \
-                             and their permissions on the bucket"
-                        )),
+                        (403, _) => Outcome::Fail(ProbeError::AccessDenied {
+                            target,
+                            code,
+                            message,
+                        }),
                         _ if retryable_status(status, &code) => {
                             Outcome::Retry(format!("{status} {code}"))
                         }
-                        _ => Outcome::Fail(format!(
-                            "{where_}: the server answered {status} {code} {message}"
-                        )),
+                        _ => Outcome::Fail(ProbeError::Unexpected {
+                            target,
+                            status,
+                            code,
+                            message,
+                        }),
                     }
                 },
             )
             .await;
-        match result {
-            Ok(warning) => Ok(warning),
-            Err(RetryError::Fail(message)) => Err(message),
-            Err(RetryError::Exhausted(e)) => Err(format!("{where_}: {e}")),
-        }
+        result.map_err(|e| match e {
+            RetryError::Fail(refused) => refused,
+            RetryError::Exhausted(source) => ProbeError::Unavailable {
+                target: where_,
+                source,
+            },
+        })
     }
 
     /// Whether object `hash` exists (HEAD, then the key without `.xxh128`, as reads do);
@@ -708,10 +796,10 @@ impl S3Store {
         for attempt in 1..=tuning.max_attempts {
             let head = match self.request_head(method, path, headers, &payload) {
                 Ok(head) => head,
-                Err(message) => {
+                Err(unsigned) => {
                     return Err(RetryError::Exhausted(StoreError::Io {
                         location: location.to_path_buf(),
-                        source: std::io::Error::other(message),
+                        source: std::io::Error::other(unsigned),
                     }))
                 }
             };
@@ -778,7 +866,7 @@ impl S3Store {
         path: &str,
         headers: &[(&str, &str)],
         payload: &Payload<'_>,
-    ) -> Result<String, String> {
+    ) -> Result<String, SignError> {
         let identity = self.target.shared.identity.load();
         let url = format!("{}{path}", self.origin);
         let signed = sign_request(
@@ -888,5 +976,124 @@ mod tests {
             xml_field(b"<Region>eu-west-1</Region>", "Region").as_deref(),
             Some("eu-west-1")
         );
+    }
+
+    /// The start-up messages, word for word as before they were typed (tests elsewhere and
+    /// users' scripts match on them).
+    #[test]
+    fn probe_errors_keep_their_wording() {
+        let target = || "s3://b/r (region us-east-1, endpoint http://h:9000)".to_string();
+        let t = "s3://b/r (region us-east-1, endpoint http://h:9000)";
+        let cases = [
+            (
+                ProbeError::Connect {
+                    origin: "http://h:9000".into(),
+                    addr: "127.0.0.1:9000".parse().unwrap(),
+                    source: std::io::Error::other("refused"),
+                    custom_endpoint: true,
+                },
+                "cannot connect to the S3 endpoint http://h:9000 (127.0.0.1:9000): refused; check \
+                 --endpoint-url / AWS_ENDPOINT_URL_S3 and that the server is running"
+                    .to_string(),
+            ),
+            (
+                ProbeError::Connect {
+                    origin: "https://s3.us-east-1.amazonaws.com".into(),
+                    addr: "127.0.0.1:443".parse().unwrap(),
+                    source: std::io::Error::other("refused"),
+                    custom_endpoint: false,
+                },
+                "cannot connect to the S3 endpoint https://s3.us-east-1.amazonaws.com \
+                 (127.0.0.1:443): refused; check --region, --endpoint-url / AWS_ENDPOINT_URL_S3 \
+                 and the network"
+                    .to_string(),
+            ),
+            (
+                ProbeError::UnknownAccessKey { target: target() },
+                format!(
+                    "{t}: the access key id is not known to the server: the credentials are \
+                     wrong (check AWS_ACCESS_KEY_ID / --profile)"
+                ),
+            ),
+            (
+                ProbeError::SignatureMismatch { target: target() },
+                format!(
+                    "{t}: the request signature does not match: the secret access key is wrong \
+                     for this access key id (check AWS_SECRET_ACCESS_KEY / --profile)"
+                ),
+            ),
+            (
+                ProbeError::BadSessionToken {
+                    target: target(),
+                    code: "ExpiredToken".into(),
+                },
+                format!(
+                    "{t}: the session token is expired or invalid (ExpiredToken): refresh the \
+                     credentials (e.g. `aws sso login`)"
+                ),
+            ),
+            (
+                ProbeError::NoSuchBucket {
+                    target: target(),
+                    bucket: "b".into(),
+                },
+                format!("{t}: bucket b does not exist: check --s3 / --bucket"),
+            ),
+            (
+                ProbeError::BucketInRegion {
+                    target: target(),
+                    bucket: "b".into(),
+                    region: "eu-west-1".into(),
+                },
+                format!("{t}: bucket b is in region eu-west-1: pass --region eu-west-1"),
+            ),
+            (
+                ProbeError::WrongRegion {
+                    target: target(),
+                    bucket: "b".into(),
+                    status: 301,
+                    code: "PermanentRedirect".into(),
+                    message: "Use the right endpoint.".into(),
+                },
+                format!(
+                    "{t}: wrong region for bucket b (301 PermanentRedirect: Use the right \
+                     endpoint.): pass the bucket's --region"
+                ),
+            ),
+            (
+                ProbeError::AccessDenied {
+                    target: target(),
+                    code: "AllAccessDisabled".into(),
+                    message: "All access disabled".into(),
+                },
+                format!(
+                    "{t}: access denied (AllAccessDisabled: All access disabled): check the \
+                     credentials and their permissions on the bucket"
+                ),
+            ),
+            (
+                ProbeError::Unexpected {
+                    target: target(),
+                    status: 501,
+                    code: "NotImplemented".into(),
+                    message: "nope".into(),
+                },
+                format!("{t}: the server answered 501 NotImplemented nope"),
+            ),
+        ];
+        for (error, expected) in cases {
+            assert_eq!(error.to_string(), expected);
+        }
+        let exhausted = StoreError::Unavailable {
+            location: PathBuf::from("s3://b/r/Data/"),
+            attempts: 3,
+            last: "503 SlowDown".into(),
+        };
+        let expected = format!("{t}: {exhausted}");
+        let unavailable = ProbeError::Unavailable {
+            target: target(),
+            source: exhausted,
+        };
+        assert_eq!(unavailable.to_string(), expected);
     }
 }

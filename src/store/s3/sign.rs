@@ -4,10 +4,11 @@
 use std::time::SystemTime;
 
 use aws_sigv4::http_request::{
-    sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningSettings,
-    UriPathNormalizationMode,
+    sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest, SigningError,
+    SigningSettings, UriPathNormalizationMode,
 };
 use aws_sigv4::sign::v4;
+use aws_sigv4::sign::v4::signing_params::BuildError;
 use aws_smithy_runtime_api::client::identity::Identity;
 
 /// SHA-256 of the empty payload: GET and HEAD bodies, so they need no hashing per request.
@@ -20,6 +21,21 @@ pub enum Payload<'a> {
     Empty,
     /// Hashed into `x-amz-content-sha256` (small uploads).
     Bytes(&'a [u8]),
+}
+
+/// Why a request could not be signed: a local failure (nothing was sent), never worth a retry.
+#[derive(Debug, thiserror::Error)]
+pub enum SignError {
+    /// The identity, region or time cannot make SigV4 parameters.
+    #[error("signing parameters: {0}")]
+    Params(#[source] BuildError),
+    /// `aws-sigv4` refused the request itself (URL, headers, identity type).
+    #[error("cannot sign {method} {url}: {source}")]
+    Request {
+        method: String,
+        url: String,
+        source: SigningError,
+    },
 }
 
 /// Signs one request and returns the headers to add (`authorization`, `x-amz-date`,
@@ -35,7 +51,7 @@ pub fn sign_request(
     identity: &Identity,
     region: &str,
     time: SystemTime,
-) -> Result<Vec<(&'static str, String)>, String> {
+) -> Result<Vec<(&'static str, String)>, SignError> {
     let mut settings = SigningSettings::default();
     // S3 signs the path as sent (no double encoding, no dot-segment normalisation) and wants the
     // payload hash as a header.
@@ -49,17 +65,20 @@ pub fn sign_request(
         .time(time)
         .settings(settings)
         .build()
-        .map_err(|e| format!("signing parameters: {e}"))?
+        .map_err(SignError::Params)?
         .into();
     let body = match payload {
         Payload::Empty => SignableBody::Precomputed(EMPTY_PAYLOAD_SHA256.to_string()),
         Payload::Bytes(bytes) => SignableBody::Bytes(bytes),
     };
-    let request = SignableRequest::new(method, url, headers.iter().copied(), body)
-        .map_err(|e| format!("cannot sign {method} {url}: {e}"))?;
-    let (instructions, _signature) = sign(request, &params)
-        .map_err(|e| format!("cannot sign {method} {url}: {e}"))?
-        .into_parts();
+    let refused = |source| SignError::Request {
+        method: method.to_owned(),
+        url: url.to_owned(),
+        source,
+    };
+    let request =
+        SignableRequest::new(method, url, headers.iter().copied(), body).map_err(refused)?;
+    let (instructions, _signature) = sign(request, &params).map_err(refused)?.into_parts();
     let (headers, _params) = instructions.into_parts();
     Ok(headers
         .into_iter()
