@@ -248,6 +248,46 @@ impl<M: Send + 'static> std::fmt::Debug for Shards<M> {
 /// Start-up report from a shard thread.
 type Ready = Result<(), ShardFailureCause>;
 
+/// Why [`run_on_one_shard`] produced no result.
+#[derive(Debug, thiserror::Error)]
+pub enum RunOneError {
+    /// The shard did not start.
+    #[error(transparent)]
+    Start(#[from] StartError),
+    /// The body panicked (the panic is in `source`).
+    #[error("the shard's body did not finish: {0}")]
+    Body(#[source] ShutdownError),
+}
+
+/// Runs `body` on one fresh shard made from `config` (its `shards` is taken as 1) and returns
+/// the body's output once the shard has shut down: an executor and a pool for one job, as tools
+/// and tests need them.
+pub fn run_on_one_shard<T, F, Fut>(config: &ShardConfig, body: F) -> Result<T, RunOneError>
+where
+    T: Send + 'static,
+    F: FnOnce(BufferPool) -> Fut + Send + 'static,
+    Fut: Future<Output = T> + 'static,
+{
+    let (tx, rx) = flume::bounded(1);
+    // `start` takes a body it may call per shard (`Fn`); this one runs once, on the one shard.
+    let slot = std::sync::Mutex::new(Some((body, tx)));
+    let config = ShardConfig {
+        shards: 1,
+        ..*config
+    };
+    let shards = Shards::<()>::start(&config, move |ctx, _mailbox| {
+        let taken = slot.lock().ok().and_then(|mut slot| slot.take());
+        async move {
+            if let Some((body, tx)) = taken {
+                let _ = tx.send(body(ctx.pool.clone()).await);
+            }
+        }
+    })?;
+    let output = rx.recv();
+    shards.shutdown().map_err(RunOneError::Body)?;
+    Ok(output.expect("a body that did not panic sent its output"))
+}
+
 impl<M: Send + 'static> Shards<M> {
     /// Starts `config.shards` pinned executors, builds each one's arena and pool, and runs
     /// `body(ctx, mailbox)` on each. Returns once every shard is ready (bodies have not

@@ -3,9 +3,9 @@
 
 use std::fs::File;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use mount_vfs_executors::{BufferPool, HugepageMode, ShardConfig, Shards};
+use mount_vfs_executors::{run_on_one_shard, BufferPool, HugepageMode, ShardConfig};
 
 use super::request::{
     AttrReply, Attributes, BackingFile, BytesReply, DirPlusReply, DirReply, EmptyReply, EntryReply,
@@ -189,26 +189,11 @@ where
     F: FnOnce(BufferPool) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = T> + 'static,
 {
-    let (tx, rx) = mpsc::channel();
-    let slot = Mutex::new(Some((body, tx)));
-    let shards = Shards::<()>::start(
-        &ShardConfig {
-            shards: 1,
-            io_memory_per_shard: pool_bytes,
-            hugepages: HugepageMode::Off,
-            spin_before_park: std::time::Duration::ZERO,
-        },
-        move |ctx, _mailbox| {
-            let taken = slot.lock().unwrap().take();
-            async move {
-                if let Some((body, tx)) = taken {
-                    let _ = tx.send(body(ctx.pool.clone()).await);
-                }
-            }
-        },
-    )
-    .expect("start a shard");
-    let result = rx.recv().expect("the shard body panicked");
-    shards.shutdown().expect("shard shutdown");
-    result
+    let config = ShardConfig {
+        shards: 1,
+        io_memory_per_shard: pool_bytes,
+        hugepages: HugepageMode::Off,
+        spin_before_park: std::time::Duration::ZERO,
+    };
+    run_on_one_shard(&config, body).expect("the shard ran the body")
 }

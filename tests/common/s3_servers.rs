@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use mount_vfs::manifest::Hash;
 use mount_vfs::store::s3::{CredentialSource, S3Config, S3Tuning};
-use mount_vfs_executors::{BufferPool, HugepageMode, ShardConfig, Shards};
+use mount_vfs_executors::{run_on_one_shard, BufferPool, HugepageMode, ShardConfig};
 
 /// Environment for a mount_vfs daemon on moto: fixed keys, no metadata-service lookups.
 pub const MOUNT_ENV: [(&str, &str); 4] = [
@@ -389,28 +389,13 @@ where
     F: FnOnce(BufferPool) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = T> + 'static,
 {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let slot = Mutex::new(Some((body, tx)));
-    let shards = Shards::<()>::start(
-        &ShardConfig {
-            shards: 1,
-            io_memory_per_shard: 128 << 20,
-            hugepages: HugepageMode::Off,
-            spin_before_park: std::time::Duration::ZERO,
-        },
-        move |ctx, _mailbox| {
-            let taken = slot.lock().unwrap().take();
-            async move {
-                if let Some((body, tx)) = taken {
-                    let _ = tx.send(body(ctx.pool.clone()).await);
-                }
-            }
-        },
-    )
-    .expect("start a shard");
-    let result = rx.recv().expect("the shard body panicked");
-    shards.shutdown().expect("shard shutdown");
-    result
+    let config = ShardConfig {
+        shards: 1,
+        io_memory_per_shard: 128 << 20,
+        hugepages: HugepageMode::Off,
+        spin_before_park: std::time::Duration::ZERO,
+    };
+    run_on_one_shard(&config, body).expect("the shard ran the body")
 }
 
 /// Creates `bucket` on a SigV4-checking server with boto3 from the moto venv.
