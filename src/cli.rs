@@ -162,6 +162,10 @@ pub struct MountArgs {
     /// Print per-shard counters every second, and a summary at unmount.
     #[arg(long, help_heading = "Mount")]
     pub stats: bool,
+    /// Serve Prometheus/OpenMetrics metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9464;
+    /// docs/metrics.md lists them).
+    #[arg(long, value_name = "HOST:PORT", help_heading = "Mount")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Let users other than the mounting one access the mount.
     #[arg(long, help_heading = "Mount")]
     pub allow_other: bool,

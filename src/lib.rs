@@ -11,6 +11,7 @@
 pub mod cli;
 pub mod fs;
 pub mod manifest;
+pub mod metrics;
 pub mod mount;
 pub mod namespace;
 pub mod signals;

@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use mount_vfs_executors::ShardSender;
 
 use super::error::FsError;
+use super::op_counters::{Op, OpCounters};
 use super::request::{fail, Attributes, DirPlusReply, DirReply, Open, Request, StatFs};
 use super::shard::ShardRequest;
 use crate::namespace::{owner, Attr, Ino, Namespace, NodeKind};
@@ -25,18 +26,25 @@ pub const PREFERRED_IO_SIZE: u32 = 1 << 20;
 pub struct Dispatcher {
     namespace: Arc<Namespace>,
     shards: Vec<ShardSender<ShardRequest>>,
+    ops: Arc<OpCounters>,
     /// Every file belongs to the user that mounted it.
     uid: u32,
     gid: u32,
 }
 
 impl Dispatcher {
-    pub fn new(namespace: Arc<Namespace>, shards: Vec<ShardSender<ShardRequest>>) -> Dispatcher {
+    /// `ops` counts every request and failure (shared with the shards, which count theirs).
+    pub fn new(
+        namespace: Arc<Namespace>,
+        shards: Vec<ShardSender<ShardRequest>>,
+        ops: Arc<OpCounters>,
+    ) -> Dispatcher {
         // SAFETY: getuid/getgid cannot fail and have no preconditions.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
         Dispatcher {
             namespace,
             shards,
+            ops,
             uid,
             gid,
         }
@@ -44,6 +52,7 @@ impl Dispatcher {
 
     /// Serves `request`: answers it here or hands it to its owner shard.
     pub fn dispatch(&self, request: Request<'_>) {
+        self.ops.request(request.op());
         match request {
             Request::Lookup {
                 parent,
@@ -51,19 +60,25 @@ impl Dispatcher {
                 reply,
             } => match self.lookup(parent, name) {
                 Ok(attributes) => reply.entry(&attributes),
-                Err(error) => fail(reply, "lookup", parent, error),
+                Err(error) => fail(&self.ops, reply, Op::Lookup, parent, error),
             },
             Request::GetAttr { ino, reply } => match self.attributes(ino) {
                 Ok(attributes) => reply.attr(&attributes),
-                Err(error) => fail(reply, "getattr", ino, error),
+                Err(error) => fail(&self.ops, reply, Op::GetAttr, ino, error),
             },
             Request::ReadLink { ino, reply } => match self.namespace.readlink(ino) {
                 Some(target) => reply.bytes(target),
-                None => fail(reply, "readlink", ino, FsError::NotSymbolicLink),
+                None => fail(
+                    &self.ops,
+                    reply,
+                    Op::ReadLink,
+                    ino,
+                    FsError::NotSymbolicLink,
+                ),
             },
             Request::Open(open) => match self.check_open(&open) {
                 Ok(()) => self.route(open.ino, ShardRequest::Open(open)),
-                Err(error) => fail(open.reply, "open", open.ino, error),
+                Err(error) => fail(&self.ops, open.reply, Op::Open, open.ino, error),
             },
             Request::Read(read) => self.route(read.ino, ShardRequest::Read(read)),
             Request::Release(release) => self.route(release.ino, ShardRequest::Release(release)),
@@ -71,7 +86,7 @@ impl Dispatcher {
             Request::Flush { reply, .. } | Request::ReleaseDir { reply, .. } => reply.ok(),
             Request::OpenDir { ino, reply } => match self.directory(ino) {
                 Ok(()) => reply.opened(0),
-                Err(error) => fail(reply, "opendir", ino, error),
+                Err(error) => fail(&self.ops, reply, Op::OpenDir, ino, error),
             },
             Request::ReadDir {
                 ino,
@@ -82,7 +97,7 @@ impl Dispatcher {
                     self.list(ino, offset, &mut *reply);
                     reply.ok();
                 }
-                Err(error) => fail(reply, "readdir", ino, error),
+                Err(error) => fail(&self.ops, reply, Op::ReadDir, ino, error),
             },
             Request::ReadDirPlus {
                 ino,
@@ -93,24 +108,24 @@ impl Dispatcher {
                     self.list_plus(ino, offset, &mut *reply);
                     reply.ok();
                 }
-                Err(error) => fail(reply, "readdirplus", ino, error),
+                Err(error) => fail(&self.ops, reply, Op::ReadDirPlus, ino, error),
             },
             Request::StatFs { reply } => reply.statfs(&self.statfs()),
             Request::Access { ino, mask, reply } => match self.access(ino, mask) {
                 Ok(()) => reply.ok(),
-                Err(error) => fail(reply, "access", ino, error),
+                Err(error) => fail(&self.ops, reply, Op::Access, ino, error),
             },
             Request::GetXattr { ino, reply, .. } => match self.attributes(ino) {
                 // No file has extended attributes.
-                Ok(_) => fail(reply, "getxattr", ino, FsError::NoAttribute),
-                Err(error) => fail(reply, "getxattr", ino, error),
+                Ok(_) => fail(&self.ops, reply, Op::GetXattr, ino, FsError::NoAttribute),
+                Err(error) => fail(&self.ops, reply, Op::GetXattr, ino, error),
             },
             Request::ListXattr { ino, size, reply } => match self.attributes(ino) {
                 // No attributes: the list is empty, whether the caller asks for its size or
                 // content.
                 Ok(_) if size == 0 => reply.size(0),
                 Ok(_) => reply.data(&[]),
-                Err(error) => fail(reply, "listxattr", ino, error),
+                Err(error) => fail(&self.ops, reply, Op::ListXattr, ino, error),
             },
         }
     }
@@ -121,7 +136,7 @@ impl Dispatcher {
         let shard = owner(ino, self.shards.len());
         if let Err(unsent) = self.shards[shard].send(request) {
             tracing::warn!(shard, ino, "shard mailbox closed; request failed");
-            unsent.msg.fail(FsError::ShuttingDown);
+            unsent.msg.fail(&self.ops, FsError::ShuttingDown);
         }
     }
 
@@ -256,7 +271,7 @@ mod tests {
 
     fn dispatcher() -> (Dispatcher, Arc<Namespace>) {
         let ns = namespace(&[("a", b"hello"), ("b", b"")]);
-        (Dispatcher::new(ns.clone(), Vec::new()), ns)
+        (Dispatcher::new(ns.clone(), Vec::new(), Arc::default()), ns)
     }
 
     fn lookup(d: &Dispatcher, parent: Ino, name: &str) -> Result<Attributes, FsError> {
@@ -424,7 +439,8 @@ mod tests {
         shards.shutdown().unwrap();
         let ns = namespace(&[("a", b"x")]);
         let a = ns.lookup(ROOT_INO, b"a").unwrap();
-        let d = Dispatcher::new(ns, vec![sender]);
+        let ops = Arc::new(OpCounters::default());
+        let d = Dispatcher::new(ns, vec![sender], ops.clone());
         let (reply, answer) = capture::<Vec<u8>>();
         d.dispatch(Request::Read(Read {
             ino: a,
@@ -435,5 +451,8 @@ mod tests {
         }));
         let error = answer.try_recv().unwrap().unwrap_err();
         assert_eq!((error, error.errno()), (FsError::ShuttingDown, libc::EIO));
+        assert_eq!(ops.requests(Op::Read), 1);
+        let failures: Vec<_> = ops.failures(Op::Read).collect();
+        assert_eq!(failures, [(FsError::ShuttingDown, 1)]);
     }
 }

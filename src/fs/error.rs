@@ -40,6 +40,37 @@ pub enum FsError {
 }
 
 impl FsError {
+    /// Every variant, in declaration order (`error as usize` indexes it).
+    pub const ALL: [FsError; 11] = [
+        FsError::NotFound,
+        FsError::NotDirectory,
+        FsError::IsDirectory,
+        FsError::SymbolicLink,
+        FsError::NotSymbolicLink,
+        FsError::ReadOnly,
+        FsError::NoAttribute,
+        FsError::Store,
+        FsError::StoreDenied,
+        FsError::Corrupt,
+        FsError::ShuttingDown,
+    ];
+
+    /// The errno's symbolic name, for metrics labels.
+    pub fn errno_name(self) -> &'static str {
+        match self.errno() {
+            libc::ENOENT => "ENOENT",
+            libc::ENOTDIR => "ENOTDIR",
+            libc::EISDIR => "EISDIR",
+            libc::ELOOP => "ELOOP",
+            libc::EINVAL => "EINVAL",
+            libc::EROFS => "EROFS",
+            libc::ENODATA => "ENODATA",
+            libc::EACCES => "EACCES",
+            libc::EIO => "EIO",
+            _ => "unknown",
+        }
+    }
+
     /// The errno a reader sees.
     pub fn errno(self) -> i32 {
         match self {
@@ -88,6 +119,19 @@ impl From<&StoreError> for FsError {
             | StoreError::WrongSize { .. }
             | StoreError::Io { .. }
             | StoreError::Unavailable { .. } => FsError::Store,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_lists_every_variant_in_order_with_a_named_errno() {
+        for (index, error) in FsError::ALL.into_iter().enumerate() {
+            assert_eq!(error as usize, index);
+            assert_ne!(error.errno_name(), "unknown", "{error:?}");
         }
     }
 }

@@ -9,11 +9,13 @@
 //! - [`request`]: typed requests and the reply traits a transport implements.
 //! - [`verified`]: [`VerifiedBlock`], the only bytes a read reply can carry.
 //! - [`error`]: [`FsError`], its errno and log level.
+//! - [`op_counters`]: requests and failures per operation ([`OpCounters`]), for metrics.
 //!
 //! Nothing here knows fuser; `crate::transport::fuser` converts its requests and replies.
 
 pub mod dispatch;
 pub mod error;
+pub mod op_counters;
 pub mod request;
 pub mod shard;
 pub mod verified;
@@ -23,4 +25,5 @@ mod testing;
 
 pub use dispatch::{Dispatcher, PREFERRED_IO_SIZE};
 pub use error::FsError;
+pub use op_counters::{Op, OpCounters};
 pub use verified::{BlockDigests, Gather, ObjectHasher, ReadData, VerifiedBlock, VerifiedObject};

@@ -10,6 +10,7 @@ use std::fs::File;
 use std::time::{Duration, SystemTime};
 
 use super::error::FsError;
+use super::op_counters::{Op, OpCounters};
 use super::verified::ReadData;
 use crate::namespace::{Ino, NodeKind};
 
@@ -75,6 +76,28 @@ pub enum Request<'a> {
         size: u32,
         reply: Box<dyn XattrReply>,
     },
+}
+
+impl Request<'_> {
+    pub fn op(&self) -> Op {
+        match self {
+            Request::Lookup { .. } => Op::Lookup,
+            Request::GetAttr { .. } => Op::GetAttr,
+            Request::ReadLink { .. } => Op::ReadLink,
+            Request::Open(_) => Op::Open,
+            Request::Read(_) => Op::Read,
+            Request::Release(_) => Op::Release,
+            Request::Flush { .. } => Op::Flush,
+            Request::OpenDir { .. } => Op::OpenDir,
+            Request::ReadDir { .. } => Op::ReadDir,
+            Request::ReadDirPlus { .. } => Op::ReadDirPlus,
+            Request::ReleaseDir { .. } => Op::ReleaseDir,
+            Request::StatFs { .. } => Op::StatFs,
+            Request::Access { .. } => Op::Access,
+            Request::GetXattr { .. } => Op::GetXattr,
+            Request::ListXattr { .. } => Op::ListXattr,
+        }
+    }
 }
 
 /// Open a file. Served by the inode's owner shard.
@@ -202,10 +225,11 @@ pub trait XattrReply: Reply {
     fn data(self: Box<Self>, bytes: &[u8]);
 }
 
-/// Fails `request` (named `op`, about `ino`) with `error`, logged at the error's level: the one
-/// place a failed request is logged, whichever layer failed it.
-pub fn fail(reply: Box<dyn Reply>, op: &'static str, ino: Ino, error: FsError) {
-    let errno = error.errno();
+/// Fails a request (`op` about `ino`) with `error`: the one place a failed request is counted
+/// and logged (at the error's level), whichever layer failed it.
+pub fn fail(counters: &OpCounters, reply: Box<dyn Reply>, op: Op, ino: Ino, error: FsError) {
+    counters.failure(op, error);
+    let (op, errno) = (op.name(), error.errno());
     if error.log_level() == tracing::Level::TRACE {
         tracing::trace!(op, ino, errno, "{error}");
     } else {

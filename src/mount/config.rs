@@ -49,6 +49,8 @@ pub struct MountConfig {
     /// Mount on a directory with entries (hidden while mounted).
     pub allow_non_empty: bool,
     /// Print per-shard counters every second while they change, and at unmount.
+    /// `--metrics-addr`: where to serve `/metrics`.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     pub stats: bool,
 }
 
@@ -104,6 +106,7 @@ impl TryFrom<MountArgs> for MountConfig {
             allow_other: args.allow_other,
             allow_non_empty: args.allow_non_empty,
             stats: args.stats,
+            metrics_addr: args.metrics_addr,
         })
     }
 }

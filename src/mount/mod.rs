@@ -26,6 +26,7 @@ use self::mountpoint::{MountpointLock, Unmounted};
 use crate::fs::shard::{run_shard, CounterSnapshot, ServiceConfig, ShardCounters};
 use crate::fs::Dispatcher;
 use crate::manifest::Manifest;
+use crate::metrics::{self, MetricSources, MetricsError};
 use crate::namespace::Namespace;
 use crate::signals::Signals;
 use crate::store::s3::{S3ConfigError, S3StartError};
@@ -60,6 +61,9 @@ pub enum MountError {
     /// The FUSE session did not start.
     #[error(transparent)]
     Session(#[from] SessionError),
+    /// `--metrics-addr` cannot be served.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     /// `--cache-dir` cannot hold a disk cache: a usage mistake.
     #[error(transparent)]
     CacheDir(#[from] CacheDirError),
@@ -217,11 +221,13 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         block_size: config.part_size,
         disk_cache: disk_cache.clone(),
         passthrough: Arc::default(),
+        ops: Arc::default(),
     };
     let passthrough = config
         .cache_dir
         .is_some()
         .then(|| service.passthrough.clone());
+    let ops = service.ops.clone();
     let shard_counters = counters.clone();
     let executors = Shards::start(&shard_config, move |ctx, mailbox| {
         let counters = shard_counters[ctx.id].clone();
@@ -230,7 +236,15 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
     .map_err(|e| MountError::Runtime(format!("cannot start shards: {e}")))?;
 
     let senders: Vec<_> = (0..shards).map(|i| executors.sender(i).clone()).collect();
-    let dispatcher = Dispatcher::new(namespace.clone(), senders);
+    if let Some(addr) = config.metrics_addr {
+        let sources = MetricSources {
+            shards: counters.clone(),
+            pools: executors.stats().to_vec(),
+            ops: ops.clone(),
+        };
+        metrics::serve(addr, sources)?;
+    }
+    let dispatcher = Dispatcher::new(namespace.clone(), senders, ops);
     let options = SessionOptions {
         allow_other: config.allow_other,
         threads: shards,

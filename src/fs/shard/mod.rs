@@ -61,7 +61,7 @@ use std::sync::Arc;
 use mount_vfs_executors::{BufferPool, Mailbox, ShardContext};
 
 use super::request::{fail, Open, Read, Release};
-use super::FsError;
+use super::{FsError, Op, OpCounters};
 use crate::namespace::{owner, Ino, Namespace};
 use crate::store::{DiskCache, DiskCacheConfig, ObjectStore, StoreConfig};
 
@@ -89,11 +89,13 @@ impl ShardRequest {
     }
 
     /// Answers the request with `error` (the shard is gone).
-    pub fn fail(self, error: FsError) {
+    pub fn fail(self, ops: &OpCounters, error: FsError) {
         match self {
-            ShardRequest::Open(open) => fail(open.reply, "open", open.ino, error),
-            ShardRequest::Read(read) => fail(read.reply, "read", read.ino, error),
-            ShardRequest::Release(release) => fail(release.reply, "release", release.ino, error),
+            ShardRequest::Open(open) => fail(ops, open.reply, Op::Open, open.ino, error),
+            ShardRequest::Read(read) => fail(ops, read.reply, Op::Read, read.ino, error),
+            ShardRequest::Release(release) => {
+                fail(ops, release.reply, Op::Release, release.ino, error)
+            }
         }
     }
 }
@@ -109,6 +111,8 @@ pub struct ServiceConfig {
     pub disk_cache: Option<DiskCacheConfig>,
     /// Set by the transport once the kernel agreed to passthrough at INIT.
     pub passthrough: Arc<AtomicBool>,
+    /// Requests and failures per operation, shared with the dispatcher.
+    pub ops: Arc<OpCounters>,
 }
 
 /// Everything one shard owns. See the module docs for the rules.
@@ -119,6 +123,7 @@ pub struct FileService {
     block_size: u64,
     namespace: Arc<Namespace>,
     counters: Arc<ShardCounters>,
+    ops: Arc<OpCounters>,
     pool: BufferPool,
     store: Rc<dyn ObjectStore>,
     disk_cache: Option<DiskCache>,
@@ -140,6 +145,7 @@ pub struct ServiceParts {
     pub disk_cache: Option<DiskCache>,
     pub passthrough: Arc<AtomicBool>,
     pub counters: Arc<ShardCounters>,
+    pub ops: Arc<OpCounters>,
 }
 
 impl FileService {
@@ -152,6 +158,7 @@ impl FileService {
             block_size: parts.block_size,
             namespace: parts.namespace,
             counters: parts.counters,
+            ops: parts.ops,
             pool: parts.pool,
             store: parts.store,
             disk_cache: parts.disk_cache,
@@ -181,7 +188,7 @@ impl FileService {
                     }
                     Err(error) => {
                         c.add(&c.errors, 1);
-                        fail(read.reply, "read", read.ino, error);
+                        fail(&self.ops, read.reply, Op::Read, read.ino, error);
                     }
                 }
             }
@@ -209,6 +216,7 @@ pub async fn run_shard(
             .map(|cache| DiskCache::new(cache, ctx.id)),
         passthrough: config.passthrough,
         counters,
+        ops: config.ops,
     });
     while let Some(request) = mailbox.recv().await {
         glommio::spawn_local(service.clone().handle(request)).detach();

@@ -36,6 +36,7 @@ fn service(
         disk_cache: None,
         passthrough: Arc::new(AtomicBool::new(false)),
         counters: Arc::new(ShardCounters::default()),
+        ops: Arc::default(),
     })
 }
 

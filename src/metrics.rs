@@ -1,0 +1,206 @@
+//! `--metrics-addr HOST:PORT`: the Prometheus/OpenMetrics text endpoint (`GET /metrics`).
+//!
+//! It runs on its own control thread, never on a shard: a scrape reads the shards' relaxed
+//! atomic counters and pool statistics and the dispatch point's per-operation counts, encodes
+//! them with `prometheus-client`, and answers. Nothing on the request path knows it exists.
+//! `docs/metrics.md` lists every metric.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use mount_vfs_executors::PoolStats;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::registry::Registry;
+
+use crate::fs::shard::ShardCounters;
+use crate::fs::{Op, OpCounters};
+
+/// What a scrape reads.
+#[derive(Debug, Clone)]
+pub struct MetricSources {
+    pub shards: Vec<Arc<ShardCounters>>,
+    pub pools: Vec<Arc<PoolStats>>,
+    pub ops: Arc<OpCounters>,
+}
+
+/// The endpoint could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("--metrics-addr {addr}: cannot listen: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the metrics thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// Serves `/metrics` on `addr` until the process exits; returns the address it listens on (the
+/// port the kernel chose when `addr` asked for port 0).
+pub fn serve(addr: SocketAddr, sources: MetricSources) -> Result<SocketAddr, MetricsError> {
+    let listener = TcpListener::bind(addr).map_err(|source| MetricsError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| MetricsError::Bind { addr, source })?;
+    let mut registry = Registry::with_prefix("mount_vfs");
+    registry.register_collector(Box::new(Scrape(sources)));
+    std::thread::Builder::new()
+        .name("mount_vfs-metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Err(e) = answer(stream, &registry) {
+                    tracing::debug!("metrics request: {e}");
+                }
+            }
+        })
+        .map_err(MetricsError::Thread)?;
+    tracing::info!("metrics at http://{local}/metrics");
+    Ok(local)
+}
+
+/// Answers one HTTP/1.x request on `stream` and closes it.
+fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
+    // A scraper that connects and says nothing must not hold the only metrics thread.
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut head = Vec::with_capacity(1024);
+    let mut buffer = [0u8; 1024];
+    let path = loop {
+        let n = stream.read(&mut buffer)?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buffer[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&head) {
+            Ok(httparse::Status::Complete(_)) => {
+                break (request.method, request.path.map(str::to_owned));
+            }
+            Ok(httparse::Status::Partial) if head.len() < 16 * 1024 => continue,
+            _ => break (None, None),
+        }
+    };
+    let (status, content_type, body) = match path {
+        (Some("GET"), Some(path)) if path == "/metrics" || path.starts_with("/metrics?") => {
+            let mut text = String::new();
+            match prometheus_client::encoding::text::encode(&mut text, registry) {
+                Ok(()) => (
+                    "200 OK",
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                ),
+                Err(_) => ("500 Internal Server Error", "text/plain", String::new()),
+            }
+        }
+        (Some(_), Some(_)) => (
+            "404 Not Found",
+            "text/plain",
+            "mount_vfs serves /metrics only\n".into(),
+        ),
+        _ => ("400 Bad Request", "text/plain", String::new()),
+    };
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n\
+         connection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body.as_bytes())
+}
+
+/// Reads every source at scrape time.
+#[derive(Debug)]
+struct Scrape(MetricSources);
+
+impl Collector for Scrape {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let sources = &self.0;
+        let snapshots: Vec<_> = sources.shards.iter().map(|c| c.snapshot()).collect();
+        if let Some(first) = snapshots.first() {
+            for (index, (name, help, _)) in first.fields().enumerate() {
+                let mut metric = encoder.encode_descriptor(name, help, None, counter_type())?;
+                for (shard, snapshot) in snapshots.iter().enumerate() {
+                    let value = snapshot.fields().nth(index).map_or(0, |(_, _, v)| v);
+                    let labels = [("shard", shard.to_string())];
+                    ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
+                }
+            }
+        }
+
+        let pools: Vec<_> = sources.pools.iter().map(|p| p.snapshot()).collect();
+        let gauges: [(
+            &str,
+            &str,
+            fn(&mount_vfs_executors::PoolStatsSnapshot) -> i64,
+        ); 3] = [
+            (
+                "pool_capacity_bytes",
+                "Bytes the shard's buffer pool may hand out.",
+                |p| p.capacity as i64,
+            ),
+            (
+                "pool_in_use_bytes",
+                "Bytes of the pool held by buffers and reservations.",
+                |p| p.in_use as i64,
+            ),
+            ("pool_high_water_bytes", "Highest pool use seen.", |p| {
+                p.high_water as i64
+            }),
+        ];
+        for (name, help, value) in gauges {
+            let mut metric = encoder.encode_descriptor(name, help, None, gauge_type())?;
+            for (shard, pool) in pools.iter().enumerate() {
+                let labels = [("shard", shard.to_string())];
+                ConstGauge::new(value(pool)).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        let mut metric = encoder.encode_descriptor(
+            "pool_waits",
+            "Pool requests that had to wait for memory.",
+            None,
+            counter_type(),
+        )?;
+        for (shard, pool) in pools.iter().enumerate() {
+            let labels = [("shard", shard.to_string())];
+            ConstCounter::new(pool.waits).encode(metric.encode_family(&labels)?)?;
+        }
+
+        let mut metric = encoder.encode_descriptor(
+            "requests",
+            "Requests received, by operation.",
+            None,
+            counter_type(),
+        )?;
+        for op in Op::ALL {
+            let labels = [("op", op.name())];
+            let requests = ConstCounter::new(sources.ops.requests(op));
+            requests.encode(metric.encode_family(&labels)?)?;
+        }
+        let mut metric = encoder.encode_descriptor(
+            "request_failures",
+            "Requests answered with an error, by operation and errno.",
+            None,
+            counter_type(),
+        )?;
+        for op in Op::ALL {
+            for (error, count) in sources.ops.failures(op) {
+                let labels = [("op", op.name()), ("errno", error.errno_name())];
+                ConstCounter::new(count).encode(metric.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+fn counter_type() -> prometheus_client::metrics::MetricType {
+    ConstCounter::new(0u64).metric_type()
+}
+
+fn gauge_type() -> prometheus_client::metrics::MetricType {
+    ConstGauge::new(0i64).metric_type()
+}

@@ -1,0 +1,103 @@
+//! `--metrics-addr`: the Prometheus endpoint is scraped while the mount serves reads, and its
+//! counters agree with what was read.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use common::s3_servers::free_port;
+use common::{job, pattern, read_all, Mount, MountOptions};
+
+/// `GET path` on `port`; the status line and the body.
+fn get(port: u16, path: &str) -> (String, String) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect to the endpoint");
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a complete answer");
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
+/// The sum over all label sets of metric `name` (a sample line `name{labels} value`).
+fn total(body: &str, name: &str, filter: &str) -> u64 {
+    body.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(filter))
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
+#[test]
+fn metrics_count_what_the_mount_served() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = pattern(31, (3 << 20) + 77);
+    let (manifest, cas) = job(tmp.path(), &[("a.bin", &data)], "2023-03-03");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let extra = ["--metrics-addr", addr.as_str()];
+    let mut mount = Mount::start(
+        &manifest,
+        &cas,
+        &tmp.path().join("mnt"),
+        MountOptions {
+            shards: 2,
+            extra: &extra,
+        },
+    );
+    assert!(read_all(&mount.dir.join("a.bin")).unwrap() == data);
+    assert!(std::fs::metadata(mount.dir.join("missing")).is_err());
+
+    let (status, body) = get(port, "/metrics");
+    assert_eq!(status, "HTTP/1.1 200 OK");
+    assert!(
+        body.ends_with("# EOF\n"),
+        "OpenMetrics text ends with # EOF: {body}"
+    );
+    // Page-cache reads may serve some bytes twice or not at all, but a cold buffered read of the
+    // whole file through FUSE reaches the daemon for every byte once.
+    assert_eq!(
+        total(&body, "mount_vfs_bytes_served_total", ""),
+        data.len() as u64
+    );
+    assert_eq!(total(&body, "mount_vfs_objects_verified_total", ""), 1);
+    assert!(total(&body, "mount_vfs_requests_total", "op=\"read\"") >= 1);
+    assert!(total(&body, "mount_vfs_requests_total", "op=\"lookup\"") >= 2);
+    assert!(
+        total(
+            &body,
+            "mount_vfs_request_failures_total",
+            "errno=\"ENOENT\""
+        ) >= 1,
+        "the failed lookup is counted: {body}"
+    );
+    assert!(total(&body, "mount_vfs_pool_capacity_bytes", "") > 0);
+
+    let (status, _) = get(port, "/other");
+    assert_eq!(status, "HTTP/1.1 404 Not Found");
+    mount.stop();
+}
+
+#[test]
+fn an_address_in_use_is_refused_before_mounting() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (manifest, cas) = job(tmp.path(), &[("a.bin", b"x")], "2023-03-03");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mount_vfs"))
+        .arg(&manifest)
+        .arg(&mnt)
+        .arg("--cas")
+        .arg(&cas)
+        .args(["--metrics-addr", &addr])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("--metrics-addr {addr}: cannot listen")),
+        "{stderr}"
+    );
+    assert!(!common::is_mounted(&mnt), "nothing left mounted");
+}
