@@ -10,7 +10,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
-use mount_vfs_executors::PoolStats;
+use mount_vfs_executors::{PoolStats, PoolStatsSnapshot};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
@@ -113,6 +113,9 @@ fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
     stream.write_all(body.as_bytes())
 }
 
+/// A pool gauge: name, help, and how to read it from a snapshot.
+type PoolGauge = (&'static str, &'static str, fn(&PoolStatsSnapshot) -> i64);
+
 /// Reads every source at scrape time.
 #[derive(Debug)]
 struct Scrape(MetricSources);
@@ -133,11 +136,7 @@ impl Collector for Scrape {
         }
 
         let pools: Vec<_> = sources.pools.iter().map(|p| p.snapshot()).collect();
-        let gauges: [(
-            &str,
-            &str,
-            fn(&mount_vfs_executors::PoolStatsSnapshot) -> i64,
-        ); 3] = [
+        let gauges: [PoolGauge; 3] = [
             (
                 "pool_capacity_bytes",
                 "Bytes the shard's buffer pool may hand out.",
