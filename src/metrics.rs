@@ -12,12 +12,13 @@ use std::time::Duration;
 
 use mount_vfs_executors::{PoolStats, PoolStatsSnapshot};
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::fs::shard::ShardCounters;
+use crate::fs::shard::{Histogram, ShardCounters};
 use crate::fs::{Op, OpCounters};
 
 /// What a scrape reads.
@@ -116,6 +117,9 @@ fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
 /// A pool gauge: name, help, and how to read it from a snapshot.
 type PoolGauge = (&'static str, &'static str, fn(&PoolStatsSnapshot) -> i64);
 
+/// A shard latency histogram: name, help, and which one.
+type LatencyHistogram = (&'static str, &'static str, fn(&ShardCounters) -> &Histogram);
+
 /// Reads every source at scrape time.
 #[derive(Debug)]
 struct Scrape(MetricSources);
@@ -169,6 +173,34 @@ impl Collector for Scrape {
             ConstCounter::new(pool.waits).encode(metric.encode_family(&labels)?)?;
         }
 
+        let histograms: [LatencyHistogram; 3] = [
+            (
+                "read_latency_seconds",
+                "READ requests, from the transport to the shard's reply.",
+                |c| &c.read_latency,
+            ),
+            (
+                "open_latency_seconds",
+                "OPEN requests, from the transport to the shard's reply.",
+                |c| &c.open_latency,
+            ),
+            (
+                "fetch_latency_seconds",
+                "Store and disk-cache reads of one block, start to last byte.",
+                |c| &c.fetch_latency,
+            ),
+        ];
+        for (name, help, histogram) in histograms {
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Histogram)?;
+            for (shard, counters) in sources.shards.iter().enumerate() {
+                let (sum, count, buckets) = histogram(counters).buckets();
+                let labels = [("shard", shard.to_string())];
+                metric.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
+                    sum, count, &buckets, None,
+                )?;
+            }
+        }
+
         let mut metric = encoder.encode_descriptor(
             "requests",
             "Requests received, by operation.",
@@ -196,10 +228,10 @@ impl Collector for Scrape {
     }
 }
 
-fn counter_type() -> prometheus_client::metrics::MetricType {
-    ConstCounter::new(0u64).metric_type()
+fn counter_type() -> MetricType {
+    MetricType::Counter
 }
 
-fn gauge_type() -> prometheus_client::metrics::MetricType {
-    ConstGauge::new(0i64).metric_type()
+fn gauge_type() -> MetricType {
+    MetricType::Gauge
 }

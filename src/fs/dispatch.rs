@@ -262,6 +262,8 @@ fn system_time(mtime_us: i64) -> SystemTime {
 mod tests {
     use std::sync::mpsc;
 
+    use std::time::Instant;
+
     use mount_vfs_executors::{HugepageMode, ShardConfig, Shards};
 
     use super::*;
@@ -417,7 +419,12 @@ mod tests {
         ];
         for (ino, flags, errno) in cases {
             let (reply, answer) = capture::<(u64, bool)>();
-            d.dispatch(Request::Open(Open { ino, flags, reply }));
+            d.dispatch(Request::Open(Open {
+            ino,
+            flags,
+            received: Instant::now(),
+            reply,
+        }));
             let error = answer.try_recv().unwrap().unwrap_err();
             assert_eq!(error.errno(), errno, "ino {ino} flags {flags:#o}");
         }
@@ -447,6 +454,7 @@ mod tests {
             fh: 1,
             offset: 0,
             size: 1,
+            received: std::time::Instant::now(),
             reply,
         }));
         let error = answer.try_recv().unwrap().unwrap_err();

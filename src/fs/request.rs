@@ -7,7 +7,7 @@
 //! FUSE round trip.
 
 use std::fs::File;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use super::error::FsError;
 use super::op_counters::{Op, OpCounters};
@@ -105,6 +105,8 @@ pub struct Open {
     pub ino: Ino,
     /// `open(2)` flags.
     pub flags: i32,
+    /// When the transport received it (the latency histograms start here).
+    pub received: Instant,
     pub reply: Box<dyn OpenReply>,
 }
 
@@ -114,6 +116,8 @@ pub struct Read {
     pub fh: u64,
     pub offset: u64,
     pub size: u32,
+    /// When the transport received it (the latency histograms start here).
+    pub received: Instant,
     pub reply: Box<dyn ReadReply>,
 }
 

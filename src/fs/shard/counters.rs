@@ -1,13 +1,23 @@
-//! Per-shard counters: cheap relaxed atomics written by the owning shard, read by `--stats` and
-//! by benchmarks and tests from any thread.
+//! Per-shard counters and latency histograms: cheap relaxed atomics written by the owning shard,
+//! read by `--stats`, `--metrics-addr`, benchmarks and tests from any thread.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
 
 macro_rules! counters {
     ($($name:ident => $help:literal),* $(,)?) => {
         /// Live counters of one shard.
         #[derive(Debug, Default)]
-        pub struct ShardCounters { $(#[doc = $help] pub $name: AtomicU64,)* }
+        pub struct ShardCounters {
+            $(#[doc = $help] pub $name: AtomicU64,)*
+            /// From the dispatcher routing a READ to the shard's reply.
+            pub read_latency: Histogram,
+            /// From the dispatcher routing an OPEN to the shard's reply (includes waiting for
+            /// the object's verification when the open becomes passthrough).
+            pub open_latency: Histogram,
+            /// One store or disk-cache read, from its start to its last byte.
+            pub fetch_latency: Histogram,
+        }
 
         /// A point-in-time copy of [`ShardCounters`].
         #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -67,5 +77,71 @@ impl CounterSnapshot {
 impl ShardCounters {
     pub fn add(&self, counter: &AtomicU64, value: u64) {
         counter.fetch_add(value, Relaxed);
+    }
+}
+
+/// A latency histogram with power-of-two buckets from 1 us to about 17 s (bucket `i` counts
+/// samples of at most 2^i us; the last also counts everything longer). Recording is three
+/// relaxed adds on the recording shard's own cache lines.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; Histogram::BUCKETS],
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub const BUCKETS: usize = 25;
+
+    pub fn record(&self, elapsed: Duration) {
+        let micros = elapsed.as_micros().min(u64::MAX as u128) as u64;
+        // The smallest i with micros <= 2^i.
+        let bucket = (u64::BITS - micros.saturating_sub(1).leading_zeros()) as usize;
+        self.buckets[bucket.min(Self::BUCKETS - 1)].fetch_add(1, Relaxed);
+        self.sum_micros.fetch_add(micros, Relaxed);
+        self.count.fetch_add(1, Relaxed);
+    }
+
+    /// (sum of samples in seconds, count, (upper bound in seconds, samples in that bucket) per
+    /// bucket), the form Prometheus encoders take. The last bound is +Inf.
+    pub fn buckets(&self) -> (f64, u64, Vec<(f64, u64)>) {
+        let buckets = self
+            .buckets
+            .iter()
+            .enumerate()
+            .map(|(i, bucket)| {
+                let bound = if i == Self::BUCKETS - 1 {
+                    f64::INFINITY
+                } else {
+                    (1u64 << i) as f64 / 1e6
+                };
+                (bound, bucket.load(Relaxed))
+            })
+            .collect();
+        let sum = self.sum_micros.load(Relaxed) as f64 / 1e6;
+        (sum, self.count.load(Relaxed), buckets)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_land_in_the_smallest_bucket_that_holds_them() {
+        let h = Histogram::default();
+        for micros in [0, 1, 2, 3, 4, 1000, 1 << 30] {
+            h.record(Duration::from_micros(micros));
+        }
+        let (sum, count, buckets) = h.buckets();
+        assert_eq!(count, 7);
+        assert!((sum - (1010.0 + (1u64 << 30) as f64) / 1e6).abs() < 1e-9);
+        // <= 1 us: 0 and 1; <= 2: 2; <= 4: 3 and 4; <= 1024: 1000; +Inf: 2^30.
+        assert_eq!(buckets[0], (1e-6, 2));
+        assert_eq!(buckets[1], (2e-6, 1));
+        assert_eq!(buckets[2], (4e-6, 2));
+        assert_eq!(buckets[10], (1024e-6, 1));
+        assert_eq!(buckets[24], (f64::INFINITY, 1));
+        assert_eq!(buckets.iter().map(|(_, n)| n).sum::<u64>(), 7);
     }
 }

@@ -89,7 +89,9 @@ impl FileService {
         if let Ok(block) = &result {
             c.add(counter, block.len() as u64);
         }
-        c.add(&c.fetch_micros, started.elapsed().as_micros() as u64);
+        let elapsed = started.elapsed();
+        c.add(&c.fetch_micros, elapsed.as_micros() as u64);
+        c.fetch_latency.record(elapsed);
         let retries = self.store.retries();
         c.add(
             &c.store_retries,

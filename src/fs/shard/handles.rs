@@ -121,6 +121,7 @@ impl FileService {
             // Content is immutable: the page cache may keep it across opens.
             None => open.reply.opened(fh, Opened::KeepCache),
         }
+        c.open_latency.record(open.received.elapsed());
     }
 
     pub(super) fn release(&self, release: Release) {

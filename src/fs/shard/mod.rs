@@ -66,7 +66,7 @@ use crate::namespace::{owner, Ino, Namespace};
 use crate::store::{DiskCache, DiskCacheConfig, ObjectStore, StoreConfig};
 
 pub use cache::BlockKey;
-pub use counters::{CounterSnapshot, ShardCounters};
+pub use counters::{CounterSnapshot, Histogram, ShardCounters};
 
 use cache::BlockCache;
 use handles::Handles;
@@ -191,6 +191,7 @@ impl FileService {
                         fail(&self.ops, read.reply, Op::Read, read.ino, error);
                     }
                 }
+                c.read_latency.record(read.received.elapsed());
             }
         }
     }

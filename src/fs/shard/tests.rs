@@ -4,7 +4,7 @@
 use std::rc::Rc;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mount_vfs_executors::BufferPool;
@@ -48,7 +48,12 @@ async fn open(service: &Rc<FileService>, ino: Ino, flags: i32) -> u64 {
     let (reply, answer) = capture::<(u64, bool)>();
     service
         .clone()
-        .handle(ShardRequest::Open(Open { ino, flags, reply }))
+        .handle(ShardRequest::Open(Open {
+            ino,
+            flags,
+            received: Instant::now(),
+            reply,
+        }))
         .await;
     let (fh, passthrough) = answer.try_recv().unwrap().unwrap();
     assert!(!passthrough, "no disk cache: nothing to pass through");
@@ -68,6 +73,7 @@ async fn read(
         fh,
         offset,
         size: size as u32,
+        received: Instant::now(),
         reply,
     };
     service.clone().handle(ShardRequest::Read(request)).await;

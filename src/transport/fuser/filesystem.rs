@@ -8,6 +8,7 @@ use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use fuser::{
     AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
@@ -262,6 +263,7 @@ impl Filesystem for FuserFilesystem {
         self.dispatcher.dispatch(Request::Open(Open {
             ino: ino.0,
             flags: flags.0,
+            received: Instant::now(),
             reply: Box::new(reply),
         }));
     }
@@ -282,6 +284,7 @@ impl Filesystem for FuserFilesystem {
             fh: fh.0,
             offset,
             size,
+            received: Instant::now(),
             reply: Box::new(reply),
         }));
     }
