@@ -53,9 +53,15 @@ pub fn serve(addr: SocketAddr, sources: MetricSources) -> Result<SocketAddr, Met
     std::thread::Builder::new()
         .name("mount_vfs-metrics".into())
         .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                if let Err(e) = answer(stream, &registry) {
-                    tracing::debug!("metrics request: {e}");
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(stream) => {
+                        if let Err(e) = answer(stream, &registry) {
+                            tracing::debug!("metrics request: {e}");
+                        }
+                    }
+                    // Out of file descriptors, for example: do not spin.
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
                 }
             }
         })
@@ -66,8 +72,11 @@ pub fn serve(addr: SocketAddr, sources: MetricSources) -> Result<SocketAddr, Met
 
 /// Answers one HTTP/1.x request on `stream` and closes it.
 fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
-    // A scraper that connects and says nothing must not hold the only metrics thread.
+    // A scraper that connects and says nothing, trickles, or never reads must not hold the only
+    // metrics thread for long.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(5)))?;
     let mut head = Vec::with_capacity(1024);
     let mut buffer = [0u8; 1024];
     let path = loop {
@@ -82,7 +91,11 @@ fn answer(mut stream: TcpStream, registry: &Registry) -> std::io::Result<()> {
             Ok(httparse::Status::Complete(_)) => {
                 break (request.method, request.path.map(str::to_owned));
             }
-            Ok(httparse::Status::Partial) if head.len() < 16 * 1024 => continue,
+            Ok(httparse::Status::Partial)
+                if head.len() < 16 * 1024 && std::time::Instant::now() < deadline =>
+            {
+                continue
+            }
             _ => break (None, None),
         }
     };
@@ -195,9 +208,9 @@ impl Collector for Scrape {
             for (shard, counters) in sources.shards.iter().enumerate() {
                 let (sum, count, buckets) = histogram(counters).buckets();
                 let labels = [("shard", shard.to_string())];
-                metric.encode_family(&labels)?.encode_histogram::<NoLabelSet>(
-                    sum, count, &buckets, None,
-                )?;
+                metric
+                    .encode_family(&labels)?
+                    .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
             }
         }
 
@@ -220,7 +233,12 @@ impl Collector for Scrape {
         )?;
         for op in Op::ALL {
             for (error, count) in sources.ops.failures(op) {
-                let labels = [("op", op.name()), ("errno", error.errno_name())];
+                // Several reasons share an errno (EIO): the reason keeps the series apart.
+                let labels = [
+                    ("op", op.name()),
+                    ("errno", error.errno_name()),
+                    ("reason", error.reason()),
+                ];
                 ConstCounter::new(count).encode(metric.encode_family(&labels)?)?;
             }
         }

@@ -132,6 +132,27 @@ fn later_mounts_trust_verified_cache_files_until_they_change() {
     assert_eq!(counter(&mut fifth, "objects_from_disk_cache"), 2);
     let mut sixth = read_job(&job, mount(&job));
     assert_eq!(counter(&mut sixth, "objects_trusted"), 2);
+
+    // Records whose digests are wrong (but well-formed, for unchanged files) cost a fresh
+    // verification of what the shards read, never an error or wrong bytes.
+    let log = job.cache.join("verified.log");
+    let wrong: String = fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let (head, digests) = line.rsplit_once(' ').unwrap();
+            let zeros = vec!["0000000000000000"; digests.split(',').count()].join(",");
+            format!("{head} {zeros}\n")
+        })
+        .collect();
+    fs::write(&log, wrong).unwrap();
+    let mut seventh = read_job(&job, mount(&job));
+    assert_eq!(counter(&mut seventh, "objects_trusted"), 2);
+    assert!(
+        counter(&mut seventh, "objects_verified") >= 3,
+        "big verified again"
+    );
+    assert!(seventh.stderr().contains("verifying it again"));
 }
 
 #[test]

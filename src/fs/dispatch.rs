@@ -420,11 +420,11 @@ mod tests {
         for (ino, flags, errno) in cases {
             let (reply, answer) = capture::<(u64, bool)>();
             d.dispatch(Request::Open(Open {
-            ino,
-            flags,
-            received: Instant::now(),
-            reply,
-        }));
+                ino,
+                flags,
+                received: Instant::now(),
+                reply,
+            }));
             let error = answer.try_recv().unwrap().unwrap_err();
             assert_eq!(error.errno(), errno, "ino {ino} flags {flags:#o}");
         }

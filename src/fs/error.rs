@@ -55,6 +55,23 @@ impl FsError {
         FsError::ShuttingDown,
     ];
 
+    /// The variant as a metrics label (several share an errno).
+    pub fn reason(self) -> &'static str {
+        match self {
+            FsError::NotFound => "not_found",
+            FsError::NotDirectory => "not_directory",
+            FsError::IsDirectory => "is_directory",
+            FsError::SymbolicLink => "symbolic_link",
+            FsError::NotSymbolicLink => "not_symbolic_link",
+            FsError::ReadOnly => "read_only",
+            FsError::NoAttribute => "no_attribute",
+            FsError::Store => "store",
+            FsError::StoreDenied => "store_denied",
+            FsError::Corrupt => "corrupt",
+            FsError::ShuttingDown => "shutting_down",
+        }
+    }
+
     /// The errno's symbolic name, for metrics labels.
     pub fn errno_name(self) -> &'static str {
         match self.errno() {

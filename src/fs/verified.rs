@@ -103,6 +103,11 @@ impl BlockDigests {
         &self.0
     }
 
+    /// Whether both are the digests of the same verification (not merely equal values).
+    pub fn same(&self, other: &BlockDigests) -> bool {
+        Rc::ptr_eq(&self.0, &other.0)
+    }
+
     /// Block `index`, verified; or the block back when it differs from the verified object (or
     /// the object has no such block).
     pub fn check(&self, index: u32, block: Block) -> Result<VerifiedBlock, Block> {

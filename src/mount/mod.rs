@@ -202,18 +202,23 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         hugepages: config.hugepages,
         spin_before_park: config::spin_before_park(),
     };
-    let (janitor, disk_cache) = match &config.cache_dir {
+    let (janitor, recording, disk_cache) = match &config.cache_dir {
         Some(root) => {
             let (janitor, usage) = CacheJanitor::start(root, config.cache_size)?;
+            let records = Arc::new(VerificationLog::load(root));
+            let (recording, recorder) = records.start_recording().map_err(|e| {
+                MountError::Runtime(format!("cannot start the verification log thread: {e}"))
+            })?;
             let config = DiskCacheConfig {
                 root: root.clone(),
                 usage,
-                records: Arc::new(VerificationLog::load(root)),
+                records,
+                recorder,
                 recheck: config.recheck_cache,
             };
-            (Some(janitor), Some(config))
+            (Some(janitor), Some(recording), Some(config))
         }
-        None => (None, None),
+        None => (None, None, None),
     };
     let service = ServiceConfig {
         namespace: namespace.clone(),
@@ -277,6 +282,9 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         tracing::warn!("shard shutdown: {e}");
     }
     drop(janitor);
+    // Writes the verification records still queued, now that no shard can send more.
+    drop(disk_cache);
+    drop(recording);
     if config.stats {
         print_stats(&counters, "final");
     }

@@ -8,12 +8,16 @@
 //!   it into place only when the whole object matched its hash; a failed or abandoned stream
 //!   deletes its temporary file. Two shards caching the same object race harmlessly: both
 //!   rename identical bytes.
-//! - A cache file is trusted only after this mount hashed it once (the service streams it
-//!   through the hasher like any store); a mismatch deletes it and the object is fetched again.
-//!   So a corrupt or truncated cache file costs a re-fetch, never wrong bytes.
+//! - A cache file is trusted once this mount hashed it (the service streams it through the
+//!   hasher like any store), or when `verified.log` records an earlier verification and the
+//!   file's identity is unchanged since ([`VerificationLog`]); a mismatch deletes it and the
+//!   object is fetched again. So a corrupt or truncated cache file costs a re-fetch, never
+//!   wrong bytes through the shards. Passthrough hands the kernel a file trusted by either rule:
+//!   bit rot in an unchanged file is caught only by `--recheck-cache` (a scrub).
 //! - Writes are plain `pwrite`s into the page cache, on the shard thread: the bytes are then
-//!   already in memory for the passthrough reader that is usually waiting for them. No fsync:
-//!   after a crash a torn file fails its first verification and is replaced.
+//!   already in memory for the passthrough reader that is usually waiting for them. The shard
+//!   never fsyncs; the record of a new file is written only after a background `fdatasync`
+//!   ([`Recorder`]), so after a power loss a torn file has no record and fails its hash.
 //! - Reads are io_uring *buffered* reads (glommio `BufferedFile`) into the shard's arena: a
 //!   freshly written file is served from the page cache, where an O_DIRECT read would first
 //!   force the dirty pages out to the disk.
@@ -21,7 +25,6 @@
 //!   `--cache-size` or when the filesystem runs short of space; shards report what they add and
 //!   touch what they use.
 
-use std::cell::RefCell;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -32,7 +35,7 @@ use futures::future::{FutureExt, LocalBoxFuture};
 use glommio::io::BufferedFile;
 use mount_vfs_executors::{BufferPool, Reservation};
 
-use super::verified_log::{FileIdentity, LogWriter, Record, VerificationLog};
+use super::verified_log::{FileIdentity, Recorder, VerificationLog};
 use super::{
     object_key, partial_owner, Block, CacheUsage, CasWriter, ObjectRange, ObjectStore, OpenFiles,
     StoreError,
@@ -46,6 +49,8 @@ pub struct DiskCacheConfig {
     pub usage: CacheUsage,
     /// What earlier mounts verified ([`VerificationLog::load`], read once at start-up).
     pub records: Arc<VerificationLog>,
+    /// Where this mount's verifications go ([`VerificationLog::start_recording`]).
+    pub recorder: Recorder,
     /// `--recheck-cache`: hash every cache file once even when a record vouches for it.
     pub recheck: bool,
 }
@@ -71,7 +76,7 @@ pub struct DiskCache {
     usage: CacheUsage,
     records: Arc<VerificationLog>,
     recheck: bool,
-    log: RefCell<LogWriter>,
+    recorder: Recorder,
 }
 
 impl DiskCache {
@@ -119,7 +124,7 @@ impl DiskCache {
             usage: config.usage.clone(),
             records: config.records.clone(),
             recheck: config.recheck,
-            log: RefCell::new(config.records.writer()),
+            recorder: config.recorder.clone(),
         }
     }
 
@@ -136,18 +141,19 @@ impl DiskCache {
             .then_some(&record.digests[..])
     }
 
-    /// Records that cache file `hash` was just verified (or trusted and touched), with the
-    /// digest of each of its `block_size` blocks, for later mounts.
+    /// What identifies cache file `hash` now (`None`: no such file).
+    pub fn identity(&self, hash: Hash) -> Option<FileIdentity> {
+        FileIdentity::of(&self.location(hash)).ok()
+    }
+
+    /// Records, for later mounts, that cache file `hash` holds the verified object (with the
+    /// digest of each of its `block_size` blocks) as long as it keeps the identity it has now.
     pub fn record_verified(&self, hash: Hash, block_size: u64, digests: &[u64]) {
-        let Ok(identity) = FileIdentity::of(&self.location(hash)) else {
-            return;
-        };
-        let record = Record {
-            identity,
-            block_size,
-            digests: digests.to_vec(),
-        };
-        self.log.borrow_mut().append(hash, &record);
+        if let Some(identity) = self.identity(hash) {
+            let path = self.location(hash);
+            self.recorder
+                .record(hash, path, identity, block_size, digests);
+        }
     }
 
     /// Object `hash` (`len` bytes) was committed to the cache.
@@ -264,10 +270,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         DiskCache::prepare(dir.path()).unwrap();
         let (_janitor, usage) = super::super::CacheJanitor::start(dir.path(), None).unwrap();
+        let records = Arc::new(VerificationLog::load(dir.path()));
+        let (_recording, recorder) = records.start_recording().unwrap();
         let config = DiskCacheConfig {
             root: dir.path().to_path_buf(),
             usage,
-            records: Arc::new(VerificationLog::load(dir.path())),
+            records,
+            recorder,
             recheck: false,
         };
         let cache = DiskCache::new(&config, 0);

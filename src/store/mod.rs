@@ -33,7 +33,7 @@ pub use memory::{MemoryObjects, MemoryStore};
 pub(crate) use object::OpenFiles;
 pub use object::{object_key, partial_owner, Block, CasWriter, ObjectRange, OBJECT_SUFFIX};
 pub use s3::{S3Store, S3Target};
-pub use verified_log::VerificationLog;
+pub use verified_log::{FileIdentity, Recorder, Recording, VerificationLog};
 
 use crate::manifest::Hash;
 

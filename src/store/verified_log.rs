@@ -11,14 +11,16 @@
 //!   file once regardless.)
 //! - A trusted object keeps the same guarantee as one verified in this mount: its block digests
 //!   come from the record, and every block read again is checked against them.
-//! - The log is append-only: each shard appends one line per verification (one `write`, so
-//!   lines of concurrent writers do not interleave). A torn or garbage line is skipped. Start-up
-//!   keeps the last record of each object and rewrites the log when stale lines dominate.
+//! - The log is append-only: each shard appends one line per verification, opening the log for
+//!   each append (so a log another mount compacted meanwhile is not written into a renamed-away
+//!   file). A line is complete only with its newline: a torn or garbage line, or lines of two
+//!   writers interleaved, fail to parse and are skipped. Start-up keeps the last record of each
+//!   object and rewrites the log when stale lines dominate or the last line is torn.
 //! - Whoever can write the cache directory can change cache files anyway: the log adds no trust
 //!   that the directory did not already have.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -147,9 +149,11 @@ impl VerificationLog {
         let mut records = HashMap::new();
         let mut lines = 0usize;
         let mut skipped = 0usize;
-        for line in text.lines() {
+        for line in text.split_inclusive('\n') {
             lines += 1;
-            match Record::parse(line) {
+            // An unterminated last line is a torn append: even if it parses, its last digest
+            // may be cut short.
+            match line.strip_suffix('\n').and_then(Record::parse) {
                 Some((hash, record)) => {
                     records.insert(hash, record);
                 }
@@ -196,42 +200,100 @@ impl VerificationLog {
         }
     }
 
-    /// A shard's handle for appending records.
-    pub fn writer(&self) -> LogWriter {
-        LogWriter {
+    /// Starts the thread that appends this mount's records (see [`Recorder`]).
+    pub fn start_recording(&self) -> std::io::Result<(Recording, Recorder)> {
+        let (sender, receiver) = std::sync::mpsc::channel::<Pending>();
+        let mut writer = LogWriter {
             path: self.path.clone(),
-            file: None,
             failed: false,
+        };
+        let thread = std::thread::Builder::new()
+            .name("mount_vfs-verified-log".into())
+            .spawn(move || {
+                for pending in receiver {
+                    pending.write_if_durable(&mut writer);
+                }
+            })?;
+        Ok((Recording(Some(thread)), Recorder(sender)))
+    }
+}
+
+/// Where shards send what they verified; cheap to clone, one per shard.
+#[derive(Debug, Clone)]
+pub struct Recorder(std::sync::mpsc::Sender<Pending>);
+
+impl Recorder {
+    /// Records, once the file's bytes are on disk, that cache file `path` of object `hash` had
+    /// `identity` when its bytes were last known to be the verified ones.
+    pub fn record(
+        &self,
+        hash: Hash,
+        path: PathBuf,
+        identity: FileIdentity,
+        block_size: u64,
+        digests: &[u64],
+    ) {
+        let record = Record {
+            identity,
+            block_size,
+            digests: digests.to_vec(),
+        };
+        let _ = self.0.send(Pending { hash, path, record });
+    }
+}
+
+/// The recording thread; dropping it waits until every record sent so far is written (after
+/// every [`Recorder`] is gone).
+#[derive(Debug)]
+pub struct Recording(Option<std::thread::JoinHandle<()>>);
+
+impl Drop for Recording {
+    fn drop(&mut self) {
+        if let Some(thread) = self.0.take() {
+            let _ = thread.join();
         }
     }
 }
 
-/// Appends records to the log; opened on first use. A failure to write costs later mounts a
-/// re-hash, not this one a read: it is logged once and records stop.
-pub struct LogWriter {
+/// A record waiting for its file to be durable.
+#[derive(Debug)]
+struct Pending {
+    hash: Hash,
     path: PathBuf,
-    file: Option<File>,
+    record: Record,
+}
+
+impl Pending {
+    /// Off the shards: `fdatasync` the cache file, so that a record never outlives the bytes it
+    /// vouches for (after a power loss the file would fail its hash instead of being trusted),
+    /// and append the record only if the file still has the identity the shard saw.
+    fn write_if_durable(self, writer: &mut LogWriter) {
+        let durable = std::fs::File::open(&self.path).and_then(|file| file.sync_data());
+        let unchanged = FileIdentity::of(&self.path).is_ok_and(|now| now == self.record.identity);
+        if durable.is_ok() && unchanged {
+            writer.append(self.hash, &self.record);
+        }
+    }
+}
+
+/// Appends records to the log, opening it for each append. A failure to write costs later
+/// mounts a re-hash, not this one a read: it is logged once and records stop.
+struct LogWriter {
+    path: PathBuf,
     failed: bool,
 }
 
 impl LogWriter {
-    pub fn append(&mut self, hash: Hash, record: &Record) {
+    fn append(&mut self, hash: Hash, record: &Record) {
         if self.failed {
             return;
         }
         let line = record.line(hash);
-        let result = match &mut self.file {
-            Some(file) => file.write_all(line.as_bytes()),
-            None => OpenOptions::new()
-                .append(true)
-                .create(true)
-                .open(&self.path)
-                .and_then(|mut file| {
-                    file.write_all(line.as_bytes())?;
-                    self.file = Some(file);
-                    Ok(())
-                }),
-        };
+        let result = OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&self.path)
+            .and_then(|mut file| file.write_all(line.as_bytes()));
         if let Err(e) = result {
             self.failed = true;
             tracing::warn!(
@@ -262,12 +324,19 @@ mod tests {
         }
     }
 
+    fn writer(dir: &Path) -> LogWriter {
+        LogWriter {
+            path: dir.join(VerificationLog::FILE),
+            failed: false,
+        }
+    }
+
     #[test]
     fn records_round_trip_and_the_last_one_wins() {
         let dir = tempfile::tempdir().unwrap();
         let log = VerificationLog::load(dir.path());
         assert!(log.get(Hash(1)).is_none());
-        let mut writer = log.writer();
+        let mut writer = writer(dir.path());
         writer.append(Hash(1), &record(10, 4));
         writer.append(Hash(2), &record(0, 4));
         writer.append(Hash(1), &record(9, 4));
@@ -280,7 +349,9 @@ mod tests {
     fn torn_and_garbage_lines_are_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let good = record(10, 4).line(Hash(7));
-        let torn = &record(10, 4).line(Hash(8))[..40];
+        // Cut inside its last digest: still the right number of fields and digests.
+        let full = record(10, 4).line(Hash(8));
+        let torn = &full[..full.len() - 3];
         let wrong_count = good.replace(",fffffffffffffffd", "");
         let text = format!("garbage\n{wrong_count}\n\n{good}{torn}");
         std::fs::write(dir.path().join(VerificationLog::FILE), text).unwrap();
@@ -289,7 +360,7 @@ mod tests {
         assert!(log.get(Hash(8)).is_none());
         assert_eq!(log.records.len(), 1);
         // The torn tail was cut off: a record appended now is read back.
-        log.writer().append(Hash(9), &record(4, 4));
+        writer(dir.path()).append(Hash(9), &record(4, 4));
         let log = VerificationLog::load(dir.path());
         assert_eq!(log.get(Hash(9)), Some(&record(4, 4)));
         assert_eq!(log.records.len(), 2);
@@ -298,7 +369,7 @@ mod tests {
     #[test]
     fn a_log_of_mostly_stale_lines_is_compacted_at_load() {
         let dir = tempfile::tempdir().unwrap();
-        let mut writer = VerificationLog::load(dir.path()).writer();
+        let mut writer = writer(dir.path());
         for _ in 0..100 {
             writer.append(Hash(3), &record(8, 4));
         }
@@ -307,5 +378,33 @@ mod tests {
         let log = VerificationLog::load(dir.path());
         assert_eq!(log.get(Hash(3)), Some(&record(8, 4)));
         assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+    }
+}
+
+#[cfg(test)]
+mod recording_tests {
+    use super::*;
+
+    #[test]
+    fn a_record_is_written_only_while_the_file_keeps_the_identity_the_shard_saw() {
+        let dir = tempfile::tempdir().unwrap();
+        let (same, changed) = (dir.path().join("same"), dir.path().join("changed"));
+        std::fs::write(&same, b"abcd").unwrap();
+        std::fs::write(&changed, b"abcd").unwrap();
+        let log = VerificationLog::load(dir.path());
+        let (recording, recorder) = log.start_recording().unwrap();
+        let seen = |path: &Path| FileIdentity::of(path).unwrap();
+        recorder.record(Hash(1), same.clone(), seen(&same), 4, &[7]);
+        let before = seen(&changed);
+        std::fs::write(&changed, b"abce").unwrap();
+        recorder.record(Hash(2), changed, before, 4, &[7]);
+        drop(recorder);
+        drop(recording);
+        let log = VerificationLog::load(dir.path());
+        assert!(log.get(Hash(1)).is_some());
+        assert!(
+            log.get(Hash(2)).is_none(),
+            "written after the shard saw it: no record"
+        );
     }
 }

@@ -55,7 +55,7 @@ counters! {
     bytes_fetched => "Bytes read from the store (verification and reloads).",
     store_retries => "Store requests sent again after a transient failure (S3 5xx, throttling, resets, timeouts, short bodies).",
     fetch_micros => "Microseconds spent waiting on store reads, summed.",
-    objects_verified => "Objects whose xxh128 was checked and matched.",
+    objects_verified => "Objects verified on this shard: xxh128 checked and matched, or trusted from an earlier mount's record.",
     verify_failures => "Fetches whose bytes did not match: an object's hash, or a re-read block's digest.",
     objects_from_disk_cache => "Objects verified from a disk-cache file (no store read).",
     objects_trusted => "Of those, objects an earlier mount's record vouched for: the cache file was unchanged since it was verified, so it was not hashed again.",

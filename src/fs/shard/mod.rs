@@ -32,8 +32,11 @@
 //!
 //! With a disk cache (`--cache-dir`, [`DiskCache`]) the verification stream also writes the
 //! object into it, and is committed there only when it matched; later passes read the cache
-//! file instead of the store, and a cache file is itself re-verified once per mount before it is
-//! trusted (a mismatch deletes it and the object comes from the store again).
+//! file instead of the store. A cache file is trusted once this mount hashed it, or when an
+//! earlier mount's record (`store::VerificationLog`) vouches for it and its identity is unchanged
+//! since; its recorded block digests then check every block read again, and digests that match
+//! neither the cache file nor the store cost a fresh verification (a mismatch deletes the cache
+//! file and the object comes from the store again).
 //!
 //! Passthrough: when the kernel supports it and the disk cache holds a verified copy, a
 //! buffered open of a single-object file is answered with the cache file as its backing file,

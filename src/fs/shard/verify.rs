@@ -35,6 +35,8 @@ pub(super) struct Verification {
     in_disk_cache: RefCell<HashSet<Hash>>,
     /// Objects that failed (logged once; read-ahead leaves them alone).
     quarantine: RefCell<HashSet<Hash>>,
+    /// Verified objects whose digests came from an earlier mount's record, not a hash here.
+    recorded: RefCell<HashSet<Hash>>,
 }
 
 impl Verification {
@@ -119,7 +121,8 @@ impl FileService {
                 let digests = BlockDigests::recorded(digests);
                 c.add(&c.objects_trusted, 1);
                 c.add(&c.objects_from_disk_cache, 1);
-                self.keep_in_disk_cache(hash, &digests);
+                self.verification.recorded.borrow_mut().insert(hash);
+                self.keep_in_disk_cache(hash, &digests, true);
                 self.accept(
                     hash,
                     VerifiedObject {
@@ -129,10 +132,13 @@ impl FileService {
                 );
                 return Ok(());
             }
+            let before = cache.identity(hash);
             match self.stream(hash, len, Source::DiskCache, &mut None).await {
                 Ok(verified) => {
                     c.add(&c.objects_from_disk_cache, 1);
-                    self.keep_in_disk_cache(hash, &verified.digests);
+                    // Recorded for later mounts only if nobody wrote the file while it was hashed.
+                    let unchanged = before.is_some() && cache.identity(hash) == before;
+                    self.keep_in_disk_cache(hash, &verified.digests, unchanged);
                     self.accept(hash, verified);
                     return Ok(());
                 }
@@ -162,7 +168,7 @@ impl FileService {
                             Ok(()) => {
                                 cache.added(len);
                                 c.add(&c.objects_cached, 1);
-                                self.keep_in_disk_cache(hash, &verified.digests);
+                                self.keep_in_disk_cache(hash, &verified.digests, true);
                             }
                             Err(e) => self.warn_cache_write(&self.cache_location(hash), e),
                         }
@@ -193,11 +199,14 @@ impl FileService {
     }
 
     /// Notes that the disk cache holds a verified copy of `hash`: marked used (last to be
-    /// evicted), and recorded with its identity after that touch, so later mounts trust it.
-    fn keep_in_disk_cache(&self, hash: Hash, digests: &BlockDigests) {
+    /// evicted) and, when `record`, recorded with its identity after that touch, so later mounts
+    /// trust it without hashing it.
+    fn keep_in_disk_cache(&self, hash: Hash, digests: &BlockDigests, record: bool) {
         if let Some(cache) = &self.disk_cache {
             cache.touch(hash);
-            cache.record_verified(hash, self.block_size, digests.as_slice());
+            if record {
+                cache.record_verified(hash, self.block_size, digests.as_slice());
+            }
             self.verification.in_disk_cache.borrow_mut().insert(hash);
         }
     }
@@ -289,7 +298,7 @@ impl FileService {
     /// was verified (a store that changed its mind or a flip in transit gives one more fetch,
     /// then EIO; a cache file that changed is discarded).
     pub(super) async fn reload(
-        &self,
+        self: &Rc<Self>,
         ino: Ino,
         object: ObjectRef,
         block: u32,
@@ -344,6 +353,29 @@ impl FileService {
                     return Err(FsError::from(&error));
                 }
             }
+        }
+        // Digests that came from a record, not from hashing here, may not describe the object
+        // (a wrong record): that must cost a verification, not the object. The first reload to
+        // find out forgets them and verifies afresh; concurrent reloads that used the same
+        // digests find them replaced and join that verification; all then read the block
+        // against the new digests.
+        let current = v.verified.borrow().get(&hash).cloned();
+        let replaced = !current.is_some_and(|current| current.same(&digests));
+        if replaced || v.recorded.borrow_mut().remove(&hash) {
+            if !replaced {
+                tracing::warn!(
+                    shard = self.shard,
+                    "recorded digests of {hash} match neither the cache file nor the store; \
+                     verifying it again"
+                );
+                v.verified.borrow_mut().remove(&hash);
+                v.not_in_disk_cache(hash);
+                if let Some(cache) = &self.disk_cache {
+                    cache.discard(hash);
+                }
+            }
+            self.verify(ino, hash, len).await?;
+            return Box::pin(self.reload(ino, object, block)).await;
         }
         self.quarantine(
             ino,
