@@ -12,9 +12,13 @@
 //! - Mounts: mount_vfs (`--shards 1` and `2`, `--memory-limit 4G`, without and with a
 //!   `--cache-dir` on local storage, `BENCH_CACHE_DIR`, default /var/tmp; and through a
 //!   v2025 manifest of the same files, whose 256 MiB chunks are verified one by one), s3fs,
-//!   rclone. Every measurement is cold: page cache dropped and a fresh mount. One reader reads `a` whole;
-//!   four readers read the two halves of `a` and of `b`. 1 MiB reads, O_DIRECT (aligned) and
-//!   buffered. Time to first byte: open + first 1 MiB O_DIRECT read on a fresh mount.
+//!   rclone, each with its documented throughput settings for large sequential reads and its
+//!   cache off (`BENCH_PEER_DEFAULTS=1`: their defaults). Every measurement is cold: page cache
+//!   dropped and a fresh mount. One reader reads `a` whole; four readers read the two halves of
+//!   `a` and of `b`. 1 MiB reads, O_DIRECT (aligned) and buffered. Time to first byte: open + first 1 MiB O_DIRECT read on a fresh mount.
+//! - Disk cache: after each `--cache-dir` cold read, the same readers on a 2nd mount of that
+//!   cache, then on the cache files themselves (no FUSE: the 2nd mount's limit, `/direct`), and
+//!   the 2nd mount's time to first byte; page cache dropped before each.
 //! - Ceiling in the same run: a do-nothing FUSE server answering every READ from one buffer.
 //! - A/B: with `BENCH_BASELINE_BIN=/path/to/older/mount_vfs`, every mount_vfs row is measured
 //!   again with that binary, right after this build's in every run, as its own "(baseline)"
@@ -22,8 +26,9 @@
 //!
 //! Run: `cargo bench --bench s3_read` (root; /dev/fuse; s3fs and rclone on PATH or they are
 //! skipped). Environment: `BENCH_RUNS` (default 3), `BENCH_SIZE_MIB` (default 1024),
-//! `BENCH_PEERS=0` to skip the peers, `BENCH_ONLY=TEXT` to keep only the mounts whose name
-//! contains TEXT, `BENCH_CACHE_DIR`, `BENCH_BASELINE_BIN`. Writes under
+//! `BENCH_PEERS=0` to skip the peers, `BENCH_PEER_DEFAULTS=1` to run them with their defaults,
+//! `BENCH_ONLY=TEXT` to keep only the mounts whose name contains TEXT, `BENCH_CACHE_DIR`,
+//! `BENCH_BASELINE_BIN`. Writes under
 //! /dev/shm/mount_vfs_s3bench and the cache dir.
 //!
 //! This file sets up and runs the questions in order; the harness (server, clients, data,
@@ -176,7 +181,7 @@ fn main() {
     let mut raw = RawRead::new(&endpoint, data.hashes, size);
     let mut first_byte = FirstByte::default();
     let mut cold = ColdRead::new(size);
-    let mut second = SecondMount::new(size);
+    let mut second = SecondMount::new(size, data.hashes);
     // Every run measures everything once, so all rows see the same drift of the machine; each
     // mount_vfs measurement is taken with every build back to back.
     for run in 0..runs {
@@ -221,6 +226,9 @@ fn main() {
     for &contender in &contenders {
         for c in contender.versions(&builds) {
             first_byte.print(c);
+        }
+        for c in contender.versions(&builds) {
+            second.print_ttfb(c);
         }
     }
     let _ = fs::remove_dir_all(&base);

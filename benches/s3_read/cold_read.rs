@@ -75,6 +75,7 @@ impl ColdRead {
             |readers| raw.best(readers),
             |direct, readers| self.best_peer(direct, readers),
             contender.baseline().and_then(|b| self.rows.get(&b)),
+            None,
         );
     }
 }

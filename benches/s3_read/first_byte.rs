@@ -42,35 +42,42 @@ impl FirstByte {
     /// compared with the baseline's.
     pub fn print(&self, contender: Contender) {
         let v = self.seconds.get(&contender).cloned().unwrap_or_default();
-        let Some(m) = median(v.clone()) else {
-            return;
-        };
         let fetched =
             median(self.fetched.get(&contender).cloned().unwrap_or_default()).unwrap_or(0.0);
         let old = contender
             .baseline()
             .and_then(|b| self.seconds.get(&b))
             .and_then(|b| median(b.clone()));
-        println!(
-            "TTFB {:<29} {:>8.1} ms  ({:.0} MiB fetched from S3 by then)  runs: {}{}",
-            contender.name(),
-            m * 1e3,
-            fetched / MIB as f64,
-            v.iter()
-                .map(|t| format!("{:.1}", t * 1e3))
-                .collect::<Vec<_>>()
-                .join(" "),
-            old.map_or(String::new(), |old| format!("  {}", vs_baseline(m, old)))
-        );
-        println!(
-            "json: {{\"contender\":\"{}\",\"ttfb_ms\":{:.2},\"ttfb_fetched_mib\":{:.1}{}}}",
-            contender.name(),
-            m * 1e3,
-            fetched / MIB as f64,
-            old.map_or(String::new(), |old| format!(
-                ",\"ratio_baseline\":{}",
-                json_ratio(m, old)
-            ))
-        );
+        print_ttfb(&contender.name(), &v, fetched, old);
     }
+}
+
+/// One time-to-first-byte line and its `json:` line: the median of `v` (seconds), the median
+/// bytes `fetched` from S3 by then, and the baseline's median `old` if any. Nothing without a
+/// successful run.
+pub fn print_ttfb(name: &str, v: &[f64], fetched: f64, old: Option<f64>) {
+    let Some(m) = median(v.to_vec()) else {
+        return;
+    };
+    println!(
+        "TTFB {:<29} {:>8.1} ms  ({:.0} MiB fetched from S3 by then)  runs: {}{}",
+        name,
+        m * 1e3,
+        fetched / MIB as f64,
+        v.iter()
+            .map(|t| format!("{:.1}", t * 1e3))
+            .collect::<Vec<_>>()
+            .join(" "),
+        old.map_or(String::new(), |old| format!("  {}", vs_baseline(m, old)))
+    );
+    println!(
+        "json: {{\"contender\":\"{}\",\"ttfb_ms\":{:.2},\"ttfb_fetched_mib\":{:.1}{}}}",
+        name,
+        m * 1e3,
+        fetched / MIB as f64,
+        old.map_or(String::new(), |old| format!(
+            ",\"ratio_baseline\":{}",
+            json_ratio(m, old)
+        ))
+    );
 }

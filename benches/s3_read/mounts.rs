@@ -60,6 +60,55 @@ fn is_mounted(mnt: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// The peers' settings for large sequential reads, from their own documentation (`s3fs --help`
+/// of s3fs 1.90, which also lists libfuse 2's `-o` options; `rclone mount --help` of rclone
+/// 1.60.1), caches still off so that every read stays cold and like with like with mount_vfs's
+/// cold rows. `BENCH_PEER_DEFAULTS=1` runs both with their defaults instead (as before issue 15).
+///
+/// s3fs, one reason each:
+/// - `parallel_count=8` (default 5): "number of parallel request[s]"; "it is necessary to set
+///   this value depending on a CPU and a network band". The help describes it for uploads, but
+///   s3fs 1.90 also splits each read miss into this many ranged GETs (its TTFB row shows
+///   parallel_count x multipart_size fetched by the first read: 50 MiB with the defaults).
+/// - `multipart_size=16` (MB, default 10): "part size ... for each multipart request"; with
+///   the above, 128 MiB per read miss in 16 MiB GETs (the raw clients use 8 MiB x 4).
+/// - `max_background=64` (libfuse 2, kernel default 12): "set number of maximum background
+///   requests": how many async (read-ahead) READs the kernel keeps in flight to s3fs.
+/// - Left alone: `readwrite_timeout` (a stall timeout, not a rate), `max_readahead` (the kernel
+///   caps it at the bdi's 128 KiB read_ahead_kb, see rclone below), `use_cache` (a cache).
+pub const S3FS_THROUGHPUT: &str = "parallel_count=8,multipart_size=16,max_background=64";
+
+/// rclone, one reason each (all "VFS" sections of `rclone mount --help`):
+/// - `--buffer-size 128M` (default 16M): "the amount of memory that will be used to buffer
+///   data in advance", per open file: how far ahead of the reader rclone downloads.
+/// - `--vfs-read-chunk-size 128M --vfs-read-chunk-size-limit off`: "rclone will start reading
+///   a chunk of size --vfs-read-chunk-size, and then double the size for each read" with no
+///   limit when off: a sequential reader quickly gets few large GETs (these are the defaults,
+///   spelled out so the settings line says what ran).
+/// - `--no-modtime`, `--no-checksum`: "VFS Performance": "S3 and Swift benefit hugely from the
+///   --no-modtime flag ... as each read of the modification time takes a transaction";
+///   --no-checksum "Don't compare checksums on up/download" (rclone otherwise hashes what a
+///   handle read sequentially; mount_vfs verifies every byte, so this favours rclone).
+/// - Not applicable with caches off: `--vfs-read-ahead` ("Extra read ahead over --buffer-size
+///   when using cache-mode full"), `--transfers` (uploads from the VFS write cache). Left
+///   alone: `--max-read-ahead` (checked: 16M leaves the mount's bdi read_ahead_kb at 128, the
+///   kernel's cap, so it changes nothing; mount_vfs raises read_ahead_kb itself).
+pub const RCLONE_THROUGHPUT: &[&str] = &[
+    "--buffer-size",
+    "128M",
+    "--vfs-read-chunk-size",
+    "128M",
+    "--vfs-read-chunk-size-limit",
+    "off",
+    "--no-modtime",
+    "--no-checksum",
+];
+
+/// `BENCH_PEER_DEFAULTS=1`: run s3fs and rclone with their defaults (caches still off).
+pub fn peer_defaults() -> bool {
+    std::env::var("BENCH_PEER_DEFAULTS").is_ok_and(|v| v == "1")
+}
+
 /// A FUSE filesystem as measured: which one, in which configuration.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 pub enum Contender {
@@ -208,6 +257,9 @@ impl Mount {
                     "passwd_file={},url={endpoint},use_path_request_style,endpoint={REGION},ro",
                     env.passwd.display()
                 ));
+                if !peer_defaults() {
+                    c.args(["-o", S3FS_THROUGHPUT]);
+                }
                 c
             }
             Contender::Rclone => {
@@ -215,6 +267,11 @@ impl Mount {
                 c.args(["mount", &format!("bench:{BUCKET}")])
                     .arg(&mnt)
                     .args(["--read-only", "--vfs-cache-mode", "off"])
+                    .args(if peer_defaults() {
+                        &[][..]
+                    } else {
+                        RCLONE_THROUGHPUT
+                    })
                     .env_remove("AWS_CA_BUNDLE")
                     .env("RCLONE_CONFIG_BENCH_TYPE", "s3")
                     .env("RCLONE_CONFIG_BENCH_PROVIDER", "Other")

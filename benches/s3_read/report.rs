@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::common::vs_baseline;
+use crate::mounts::{peer_defaults, RCLONE_THROUGHPUT, S3FS_THROUGHPUT};
 use crate::readers::Samples;
 
 /// One mount row's measurements, by mode: (O_DIRECT, readers).
@@ -53,10 +54,19 @@ pub fn mode_name(direct: bool) -> &'static str {
 
 /// The contenders' settings and the table's column header.
 pub fn print_header() {
+    let peers = if peer_defaults() {
+        "s3fs and rclone with their defaults (BENCH_PEER_DEFAULTS=1)".to_string()
+    } else {
+        format!(
+            "s3fs -o {S3FS_THROUGHPUT}, rclone {} (their documented throughput settings)",
+            RCLONE_THROUGHPUT.join(" ")
+        )
+    };
     println!(
-        "# settings: mount_vfs --memory-limit 4G (--shards as named); s3fs and rclone with \
-         their defaults and caches off (rclone --vfs-cache-mode off), so a '2nd mount' row (a \
-         warm disk cache) has no peer ratio: the peers have no cache to be warm"
+        "# settings: mount_vfs --memory-limit 4G (--shards as named); {peers}, caches off \
+         (rclone --vfs-cache-mode off), so a '2nd mount' row (a warm disk cache) has no peer \
+         ratio: the peers have no cache to be warm; its /direct is over the same readers on \
+         the cache files themselves"
     );
     println!(
         "{:<34} {:<9} {:>7} {:>8} {:>8} {:>9}  ok/tried  runs (GB/s)",
@@ -66,7 +76,8 @@ pub fn print_header() {
 
 /// The rows of one mount, one per mode: its median rate over `best_raw(readers)` and over
 /// `best_peer(direct, readers)` (0: no ratio), and, when `baseline` holds the same mount run by
-/// the baseline binary, over that.
+/// the baseline binary, over that; when `direct_ref` holds the same readers on the files under
+/// the mount read directly (a 2nd mount's disk-cache files), over that too (`/direct`).
 pub fn print_mount_rows(
     name: &str,
     is_peer: bool,
@@ -74,6 +85,7 @@ pub fn print_mount_rows(
     best_raw: impl Fn(usize) -> f64,
     best_peer: impl Fn(bool, usize) -> f64,
     baseline: Option<&Modes>,
+    direct_ref: Option<&Modes>,
 ) {
     for direct in [true, false] {
         for readers in [1, 4] {
@@ -107,8 +119,11 @@ pub fn print_mount_rows(
             let old = baseline
                 .and_then(|b| b.get(&(direct, readers)))
                 .and_then(|b| median(b.rates.clone()));
+            let limit = direct_ref
+                .and_then(|d| d.get(&(direct, readers)))
+                .and_then(|d| median(d.rates.clone()));
             println!(
-                "{:<34} {:<9} {:>7} {:>8.2} {:>8} {:>9}  {ok:>8}  {}{extra}{}",
+                "{:<34} {:<9} {:>7} {:>8.2} {:>8} {:>9}  {ok:>8}  {}{extra}{}{}",
                 name,
                 mode,
                 readers,
@@ -116,10 +131,11 @@ pub fn print_mount_rows(
                 ratio(m, best_raw(readers)),
                 ratio(m, peer),
                 fmt_runs(&s.rates),
-                old.map_or(String::new(), |old| format!("  {}", vs_baseline(m, old)))
+                old.map_or(String::new(), |old| format!("  {}", vs_baseline(m, old))),
+                limit.map_or(String::new(), |d| format!("  {} /direct", ratio(m, d)))
             );
             println!(
-                "json: {{\"contender\":\"{}\",\"mode\":\"{mode}\",\"readers\":{readers},\"gbps\":{:.4},\"ratio_raw\":{},\"ratio_peer\":{},\"s3_bytes_per_byte\":{fetched:.3},\"faults_per_gib\":{:.0},\"cpu_s_per_gib\":{:.3},\"errors\":{}{}}}",
+                "json: {{\"contender\":\"{}\",\"mode\":\"{mode}\",\"readers\":{readers},\"gbps\":{:.4},\"ratio_raw\":{},\"ratio_peer\":{},\"s3_bytes_per_byte\":{fetched:.3},\"faults_per_gib\":{:.0},\"cpu_s_per_gib\":{:.3},\"errors\":{}{}{}}}",
                 name,
                 m / 1e9,
                 json_ratio(m, best_raw(readers)),
@@ -130,6 +146,10 @@ pub fn print_mount_rows(
                 old.map_or(String::new(), |old| format!(
                     ",\"ratio_baseline\":{}",
                     json_ratio(m, old)
+                )),
+                limit.map_or(String::new(), |d| format!(
+                    ",\"ratio_direct\":{}",
+                    json_ratio(m, d)
                 ))
             );
         }

@@ -1,31 +1,53 @@
 //! Question: what does mount_vfs's disk cache give a later task that reads the same inputs?
 //! Right after each cold read with `--cache-dir`, the same objects again on a fresh mount that
-//! keeps the cache, page cache dropped: the "(2nd mount)" rows.
+//! keeps the cache, page cache dropped: the "(2nd mount)" rows. Their limit, measured right
+//! after each of them: the same readers on the cache files themselves (`DIR/Data/{hash}.xxh128`,
+//! page cache dropped the same way), the "(cache files, no FUSE)" rows and the 2nd mount's
+//! `/direct`. And the 2nd mount's time to first byte: open + first 1 MiB O_DIRECT read of the
+//! cached `a.bin` on another fresh mount, page cache dropped.
 
 use std::collections::BTreeMap;
+use std::fs;
+use std::path::PathBuf;
 
+use mount_vfs::manifest::Hash;
+
+use crate::first_byte::print_ttfb;
 use crate::mounts::{Contender, Env, Mount};
 use crate::raw_read::RawRead;
-use crate::readers::measure;
-use crate::report::{print_mount_rows, Modes};
+use crate::readers::{drop_caches, first_byte, measure, read_files};
+use crate::report::{median, print_mount_rows, Modes};
 use crate::server::Server;
 
-/// The second-mount reads of every `--cache-dir` contender.
+/// The second-mount reads of every `--cache-dir` contender, and their references.
 pub struct SecondMount {
     size: u64,
+    /// The objects of `a.bin` and `b.bin`: their cache files' names.
+    hashes: [Hash; 2],
     rows: BTreeMap<Contender, Modes>,
+    /// The same readers on the cache files the 2nd mount just read, without FUSE.
+    direct: BTreeMap<Contender, Modes>,
+    /// Time to first byte of a 2nd mount (seconds), and bytes fetched from S3 by then.
+    ttfb: BTreeMap<Contender, Vec<f64>>,
+    ttfb_fetched: BTreeMap<Contender, Vec<f64>>,
 }
 
 impl SecondMount {
-    /// For files of `size` bytes.
-    pub fn new(size: u64) -> SecondMount {
+    /// For files of `size` bytes whose objects are `hashes` (`a.bin`, `b.bin`).
+    pub fn new(size: u64, hashes: [Hash; 2]) -> SecondMount {
         SecondMount {
             size,
+            hashes,
             rows: BTreeMap::new(),
+            direct: BTreeMap::new(),
+            ttfb: BTreeMap::new(),
+            ttfb_fetched: BTreeMap::new(),
         }
     }
 
-    /// Reads through a fresh mount of `contender` on the disk cache its cold read just filled.
+    /// Reads through a fresh mount of `contender` on the disk cache its cold read just filled;
+    /// then the same readers on the cache files directly; then a time to first byte on another
+    /// fresh mount of the same cache (after the reads, so the rows see the cache as before).
     pub fn measure(
         &mut self,
         contender: Contender,
@@ -42,12 +64,72 @@ impl SecondMount {
             .or_default();
         match Mount::start_keeping_cache(contender, server, env) {
             Ok(mount) => measure(&mount, server, readers, self.size, direct, samples),
+            Err(e) => {
+                samples.errors.push(e);
+                return;
+            }
+        }
+        self.measure_direct(contender, direct, readers, server, env);
+        match Mount::start_keeping_cache(contender, server, env) {
+            Ok(mount) => {
+                drop_caches();
+                let s0 = server.served();
+                match first_byte(&mount.files) {
+                    Ok(t) => {
+                        self.ttfb.entry(contender).or_default().push(t);
+                        self.ttfb_fetched
+                            .entry(contender)
+                            .or_default()
+                            .push((server.served() - s0) as f64);
+                    }
+                    Err(e) => eprintln!("# {} (2nd mount) TTFB: {e}", contender.name()),
+                }
+            }
+            Err(e) => eprintln!("# {e}"),
+        }
+    }
+
+    /// The readers of [`measure`](Self::measure) on the cache files (no mount running), through
+    /// links named like the files under the mount, so the readers and their byte checks are
+    /// the mounts' own.
+    fn measure_direct(
+        &mut self,
+        contender: Contender,
+        direct: bool,
+        readers: usize,
+        server: &Server,
+        env: &Env,
+    ) {
+        let samples = self
+            .direct
+            .entry(contender)
+            .or_default()
+            .entry((direct, readers))
+            .or_default();
+        let links = env.base.join("cache-files");
+        let _ = fs::remove_dir_all(&links);
+        fs::create_dir_all(&links).unwrap();
+        for (name, hash) in ["a.bin", "b.bin"].into_iter().zip(self.hashes) {
+            let target: PathBuf = env.cache_dir.join("Data").join(format!("{hash}.xxh128"));
+            std::os::unix::fs::symlink(target, links.join(name)).unwrap();
+        }
+        drop_caches();
+        let s0 = server.served();
+        match read_files(&links, readers, self.size, direct, true) {
+            Ok(rate) => {
+                samples.rates.push(rate);
+                samples.fetched_per_read.push(
+                    (server.served() - s0) as f64
+                        / (self.size * if readers == 1 { 1 } else { 2 }) as f64,
+                );
+            }
             Err(e) => samples.errors.push(e),
         }
     }
 
-    /// `contender`'s second-mount rows, if it has any. No `/peer` ratio: a second mount reads
-    /// a warm disk cache, the peers (caches off) read S3; that would not be like with like.
+    /// `contender`'s second-mount rows, if it has any, each ending with its ratio to the cache
+    /// files read directly (`/direct`), then those direct rows. No `/peer` ratio: a second mount
+    /// reads a warm disk cache, the peers (caches off) read S3; that would not be like with like.
     pub fn print(&self, contender: Contender, raw: &RawRead) {
         let Some(modes) = self.rows.get(&contender) else {
             return;
@@ -59,6 +141,43 @@ impl SecondMount {
             |readers| raw.best(readers),
             |_, _| 0.0,
             contender.baseline().and_then(|b| self.rows.get(&b)),
+            self.direct.get(&contender),
+        );
+        if let Some(direct) = self.direct.get(&contender) {
+            print_mount_rows(
+                &format!("{} (cache files, no FUSE)", contender.name()),
+                true,
+                direct,
+                |readers| raw.best(readers),
+                |_, _| 0.0,
+                None,
+                None,
+            );
+        }
+    }
+
+    /// `contender`'s 2nd-mount time to first byte, if it has any; this build's is also compared
+    /// with the baseline's.
+    pub fn print_ttfb(&self, contender: Contender) {
+        let Some(v) = self.ttfb.get(&contender) else {
+            return;
+        };
+        let fetched = median(
+            self.ttfb_fetched
+                .get(&contender)
+                .cloned()
+                .unwrap_or_default(),
+        )
+        .unwrap_or(0.0);
+        let old = contender
+            .baseline()
+            .and_then(|b| self.ttfb.get(&b))
+            .and_then(|b| median(b.clone()));
+        print_ttfb(
+            &format!("{} (2nd mount)", contender.name()),
+            v,
+            fetched,
+            old,
         );
     }
 }
