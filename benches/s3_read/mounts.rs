@@ -72,7 +72,7 @@ fn is_mounted(mnt: &Path) -> bool {
 /// so those settings would only have flattered mount_vfs's /peer ratios. Left alone for the same
 /// reason: `readwrite_timeout` (a stall timeout, not a rate), `max_readahead` (the kernel caps it
 /// at the bdi's 128 KiB `read_ahead_kb`, see rclone below), `use_cache` (a cache).
-
+///
 /// rclone, one reason each (all "VFS" sections of `rclone mount --help`):
 /// - `--buffer-size 128M` (default 16M): "the amount of memory that will be used to buffer
 ///   data in advance", per open file: how far ahead of the reader rclone downloads.
