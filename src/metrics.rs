@@ -140,14 +140,19 @@ struct Scrape(MetricSources);
 impl Collector for Scrape {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let sources = &self.0;
-        let snapshots: Vec<_> = sources.shards.iter().map(|c| c.snapshot()).collect();
-        if let Some(first) = snapshots.first() {
-            for (index, (name, help, _)) in first.fields().enumerate() {
-                let mut metric = encoder.encode_descriptor(name, help, None, counter_type())?;
-                for (shard, snapshot) in snapshots.iter().enumerate() {
-                    let value = snapshot.fields().nth(index).map_or(0, |(_, _, v)| v);
+        // One row per shard, one column per counter, in the same order for every shard.
+        let shards: Vec<Vec<_>> = sources
+            .shards
+            .iter()
+            .map(|c| c.snapshot().fields().collect())
+            .collect();
+        if let Some(first) = shards.first() {
+            for (column, &(name, help, _)) in first.iter().enumerate() {
+                let mut metric =
+                    encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+                for (shard, fields) in shards.iter().enumerate() {
                     let labels = [("shard", shard.to_string())];
-                    ConstCounter::new(value).encode(metric.encode_family(&labels)?)?;
+                    ConstCounter::new(fields[column].2).encode(metric.encode_family(&labels)?)?;
                 }
             }
         }
@@ -169,7 +174,7 @@ impl Collector for Scrape {
             }),
         ];
         for (name, help, value) in gauges {
-            let mut metric = encoder.encode_descriptor(name, help, None, gauge_type())?;
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
             for (shard, pool) in pools.iter().enumerate() {
                 let labels = [("shard", shard.to_string())];
                 ConstGauge::new(value(pool)).encode(metric.encode_family(&labels)?)?;
@@ -179,7 +184,7 @@ impl Collector for Scrape {
             "pool_waits",
             "Pool requests that had to wait for memory.",
             None,
-            counter_type(),
+            MetricType::Counter,
         )?;
         for (shard, pool) in pools.iter().enumerate() {
             let labels = [("shard", shard.to_string())];
@@ -218,7 +223,7 @@ impl Collector for Scrape {
             "requests",
             "Requests received, by operation.",
             None,
-            counter_type(),
+            MetricType::Counter,
         )?;
         for op in Op::ALL {
             let labels = [("op", op.name())];
@@ -229,7 +234,7 @@ impl Collector for Scrape {
             "request_failures",
             "Requests answered with an error, by operation and errno.",
             None,
-            counter_type(),
+            MetricType::Counter,
         )?;
         for op in Op::ALL {
             for (error, count) in sources.ops.failures(op) {
@@ -244,12 +249,4 @@ impl Collector for Scrape {
         }
         Ok(())
     }
-}
-
-fn counter_type() -> MetricType {
-    MetricType::Counter
-}
-
-fn gauge_type() -> MetricType {
-    MetricType::Gauge
 }

@@ -13,7 +13,7 @@ use futures::StreamExt;
 use mount_vfs::manifest::Hash;
 use mount_vfs::store::s3::{CredentialSource, S3Config, S3Tuning};
 use mount_vfs::store::{S3Store, S3Target};
-use mount_vfs_executors::{HugepageMode, ShardConfig, Shards};
+use mount_vfs_executors::{ShardConfig, Shards};
 
 use crate::mounts::STEP_LIMIT;
 use crate::readers::{layout, MIB};
@@ -53,12 +53,7 @@ where
     let (tx, rx) = std::sync::mpsc::channel();
     let tx = Mutex::new(tx);
     let running = Shards::<()>::start(
-        &ShardConfig {
-            shards,
-            io_memory_per_shard: io_memory,
-            hugepages: HugepageMode::Off,
-            spin_before_park: std::time::Duration::ZERO,
-        },
+        &ShardConfig::plain(shards, io_memory),
         move |ctx, _mailbox| {
             let tx = tx.lock().unwrap().clone();
             let fut = body(ctx.id, ctx.pool.clone());
@@ -164,11 +159,27 @@ fn span_rate(results: &[(Instant, Instant, u64)]) -> f64 {
     total as f64 / (end - start).as_secs_f64()
 }
 
-/// Signs a GET with `aws-sigv4` for the hyper client.
+/// Signs a ranged GET with `aws-sigv4` for the hyper client.
 fn sign_get(url: &str, range: &str) -> Vec<(&'static str, String)> {
+    sign_request(
+        "GET",
+        url,
+        &[("range", range)],
+        aws_sigv4::http_request::SignableBody::UnsignedPayload,
+    )
+}
+
+/// The SigV4 headers of `method url` with `headers` and `body`, S3's way (single percent
+/// encoding, no path normalization, `x-amz-content-sha256`).
+fn sign_request(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: aws_sigv4::http_request::SignableBody<'_>,
+) -> Vec<(&'static str, String)> {
     use aws_sigv4::http_request::{
-        sign, PayloadChecksumKind, PercentEncodingMode, SignableBody, SignableRequest,
-        SigningSettings, UriPathNormalizationMode,
+        sign, PayloadChecksumKind, PercentEncodingMode, SignableRequest, SigningSettings,
+        UriPathNormalizationMode,
     };
     let identity: aws_smithy_runtime_api::client::identity::Identity =
         aws_credential_types::Credentials::new(KEY, SECRET, None, None, "bench").into();
@@ -185,13 +196,7 @@ fn sign_get(url: &str, range: &str) -> Vec<(&'static str, String)> {
         .build()
         .unwrap()
         .into();
-    let request = SignableRequest::new(
-        "GET",
-        url,
-        [("range", range)].into_iter(),
-        SignableBody::UnsignedPayload,
-    )
-    .unwrap();
+    let request = SignableRequest::new(method, url, headers.iter().copied(), body).unwrap();
     let (instructions, _) = sign(request, &params).unwrap().into_parts();
     instructions
         .into_parts()
@@ -282,7 +287,12 @@ pub fn create_bucket(endpoint: &str) {
                 .build_http();
         let url = format!("{endpoint}/{BUCKET}");
         let mut request = http::Request::put(&url);
-        for (name, value) in sign_put_empty(&url) {
+        for (name, value) in sign_request(
+            "PUT",
+            &url,
+            &[],
+            aws_sigv4::http_request::SignableBody::Bytes(b""),
+        ) {
             request = request.header(name, value);
         }
         let response = client
@@ -295,33 +305,4 @@ pub fn create_bucket(endpoint: &str) {
             response.status()
         );
     });
-}
-
-/// Signs `PUT url` with an empty payload (CreateBucket).
-fn sign_put_empty(url: &str) -> Vec<(&'static str, String)> {
-    use aws_sigv4::http_request::{
-        sign, PayloadChecksumKind, SignableBody, SignableRequest, SigningSettings,
-    };
-    let identity: aws_smithy_runtime_api::client::identity::Identity =
-        aws_credential_types::Credentials::new(KEY, SECRET, None, None, "bench").into();
-    let mut settings = SigningSettings::default();
-    settings.payload_checksum_kind = PayloadChecksumKind::XAmzSha256;
-    let params = aws_sigv4::sign::v4::SigningParams::builder()
-        .identity(&identity)
-        .region(REGION)
-        .name("s3")
-        .time(SystemTime::now())
-        .settings(settings)
-        .build()
-        .unwrap()
-        .into();
-    let request =
-        SignableRequest::new("PUT", url, std::iter::empty(), SignableBody::Bytes(b"")).unwrap();
-    let (instructions, _) = sign(request, &params).unwrap().into_parts();
-    instructions
-        .into_parts()
-        .0
-        .into_iter()
-        .map(|h| (h.name(), h.value().to_string()))
-        .collect()
 }

@@ -10,52 +10,67 @@ use crate::readers::{drop_caches, first_byte, MIB};
 use crate::report::{json_ratio, median};
 use crate::server::Server;
 
-/// Every contender's times to first byte (seconds) and bytes fetched by then, every run.
+/// The first-byte question: a fresh mount of each contender, once per run.
 #[derive(Default)]
-pub struct FirstByte {
-    seconds: BTreeMap<Contender, Vec<f64>>,
-    fetched: BTreeMap<Contender, Vec<f64>>,
-}
+pub struct FirstByte(Ttfb);
 
 impl FirstByte {
     pub fn measure(&mut self, contender: Contender, server: &Server, env: &Env) {
         match Mount::start(contender, server, env) {
-            Ok(mount) => {
-                drop_caches();
-                let s0 = server.served();
-                match first_byte(&mount.files) {
-                    Ok(t) => {
-                        self.seconds.entry(contender).or_default().push(t);
-                        self.fetched
-                            .entry(contender)
-                            .or_default()
-                            .push((server.served() - s0) as f64);
-                    }
-                    Err(e) => eprintln!("# {} TTFB: {e}", contender.name()),
-                }
-            }
+            Ok(mount) => self.0.record(contender, &mount, server),
             Err(e) => eprintln!("# {e}"),
         }
     }
 
-    /// `contender`'s line, if any run succeeded; a mount_vfs line of this build is also
-    /// compared with the baseline's.
     pub fn print(&self, contender: Contender) {
-        let v = self.seconds.get(&contender).cloned().unwrap_or_default();
+        self.0.print(contender, &contender.name());
+    }
+}
+
+/// Times to first byte (seconds) and bytes fetched from S3 by then, every run, per contender.
+#[derive(Default)]
+pub struct Ttfb {
+    seconds: BTreeMap<Contender, Vec<f64>>,
+    fetched: BTreeMap<Contender, Vec<f64>>,
+}
+
+impl Ttfb {
+    /// Open + first 1 MiB O_DIRECT read of `a.bin` on `mount` (a fresh one), page cache dropped.
+    pub fn record(&mut self, contender: Contender, mount: &Mount, server: &Server) {
+        drop_caches();
+        let s0 = server.served();
+        match first_byte(&mount.files) {
+            Ok(t) => {
+                self.seconds.entry(contender).or_default().push(t);
+                self.fetched
+                    .entry(contender)
+                    .or_default()
+                    .push((server.served() - s0) as f64);
+            }
+            Err(e) => eprintln!("# {} TTFB: {e}", contender.name()),
+        }
+    }
+
+    /// `contender`'s line as `name`, if any run succeeded; a mount_vfs line of this build is
+    /// also compared with the baseline's.
+    pub fn print(&self, contender: Contender, name: &str) {
+        let Some(v) = self.seconds.get(&contender) else {
+            return;
+        };
         let fetched =
             median(self.fetched.get(&contender).cloned().unwrap_or_default()).unwrap_or(0.0);
         let old = contender
             .baseline()
             .and_then(|b| self.seconds.get(&b))
             .and_then(|b| median(b.clone()));
-        print_ttfb(&contender.name(), &v, fetched, old);
+        print_ttfb(name, v, fetched, old);
     }
 }
 
 /// One time-to-first-byte line and its `json:` line: the median of `v` (seconds), the median
 /// bytes `fetched` from S3 by then, and the baseline's median `old` if any. Nothing without a
 /// successful run.
-pub fn print_ttfb(name: &str, v: &[f64], fetched: f64, old: Option<f64>) {
+fn print_ttfb(name: &str, v: &[f64], fetched: f64, old: Option<f64>) {
     let Some(m) = median(v.to_vec()) else {
         return;
     };

@@ -12,11 +12,11 @@ use std::path::PathBuf;
 
 use mount_vfs::manifest::Hash;
 
-use crate::first_byte::print_ttfb;
+use crate::first_byte::Ttfb;
 use crate::mounts::{Contender, Env, Mount};
 use crate::raw_read::RawRead;
-use crate::readers::{drop_caches, first_byte, measure, read_files};
-use crate::report::{median, print_mount_rows, Modes};
+use crate::readers::{drop_caches, measure, read_files};
+use crate::report::{print_mount_rows, Modes};
 use crate::server::Server;
 
 /// The second-mount reads of every `--cache-dir` contender, and their references.
@@ -28,8 +28,7 @@ pub struct SecondMount {
     /// The same readers on the cache files the 2nd mount just read, without FUSE.
     direct: BTreeMap<Contender, Modes>,
     /// Time to first byte of a 2nd mount (seconds), and bytes fetched from S3 by then.
-    ttfb: BTreeMap<Contender, Vec<f64>>,
-    ttfb_fetched: BTreeMap<Contender, Vec<f64>>,
+    ttfb: Ttfb,
 }
 
 impl SecondMount {
@@ -40,8 +39,7 @@ impl SecondMount {
             hashes,
             rows: BTreeMap::new(),
             direct: BTreeMap::new(),
-            ttfb: BTreeMap::new(),
-            ttfb_fetched: BTreeMap::new(),
+            ttfb: Ttfb::default(),
         }
     }
 
@@ -71,20 +69,7 @@ impl SecondMount {
         }
         self.measure_direct(contender, direct, readers, server, env);
         match Mount::start_keeping_cache(contender, server, env) {
-            Ok(mount) => {
-                drop_caches();
-                let s0 = server.served();
-                match first_byte(&mount.files) {
-                    Ok(t) => {
-                        self.ttfb.entry(contender).or_default().push(t);
-                        self.ttfb_fetched
-                            .entry(contender)
-                            .or_default()
-                            .push((server.served() - s0) as f64);
-                    }
-                    Err(e) => eprintln!("# {} (2nd mount) TTFB: {e}", contender.name()),
-                }
-            }
+            Ok(mount) => self.ttfb.record(contender, &mount, server),
             Err(e) => eprintln!("# {e}"),
         }
     }
@@ -159,25 +144,7 @@ impl SecondMount {
     /// `contender`'s 2nd-mount time to first byte, if it has any; this build's is also compared
     /// with the baseline's.
     pub fn print_ttfb(&self, contender: Contender) {
-        let Some(v) = self.ttfb.get(&contender) else {
-            return;
-        };
-        let fetched = median(
-            self.ttfb_fetched
-                .get(&contender)
-                .cloned()
-                .unwrap_or_default(),
-        )
-        .unwrap_or(0.0);
-        let old = contender
-            .baseline()
-            .and_then(|b| self.ttfb.get(&b))
-            .and_then(|b| median(b.clone()));
-        print_ttfb(
-            &format!("{} (2nd mount)", contender.name()),
-            v,
-            fetched,
-            old,
-        );
+        let name = format!("{} (2nd mount)", contender.name());
+        self.ttfb.print(contender, &name);
     }
 }

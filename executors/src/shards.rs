@@ -38,6 +38,19 @@ pub struct ShardConfig {
     pub spin_before_park: std::time::Duration,
 }
 
+impl ShardConfig {
+    /// `shards` shards of `io_memory_per_shard` each, on normal pages, sleeping as soon as they
+    /// are idle: for tools and tests that want neither hugepage set-up nor idle spinning.
+    pub fn plain(shards: usize, io_memory_per_shard: usize) -> ShardConfig {
+        ShardConfig {
+            shards,
+            io_memory_per_shard,
+            hugepages: HugepageMode::Off,
+            spin_before_park: Duration::ZERO,
+        }
+    }
+}
+
 /// Why [`Shards::start`] failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

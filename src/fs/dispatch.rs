@@ -264,7 +264,7 @@ mod tests {
 
     use std::time::Instant;
 
-    use mount_vfs_executors::{HugepageMode, ShardConfig, Shards};
+    use mount_vfs_executors::{ShardConfig, Shards};
 
     use super::*;
     use crate::fs::request::{Read, Request};
@@ -433,12 +433,7 @@ mod tests {
     #[test]
     fn a_request_for_a_stopped_shard_fails_instead_of_vanishing() {
         let shards = Shards::<ShardRequest>::start(
-            &ShardConfig {
-                shards: 1,
-                io_memory_per_shard: 2 << 20,
-                hugepages: HugepageMode::Off,
-                spin_before_park: std::time::Duration::ZERO,
-            },
+            &ShardConfig::plain(1, 2 << 20),
             |_ctx, _mailbox| async {},
         )
         .unwrap();

@@ -5,7 +5,7 @@ use std::fs::File;
 use std::sync::mpsc;
 use std::sync::Arc;
 
-use mount_vfs_executors::{run_on_one_shard, BufferPool, HugepageMode, ShardConfig};
+use mount_vfs_executors::{run_on_one_shard, BufferPool, ShardConfig};
 
 use super::request::{
     AttrReply, Attributes, BackingFile, BytesReply, DirPlusReply, DirReply, EmptyReply, EntryReply,
@@ -189,11 +189,5 @@ where
     F: FnOnce(BufferPool) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = T> + 'static,
 {
-    let config = ShardConfig {
-        shards: 1,
-        io_memory_per_shard: pool_bytes,
-        hugepages: HugepageMode::Off,
-        spin_before_park: std::time::Duration::ZERO,
-    };
-    run_on_one_shard(&config, body).expect("the shard ran the body")
+    run_on_one_shard(&ShardConfig::plain(1, pool_bytes), body).expect("the shard ran the body")
 }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use mount_vfs::manifest::Hash;
 use mount_vfs::store::s3::{CredentialSource, S3Config, S3Tuning};
-use mount_vfs_executors::{run_on_one_shard, BufferPool, HugepageMode, ShardConfig};
+use mount_vfs_executors::{run_on_one_shard, BufferPool, ShardConfig};
 
 /// Environment for a mount_vfs daemon on moto: fixed keys, no metadata-service lookups.
 pub const MOUNT_ENV: [(&str, &str); 4] = [
@@ -389,13 +389,7 @@ where
     F: FnOnce(BufferPool) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = T> + 'static,
 {
-    let config = ShardConfig {
-        shards: 1,
-        io_memory_per_shard: 128 << 20,
-        hugepages: HugepageMode::Off,
-        spin_before_park: std::time::Duration::ZERO,
-    };
-    run_on_one_shard(&config, body).expect("the shard ran the body")
+    run_on_one_shard(&ShardConfig::plain(1, 128 << 20), body).expect("the shard ran the body")
 }
 
 /// Creates `bucket` on a SigV4-checking server with boto3 from the moto venv.
