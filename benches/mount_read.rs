@@ -17,86 +17,19 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Instant;
 
 mod common;
 
-use common::{faults_and_cpu, vs_baseline, Build, BIN};
+use common::{
+    checked_read, faults_and_cpu, gbs, median, sequential_read, spread, vs_baseline, Build, Clock,
+    Daemon,
+};
 
 const MIB: usize = 1 << 20;
-const READ_SIZE: usize = MIB;
-
-/// One timed sequential read: its speed, and the xxh3-128 of the bytes it returned (hashed after
-/// the clock stopped), so a contender that returns wrong bytes cannot win.
-struct Timed {
-    bytes_per_sec: f64,
-    digest: u128,
-}
-
-/// Reads `path` sequentially in 1 MiB requests into one pre-faulted buffer (the same work for
-/// every contender), then hashes what it read outside the timed region.
-fn sequential_read(path: &Path, direct: bool) -> Timed {
-    let mut options = fs::OpenOptions::new();
-    options.read(true);
-    if direct {
-        options.custom_flags(libc::O_DIRECT);
-    }
-    let mut file = options
-        .open(path)
-        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
-    let len = file.metadata().unwrap().len() as usize;
-    let capacity = len.next_multiple_of(READ_SIZE).max(READ_SIZE);
-    let layout = std::alloc::Layout::from_size_align(capacity, 4096).unwrap();
-    // SAFETY: the layout has a non-zero size; the buffer is freed below with the same layout.
-    let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-    // SAFETY: ptr points to `capacity` initialised (zeroed) bytes that we own exclusively.
-    let buffer = unsafe { std::slice::from_raw_parts_mut(ptr, capacity) };
-    // Fault every page in before the clock starts.
-    for page in buffer.chunks_mut(4096) {
-        page[0] = 1;
-    }
-    let started = Instant::now();
-    let mut total = 0usize;
-    loop {
-        let n = file
-            .read(&mut buffer[total..total + READ_SIZE])
-            .expect("read");
-        if n == 0 {
-            break;
-        }
-        total += n;
-        if total + READ_SIZE > capacity {
-            // The last request may only ask for what is left of the buffer.
-            let n = file.read(&mut buffer[total..]).expect("read");
-            total += n;
-            break;
-        }
-    }
-    let secs = started.elapsed().as_secs_f64();
-    let digest = xxhash_rust::xxh3::xxh3_128(&buffer[..total]);
-    // SAFETY: allocated above with this layout.
-    unsafe { std::alloc::dealloc(ptr, layout) };
-    Timed {
-        bytes_per_sec: total as f64 / secs,
-        digest,
-    }
-}
-
-/// A timed read that must have returned exactly the bytes whose xxh3-128 is `expected`.
-fn checked_read(path: &Path, direct: bool, expected: u128) -> f64 {
-    let timed = sequential_read(path, direct);
-    assert_eq!(
-        timed.digest,
-        expected,
-        "{} returned wrong bytes: its result is void",
-        path.display()
-    );
-    timed.bytes_per_sec
-}
 
 /// Reads `path` with O_DIRECT, `depth` reads of `chunk` bytes in flight (one thread each, chunk
 /// `i` on thread `i % depth`); returns bytes per second.
@@ -145,7 +78,7 @@ fn parallel_read(paths: &[PathBuf], direct: bool) -> f64 {
         .map(|p| {
             std::thread::spawn(move || {
                 let size = fs::metadata(&p).unwrap().len();
-                (size, sequential_read(&p, direct).digest)
+                (size, sequential_read(&p, direct, Clock::AfterOpen).digest)
             })
         })
         .collect();
@@ -164,79 +97,24 @@ fn source_of(mounted: &Path) -> PathBuf {
     base.join("tree").join(mounted.file_name().unwrap())
 }
 
-/// "median (range low-high, n runs)", or a single sample labelled as one.
-fn spread(samples: &[f64]) -> String {
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    match sorted.len() {
-        0 => "no run finished".into(),
-        1 => format!("{} (single sample)", gbs(sorted[0])),
-        n => format!(
-            "{} (median; range {:.2}-{:.2}, {n}/{n} runs ok)",
-            gbs(sorted[n / 2]),
-            sorted[0] / 1e9,
-            sorted[n - 1] / 1e9
-        ),
-    }
-}
-
-struct Daemon {
-    child: Child,
-    mnt: PathBuf,
-}
-
-impl Daemon {
-    fn start(
-        build: Build,
-        manifest: &Path,
-        cas: &Path,
-        mnt: &Path,
-        shards: usize,
-        memory: &str,
-    ) -> Daemon {
-        fs::create_dir_all(mnt).unwrap();
-        let mut child = Command::new(build.bin())
-            .arg(manifest)
-            .arg(mnt)
-            .arg("--cas")
-            .arg(cas)
-            .args(["--shards", &shards.to_string(), "--memory-limit", memory])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert!(line.contains("mounted"), "mount failed: {line}");
-        Daemon {
-            child,
-            mnt: mnt.to_path_buf(),
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) has no memory-safety preconditions.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-        let _ = Command::new("umount")
-            .arg("-l")
-            .arg(&self.mnt)
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-fn gbs(bytes_per_sec: f64) -> String {
-    format!("{:.2} GB/s", bytes_per_sec / 1e9)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+/// Mounts the manifest with `build` (log: `mnt.log` beside the mountpoint); panics when it
+/// does not mount.
+fn start(
+    build: Build,
+    manifest: &Path,
+    cas: &Path,
+    mnt: &Path,
+    shards: usize,
+    memory: &str,
+) -> Daemon {
+    let mut command = Command::new(build.bin());
+    command.arg(manifest).arg(mnt).arg("--cas").arg(cas).args([
+        "--shards",
+        &shards.to_string(),
+        "--memory-limit",
+        memory,
+    ]);
+    Daemon::start(command, mnt, &mnt.with_extension("log")).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// One build's single-reader runs through one shard: cold and warm rates, daemon faults/GiB
@@ -262,20 +140,10 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let size_mib: usize = std::env::var("BENCH_SIZE_MIB")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let size_mib = common::env_usize("BENCH_SIZE_MIB", 1024);
+    let runs = common::env_usize("BENCH_RUNS", 3);
     let builds = Build::all();
-    let base = std::env::var_os("BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("mount_read_bench"));
-    let _ = fs::remove_dir_all(&base);
-    fs::create_dir_all(&base).unwrap();
+    let base = common::bench_dir("mount_read_bench");
     let size = size_mib * MIB;
 
     // Source tree: one big file, two half-size files for the two-reader runs, and a warm file
@@ -299,39 +167,21 @@ fn main() {
     drop(data);
     let cas = base.join("cas");
     let manifest = base.join("bench.manifest");
-    let status = Command::new(BIN)
-        .arg("snapshot")
-        .arg(&tree)
-        .arg("--cas")
-        .arg(&cas)
-        .arg("--output")
-        .arg(&manifest)
-        .status()
-        .unwrap();
-    assert!(status.success());
+    common::snapshot(&tree, &cas, &manifest, "2023-03-03");
 
     println!("# mount_read: {size_mib} MiB, 1 MiB reads, {runs} runs each; every read's bytes are hashed after the clock stops and checked");
-    let host = fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.to_string())
-        })
-        .unwrap_or_default();
-    println!(
-        "# machine: {} CPUs, {host}",
-        std::thread::available_parallelism().map_or(0, |n| n.get())
-    );
+    println!("# machine: {}", common::machine());
 
-    let tmpfs: Vec<f64> = (0..runs).map(|_| checked_read(shm, true, whole)).collect();
+    let tmpfs: Vec<f64> = (0..runs)
+        .map(|_| checked_read(shm, true, Clock::AfterOpen, whole))
+        .collect();
     println!("tmpfs O_DIRECT                 {}", spread(&tmpfs));
 
     let null_mnt = base.join("null_mnt");
     let null = common::mount_null(&null_mnt, size as u64, &["file"]);
     // Its bytes are one static buffer: a transport ceiling, not checked content.
     let ceiling: Vec<f64> = (0..runs)
-        .map(|_| sequential_read(&null_mnt.join("file"), true).bytes_per_sec)
+        .map(|_| sequential_read(&null_mnt.join("file"), true, Clock::AfterOpen).bytes_per_sec)
         .collect();
     println!("null FUSE O_DIRECT (ceiling)   {}", spread(&ceiling));
     let ceiling = median(ceiling);
@@ -344,7 +194,7 @@ fn main() {
         .max_by_key(|p| fs::metadata(p).unwrap().len())
         .unwrap();
     let disk: Vec<f64> = (0..runs)
-        .map(|_| checked_read(&big_object, true, whole))
+        .map(|_| checked_read(&big_object, true, Clock::AfterOpen, whole))
         .collect();
     println!(
         "CAS object O_DIRECT (disk)     {}  queue depth 1",
@@ -365,18 +215,24 @@ fn main() {
     for _ in 0..runs {
         for &build in &builds {
             let samples = single.entry(build).or_default();
-            let daemon = Daemon::start(build, &manifest, &cas, &mnt, 1, "1G");
+            let daemon = start(build, &manifest, &cas, &mnt, 1, "1G");
             let pid = daemon.child.id();
             let (f0, c0) = faults_and_cpu(pid);
-            samples
-                .cold
-                .push(checked_read(&mnt.join("big.bin"), true, whole));
+            samples.cold.push(checked_read(
+                &mnt.join("big.bin"),
+                true,
+                Clock::AfterOpen,
+                whole,
+            ));
             let (f1, c1) = faults_and_cpu(pid);
-            checked_read(&mnt.join("warm.bin"), true, warm_digest);
+            checked_read(&mnt.join("warm.bin"), true, Clock::AfterOpen, warm_digest);
             let (f2, c2) = faults_and_cpu(pid);
-            samples
-                .warm
-                .push(checked_read(&mnt.join("warm.bin"), true, warm_digest));
+            samples.warm.push(checked_read(
+                &mnt.join("warm.bin"),
+                true,
+                Clock::AfterOpen,
+                warm_digest,
+            ));
             let (f3, c3) = faults_and_cpu(pid);
             let gib = size as f64 / (1u64 << 30) as f64;
             let warm_gib = warm_size as f64 / (1u64 << 30) as f64;
@@ -434,7 +290,7 @@ fn main() {
         let rates: BTreeMap<Build, (f64, f64)> = builds
             .iter()
             .map(|&build| {
-                let daemon = Daemon::start(build, &manifest, &cas, &mnt, shards, "2G");
+                let daemon = start(build, &manifest, &cas, &mnt, shards, "2G");
                 let files = [daemon.mnt.join("half_a.bin"), daemon.mnt.join("half_b.bin")];
                 let cold = parallel_read(&files, true);
                 let warm = parallel_read(&files, true);

@@ -69,7 +69,7 @@ mod raw_read;
 mod second_mount;
 
 use cold_read::ColdRead;
-use common::Build;
+use common::{env_usize, Build};
 use data::Data;
 use first_byte::FirstByte;
 use fuse_ceiling::FuseCeiling;
@@ -80,13 +80,6 @@ use second_mount::SecondMount;
 use server::{Server, KEY, SECRET};
 
 const BASE: &str = "/dev/shm/mount_vfs_s3bench";
-
-fn env_usize(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// The FUSE contenders to measure: every mount_vfs configuration (this build; the baseline's
 /// versions are added run by run), then the peers that are installed, unless `BENCH_PEERS=0`;
@@ -161,20 +154,7 @@ fn main() {
         server.port,
         setup.elapsed().as_secs_f64()
     );
-    let host = fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.to_string())
-        })
-        .unwrap_or_default();
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    println!(
-        "# machine: {} CPUs, {host}, kernel {}",
-        std::thread::available_parallelism().map_or(0, |n| n.get()),
-        kernel.trim()
-    );
+    println!("# machine: {}", common::machine());
     let contenders = contenders();
 
     let ceiling = FuseCeiling::measure(&base, size, runs);

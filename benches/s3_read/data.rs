@@ -4,12 +4,11 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use mount_vfs::manifest::{Hash, CHUNK_SIZE};
 
 use crate::clients::{create_bucket, upload};
-use crate::common::BIN;
+use crate::common::{fill, snapshot};
 use crate::readers::{layout, EXPECTED};
 
 /// The files as the contenders see them, and where they came from.
@@ -64,21 +63,7 @@ impl Data {
             (&manifest, "2023-03-03"),
             (&manifest_v2025, "2025-12-04-beta"),
         ] {
-            let status = Command::new(BIN)
-                .arg("snapshot")
-                .arg(&tree)
-                .arg("--cas")
-                .arg(&cas)
-                .arg("--output")
-                .arg(output)
-                .args(["--format", format])
-                .stdout(Stdio::null())
-                .status()
-                .unwrap();
-            assert!(
-                status.success(),
-                "mount_vfs snapshot --format {format} failed"
-            );
+            snapshot(&tree, &cas, output, format);
         }
         Data {
             hashes: [hashes[0], hashes[1]],
@@ -124,17 +109,5 @@ impl Data {
         );
         let _ = fs::remove_dir_all(&self.tree);
         let _ = fs::remove_dir_all(&self.cas);
-    }
-}
-
-/// xorshift64* bytes: incompressible enough, generated at memory speed.
-fn fill(seed: u64, data: &mut [u8]) {
-    let mut x = seed;
-    for chunk in data.chunks_mut(8) {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let v = x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes();
-        chunk.copy_from_slice(&v[..chunk.len()]);
     }
 }

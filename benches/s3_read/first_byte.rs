@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::common::vs_baseline;
+use crate::common::{drop_caches, vs_baseline};
 use crate::mounts::{Contender, Env, Mount};
-use crate::readers::{drop_caches, first_byte, MIB};
+use crate::readers::{first_byte, MIB};
 use crate::report::{json_ratio, median};
 use crate::server::Server;
 

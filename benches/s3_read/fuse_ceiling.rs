@@ -5,9 +5,9 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use crate::common::mount_null;
+use crate::common::{drop_caches, mount_null};
 use crate::mounts::step_deadline;
-use crate::readers::{drop_caches, read_files};
+use crate::readers::read_files;
 use crate::report::{fmt_runs, median, mode_name};
 
 /// The do-nothing server's rates by (O_DIRECT, readers), every run.

@@ -8,7 +8,7 @@ use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::Path;
 use std::time::Instant;
 
-use crate::common::faults_and_cpu;
+use crate::common::{drop_caches, faults_and_cpu};
 use crate::mounts::Mount;
 use crate::server::Server;
 
@@ -182,36 +182,6 @@ pub fn first_byte(dir: &Path) -> Result<f64, String> {
         buffer.as_mut(),
     )?;
     Ok(started.elapsed().as_secs_f64())
-}
-
-/// Writes dirty pages back first (a disk-cache file written by the previous mount would stay
-/// in memory otherwise), then drops the page cache, and checks that it worked: a "cold" row
-/// measured on a warm cache would flatter whoever reads from disk. Aborts the run otherwise.
-pub fn drop_caches() {
-    let cached = || -> u64 {
-        fs::read_to_string("/proc/meminfo")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("Cached:"))
-            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-            .map_or(u64::MAX, |kib: u64| kib << 10)
-    };
-    let before = cached();
-    // SAFETY: sync(2) has no preconditions.
-    unsafe { libc::sync() };
-    if let Err(e) = fs::write("/proc/sys/vm/drop_caches", "3") {
-        panic!("cannot drop the page cache ({e}): cold rows would be warm; run as root");
-    }
-    let after = cached();
-    // What stays cached after a drop is what cannot be dropped (tmpfs, /dev/shm, mapped pages):
-    // it must not have grown, and the drop must have freed what it could.
-    assert!(
-        after < before || after < 512 << 20,
-        "the page cache did not shrink ({} MiB before, {} MiB after drop_caches): cold rows \
-         would be warm",
-        before >> 20,
-        after >> 20
-    );
 }
 
 /// One measured configuration: all its runs.

@@ -12,10 +12,11 @@ use std::path::PathBuf;
 
 use mount_vfs::manifest::Hash;
 
+use crate::common::drop_caches;
 use crate::first_byte::Ttfb;
 use crate::mounts::{Contender, Env, Mount};
 use crate::raw_read::RawRead;
-use crate::readers::{drop_caches, measure, read_files};
+use crate::readers::{measure, read_files};
 use crate::report::{print_mount_rows, Modes};
 use crate::server::Server;
 
