@@ -201,6 +201,10 @@ pub enum Record {
 /// The overlay's state. See the module docs.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct Delta {
+    /// The unit of `Upper::present`, fixed when the overlay is started (the mount's
+    /// `--part-size` then); later mounts keep it whatever their `--part-size`.
+    #[serde(default)]
+    pub block_size: u64,
     /// The next inode number to give out; starts past the base's, never reused.
     pub next_ino: Ino,
     /// Entries that differ from the base, per directory.

@@ -65,8 +65,14 @@ pub struct Replayed {
 
 impl Journal {
     /// Loads `dir/checkpoint` and replays `dir/journal` onto it (onto an empty delta when
-    /// there is no checkpoint yet).
-    pub fn open(dir: &Path, base: &Namespace, owner: Owner) -> std::io::Result<Replayed> {
+    /// there is no checkpoint yet). `writable`: the caller holds the overlay's lock, and a torn
+    /// tail is cut off; otherwise (an export beside a live mount) nothing is changed on disk.
+    pub fn open(
+        dir: &Path,
+        base: &Namespace,
+        owner: Owner,
+        writable: bool,
+    ) -> std::io::Result<Replayed> {
         let (mut seq, mut delta) = match std::fs::read(dir.join("checkpoint")) {
             Ok(bytes) => {
                 let checkpoint: Checkpoint = serde_json::from_slice(&bytes).map_err(|e| {
@@ -81,11 +87,19 @@ impl Journal {
             Err(e) => return Err(e),
         };
         let path = dir.join("journal");
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(&path)?;
+        let mut file = if writable {
+            OpenOptions::new()
+                .read(true)
+                .append(true)
+                .create(true)
+                .open(&path)?
+        } else {
+            match File::open(&path) {
+                Ok(file) => file,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => File::open("/dev/null")?,
+                Err(e) => return Err(e),
+            }
+        };
         let total = file.metadata()?.len();
         let mut good = 0u64;
         let mut records = 0u64;
@@ -108,7 +122,7 @@ impl Journal {
             good += n as u64;
         }
         drop(reader);
-        if good < total {
+        if good < total && writable {
             tracing::warn!(
                 "{}: cut {} bytes of a torn or damaged last record (an operation that was \
                  never answered)",

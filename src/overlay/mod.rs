@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockWriteGuard};
 
 pub use delta::{AttrChange, DirEntry, Owner, Time, Upper};
 
-use self::delta::{Delta, Inode, Name, Record};
+use self::delta::{Delta, Inode, Record};
 use self::journal::Journal;
 use crate::fs::FsError;
 use crate::namespace::{Ino, Namespace, NodeKind, ROOT_INO};
@@ -105,8 +105,8 @@ pub struct Overlay {
     open_handles: Mutex<HashMap<Ino, u32>>,
     /// An upper file was created since `files/` was last synced.
     files_unsynced: std::sync::atomic::AtomicBool,
-    /// Holds the flock for the life of the mount.
-    _lock: File,
+    /// Holds the flock for the life of the mount (`None`: a read-only view for an export).
+    _lock: Option<File>,
 }
 
 /// The overlay directory of `manifest_bytes` in `cache_dir`: named by the xxh128 of the
@@ -163,9 +163,12 @@ impl Overlay {
         let files = dir.join("files");
         std::fs::create_dir_all(&files).map_err(io)?;
         let lock = lock(dir)?;
-        let replayed = Journal::open(dir, &base, owner).map_err(io)?;
+        let replayed = Journal::open(dir, &base, owner, true).map_err(io)?;
         let mut delta = replayed.delta;
         let mut journal = replayed.journal;
+        if delta.block_size == 0 {
+            delta.block_size = block_size;
+        }
         delta.collect_unlinked(&base);
         // Upper files: clamp base_len to the file (a crash after a shrinking ftruncate and
         // before its record), delete files no inode refers to (created, then a crash before
@@ -190,19 +193,62 @@ impl Overlay {
             );
         }
         journal.checkpoint(&delta).map_err(io)?;
-        Ok(Overlay {
+        Ok(Overlay::with(base, owner, dir, delta, journal, Some(lock)))
+    }
+
+    /// A read-only view of the overlay in `dir` as its journal says now, beside a live mount
+    /// or after one: no lock taken, nothing on disk changed. Changes through it fail.
+    pub fn view(dir: &Path, base: Arc<Namespace>, owner: Owner) -> Result<Overlay, OverlayError> {
+        let io = |source| OverlayError::Io {
+            dir: dir.to_path_buf(),
+            source,
+        };
+        if !dir.join("files").is_dir() {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no overlay here: nothing was mounted --writable with this manifest and \
+                 --cache-dir",
+            )));
+        }
+        let replayed = Journal::open(dir, &base, owner, false).map_err(io)?;
+        let mut delta = replayed.delta;
+        delta.collect_unlinked(&base);
+        Ok(Overlay::with(
+            base,
+            owner,
+            dir,
+            delta,
+            replayed.journal,
+            None,
+        ))
+    }
+
+    fn with(
+        base: Arc<Namespace>,
+        owner: Owner,
+        dir: &Path,
+        delta: Delta,
+        journal: Journal,
+        lock: Option<File>,
+    ) -> Overlay {
+        Overlay {
             base,
             owner,
             dir: dir.to_path_buf(),
-            files,
-            block_size,
+            files: dir.join("files"),
+            block_size: delta.block_size,
             state: RwLock::new(delta),
             journal: Mutex::new(journal),
             uppers: Mutex::new(HashMap::new()),
             open_handles: Mutex::new(HashMap::new()),
             files_unsynced: false.into(),
             _lock: lock,
-        })
+        }
+    }
+
+    /// Where the upper bytes of `ino` are.
+    pub fn upper_path(&self, ino: Ino) -> PathBuf {
+        self.files.join(upper_name(ino))
     }
 
     pub fn dir(&self) -> &Path {
@@ -916,6 +962,3 @@ impl Time {
         }
     }
 }
-
-#[allow(dead_code)]
-fn _name_type_check(_: Name) {}
