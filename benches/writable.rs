@@ -415,6 +415,7 @@ fn main() {
         let of_medians = (!ratios.is_empty())
             .then(|| median(runs_of(op, Who::Writable)) / median(runs_of(op, against)));
         let ratio = match of_medians {
+            Some(m) if ratios.len() == 1 => format!("/{} {m:.2}x (1 run)", against.name()),
             Some(m) => format!("/{} {m:.2}x ({})", against.name(), range(&ratios, 1.0, 2)),
             None => "-".into(),
         };
