@@ -431,6 +431,19 @@ fn main() {
             cell(&runs_of(op, Who::Writable), 1e9, 2),
         );
     }
+    println!();
+    for ((op, who), by_run) in &rates {
+        let gbs: Vec<String> = by_run
+            .iter()
+            .map(|(run, rate)| format!("{run}:{:.2}", rate / 1e9))
+            .collect();
+        println!(
+            "# runs, GB/s: {} / {}: {}",
+            op.name(),
+            who.name(),
+            gbs.join(" ")
+        );
+    }
     if !costs.is_empty() {
         let faults: Vec<f64> = costs.iter().map(|c| c.faults_per_gib).collect();
         let write_cpu: Vec<f64> = costs.iter().map(|c| c.write_cpu_per_gib).collect();
