@@ -20,6 +20,8 @@
 
 pub mod delta;
 pub mod journal;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
