@@ -24,7 +24,7 @@ pub mod verified;
 mod writable;
 
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 pub use dispatch::{Dispatcher, PREFERRED_IO_SIZE};
 pub use error::FsError;
