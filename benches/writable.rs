@@ -14,9 +14,9 @@
 //! filesystem), whose base files are the tree that was snapshotted; "read-only",
 //! `mount_vfs M MP --cas CAS --cache-dir DIR2` (base reads only); "writable", the same with
 //! `--writable --cache-dir DIR` (everything). Every run mounts afresh on emptied cache
-//! directories. Every read's bytes are hashed after the clock stops and checked. The writable
-//! daemon's page faults (minor + major) and CPU seconds (utime + stime) per GiB written come from
-//! /proc/PID/stat around the write phase.
+//! directories; the contenders' order rotates from run to run. Every read's bytes are hashed
+//! after the clock stops and checked. The writable daemon's page faults (minor + major) and CPU
+//! seconds (utime + stime) per GiB written come from /proc/PID/stat around the write phase.
 //!
 //! Run: `cargo bench --bench writable` (root; needs /dev/fuse). Environment: `BENCH_DIR` (default
 //! a directory under target/), `BENCH_RUNS` (3), `BENCH_FILE_MIB` (300), `BENCH_SHARDS` (2).
@@ -323,7 +323,12 @@ fn main() {
     let mut failures: Vec<String> = Vec::new();
     let mut writable_refused: Option<String> = None;
     for run in 0..runs {
-        for who in [Who::Direct, Who::ReadOnly, Who::Writable] {
+        // The order rotates from run to run, so that a machine that gets busier (or quieter)
+        // during a run does not always favour the same contender.
+        let mut order = [Who::Direct, Who::ReadOnly, Who::Writable];
+        let n = order.len();
+        order.rotate_left(run % n);
+        for who in order {
             if who == Who::Writable && writable_refused.is_some() {
                 continue;
             }
