@@ -6,7 +6,7 @@
 //!   returned. "+ fsync": then each file is reopened and fsync'd, timed and added.
 //! - dirty reads: page cache dropped (sync, then `echo 3 > /proc/sys/vm/drop_caches`, checked),
 //!   the 3 files read back one after the other with 1 MiB buffered reads (cold), then again
-//!   (warm, from the page cache).
+//!   (warm, from the page cache), then once more after another drop ("cold again").
 //! - base reads: page cache dropped, the 3 unmodified files of the manifest read the same way:
 //!   cold (through a mount: from the CAS, into a fresh disk cache), then warm.
 //!
@@ -45,16 +45,18 @@ enum Op {
     WriteFsync,
     DirtyCold,
     DirtyWarm,
+    DirtyColdAgain,
     BaseCold,
     BaseWarm,
 }
 
 impl Op {
-    const ALL: [Op; 6] = [
+    const ALL: [Op; 7] = [
         Op::Write,
         Op::WriteFsync,
         Op::DirtyCold,
         Op::DirtyWarm,
+        Op::DirtyColdAgain,
         Op::BaseCold,
         Op::BaseWarm,
     ];
@@ -65,6 +67,7 @@ impl Op {
             Op::WriteFsync => "write + fsync",
             Op::DirtyCold => "dirty read, cold",
             Op::DirtyWarm => "dirty read, warm",
+            Op::DirtyColdAgain => "dirty read, cold again",
             Op::BaseCold => "base read, cold (CAS)",
             Op::BaseWarm => "base read, warm",
         }
@@ -76,7 +79,7 @@ impl Op {
         match self {
             Op::Write => (Who::Direct, Some(0.8)),
             Op::DirtyCold => (Who::Direct, Some(0.9)),
-            Op::WriteFsync | Op::DirtyWarm => (Who::Direct, None),
+            Op::WriteFsync | Op::DirtyWarm | Op::DirtyColdAgain => (Who::Direct, None),
             Op::BaseCold | Op::BaseWarm => (Who::ReadOnly, Some(0.95)),
         }
     }
@@ -207,6 +210,10 @@ impl Bench {
         record(rates, Op::DirtyCold, who, run, self.dirty_read(dir));
         let c3 = daemon.map(proc_counters);
         record(rates, Op::DirtyWarm, who, run, self.dirty_read(dir));
+        // The first cold read follows the writes by a second or two, while the VM's disk may
+        // still be busy with them; a second one, seconds later, shows the read path alone.
+        drop_caches();
+        record(rates, Op::DirtyColdAgain, who, run, self.dirty_read(dir));
         let gib = bytes / GIB;
         match (c0, c1, c2, c3) {
             (Some(c0), Some(c1), Some(c2), Some(c3)) => Some(DaemonCost {
@@ -400,7 +407,7 @@ fn main() {
         let (against, target) = op.reference();
         let writes = matches!(
             op,
-            Op::Write | Op::WriteFsync | Op::DirtyCold | Op::DirtyWarm
+            Op::Write | Op::WriteFsync | Op::DirtyCold | Op::DirtyWarm | Op::DirtyColdAgain
         );
         let read_only = if writes {
             "n/a".to_string()
