@@ -5,6 +5,8 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::manifest::Format;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "mount_vfs",
@@ -65,6 +67,15 @@ pub enum SnapshotFormat {
     /// Beta format: also directories, symlinks, the exec bit and 256 MiB chunks.
     #[value(name = "2025-12-04-beta")]
     V2025_12_04Beta,
+}
+
+impl SnapshotFormat {
+    pub fn format(self) -> Format {
+        match self {
+            SnapshotFormat::V2023_03_03 => Format::V2023_03_03,
+            SnapshotFormat::V2025_12_04Beta => Format::V2025_12_04Beta,
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -10,6 +10,7 @@
 
 pub mod cli;
 pub mod fs;
+pub mod ingest;
 pub mod manifest;
 pub mod metrics;
 pub mod mount;
