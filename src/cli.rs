@@ -1,5 +1,5 @@
 //! Command-line interface. The bare form `mount_vfs MANIFEST MOUNTPOINT [options]` mounts;
-//! `snapshot` and `validate` are subcommands.
+//! `snapshot`, `validate` and `export` are subcommands.
 
 use std::path::PathBuf;
 
@@ -22,7 +22,9 @@ use crate::manifest::Format;
         mount_vfs validate scene.manifest",
     override_usage = "mount_vfs [OPTIONS] <MANIFEST> <MOUNTPOINT>   mount a manifest\n       \
         mount_vfs snapshot <DIR> --cas <CAS_DIR> [--output <FILE>]   hash a tree into a CAS\n       \
-        mount_vfs validate <MANIFEST>   check a manifest",
+        mount_vfs validate <MANIFEST>   check a manifest\n       \
+        mount_vfs export --cache-dir <DIR> --manifest <MANIFEST> --cas <CAS_DIR> --output <FILE>   \
+        a --writable mount's tree as a manifest",
     after_help = "Exit status: 0 success; 1 the mount failed or the manifest is invalid; 2 a usage \
         mistake (bad flag or value, unreadable manifest).",
     args_conflicts_with_subcommands = true,
@@ -42,6 +44,10 @@ pub enum Command {
     Snapshot(SnapshotArgs),
     /// Check a manifest: print its format, counts, size and hash, or every error found.
     Validate(ValidateArgs),
+    /// Turn what a --writable mount changed into a manifest: hash the new content into the CAS
+    /// and write the whole tree's manifest (and, with --diff, a diff against the mounted one).
+    /// Works beside a live mount (what it has fsynced or written so far) and after one.
+    Export(ExportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -76,6 +82,29 @@ impl SnapshotFormat {
             SnapshotFormat::V2025_12_04Beta => Format::V2025_12_04Beta,
         }
     }
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The --cache-dir of the writable mount (its overlay is in DIR/Overlay/).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: PathBuf,
+    /// The manifest that was mounted (the same file: the overlay is found by its hash).
+    #[arg(long, value_name = "FILE")]
+    pub manifest: PathBuf,
+    /// Local CAS directory: base objects are read from CAS_DIR/Data/, new objects written there.
+    #[arg(long, value_name = "CAS_DIR")]
+    pub cas: PathBuf,
+    /// Where to write the new manifest (default: standard output).
+    #[arg(long, short, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Also write a 2025-12-04-beta diff manifest against the mounted one: new and changed
+    /// entries, and deletions.
+    #[arg(long, value_name = "FILE")]
+    pub diff: Option<PathBuf>,
+    /// Format of the new manifest (2023-03-03 cannot say symlinks, empty directories, exec bits).
+    #[arg(long, value_enum, default_value_t = SnapshotFormat::V2023_03_03)]
+    pub format: SnapshotFormat,
 }
 
 #[derive(Debug, Args)]

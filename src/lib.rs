@@ -9,6 +9,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cli;
+pub mod export;
 pub mod fs;
 pub mod ingest;
 pub mod manifest;

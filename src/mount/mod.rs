@@ -330,7 +330,7 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
 }
 
 /// Refuses a `--cas` without a `Data/` directory, naming the likely mistake.
-fn check_cas(cas: &Path) -> Result<(), MountError> {
+pub(crate) fn check_cas(cas: &Path) -> Result<(), MountError> {
     if cas.join("Data").is_dir() {
         return Ok(());
     }
