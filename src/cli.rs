@@ -200,6 +200,13 @@ pub struct MountArgs {
     /// --cache-dir; `mount_vfs export` turns it into a manifest. Needs --cache-dir.
     #[arg(long, help_heading = "Writable overlay")]
     pub writable: bool,
+    /// At a clean unmount, export the overlay to FILE as `mount_vfs export` does, new content
+    /// into --cas (a local CAS). Needs --writable.
+    #[arg(long, value_name = "FILE", help_heading = "Writable overlay")]
+    pub export_on_unmount: Option<PathBuf>,
+    /// Format of the --export-on-unmount manifest.
+    #[arg(long, value_enum, default_value_t = SnapshotFormat::V2023_03_03, help_heading = "Writable overlay")]
+    pub export_format: SnapshotFormat,
 
     /// Print per-shard counters every second, and a summary at unmount.
     #[arg(long, help_heading = "Mount")]
