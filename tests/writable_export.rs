@@ -3,57 +3,18 @@
 //! same changes made to a plain copy of the tree.
 
 mod common;
+#[path = "support/job_changes.rs"]
+mod job_changes;
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::{job, pattern, snapshot, Mount, MountOptions, BIN};
+use job_changes::{base_files, change, write_base, MIB};
 use mount_vfs::manifest::{Content, EntryKind, Format, Hash, Manifest};
-
-const MIB: usize = 1 << 20;
-
-/// The base tree: an 8 MiB file, small files, a directory to rename and a file to delete.
-fn base_files() -> Vec<(&'static str, Vec<u8>)> {
-    vec![
-        ("big.bin", pattern(1, 8 * MIB)),
-        ("small.txt", b"small base file\n".to_vec()),
-        ("keep.txt", b"never touched\n".to_vec()),
-        ("gone.txt", b"deleted by the job\n".to_vec()),
-        ("data/a.txt", b"in a directory the job renames\n".to_vec()),
-        ("data/sub/b.bin", pattern(2, 3000)),
-    ]
-}
-
-/// The job's changes, made the same way through a mount and on a plain copy.
-fn change(root: &Path) {
-    fs::write(root.join("new.txt"), b"written by the job\n").unwrap();
-    // Patch the middle of the 8 MiB file, across a 1 MiB block boundary.
-    let big = fs::OpenOptions::new()
-        .write(true)
-        .open(root.join("big.bin"))
-        .unwrap();
-    big.write_all_at(&[0xAB; 100_000], (4 * MIB - 50_000) as u64)
-        .unwrap();
-    big.sync_all().unwrap();
-    let mut small = fs::OpenOptions::new()
-        .append(true)
-        .open(root.join("small.txt"))
-        .unwrap();
-    small.write_all(b"appended\n").unwrap();
-    small.sync_all().unwrap();
-    fs::remove_file(root.join("gone.txt")).unwrap();
-    fs::rename(root.join("data"), root.join("data2")).unwrap();
-    fs::create_dir(root.join("empty")).unwrap();
-    std::os::unix::fs::symlink("../keep.txt", root.join("data2/link")).unwrap();
-    fs::File::open(root.join("new.txt"))
-        .unwrap()
-        .sync_all()
-        .unwrap();
-}
 
 /// What a tree holds: files with their bytes, symlinks with their targets, directories.
 #[derive(Debug, PartialEq, Eq)]
@@ -178,10 +139,21 @@ fn whole_hash(m: &Manifest, path: &str) -> Hash {
     }
 }
 
-fn writable<'a>(cache: &'a str, extra: &'a [&'a str]) -> Vec<&'a str> {
-    let mut flags = vec!["--writable", "--cache-dir", cache, "--part-size", "1M"];
+/// Mounts `manifest` from `cas` on `root/mnt`, `--writable` with 2 shards and 1 MiB blocks.
+fn mount_writable(manifest: &Path, cas: &Path, root: &Path, cache: &Path, extra: &[&str]) -> Mount {
+    let mut flags = vec![
+        "--writable",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--part-size",
+        "1M",
+    ];
     flags.extend_from_slice(extra);
-    flags
+    let options = MountOptions {
+        shards: 2,
+        extra: &flags,
+    };
+    Mount::start(manifest, cas, &root.join("mnt"), options)
 }
 
 /// Mounts `manifest` read-only from `cas` and returns its tree.
@@ -199,44 +171,36 @@ fn objects(cas: &Path) -> usize {
 /// Base tree + the job's changes, on a plain directory: what every export must show.
 fn expected(tmp: &Path) -> BTreeMap<PathBuf, Node> {
     let plain = tmp.join("plain");
-    for (path, bytes) in base_files() {
-        let p = plain.join(path);
-        fs::create_dir_all(p.parent().unwrap()).unwrap();
-        fs::write(p, bytes).unwrap();
-    }
+    write_base(&plain);
     change(&plain);
     tree(&plain)
+}
+
+/// The base tree snapshot (v2023) into `root/cas`: (manifest, cas).
+fn base_job(root: &Path) -> (PathBuf, PathBuf) {
+    let files = base_files();
+    let refs: Vec<(&str, &[u8])> = files.iter().map(|(p, b)| (*p, b.as_slice())).collect();
+    job(root, &refs, "2023-03-03")
 }
 
 #[test]
 fn export_captures_every_change_beside_a_live_mount_and_after_it() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let files = base_files();
-    let refs: Vec<(&str, &[u8])> = files.iter().map(|(p, b)| (*p, b.as_slice())).collect();
-    let (manifest, cas) = job(root, &refs, "2023-03-03");
+    let (manifest, cas) = base_job(root);
     let base = decode(&manifest);
     let cache = root.join("cache");
-    let cache_s = cache.to_str().unwrap();
     let objects_before = objects(&cas);
 
-    let mut mount = Mount::start(
-        &manifest,
-        &cas,
-        &root.join("mnt"),
-        MountOptions {
-            shards: 2,
-            extra: &writable(cache_s, &[]),
-        },
-    );
+    let mut mount = mount_writable(&manifest, &cas, root, &cache, &[]);
     change(&mount.dir);
     // Beside the live mount (everything fsynced above).
     let live = root.join("live.manifest");
     let line = export_ok(&cache, &manifest, &cas, &live, &[]);
-    // new.txt, big.bin and small.txt are new objects; the rest keep their hashes, unread.
+    // The new file, big.bin and small.txt are new objects; the rest keep their hashes, unread.
     assert_eq!(field(&line, "objects_written"), 3, "{line}");
     assert_eq!(field(&line, "files_hashed"), 3, "{line}");
-    assert_eq!(field(&line, "objects_kept"), 3, "{line}");
+    assert_eq!(field(&line, "objects_kept"), 4, "{line}");
     assert_eq!(objects(&cas), objects_before + 3);
     assert!(
         mount.stop().is_some_and(|s| s.success()),
@@ -336,7 +300,7 @@ fn export_captures_every_change_beside_a_live_mount_and_after_it() {
         ("data2/sub/b.bin", "file"),
         ("empty", "dir"),
         ("gone.txt", "deleted file"),
-        ("new.txt", "file"),
+        ("new 😀.txt", "file"),
         ("small.txt", "file"),
     ]
     .into_iter()
@@ -365,12 +329,7 @@ fn export_of_an_untouched_overlay_is_the_mounted_manifest() {
         let manifest = root.join(format!("{format}.manifest"));
         snapshot(&tree_dir, &cas, format, &manifest);
         let objects_before = objects(&cas);
-        let mut mount = Mount::start(
-            &manifest,
-            &cas,
-            &root.join("mnt"),
-            MountOptions::with(&writable(cache.to_str().unwrap(), &[])),
-        );
+        let mut mount = mount_writable(&manifest, &cas, root, &cache, &[]);
         // Reading and opening for writing without writing change nothing.
         assert_eq!(
             fs::read(mount.dir.join("scene/a.txt")).unwrap(),
@@ -400,9 +359,7 @@ fn export_of_an_untouched_overlay_is_the_mounted_manifest() {
 fn export_on_unmount_writes_what_an_explicit_export_writes() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path();
-    let files = base_files();
-    let refs: Vec<(&str, &[u8])> = files.iter().map(|(p, b)| (*p, b.as_slice())).collect();
-    let (manifest, cas) = job(root, &refs, "2023-03-03");
+    let (manifest, cas) = base_job(root);
     let cache = root.join("cache");
     let on_unmount = root.join("on-unmount.manifest");
 
@@ -419,22 +376,17 @@ fn export_on_unmount_writes_what_an_explicit_export_writes() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     assert!(text(&o).contains("--writable"), "{}", text(&o));
 
-    let mut mount = Mount::start(
+    let mut mount = mount_writable(
         &manifest,
         &cas,
-        &root.join("mnt"),
-        MountOptions {
-            shards: 2,
-            extra: &writable(
-                cache.to_str().unwrap(),
-                &[
-                    "--export-on-unmount",
-                    on_unmount.to_str().unwrap(),
-                    "--export-format",
-                    "2025-12-04-beta",
-                ],
-            ),
-        },
+        root,
+        &cache,
+        &[
+            "--export-on-unmount",
+            on_unmount.to_str().unwrap(),
+            "--export-format",
+            "2025-12-04-beta",
+        ],
     );
     change(&mount.dir);
     assert!(!on_unmount.exists());
@@ -478,12 +430,7 @@ fn export_says_what_to_fix_and_never_exports_a_bad_base_object() {
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
 
     // Patch one block of big.bin: the export needs the other blocks from its base object.
-    let mut mount = Mount::start(
-        &manifest,
-        &cas,
-        &root.join("mnt"),
-        MountOptions::with(&writable(cache.to_str().unwrap(), &[])),
-    );
+    let mut mount = mount_writable(&manifest, &cas, root, &cache, &[]);
     let f = fs::OpenOptions::new()
         .write(true)
         .open(mount.dir.join("big.bin"))
