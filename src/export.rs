@@ -481,6 +481,16 @@ pub fn export(overlay: &Overlay, request: &ExportRequest) -> Result<Exported, Ex
             overlay.dir().display()
         )));
     }
+    if request
+        .diff_parent
+        .is_some_and(|p| p.format() == Format::AbsoluteBeta2025_12)
+    {
+        return Err(ExportError::Usage(
+            "--diff: the mounted manifest has absolute paths, which a diff of the (re-rooted, \
+             relative) tree cannot name; export the full manifest alone"
+                .into(),
+        ));
+    }
     let base = overlay.base();
     let base_files = base.len() as Ino;
     let mut stats = ExportStats::default();
