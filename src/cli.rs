@@ -205,7 +205,7 @@ pub struct MountArgs {
     #[arg(long, value_name = "FILE", help_heading = "Writable overlay")]
     pub export_on_unmount: Option<PathBuf>,
     /// Format of the --export-on-unmount manifest.
-    #[arg(long, value_enum, default_value_t = SnapshotFormat::V2023_03_03, help_heading = "Writable overlay")]
+    #[arg(long, value_enum, default_value_t = SnapshotFormat::V2023_03_03, requires = "export_on_unmount", help_heading = "Writable overlay")]
     pub export_format: SnapshotFormat,
 
     /// Print per-shard counters every second, and a summary at unmount.
@@ -327,6 +327,41 @@ mod tests {
         assert!(parse(&["--cas", "d", "--s3", "s3://b/r"]).is_err());
         assert!(parse(&["--cas", "d", "--bucket", "b"]).is_err());
         assert!(parse(&["--s3", "s3://b/r", "--bucket", "b"]).is_err());
+    }
+
+    #[test]
+    fn export_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "mount_vfs",
+            "export",
+            "--cache-dir",
+            "c",
+            "--manifest",
+            "m",
+            "--cas",
+            "cas",
+            "-o",
+            "new",
+            "--diff",
+            "d",
+            "--format",
+            "2025-12-04-beta",
+        ])
+        .unwrap();
+        let Some(Command::Export(args)) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(args.format, SnapshotFormat::V2025_12_04Beta);
+        assert!(Cli::try_parse_from(["mount_vfs", "export", "--manifest", "m"]).is_err());
+        let mount = |extra: &[&str]| {
+            Cli::try_parse_from(["mount_vfs", "m", "vfs", "--writable"].iter().chain(extra))
+        };
+        assert!(mount(&["--export-on-unmount", "new"]).is_ok());
+        assert!(mount(&["--export-format", "2025-12-04-beta"]).is_err());
+        assert!(
+            mount(&[]).is_ok(),
+            "the default format needs no --export-on-unmount"
+        );
     }
 
     #[test]
