@@ -155,7 +155,9 @@ pub struct MountArgs {
     #[arg(long, requires = "cache_dir", help_heading = "Content store")]
     pub recheck_cache: bool,
 
-    /// Capture writes in a copy-on-write overlay (not yet supported).
+    /// Let the job write: a copy-on-write overlay kept in --cache-dir (DIR/Overlay/), which
+    /// survives a crash and is given back by the next mount of the same manifest with the same
+    /// --cache-dir; `mount_vfs export` turns it into a manifest. Needs --cache-dir.
     #[arg(long, help_heading = "Writable overlay")]
     pub writable: bool,
 

@@ -14,6 +14,7 @@ pub mod manifest;
 pub mod metrics;
 pub mod mount;
 pub mod namespace;
+pub mod overlay;
 pub mod signals;
 pub mod snapshot;
 pub mod store;

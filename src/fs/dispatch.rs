@@ -5,16 +5,20 @@
 //! xattrs) is answered inline on the transport's thread from the `Arc`-shared [`Namespace`].
 //! Data requests (open, read, release) go, with their reply, to the shard that owns the inode
 //! ([`owner`], decided here and nowhere else); that shard replies itself from its own buffers, so
-//! no file byte crosses a thread here. Anything that would modify the tree gets `EROFS`.
+//! no file byte crosses a thread here. On a read-only mount anything that would modify the tree
+//! gets `EROFS`; on a `--writable` one the overlay answers (`writable`).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::writable::Listings;
+use crate::overlay::Overlay;
 
 use mount_vfs_executors::ShardSender;
 
 use super::error::FsError;
 use super::op_counters::{Op, OpCounters};
-use super::request::{fail, Attributes, DirPlusReply, DirReply, Open, Request, StatFs};
+use super::request::{fail, Attributes, DirPlusReply, DirReply, Open, Request, StatFs, ATTR_TTL};
 use super::shard::ShardRequest;
 use crate::namespace::{owner, Attr, Ino, Namespace, NodeKind};
 
@@ -26,10 +30,14 @@ pub const PREFERRED_IO_SIZE: u32 = 1 << 20;
 pub struct Dispatcher {
     namespace: Arc<Namespace>,
     shards: Vec<ShardSender<ShardRequest>>,
-    ops: Arc<OpCounters>,
-    /// Every file belongs to the user that mounted it.
+    pub(super) ops: Arc<OpCounters>,
+    /// Every base file belongs to the user that mounted it.
     uid: u32,
     gid: u32,
+    /// The copy-on-write overlay of a `--writable` mount.
+    pub(super) overlay: Option<Arc<Overlay>>,
+    /// Open directories' listings (writable mounts: a listing is taken at `opendir`).
+    pub(super) listings: Listings,
 }
 
 impl Dispatcher {
@@ -47,12 +55,23 @@ impl Dispatcher {
             ops,
             uid,
             gid,
+            overlay: None,
+            listings: Listings::default(),
         }
+    }
+
+    /// Serves the tree through `overlay` (a `--writable` mount).
+    pub fn writable(mut self, overlay: Arc<Overlay>) -> Dispatcher {
+        self.overlay = Some(overlay);
+        self
     }
 
     /// Serves `request`: answers it here or hands it to its owner shard.
     pub fn dispatch(&self, request: Request<'_>) {
         self.ops.request(request.op());
+        if let Some(overlay) = &self.overlay {
+            return self.dispatch_writable(overlay, request);
+        }
         match request {
             Request::Lookup {
                 parent,
@@ -85,13 +104,14 @@ impl Dispatcher {
             // Nothing is ever dirty on a read-only mount.
             Request::Flush { reply, .. } | Request::ReleaseDir { reply, .. } => reply.ok(),
             Request::OpenDir { ino, reply } => match self.directory(ino) {
-                Ok(()) => reply.opened(0),
+                Ok(()) => reply.opened(0, true),
                 Err(error) => fail(&self.ops, reply, Op::OpenDir, ino, error),
             },
             Request::ReadDir {
                 ino,
                 offset,
                 mut reply,
+                ..
             } => match self.directory(ino) {
                 Ok(()) => {
                     self.list(ino, offset, &mut *reply);
@@ -103,6 +123,7 @@ impl Dispatcher {
                 ino,
                 offset,
                 mut reply,
+                ..
             } => match self.directory(ino) {
                 Ok(()) => {
                     self.list_plus(ino, offset, &mut *reply);
@@ -127,12 +148,17 @@ impl Dispatcher {
                 Ok(_) => reply.data(&[]),
                 Err(error) => fail(&self.ops, reply, Op::ListXattr, ino, error),
             },
+            change => {
+                let op = change.op();
+                let (reply, ino) = change.into_reply();
+                fail(&self.ops, reply, op, ino, FsError::ReadOnly);
+            }
         }
     }
 
     /// Hands a data request to the inode's owner shard. A shard that is gone (shutting down)
     /// fails the request.
-    fn route(&self, ino: Ino, request: ShardRequest) {
+    pub(super) fn route(&self, ino: Ino, request: ShardRequest) {
         let shard = owner(ino, self.shards.len());
         if let Err(unsent) = self.shards[shard].send(request) {
             tracing::warn!(shard, ino, "shard mailbox closed; request failed");
@@ -158,13 +184,16 @@ impl Dispatcher {
             ino: attr.ino,
             size: attr.size,
             blocks: attr.size.div_ceil(512),
+            atime: system_time(attr.mtime_us),
             mtime: system_time(attr.mtime_us),
+            ctime: system_time(attr.mtime_us),
             kind: attr.kind,
             perm: attr.perm,
             nlink: attr.nlink,
             uid: self.uid,
             gid: self.gid,
             blksize: PREFERRED_IO_SIZE,
+            ttl: ATTR_TTL,
         }
     }
 
@@ -173,12 +202,7 @@ impl Dispatcher {
         if open.flags & libc::O_ACCMODE != libc::O_RDONLY || open.flags & libc::O_TRUNC != 0 {
             return Err(FsError::ReadOnly);
         }
-        match self.namespace.attr(open.ino).map(|a| a.kind) {
-            Some(NodeKind::File) => Ok(()),
-            Some(NodeKind::Dir) => Err(FsError::IsDirectory),
-            Some(NodeKind::Symlink) => Err(FsError::SymbolicLink),
-            None => Err(FsError::NotFound),
-        }
+        openable(self.namespace.attr(open.ino).map(|a| a.kind))
     }
 
     fn directory(&self, ino: Ino) -> Result<(), FsError> {
@@ -204,7 +228,10 @@ impl Dispatcher {
         const BLOCK: u32 = 4096;
         StatFs {
             blocks: self.namespace.total_size().div_ceil(BLOCK as u64),
+            blocks_free: 0,
+            blocks_available: 0,
             files: self.namespace.len() as u64,
+            files_free: 0,
             block_size: BLOCK,
             name_len: 255,
         }
@@ -245,6 +272,17 @@ impl Dispatcher {
                 break;
             }
         }
+    }
+}
+
+/// Whether a node of `kind` can be opened as a file (the kernel opens FIFOs itself).
+pub(super) fn openable(kind: Option<NodeKind>) -> Result<(), FsError> {
+    match kind {
+        Some(NodeKind::File) => Ok(()),
+        Some(NodeKind::Dir) => Err(FsError::IsDirectory),
+        Some(NodeKind::Symlink) => Err(FsError::SymbolicLink),
+        Some(NodeKind::Fifo) => Err(FsError::Invalid),
+        None => Err(FsError::NotFound),
     }
 }
 
@@ -327,6 +365,7 @@ mod tests {
         });
         d.dispatch(Request::ReadDir {
             ino: ROOT_INO,
+            fh: 0,
             offset: 0,
             reply,
         });
@@ -350,6 +389,7 @@ mod tests {
         });
         d.dispatch(Request::ReadDirPlus {
             ino: ROOT_INO,
+            fh: 0,
             offset: 3,
             reply,
         });

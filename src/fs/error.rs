@@ -37,11 +37,38 @@ pub enum FsError {
     /// The shard that owns the inode has stopped (the mount is shutting down).
     #[error("shutting down")]
     ShuttingDown,
+    /// The name is taken (create, mkdir, link, symlink, `RENAME_NOREPLACE`).
+    #[error("file exists")]
+    Exists,
+    /// `rmdir`, or a rename over a directory, that still has entries (base entries included).
+    #[error("directory not empty")]
+    NotEmpty,
+    /// A request the filesystem cannot make sense of (an unknown rename flag, a bad offset).
+    #[error("invalid argument")]
+    Invalid,
+    /// The cache directory's filesystem is full; nothing written before is lost.
+    #[error("no space left in the cache directory")]
+    NoSpace,
+    /// Opening for writing a file the kernel reads from a verified cache file right now.
+    #[error("text file busy")]
+    Busy,
+    /// An operation this filesystem does not do (e.g. a `fallocate` mode the upper filesystem lacks).
+    #[error("operation not supported")]
+    NotSupported,
+    /// Only `user.*` extended attributes are kept.
+    #[error("operation not permitted")]
+    NotPermitted,
+    /// An extended attribute (or list) larger than the caller's buffer.
+    #[error("result too large for the buffer")]
+    Range,
+    /// The overlay's upper file or journal could not be read or written (logged with the cause).
+    #[error("overlay I/O error")]
+    Overlay,
 }
 
 impl FsError {
     /// Every variant, in declaration order (`error as usize` indexes it).
-    pub const ALL: [FsError; 11] = [
+    pub const ALL: [FsError; 20] = [
         FsError::NotFound,
         FsError::NotDirectory,
         FsError::IsDirectory,
@@ -53,6 +80,15 @@ impl FsError {
         FsError::StoreDenied,
         FsError::Corrupt,
         FsError::ShuttingDown,
+        FsError::Exists,
+        FsError::NotEmpty,
+        FsError::Invalid,
+        FsError::NoSpace,
+        FsError::Busy,
+        FsError::NotSupported,
+        FsError::NotPermitted,
+        FsError::Range,
+        FsError::Overlay,
     ];
 
     /// The variant as a metrics label (several share an errno).
@@ -69,6 +105,15 @@ impl FsError {
             FsError::StoreDenied => "store_denied",
             FsError::Corrupt => "corrupt",
             FsError::ShuttingDown => "shutting_down",
+            FsError::Exists => "exists",
+            FsError::NotEmpty => "not_empty",
+            FsError::Invalid => "invalid",
+            FsError::NoSpace => "no_space",
+            FsError::Busy => "busy",
+            FsError::NotSupported => "not_supported",
+            FsError::NotPermitted => "not_permitted",
+            FsError::Range => "range",
+            FsError::Overlay => "overlay",
         }
     }
 
@@ -84,6 +129,13 @@ impl FsError {
             libc::ENODATA => "ENODATA",
             libc::EACCES => "EACCES",
             libc::EIO => "EIO",
+            libc::EEXIST => "EEXIST",
+            libc::ENOTEMPTY => "ENOTEMPTY",
+            libc::ENOSPC => "ENOSPC",
+            libc::ETXTBSY => "ETXTBSY",
+            libc::EOPNOTSUPP => "EOPNOTSUPP",
+            libc::EPERM => "EPERM",
+            libc::ERANGE => "ERANGE",
             _ => "unknown",
         }
     }
@@ -105,6 +157,15 @@ impl FsError {
             // The reader cannot fix the mount's credentials, but EACCES tells them it is a
             // permission problem rather than damaged data.
             FsError::StoreDenied => libc::EACCES,
+            FsError::Exists => libc::EEXIST,
+            FsError::NotEmpty => libc::ENOTEMPTY,
+            FsError::Invalid => libc::EINVAL,
+            FsError::NoSpace => libc::ENOSPC,
+            FsError::Busy => libc::ETXTBSY,
+            FsError::NotSupported => libc::EOPNOTSUPP,
+            FsError::NotPermitted => libc::EPERM,
+            FsError::Range => libc::ERANGE,
+            FsError::Overlay => libc::EIO,
         }
     }
 
@@ -120,9 +181,33 @@ impl FsError {
             | FsError::SymbolicLink
             | FsError::NotSymbolicLink
             | FsError::ReadOnly
-            | FsError::NoAttribute => tracing::Level::TRACE,
-            FsError::Store | FsError::StoreDenied | FsError::Corrupt | FsError::ShuttingDown => {
-                tracing::Level::DEBUG
+            | FsError::NoAttribute
+            | FsError::Exists
+            | FsError::NotEmpty
+            | FsError::Invalid
+            | FsError::Busy
+            | FsError::NotSupported
+            | FsError::NotPermitted
+            | FsError::Range => tracing::Level::TRACE,
+            FsError::Store
+            | FsError::StoreDenied
+            | FsError::Corrupt
+            | FsError::ShuttingDown
+            | FsError::NoSpace
+            | FsError::Overlay => tracing::Level::DEBUG,
+        }
+    }
+}
+
+impl FsError {
+    /// An I/O error of the overlay's upper files or journal: ENOSPC (and quota) as itself, the
+    /// rest as EIO after one log line naming what failed.
+    pub fn overlay(what: &str, error: &std::io::Error) -> FsError {
+        match error.raw_os_error() {
+            Some(libc::ENOSPC | libc::EDQUOT) => FsError::NoSpace,
+            _ => {
+                tracing::error!("overlay: {what}: {error}");
+                FsError::Overlay
             }
         }
     }

@@ -3,7 +3,9 @@
 //! Layers, imports running down only:
 //! - [`dispatch`]: the one entry point every request passes ([`Dispatcher::dispatch`]). Answers
 //!   namespace requests inline from the immutable [`Namespace`](crate::namespace::Namespace) and
-//!   routes data requests (open, read, release) to the inode's owner shard.
+//!   routes data requests (open, read, write, release) to the inode's owner shard.
+//! - `writable`: the same for a `--writable` mount, answering namespace requests and changes
+//!   through the [`Overlay`](crate::overlay::Overlay).
 //! - [`shard`]: the shard file service, run on each shard, answering data requests from the
 //!   shard's own buffers.
 //! - [`request`]: typed requests and the reply traits a transport implements.
@@ -19,9 +21,10 @@ pub mod op_counters;
 pub mod request;
 pub mod shard;
 pub mod verified;
+mod writable;
 
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
 
 pub use dispatch::{Dispatcher, PREFERRED_IO_SIZE};
 pub use error::FsError;

@@ -25,10 +25,25 @@ pub enum Op {
     Access,
     GetXattr,
     ListXattr,
+    Create,
+    Mknod,
+    Mkdir,
+    Unlink,
+    Rmdir,
+    Symlink,
+    Rename,
+    Link,
+    SetAttr,
+    Write,
+    Fsync,
+    FsyncDir,
+    Fallocate,
+    SetXattr,
+    RemoveXattr,
 }
 
 impl Op {
-    pub const ALL: [Op; 15] = [
+    pub const ALL: [Op; 30] = [
         Op::Lookup,
         Op::GetAttr,
         Op::ReadLink,
@@ -44,6 +59,21 @@ impl Op {
         Op::Access,
         Op::GetXattr,
         Op::ListXattr,
+        Op::Create,
+        Op::Mknod,
+        Op::Mkdir,
+        Op::Unlink,
+        Op::Rmdir,
+        Op::Symlink,
+        Op::Rename,
+        Op::Link,
+        Op::SetAttr,
+        Op::Write,
+        Op::Fsync,
+        Op::FsyncDir,
+        Op::Fallocate,
+        Op::SetXattr,
+        Op::RemoveXattr,
     ];
 
     /// The name in logs and metrics (the FUSE operation, lower case).
@@ -64,6 +94,21 @@ impl Op {
             Op::Access => "access",
             Op::GetXattr => "getxattr",
             Op::ListXattr => "listxattr",
+            Op::Create => "create",
+            Op::Mknod => "mknod",
+            Op::Mkdir => "mkdir",
+            Op::Unlink => "unlink",
+            Op::Rmdir => "rmdir",
+            Op::Symlink => "symlink",
+            Op::Rename => "rename",
+            Op::Link => "link",
+            Op::SetAttr => "setattr",
+            Op::Write => "write",
+            Op::Fsync => "fsync",
+            Op::FsyncDir => "fsyncdir",
+            Op::Fallocate => "fallocate",
+            Op::SetXattr => "setxattr",
+            Op::RemoveXattr => "removexattr",
         }
     }
 }

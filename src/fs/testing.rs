@@ -63,7 +63,7 @@ impl OpenReply for Capture<(u64, bool)> {
 }
 
 impl OpenDirReply for Capture<u64> {
-    fn opened(self: Box<Self>, fh: u64) {
+    fn opened(self: Box<Self>, fh: u64, _cacheable: bool) {
         (*self).send(fh);
     }
 }

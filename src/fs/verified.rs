@@ -139,6 +139,13 @@ impl ReadData {
         ReadData(Data::Slice(block, range))
     }
 
+    /// Bytes of a file with upper bytes (a `--writable` mount): what this mount's writers wrote,
+    /// merged with base bytes that came through the verified path. The manifest's hash no
+    /// longer describes such a file, so there is nothing else to verify them against.
+    pub fn written(bytes: Vec<u8>) -> ReadData {
+        ReadData(Data::Gathered(bytes))
+    }
+
     pub fn bytes(&self) -> &[u8] {
         match &self.0 {
             Data::Slice(block, range) => &block[range.clone()],

@@ -27,6 +27,8 @@ pub struct MountConfig {
     /// Largest size of the disk cache; `None`: bounded only by the filesystem's free space.
     /// Refused without `cache_dir`.
     pub cache_size: Option<u64>,
+    /// Capture writes in a copy-on-write overlay in `cache_dir` (refused without it).
+    pub writable: bool,
     /// Hash every cache file once even when a verification record vouches for it.
     pub recheck_cache: bool,
     /// Shards (pinned executor threads); `None`: one per CPU, no more than files. `Some(0)` is
@@ -72,10 +74,10 @@ impl TryFrom<MountArgs> for MountConfig {
     /// resolves the store flags. Touches no file: a `--daemon` child converts the same
     /// arguments again and cannot fail where its parent did not.
     fn try_from(args: MountArgs) -> Result<MountConfig, MountError> {
-        if args.writable {
+        if args.writable && args.cache_dir.is_none() {
             return Err(MountError::Usage(
-                "--writable is not yet supported (the copy-on-write overlay is planned); \
-                 drop --writable to mount read-only"
+                "--writable keeps what the job writes in the cache directory: give \
+                 --cache-dir DIR too (on a local filesystem with room for the job's outputs)"
                     .into(),
             ));
         }
@@ -91,6 +93,7 @@ impl TryFrom<MountArgs> for MountConfig {
             store,
             cache_dir: args.cache_dir,
             cache_size: args.cache_size,
+            writable: args.writable,
             recheck_cache: args.recheck_cache,
             shards: args.shards,
             memory_limit: args.memory_limit,

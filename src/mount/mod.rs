@@ -28,6 +28,7 @@ use crate::fs::Dispatcher;
 use crate::manifest::Manifest;
 use crate::metrics::{self, MetricSources, MetricsError};
 use crate::namespace::Namespace;
+use crate::overlay::{overlay_dir, Overlay, OverlayError, Owner};
 use crate::signals::Signals;
 use crate::store::s3::{S3ConfigError, S3StartError};
 use crate::store::{
@@ -70,6 +71,9 @@ pub enum MountError {
     /// The cache janitor's thread did not start.
     #[error(transparent)]
     Janitor(#[from] JanitorStartError),
+    /// The writable overlay cannot be opened (in use by another mount, unreadable).
+    #[error(transparent)]
+    Overlay(#[from] OverlayError),
 }
 
 impl MountError {
@@ -98,13 +102,14 @@ fn open_store(choice: StoreChoice) -> Result<StoreConfig, MountError> {
     }
 }
 
-/// Decodes and validates the manifest, naming the problem on failure.
-fn load_manifest(path: &Path) -> Result<Manifest, MountError> {
+/// Decodes and validates the manifest, naming the problem on failure; also returns its bytes.
+fn load_manifest(path: &Path) -> Result<(Manifest, Vec<u8>), MountError> {
     // Unreadable is a usage mistake (exit 2), as in `validate`; invalid is exit 1.
     let bytes = std::fs::read(path)
         .map_err(|e| MountError::Usage(format!("cannot read manifest {}: {e}", path.display())))?;
-    Manifest::decode(&bytes, &path.display().to_string())
-        .map_err(|e| MountError::Manifest(e.to_string()))
+    let manifest = Manifest::decode(&bytes, &path.display().to_string())
+        .map_err(|e| MountError::Manifest(e.to_string()))?;
+    Ok((manifest, bytes))
 }
 
 /// Up to `count` distinct objects of non-empty files, for the start-up check of the store.
@@ -172,12 +177,29 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
     }
 
     let started = Instant::now();
-    let manifest = load_manifest(&config.manifest)?;
+    let (manifest, manifest_bytes) = load_manifest(&config.manifest)?;
     let store = open_store(config.store)?;
     let namespace = Namespace::build(manifest.entries())
         .map_err(|e| MountError::Manifest(format!("{}: {e}", config.manifest.display())))?;
     drop(manifest);
     let namespace = Arc::new(namespace);
+    let overlay = match (&config.cache_dir, config.writable) {
+        (Some(dir), true) => {
+            // SAFETY: getuid/getgid cannot fail and have no preconditions.
+            let owner = unsafe {
+                Owner {
+                    uid: libc::getuid(),
+                    gid: libc::getgid(),
+                }
+            };
+            let dir = overlay_dir(dir, &manifest_bytes);
+            let overlay = Overlay::open(&dir, namespace.clone(), owner, config.part_size)?;
+            tracing::info!("writable: overlay in {}", dir.display());
+            Some(Arc::new(overlay))
+        }
+        _ => None,
+    };
+    drop(manifest_bytes);
     if let StoreConfig::S3(target) = &store {
         if let Some(warning) = target.check_objects(sample_objects(&namespace, 3))? {
             tracing::warn!("{warning}");
@@ -227,6 +249,7 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         disk_cache: disk_cache.clone(),
         passthrough: Arc::default(),
         ops: Arc::default(),
+        overlay: overlay.clone(),
     };
     let passthrough = config
         .cache_dir
@@ -249,10 +272,14 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         };
         metrics::serve(addr, sources)?;
     }
-    let dispatcher = Dispatcher::new(namespace.clone(), senders, ops);
+    let mut dispatcher = Dispatcher::new(namespace.clone(), senders, ops);
+    if let Some(overlay) = &overlay {
+        dispatcher = dispatcher.writable(overlay.clone());
+    }
     let options = SessionOptions {
         allow_other: config.allow_other,
         threads: shards,
+        writable: overlay.is_some(),
     };
     let session = transport::start(dispatcher, passthrough, mountpoint, options)?;
     raise_readahead(mountpoint);
@@ -280,6 +307,17 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
     );
     if let Err(e) = executors.shutdown() {
         tracing::warn!("shard shutdown: {e}");
+    }
+    if let Some(overlay) = overlay {
+        // Nothing is lost without this (the journal has every change): it makes the upper
+        // files durable and saves the next mount a replay.
+        match overlay.close() {
+            Ok(()) => tracing::info!("overlay {} saved", overlay.dir().display()),
+            Err(e) => tracing::warn!(
+                "overlay {}: cannot write a checkpoint ({e}); the next mount replays its journal",
+                overlay.dir().display()
+            ),
+        }
     }
     drop(janitor);
     // Writes the verification records still queued, now that no shard can send more.

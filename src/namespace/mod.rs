@@ -32,12 +32,14 @@ pub fn owner(ino: Ino, shards: usize) -> usize {
     ((mixed >> 32) % shards as u64) as usize
 }
 
-/// What kind of node an inode is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What kind of node an inode is. Manifests hold the first three; a writable mount can also
+/// create FIFOs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum NodeKind {
     Dir,
     File,
     Symlink,
+    Fifo,
 }
 
 /// Attributes of one inode, independent of the FUSE crate.
@@ -147,6 +149,8 @@ impl Namespace {
             NodeKind::File if node.flags & FLAG_EXEC != 0 => (0o755, 1),
             NodeKind::File => (0o644, 1),
             NodeKind::Symlink => (0o777, 1),
+            // Manifests hold no FIFOs.
+            NodeKind::Fifo => (0o644, 1),
         };
         Some(Attr {
             ino,

@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use super::readahead::Sequential;
 use super::FileService;
-use crate::fs::request::{BackingFile, Open, OpenReply, Opened, Release};
+use crate::fs::request::{fail, BackingFile, Open, OpenReply, Opened, Release};
+use crate::fs::{FsError, Op};
 use crate::namespace::Ino;
 
 /// How an inode's open handles are served. The kernel keeps one mode per inode while any handle
@@ -18,10 +19,13 @@ use crate::namespace::Ino;
 enum IoMode {
     /// READs come to this shard.
     Shard { handles: usize },
-    /// The kernel reads the cache file itself; every handle shares one backing file.
+    /// The kernel reads (and, for an upper file, writes) the backing file itself; every handle
+    /// shares one backing file.
     Passthrough {
         backing: Rc<BackingFile>,
         handles: usize,
+        /// The backing file is the inode's upper file, not a verified cache file.
+        upper: bool,
     },
 }
 
@@ -58,10 +62,17 @@ impl Handles {
 
     /// Registers a new open of `ino` in the inode's [`IoMode`], given the backing file this open
     /// could use, and returns the backing file when the mode is passthrough.
-    fn join(&self, ino: Ino, backing: Option<Rc<BackingFile>>) -> Option<Rc<BackingFile>> {
+    fn join(
+        &self,
+        ino: Ino,
+        backing: Option<Rc<BackingFile>>,
+        upper: bool,
+    ) -> Option<Rc<BackingFile>> {
         let mut modes = self.modes.borrow_mut();
         match modes.get_mut(&ino) {
-            Some(IoMode::Passthrough { backing, handles }) => {
+            Some(IoMode::Passthrough {
+                backing, handles, ..
+            }) => {
                 *handles += 1;
                 Some(backing.clone())
             }
@@ -74,6 +85,7 @@ impl Handles {
                     Some(backing) => IoMode::Passthrough {
                         backing: backing.clone(),
                         handles: 1,
+                        upper,
                     },
                     None => IoMode::Shard { handles: 1 },
                 };
@@ -83,10 +95,11 @@ impl Handles {
         }
     }
 
-    /// Forgets handle `fh` of `ino`; the last handle of an inode ends its mode.
-    fn remove(&self, ino: Ino, fh: u64) {
+    /// Forgets handle `fh` of `ino`; the last handle of an inode ends its mode. False if `fh`
+    /// was not open.
+    fn remove(&self, ino: Ino, fh: u64) -> bool {
         if self.open.borrow_mut().remove(&fh).is_none() {
-            return;
+            return false;
         }
         let mut modes = self.modes.borrow_mut();
         if let Some(IoMode::Shard { handles } | IoMode::Passthrough { handles, .. }) =
@@ -98,20 +111,37 @@ impl Handles {
                 modes.remove(&ino);
             }
         }
+        true
     }
 }
 
 impl FileService {
+    /// Whether `ino` is open with a verified cache file as its passthrough backing file.
+    fn reads_cache_file(&self, ino: Ino) -> bool {
+        matches!(
+            self.handles.modes.borrow().get(&ino),
+            Some(IoMode::Passthrough { upper: false, .. })
+        )
+    }
+
     pub(super) async fn open(self: &Rc<Self>, open: Open) {
         let c = &self.counters;
         c.add(&c.opens, 1);
+        if let Some(overlay) = &self.overlay {
+            let writes = open.flags & libc::O_ACCMODE != libc::O_RDONLY;
+            if writes || overlay.upper(open.ino).is_some() {
+                return self.open_upper(open, writes).await;
+            }
+            // Counted like every open of a writable mount: see `open_upper`.
+            overlay.opened(open.ino);
+        }
         let direct = open.flags & libc::O_DIRECT != 0;
         let mut backing = None;
         if !direct && !self.handles.modes.borrow().contains_key(&open.ino) {
             backing = self.open_backing(open.ino, &*open.reply).await;
         }
         // No await from here on: the mode checked is the mode joined.
-        let backing = self.handles.join(open.ino, backing);
+        let backing = self.handles.join(open.ino, backing, false);
         let fh = self.handles.insert();
         match backing {
             Some(backing) => {
@@ -124,11 +154,88 @@ impl FileService {
         c.open_latency.record(open.received.elapsed());
     }
 
+    /// An open of a file that has (or, opened for writing, may get) upper bytes: served through
+    /// the upper file, by the kernel (passthrough) when nothing of it is left in the base, else
+    /// by this shard, never from a cache page of the base.
+    async fn open_upper(self: &Rc<Self>, open: Open, writes: bool) {
+        let c = &self.counters;
+        let overlay = self
+            .overlay
+            .clone()
+            .expect("only writable mounts have upper files");
+        if writes && self.reads_cache_file(open.ino) {
+            // The kernel would send these writes into the verified cache file.
+            fail(&self.ops, open.reply, Op::Open, open.ino, FsError::Busy);
+            return;
+        }
+        let direct = open.flags & libc::O_DIRECT != 0;
+        let mut backing = None;
+        let complete = overlay
+            .upper(open.ino)
+            .is_some_and(|upper| upper.complete(overlay.block_size()));
+        if complete
+            && !direct
+            && self.handles.passthrough.load(Ordering::Relaxed)
+            && !self.handles.modes.borrow().contains_key(&open.ino)
+        {
+            backing = match overlay.upper_file(open.ino) {
+                Ok(file) => self.register_backing(&file, &*open.reply, "upper file"),
+                Err(error) => {
+                    fail(&self.ops, open.reply, Op::Open, open.ino, error);
+                    return;
+                }
+            };
+        }
+        // No await from here on: the mode checked is the mode joined.
+        let backing = self.handles.join(open.ino, backing, true);
+        let fh = self.handles.insert();
+        // Every handle is counted: an unlinked file keeps its upper file until its last close.
+        overlay.opened(open.ino);
+        match backing {
+            Some(backing) => {
+                c.add(&c.passthrough_opens, 1);
+                open.reply.opened(fh, Opened::Passthrough(&backing));
+            }
+            None => open.reply.opened(fh, Opened::Uncached),
+        }
+        c.open_latency.record(open.received.elapsed());
+    }
+
     pub(super) fn release(&self, release: Release) {
         let c = &self.counters;
         c.add(&c.releases, 1);
-        self.handles.remove(release.ino, release.fh);
+        if self.handles.remove(release.ino, release.fh) {
+            if let Some(overlay) = &self.overlay {
+                overlay.released(release.ino);
+            }
+        }
         release.reply.ok();
+    }
+
+    /// Registers `file` with the kernel as a passthrough backing file; `None` (and passthrough
+    /// off on every shard) if the kernel refuses.
+    fn register_backing(
+        &self,
+        file: &std::fs::File,
+        reply: &dyn OpenReply,
+        what: &str,
+    ) -> Option<Rc<BackingFile>> {
+        match reply.backing_file(file) {
+            Ok(backing) => Some(Rc::new(backing)),
+            Err(e) => {
+                // The kernel refuses backing files without CAP_SYS_ADMIN, and on a stacked
+                // filesystem (overlayfs, another FUSE mount): that will not change, so stop
+                // asking, on every shard.
+                if self.handles.passthrough.swap(false, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "FUSE passthrough of a {what} refused: {e}; serving every read through \
+                         the shards (passthrough needs root and --cache-dir on a local \
+                         filesystem)"
+                    );
+                }
+                None
+            }
+        }
     }
 
     /// The cache file of single-object file `ino` registered as a passthrough backing file, or
@@ -170,22 +277,6 @@ impl FileService {
                 return None;
             }
         };
-        match reply.backing_file(&file) {
-            Ok(backing) => Some(Rc::new(backing)),
-            Err(e) => {
-                // The kernel refuses backing files without CAP_SYS_ADMIN, and on a stacked
-                // filesystem (overlayfs, another FUSE mount): that will not change, so stop
-                // asking, on every shard.
-                if self.handles.passthrough.swap(false, Ordering::Relaxed) {
-                    tracing::warn!(
-                        "FUSE passthrough of cache file {} refused: {e}; serving every read \
-                         through the shards (passthrough needs root and --cache-dir on a local \
-                         filesystem)",
-                        cache.location(hash).display()
-                    );
-                }
-                None
-            }
-        }
+        self.register_backing(&file, reply, "cache file")
     }
 }

@@ -55,6 +55,7 @@ mod readahead;
 #[cfg(test)]
 mod tests;
 mod verify;
+mod write;
 
 use std::cell::Cell;
 use std::rc::Rc;
@@ -63,9 +64,10 @@ use std::sync::Arc;
 
 use mount_vfs_executors::{BufferPool, Mailbox, ShardContext};
 
-use super::request::{fail, Open, Read, Release};
+use super::request::{fail, Fallocate, Open, Read, Release, Write};
 use super::{FsError, Op, OpCounters};
 use crate::namespace::{owner, Ino, Namespace};
+use crate::overlay::Overlay;
 use crate::store::{DiskCache, DiskCacheConfig, ObjectStore, StoreConfig};
 
 pub use cache::BlockKey;
@@ -80,6 +82,8 @@ pub enum ShardRequest {
     Open(Open),
     Read(Read),
     Release(Release),
+    Write(Write),
+    Fallocate(Fallocate),
 }
 
 impl ShardRequest {
@@ -87,7 +91,9 @@ impl ShardRequest {
         match self {
             ShardRequest::Open(Open { ino, .. })
             | ShardRequest::Read(Read { ino, .. })
-            | ShardRequest::Release(Release { ino, .. }) => *ino,
+            | ShardRequest::Release(Release { ino, .. })
+            | ShardRequest::Write(Write { ino, .. })
+            | ShardRequest::Fallocate(Fallocate { ino, .. }) => *ino,
         }
     }
 
@@ -99,6 +105,8 @@ impl ShardRequest {
             ShardRequest::Release(release) => {
                 fail(ops, release.reply, Op::Release, release.ino, error)
             }
+            ShardRequest::Write(write) => fail(ops, write.reply, Op::Write, write.ino, error),
+            ShardRequest::Fallocate(f) => fail(ops, f.reply, Op::Fallocate, f.ino, error),
         }
     }
 }
@@ -116,6 +124,8 @@ pub struct ServiceConfig {
     pub passthrough: Arc<AtomicBool>,
     /// Requests and failures per operation, shared with the dispatcher.
     pub ops: Arc<OpCounters>,
+    /// The copy-on-write overlay of a `--writable` mount.
+    pub overlay: Option<Arc<Overlay>>,
 }
 
 /// Everything one shard owns. See the module docs for the rules.
@@ -135,6 +145,9 @@ pub struct FileService {
     verification: Verification,
     /// The store's retry count already added to the counters.
     retries_counted: Cell<u64>,
+    overlay: Option<Arc<Overlay>>,
+    /// Writes and copy-ups of an inode, one at a time.
+    writers: write::Writers,
 }
 
 /// The parts a [`FileService`] is made of, opened on its shard.
@@ -149,6 +162,7 @@ pub struct ServiceParts {
     pub passthrough: Arc<AtomicBool>,
     pub counters: Arc<ShardCounters>,
     pub ops: Arc<OpCounters>,
+    pub overlay: Option<Arc<Overlay>>,
 }
 
 impl FileService {
@@ -169,6 +183,8 @@ impl FileService {
             handles: Handles::new(parts.passthrough),
             verification: Verification::default(),
             retries_counted: Cell::new(0),
+            overlay: parts.overlay,
+            writers: write::Writers::default(),
         })
     }
 
@@ -196,6 +212,14 @@ impl FileService {
                 }
                 c.read_latency.record(read.received.elapsed());
             }
+            ShardRequest::Write(write) => match self.write(&write).await {
+                Ok(written) => write.reply.written(written),
+                Err(error) => fail(&self.ops, write.reply, Op::Write, write.ino, error),
+            },
+            ShardRequest::Fallocate(f) => match self.fallocate(&f).await {
+                Ok(()) => f.reply.ok(),
+                Err(error) => fail(&self.ops, f.reply, Op::Fallocate, f.ino, error),
+            },
         }
     }
 }
@@ -221,6 +245,7 @@ pub async fn run_shard(
         passthrough: config.passthrough,
         counters,
         ops: config.ops,
+        overlay: config.overlay,
     });
     while let Some(request) = mailbox.recv().await {
         glommio::spawn_local(service.clone().handle(request)).detach();

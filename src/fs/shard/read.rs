@@ -42,8 +42,24 @@ pub(super) fn locate(chunked: bool, block_size: u64, pos: u64) -> (usize, u32, u
 }
 
 impl FileService {
-    /// Bytes `[offset, offset + size)` of file `ino` (open as `fh`), verified.
+    /// Bytes `[offset, offset + size)` of file `ino` (open as `fh`): merged with its upper
+    /// bytes if it has any (a `--writable` mount), else the base's, verified.
     pub(super) async fn read(
+        self: &Rc<Self>,
+        ino: Ino,
+        fh: u64,
+        offset: u64,
+        size: u32,
+    ) -> Result<ReadData, FsError> {
+        if let Some(upper) = self.overlay.as_ref().and_then(|o| o.upper(ino)) {
+            return self.read_merged(ino, fh, offset, size, upper).await;
+        }
+        self.read_base(ino, fh, offset, size).await
+    }
+
+    /// Bytes `[offset, offset + size)` of file `ino`'s base content, verified. `fh` 0 (no
+    /// handle: a copy-up) plans no read-ahead.
+    pub(super) async fn read_base(
         self: &Rc<Self>,
         ino: Ino,
         fh: u64,

@@ -37,6 +37,7 @@ fn service(
         passthrough: Arc::new(AtomicBool::new(false)),
         counters: Arc::new(ShardCounters::default()),
         ops: Arc::default(),
+        overlay: None,
     })
 }
 

@@ -10,15 +10,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use std::path::Path;
+use std::time::SystemTime;
+
 use fuser::{
-    AccessFlags, BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
-    Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
-    Request as FuseRequest,
+    AccessFlags, BackingId, BsdFileFlags, Errno, FileAttr, FileHandle, FileType, Filesystem,
+    FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags,
+    ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request as FuseRequest, TimeOrNow, WriteFlags,
 };
 
 use crate::fs::request::{
-    self, Attributes, BackingFile, Open, Opened, Read, Release, Reply, Request, StatFs, ATTR_TTL,
+    self, Attributes, BackingFile, Caller, Create, Fallocate, Open, Opened, Read, Release, Reply,
+    Request, SetAttr, StatFs, Write,
 };
 use crate::fs::{Dispatcher, FsError, ReadData, PREFERRED_IO_SIZE};
 use crate::namespace::NodeKind;
@@ -45,9 +49,9 @@ fn file_attr(a: &Attributes) -> FileAttr {
         ino: INodeNo(a.ino),
         size: a.size,
         blocks: a.blocks,
-        atime: a.mtime,
+        atime: a.atime,
         mtime: a.mtime,
-        ctime: a.mtime,
+        ctime: a.ctime,
         crtime: a.mtime,
         kind: file_type(a.kind),
         perm: a.perm,
@@ -65,6 +69,7 @@ fn file_type(kind: NodeKind) -> FileType {
         NodeKind::Dir => FileType::Directory,
         NodeKind::File => FileType::RegularFile,
         NodeKind::Symlink => FileType::Symlink,
+        NodeKind::Fifo => FileType::NamedPipe,
     }
 }
 
@@ -93,17 +98,19 @@ replies!(
     ReplyDirectoryPlus,
     ReplyStatfs,
     ReplyXattr,
+    ReplyWrite,
+    ReplyCreate,
 );
 
 impl request::EntryReply for ReplyEntry {
     fn entry(self: Box<Self>, attributes: &Attributes) {
-        (*self).entry(&ATTR_TTL, &file_attr(attributes), Generation(0));
+        (*self).entry(&attributes.ttl, &file_attr(attributes), Generation(0));
     }
 }
 
 impl request::AttrReply for ReplyAttr {
     fn attr(self: Box<Self>, attributes: &Attributes) {
-        (*self).attr(&ATTR_TTL, &file_attr(attributes));
+        (*self).attr(&attributes.ttl, &file_attr(attributes));
     }
 }
 
@@ -135,6 +142,7 @@ impl request::OpenReply for ReplyOpen {
     fn opened(self: Box<Self>, fh: u64, how: Opened<'_>) {
         match how {
             Opened::KeepCache => (*self).opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Opened::Uncached => (*self).opened(FileHandle(fh), FopenFlags::empty()),
             Opened::Passthrough(backing) => match backing.0.downcast_ref::<BackingId>() {
                 Some(id) => (*self).opened_passthrough(FileHandle(fh), FopenFlags::empty(), id),
                 // Only this transport makes backing files for its replies.
@@ -145,12 +153,86 @@ impl request::OpenReply for ReplyOpen {
 }
 
 impl request::OpenDirReply for ReplyOpen {
-    fn opened(self: Box<Self>, fh: u64) {
-        (*self).opened(
-            FileHandle(fh),
-            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-        );
+    fn opened(self: Box<Self>, fh: u64, cacheable: bool) {
+        let flags = if cacheable {
+            FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR
+        } else {
+            FopenFlags::empty()
+        };
+        (*self).opened(FileHandle(fh), flags);
     }
+}
+
+impl request::WriteReply for ReplyWrite {
+    fn written(self: Box<Self>, size: u32) {
+        (*self).written(size);
+    }
+}
+
+/// A CREATE's reply once the node exists: the open's reply, carrying the new node's attributes.
+struct Created {
+    reply: ReplyCreate,
+    attr: FileAttr,
+    ttl: std::time::Duration,
+}
+
+impl Reply for Created {
+    fn error(self: Box<Self>, error: FsError) {
+        self.reply.error(errno(error));
+    }
+}
+
+impl request::CreateReply for ReplyCreate {
+    fn created(self: Box<Self>, attributes: &Attributes) -> Box<dyn request::OpenReply> {
+        Box::new(Created {
+            reply: *self,
+            attr: file_attr(attributes),
+            ttl: attributes.ttl,
+        })
+    }
+}
+
+impl request::OpenReply for Created {
+    fn backing_file(&self, file: &File) -> std::io::Result<BackingFile> {
+        let id: BackingId = self.reply.open_backing(file)?;
+        Ok(BackingFile(Box::new(id)))
+    }
+
+    fn opened(self: Box<Self>, fh: u64, how: Opened<'_>) {
+        let Created { reply, attr, ttl } = *self;
+        let fh = FileHandle(fh);
+        match how {
+            Opened::KeepCache => {
+                reply.created(&ttl, &attr, Generation(0), fh, FopenFlags::FOPEN_KEEP_CACHE)
+            }
+            Opened::Uncached => reply.created(&ttl, &attr, Generation(0), fh, FopenFlags::empty()),
+            Opened::Passthrough(backing) => match backing.0.downcast_ref::<BackingId>() {
+                Some(id) => reply.created_passthrough(
+                    &ttl,
+                    &attr,
+                    Generation(0),
+                    fh,
+                    FopenFlags::empty(),
+                    id,
+                ),
+                None => reply.error(Errno::EIO),
+            },
+        }
+    }
+}
+
+fn caller(req: &FuseRequest) -> Caller {
+    Caller {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
+}
+
+fn time(t: Option<TimeOrNow>) -> Option<SystemTime> {
+    t.map(|t| match t {
+        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::Now => SystemTime::now(),
+    })
 }
 
 impl request::DirReply for ReplyDirectory {
@@ -176,7 +258,7 @@ impl request::DirPlusReply for ReplyDirectoryPlus {
             INodeNo(attributes.ino),
             next_offset,
             OsStr::from_bytes(name),
-            &ATTR_TTL,
+            &attributes.ttl,
             &file_attr(attributes),
             Generation(0),
         )
@@ -191,10 +273,10 @@ impl request::StatFsReply for ReplyStatfs {
     fn statfs(self: Box<Self>, t: &StatFs) {
         (*self).statfs(
             t.blocks,
-            0,
-            0,
+            t.blocks_free,
+            t.blocks_available,
             t.files,
-            0,
+            t.files_free,
             t.block_size,
             t.name_len,
             t.block_size,
@@ -337,6 +419,7 @@ impl Filesystem for FuserFilesystem {
     ) {
         self.dispatcher.dispatch(Request::ReadDir {
             ino: ino.0,
+            fh: _fh.0,
             offset,
             reply: Box::new(reply),
         });
@@ -352,6 +435,7 @@ impl Filesystem for FuserFilesystem {
     ) {
         self.dispatcher.dispatch(Request::ReadDirPlus {
             ino: ino.0,
+            fh: _fh.0,
             offset,
             reply: Box::new(reply),
         });
@@ -367,6 +451,7 @@ impl Filesystem for FuserFilesystem {
     ) {
         self.dispatcher.dispatch(Request::ReleaseDir {
             ino: ino.0,
+            fh: _fh.0,
             reply: Box::new(reply),
         });
     }
@@ -405,6 +490,277 @@ impl Filesystem for FuserFilesystem {
         self.dispatcher.dispatch(Request::ListXattr {
             ino: ino.0,
             size,
+            reply: Box::new(reply),
+        });
+    }
+
+    fn create(
+        &self,
+        req: &FuseRequest,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        flags: i32,
+        reply: ReplyCreate,
+    ) {
+        self.dispatcher.dispatch(Request::Create(Create {
+            parent: parent.0,
+            name: name.as_bytes().to_vec(),
+            mode,
+            flags,
+            caller: caller(req),
+            received: Instant::now(),
+            reply: Box::new(reply),
+        }));
+    }
+
+    fn mknod(
+        &self,
+        req: &FuseRequest,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFREG => NodeKind::File,
+            libc::S_IFIFO => NodeKind::Fifo,
+            // Devices and sockets have no place in a job's outputs.
+            _ => return reply.error(Errno::EPERM),
+        };
+        self.dispatcher.dispatch(Request::MakeNode {
+            parent: parent.0,
+            name: name.as_bytes(),
+            kind,
+            mode,
+            target: None,
+            caller: caller(req),
+            reply: Box::new(reply),
+        });
+    }
+
+    fn mkdir(
+        &self,
+        req: &FuseRequest,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        self.dispatcher.dispatch(Request::MakeNode {
+            parent: parent.0,
+            name: name.as_bytes(),
+            kind: NodeKind::Dir,
+            mode,
+            target: None,
+            caller: caller(req),
+            reply: Box::new(reply),
+        });
+    }
+
+    fn symlink(
+        &self,
+        req: &FuseRequest,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        self.dispatcher.dispatch(Request::MakeNode {
+            parent: parent.0,
+            name: link_name.as_bytes(),
+            kind: NodeKind::Symlink,
+            mode: 0o777,
+            target: Some(target.as_os_str().as_bytes()),
+            caller: caller(req),
+            reply: Box::new(reply),
+        });
+    }
+
+    fn link(
+        &self,
+        _req: &FuseRequest,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        self.dispatcher.dispatch(Request::Link {
+            ino: ino.0,
+            new_parent: newparent.0,
+            new_name: newname.as_bytes(),
+            reply: Box::new(reply),
+        });
+    }
+
+    fn unlink(&self, _req: &FuseRequest, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.dispatcher.dispatch(Request::Remove {
+            parent: parent.0,
+            name: name.as_bytes(),
+            dir: false,
+            reply: Box::new(reply),
+        });
+    }
+
+    fn rmdir(&self, _req: &FuseRequest, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.dispatcher.dispatch(Request::Remove {
+            parent: parent.0,
+            name: name.as_bytes(),
+            dir: true,
+            reply: Box::new(reply),
+        });
+    }
+
+    fn rename(
+        &self,
+        _req: &FuseRequest,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.dispatcher.dispatch(Request::Rename {
+            parent: parent.0,
+            name: name.as_bytes(),
+            new_parent: newparent.0,
+            new_name: newname.as_bytes(),
+            flags: flags.bits(),
+            reply: Box::new(reply),
+        });
+    }
+
+    fn setattr(
+        &self,
+        _req: &FuseRequest,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        self.dispatcher.dispatch(Request::SetAttr {
+            ino: ino.0,
+            change: SetAttr {
+                mode,
+                uid,
+                gid,
+                size,
+                atime: time(atime),
+                mtime: time(mtime),
+            },
+            reply: Box::new(reply),
+        });
+    }
+
+    fn write(
+        &self,
+        _req: &FuseRequest,
+        ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        self.dispatcher.dispatch(Request::Write(Write {
+            ino: ino.0,
+            fh: fh.0,
+            offset,
+            data: data.to_vec(),
+            received: Instant::now(),
+            reply: Box::new(reply),
+        }));
+    }
+
+    fn fallocate(
+        &self,
+        _req: &FuseRequest,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        self.dispatcher.dispatch(Request::Fallocate(Fallocate {
+            ino: ino.0,
+            offset,
+            length,
+            mode,
+            reply: Box::new(reply),
+        }));
+    }
+
+    fn fsync(
+        &self,
+        _req: &FuseRequest,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.dispatcher.dispatch(Request::Fsync {
+            ino: ino.0,
+            dir: false,
+            reply: Box::new(reply),
+        });
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &FuseRequest,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.dispatcher.dispatch(Request::Fsync {
+            ino: ino.0,
+            dir: true,
+            reply: Box::new(reply),
+        });
+    }
+
+    fn setxattr(
+        &self,
+        _req: &FuseRequest,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        self.dispatcher.dispatch(Request::SetXattr {
+            ino: ino.0,
+            name: name.as_bytes(),
+            value,
+            flags,
+            reply: Box::new(reply),
+        });
+    }
+
+    fn removexattr(&self, _req: &FuseRequest, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        self.dispatcher.dispatch(Request::RemoveXattr {
+            ino: ino.0,
+            name: name.as_bytes(),
             reply: Box::new(reply),
         });
     }

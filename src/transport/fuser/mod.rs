@@ -20,6 +20,8 @@ pub struct SessionOptions {
     pub allow_other: bool,
     /// Worker threads, each reading its own clone of the /dev/fuse descriptor.
     pub threads: usize,
+    /// Mount read-write (the dispatcher has an overlay).
+    pub writable: bool,
 }
 
 /// Why the session did not start.
@@ -39,7 +41,7 @@ pub struct FuseSession {
     session: BackgroundSession,
 }
 
-/// Mounts `dispatcher` read-only on `mountpoint` and serves it on background threads.
+/// Mounts `dispatcher` (read-only unless `options.writable`) on `mountpoint` and serves it on background threads.
 /// `passthrough`: where to record whether the kernel agreed to FUSE passthrough at INIT; `None`
 /// when there is nothing to pass through to (no disk cache), so it is not asked for.
 pub fn start(
@@ -50,7 +52,11 @@ pub fn start(
 ) -> Result<FuseSession, SessionError> {
     let filesystem = FuserFilesystem::new(dispatcher, passthrough);
     let mut mount_options = vec![
-        MountOption::RO,
+        if options.writable {
+            MountOption::RW
+        } else {
+            MountOption::RO
+        },
         MountOption::FSName("mount_vfs".into()),
         MountOption::Subtype("mount_vfs".into()),
         MountOption::DefaultPermissions,
