@@ -1156,6 +1156,16 @@ impl Durability {
     }
 }
 
+/// The operation a model ran last and the reference's state before it.
+#[derive(Debug, Clone)]
+pub struct InFlight {
+    pub op: Op,
+    /// What it may touch, as it was in the reference before it.
+    pub before: Vec<(String, Result<Entry, Errno>)>,
+    /// The inodes of the files under the names it removes, replaces or writes.
+    pub inodes: Vec<u64>,
+}
+
 /// The model: two roots, the reference's entries, and the random source.
 pub struct Model {
     pub mount: PathBuf,
@@ -1175,6 +1185,10 @@ pub struct Model {
     pub stats: BTreeMap<&'static str, (u64, u64)>,
     /// Crash-test bookkeeping, when enabled.
     pub durability: Option<Durability>,
+    /// Record the reference's state before each operation (for [`Model::check_interrupted`]).
+    pub capture: bool,
+    /// The last operation and the reference's state before it, when `capture` is on.
+    pub in_flight: Option<InFlight>,
     shrink: bool,
 }
 
@@ -1193,6 +1207,8 @@ impl Model {
             trace: Arc::new(Mutex::new(VecDeque::new())),
             stats: BTreeMap::new(),
             durability: None,
+            capture: false,
+            in_flight: None,
             shrink: false,
         };
         model.resync("");
@@ -1360,6 +1376,9 @@ impl Model {
             }
         }
 
+        if self.capture {
+            self.in_flight = Some(self.capture_before(op, &namespace));
+        }
         let got = op.apply(&self.mount);
         let want = op.apply(&self.reference);
         let counter = self.stats.entry(op.name()).or_default();
@@ -1446,6 +1465,143 @@ impl Model {
         }
         self.finish();
         Ok(())
+    }
+
+    /// The reference's state of what `op` may touch, before it.
+    fn capture_before(&self, op: &Op, namespace: &[String]) -> InFlight {
+        let mut entries = op.touched();
+        for p in namespace {
+            if !entries.contains(p) {
+                entries.push(p.clone());
+            }
+        }
+        for p in entries.clone() {
+            let mut link = p;
+            for _ in 0..8 {
+                match std::fs::read_link(self.reference.join(&link)) {
+                    Ok(t) if !t.to_string_lossy().contains('/') => {
+                        link = join(parent(&link), &t.to_string_lossy());
+                        if !entries.contains(&link) {
+                            entries.push(link.clone());
+                        }
+                    }
+                    _ => break,
+                }
+            }
+        }
+        // Files whose link count the operation may change: those under a removed or replaced
+        // name, and every name of a file it writes.
+        let mut inodes = Vec::new();
+        for p in namespace
+            .iter()
+            .chain(op.content_path().map(String::from).iter())
+        {
+            let under = std::iter::once(p.clone()).chain(
+                walk(&self.reference.join(p))
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|e| join(p, &e)),
+            );
+            for q in under {
+                if let Ok(st) = stat(&self.reference, &q) {
+                    if kind_of(st.st_mode) == Kind::File {
+                        inodes.push(st.st_ino);
+                    }
+                }
+            }
+        }
+        let before = entries
+            .iter()
+            .map(|p| (p.clone(), describe(&self.reference, p, Some(&[]))))
+            .collect();
+        InFlight {
+            op: op.clone(),
+            before,
+            inodes,
+        }
+    }
+
+    /// After a kill during the last operation (the one in `in_flight`) and a remount on
+    /// `self.mount`: a list of what is wrong. Everything the operation cannot have touched must
+    /// equal the reference (which applied it); what it touched must be all as before it or all
+    /// as after it, for operations that are one request to the filesystem; for those that are
+    /// several (create and write: open, write, close; rm -rf), any state of what they touch is
+    /// allowed.
+    pub fn check_interrupted(&self) -> Vec<String> {
+        let Some(f) = &self.in_flight else {
+            return compare_trees(&self.mount, &self.reference)
+                .err()
+                .into_iter()
+                .collect();
+        };
+        let mut problems = Vec::new();
+        let mut entry_only: Vec<String> = f.before.iter().map(|(p, _)| p.clone()).collect();
+        let subtrees: Vec<String> = f.op.namespace();
+        // Other names of the files involved (their link count or content may differ).
+        let mut inodes = f.inodes.clone();
+        for (p, _) in &f.before {
+            if let Ok(st) = stat(&self.reference, p) {
+                if kind_of(st.st_mode) == Kind::File {
+                    inodes.push(st.st_ino);
+                }
+            }
+        }
+        let walked_ref = walk(&self.reference).unwrap_or_default();
+        for p in &walked_ref {
+            if let Ok(st) = lstat(&self.reference, p) {
+                if inodes.contains(&st.st_ino) {
+                    entry_only.push(p.clone());
+                }
+            }
+        }
+        let within = |p: &str, root: &str| {
+            p == root
+                || (p.len() > root.len() && p.starts_with(root) && p.as_bytes()[root.len()] == b'/')
+        };
+        let skipped =
+            |p: &str| entry_only.iter().any(|e| e == p) || subtrees.iter().any(|r| within(p, r));
+        let walked_mount = match walk(&self.mount) {
+            Ok(w) => w,
+            Err(e) => return vec![format!("walking the mount: {e}")],
+        };
+        let all: std::collections::BTreeSet<&String> =
+            walked_ref.iter().chain(walked_mount.iter()).collect();
+        for p in std::iter::once(&String::new()).chain(all) {
+            if skipped(p) || problems.len() >= 20 {
+                continue;
+            }
+            if let Some(problem) = compare_entry(&self.mount, &self.reference, p, None) {
+                problems.push(format!("untouched by the interrupted op: {problem}"));
+            }
+        }
+        let one_request = !matches!(
+            f.op,
+            Op::Create { .. } | Op::Write { .. } | Op::RemoveTree { .. }
+        );
+        if one_request {
+            let now: Vec<_> = f
+                .before
+                .iter()
+                .map(|(p, _)| describe(&self.mount, p, Some(&[])))
+                .collect();
+            let before: Vec<_> = f.before.iter().map(|(_, e)| e.clone()).collect();
+            let after: Vec<_> = f
+                .before
+                .iter()
+                .map(|(p, _)| describe(&self.reference, p, Some(&[])))
+                .collect();
+            if now != before && now != after {
+                let mut report = String::from("half-applied:");
+                for (i, (p, _)) in f.before.iter().enumerate() {
+                    report.push_str(&format!(
+                        "\n    `{p}`: now {:?}\n      before {:?}\n      after  {:?}",
+                        now[i], before[i], after[i]
+                    ));
+                }
+                problems.push(report);
+            }
+        }
+        problems
     }
 
     /// Marks the last traced operation as finished (a watchdog treats one ending in " ..." as
