@@ -96,6 +96,9 @@ fn kill_9_at_random_points_loses_no_acknowledged_operation() {
             shards,
         );
         model.mount = mount.dir.clone();
+        // The kept descriptors died with the daemon; the reference's close too (an unlinked
+        // file open there goes, as the new mount must have dropped it).
+        model.forget_fds();
         let what = format!(
             "MODEL_SEED={seed}, round {round}: SIGKILL after op #{} ({ops} ops this round)",
             model.ops_done
@@ -130,6 +133,7 @@ fn kill_9_at_random_points_loses_no_acknowledged_operation() {
         );
     }
     // And a clean stop after all that.
+    model.close_fds().unwrap();
     let status = mount.stop();
     assert!(
         status.is_some_and(|s| s.success()),
@@ -233,6 +237,7 @@ fn kill_9_during_operations_leaves_nothing_half_applied() {
             shards,
         );
         model.mount = mount.dir.clone();
+        model.forget_fds();
         let problems = model.check_interrupted();
         assert!(
             problems.is_empty(),

@@ -116,7 +116,8 @@ fn model_on_mounts(shards: usize, subdirs: &[&str]) {
         let models = match run_models(&mount.dir, reference.path(), subdirs, epoch_seed, n) {
             Ok(models) => models,
             Err(e) => panic!(
-                "epoch {epoch} (model seed {epoch_seed}): {e}\ndaemon log:\n{}",
+                "epoch {epoch} (model seed {epoch_seed}; rerun: MODEL_SEED={seed} \
+                 MODEL_EPOCH_OPS={epoch_ops}): {e}\ndaemon log:\n{}",
                 tail(&mount.stderr())
             ),
         };

@@ -1107,3 +1107,33 @@ fn writable_needs_a_cache_dir() {
         "does not say what is missing: {stderr}"
     );
 }
+
+#[test]
+fn a_base_file_open_for_reading_can_be_written_and_the_reader_sees_it() {
+    // A reader opens a base file first (the read-only path may hand it to the kernel, e.g. by
+    // passthrough to the disk cache), then the same file is opened for writing and written:
+    // on a local filesystem both opens succeed and the reader, same inode, reads the new bytes.
+    for shards in [1, 2] {
+        let f = Fixture::new(shards);
+        for (rel, len) in [("small.bin", 5000), ("dir/sub/deep/z.bin", 300_000)] {
+            let reader = fs::File::open(f.p(rel)).unwrap();
+            let mut first = vec![0u8; 100];
+            reader.read_exact_at(&mut first, 0).unwrap();
+            let writer = open_with(&f.p(rel), libc::O_WRONLY).unwrap_or_else(|e| {
+                panic!("{shards} shard(s): open {rel} for writing while open for reading: {e}")
+            });
+            writer.write_at(b"WRITTEN", 10).unwrap();
+            drop(writer);
+            let mut again = vec![0u8; 100];
+            reader.read_exact_at(&mut again, 0).unwrap();
+            assert_eq!(
+                &again[10..17],
+                b"WRITTEN",
+                "{shards} shard(s): a descriptor opened before the write reads stale bytes of {rel}"
+            );
+            let fresh = read_all(&f.p(rel)).unwrap();
+            assert_eq!(fresh.len(), len);
+            assert_eq!(&fresh[10..17], b"WRITTEN");
+        }
+    }
+}

@@ -137,7 +137,10 @@ fn related(a: &str, b: &str) -> bool {
 }
 
 /// An open file descriptor, closed on drop (errors ignored) or by [`Fd::close`] (checked).
-struct Fd(libc::c_int);
+pub struct Fd(libc::c_int);
+
+/// How many descriptors a model keeps open across operations (on each side).
+pub const SLOTS: usize = 4;
 
 impl Fd {
     fn open(root: &Path, rel: &str, flags: i32, mode: u32) -> Result<Fd, Errno> {
@@ -314,6 +317,39 @@ pub enum Op {
     RemoveTree {
         path: String,
     },
+    /// open(flags, mode) kept open in `slot` across operations (renames, unlinks, writes
+    /// through other names and descriptors).
+    FdOpen {
+        slot: usize,
+        path: String,
+        flags: i32,
+        mode: u32,
+    },
+    /// One pwrite on the descriptor in `slot` (write, if it was opened O_APPEND).
+    FdWrite {
+        slot: usize,
+        offset: u64,
+        data: Data,
+    },
+    FdRead {
+        slot: usize,
+        offset: u64,
+        len: usize,
+    },
+    FdTruncate {
+        slot: usize,
+        size: u64,
+    },
+    FdSync {
+        slot: usize,
+    },
+    /// fstat: kind, size, link count, permission bits.
+    FdStat {
+        slot: usize,
+    },
+    FdClose {
+        slot: usize,
+    },
 }
 
 /// What an operation returned on success.
@@ -369,11 +405,98 @@ fn unit(ret: libc::c_int) -> Outcome {
     check(ret).map(|()| Value::Unit)
 }
 
+fn fstat(fd: &Fd) -> Result<libc::stat, Errno> {
+    // SAFETY: a stat buffer for a descriptor we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    check(unsafe { libc::fstat(fd.0, &mut st) })?;
+    Ok(st)
+}
+
+/// What fstat says that is the filesystem's to decide (a directory's size and link count
+/// differ between filesystems).
+fn fstat_value(fd: &Fd) -> Outcome {
+    let st = fstat(fd)?;
+    let kind = kind_of(st.st_mode);
+    let mode = st.st_mode & 0o7777;
+    Ok(Value::Names(vec![if kind == Kind::File {
+        format!(
+            "{kind:?} size {} nlink {} mode {mode:o}",
+            st.st_size,
+            nlink(&st)
+        )
+    } else {
+        format!("{kind:?} mode {mode:o}")
+    }]))
+}
+
 impl Op {
-    /// Applies the operation under `root`.
-    pub fn apply(&self, root: &Path) -> Outcome {
-        // SAFETY (all unsafe blocks below): valid C strings and buffers of the lengths passed.
+    /// The descriptor slot of an operation on a kept descriptor.
+    pub fn slot(&self) -> Option<usize> {
         match self {
+            Op::FdOpen { slot, .. }
+            | Op::FdWrite { slot, .. }
+            | Op::FdRead { slot, .. }
+            | Op::FdTruncate { slot, .. }
+            | Op::FdSync { slot }
+            | Op::FdStat { slot }
+            | Op::FdClose { slot } => Some(*slot),
+            _ => None,
+        }
+    }
+
+    /// Applies the operation under `root`, with `fds` the descriptors kept open there.
+    pub fn apply(&self, root: &Path, fds: &mut [Option<Fd>]) -> Outcome {
+        let ebadf = Errno(libc::EBADF);
+        // SAFETY (all unsafe blocks below): valid C strings and buffers of the lengths passed,
+        // and descriptors we own.
+        match self {
+            Op::FdOpen {
+                slot,
+                path,
+                flags,
+                mode,
+            } => {
+                fds[*slot] = None;
+                fds[*slot] = Some(Fd::open(root, path, *flags, *mode)?);
+                Ok(Value::Unit)
+            }
+            Op::FdWrite { slot, offset, data } => {
+                let fd = fds[*slot].as_ref().ok_or(ebadf)?;
+                let bytes = data.bytes();
+                // SAFETY: F_GETFL on a descriptor we own.
+                let append = unsafe { libc::fcntl(fd.0, libc::F_GETFL) } & libc::O_APPEND != 0;
+                if append {
+                    count(unsafe { libc::write(fd.0, bytes.as_ptr().cast(), bytes.len()) })
+                } else {
+                    count(unsafe {
+                        libc::pwrite(fd.0, bytes.as_ptr().cast(), bytes.len(), *offset as i64)
+                    })
+                }
+            }
+            Op::FdRead { slot, offset, len } => {
+                let fd = fds[*slot].as_ref().ok_or(ebadf)?;
+                let mut buf = vec![0u8; *len];
+                let n = unsafe { libc::pread(fd.0, buf.as_mut_ptr().cast(), *len, *offset as i64) };
+                if n < 0 {
+                    return Err(last_errno());
+                }
+                buf.truncate(n as usize);
+                Ok(Value::Bytes(buf))
+            }
+            Op::FdTruncate { slot, size } => {
+                let fd = fds[*slot].as_ref().ok_or(ebadf)?;
+                unit(unsafe { libc::ftruncate(fd.0, *size as i64) })
+            }
+            Op::FdSync { slot } => {
+                let fd = fds[*slot].as_ref().ok_or(ebadf)?;
+                unit(unsafe { libc::fsync(fd.0) })
+            }
+            Op::FdStat { slot } => fstat_value(fds[*slot].as_ref().ok_or(ebadf)?),
+            Op::FdClose { slot } => fds[*slot]
+                .take()
+                .ok_or(ebadf)?
+                .close()
+                .map(|()| Value::Unit),
             Op::Create {
                 path,
                 flags,
@@ -589,12 +712,19 @@ impl Op {
                 add(from, false);
                 add(to, true);
             }
+            Op::FdOpen { path, .. } => add(path, true),
             Op::Read { .. }
             | Op::Readlink { .. }
             | Op::Statfs { .. }
             | Op::GetXattr { .. }
             | Op::ListXattr { .. }
-            | Op::ListDir { .. } => {}
+            | Op::ListDir { .. }
+            | Op::FdWrite { .. }
+            | Op::FdRead { .. }
+            | Op::FdTruncate { .. }
+            | Op::FdSync { .. }
+            | Op::FdStat { .. }
+            | Op::FdClose { .. } => {}
         }
         out.sort();
         out.dedup();
@@ -613,6 +743,7 @@ impl Op {
             | Op::RemoveTree { path } => vec![path.clone()],
             Op::Rename { from, to, .. } => vec![from.clone(), to.clone()],
             Op::Link { to, .. } => vec![to.clone()],
+            Op::FdOpen { path, flags, .. } if flags & libc::O_CREAT != 0 => vec![path.clone()],
             _ => Vec::new(),
         }
     }
@@ -645,7 +776,11 @@ impl Op {
                 },
                 data.len as u64,
             ),
-            Op::Truncate { size, .. } => (old_size.min(*size), old_size.abs_diff(*size)),
+            Op::Truncate { size, .. } | Op::FdTruncate { size, .. } => {
+                (old_size.min(*size), old_size.abs_diff(*size))
+            }
+            Op::FdWrite { offset, data, .. } => (*offset, data.len as u64),
+            Op::FdOpen { flags, .. } if flags & libc::O_TRUNC != 0 => (0, old_size),
             Op::Fallocate { offset, len, .. } => (*offset, *len),
             _ => return Vec::new(),
         };
@@ -669,6 +804,7 @@ impl Op {
             | Op::Write { path, .. }
             | Op::Truncate { path, .. }
             | Op::Fallocate { path, .. } => Some(path),
+            Op::FdOpen { path, flags, .. } if flags & libc::O_TRUNC != 0 => Some(path),
             _ => None,
         }
     }
@@ -698,6 +834,13 @@ impl Op {
             Op::Mkfifo { .. } => "mkfifo",
             Op::ListDir { .. } => "listdir",
             Op::RemoveTree { .. } => "rmtree",
+            Op::FdOpen { .. } => "fd-open",
+            Op::FdWrite { .. } => "fd-write",
+            Op::FdRead { .. } => "fd-read",
+            Op::FdTruncate { .. } => "fd-truncate",
+            Op::FdSync { .. } => "fd-fsync",
+            Op::FdStat { .. } => "fd-stat",
+            Op::FdClose { .. } => "fd-close",
         }
     }
 }
@@ -1189,6 +1332,9 @@ pub struct Model {
     pub capture: bool,
     /// The last operation and the reference's state before it, when `capture` is on.
     pub in_flight: Option<InFlight>,
+    /// Descriptors kept open across operations, on the mount and on the reference.
+    mount_fds: Vec<Option<Fd>>,
+    ref_fds: Vec<Option<Fd>>,
     shrink: bool,
 }
 
@@ -1209,6 +1355,8 @@ impl Model {
             durability: None,
             capture: false,
             in_flight: None,
+            mount_fds: (0..SLOTS).map(|_| None).collect(),
+            ref_fds: (0..SLOTS).map(|_| None).collect(),
             shrink: false,
         };
         model.resync("");
@@ -1244,7 +1392,37 @@ impl Model {
                 self.full_compare()?;
             }
         }
+        self.close_fds()?;
         self.full_compare()
+    }
+
+    /// Closes the kept descriptors (compared, like any operation), so nothing holds the mount.
+    pub fn close_fds(&mut self) -> Result<(), String> {
+        for slot in 0..SLOTS {
+            if self.ref_fds[slot].is_some() || self.mount_fds[slot].is_some() {
+                self.apply(&Op::FdClose { slot })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops the kept descriptors without comparing (the mount's died with its daemon).
+    pub fn forget_fds(&mut self) {
+        self.mount_fds.iter_mut().for_each(|fd| *fd = None);
+        self.ref_fds.iter_mut().for_each(|fd| *fd = None);
+    }
+
+    /// The reference's names of the file open in `slot` (none if unlinked), and its stat.
+    fn fd_file(&self, slot: Option<usize>) -> Option<(libc::stat, Vec<String>)> {
+        let st = fstat(self.ref_fds[slot?].as_ref()?).ok()?;
+        let names = self
+            .known
+            .iter()
+            .filter(|(_, k)| **k == Kind::File)
+            .filter(|(p, _)| lstat(&self.reference, p).is_ok_and(|l| l.st_ino == st.st_ino))
+            .map(|(p, _)| p.clone())
+            .collect();
+        Some((st, names))
     }
 
     /// Compares the whole trees (and checks the model's own view of the reference).
@@ -1353,9 +1531,16 @@ impl Model {
         let index = self.ops_done;
         self.record(format!("#{index} {op:?} ..."));
         // Crash bookkeeping needs the reference's state before the operation.
-        let content_stat = op
-            .content_path()
-            .and_then(|p| stat(&self.reference, p).ok());
+        let fd_file = match op {
+            Op::FdOpen { .. } => None,
+            _ => self.fd_file(op.slot()),
+        };
+        let content_stat = match op {
+            Op::FdWrite { .. } | Op::FdTruncate { .. } => fd_file.as_ref().map(|(st, _)| *st),
+            _ => op
+                .content_path()
+                .and_then(|p| stat(&self.reference, p).ok()),
+        };
         let content_ino = content_stat.map(|st| st.st_ino);
         let old_size = content_stat.map_or(0, |st| st.st_size as u64);
         let renamed_onto_nothing = matches!(op, Op::Rename { to, flags, .. }
@@ -1363,7 +1548,12 @@ impl Model {
         // Creating through a symlink creates its target (a sibling name).
         let mut namespace = op.namespace();
         let through_symlink = namespace.iter().any(|p| self.symlink_ancestor(p));
-        if let Op::Create { path, .. } = op {
+        let created = match op {
+            Op::Create { path, .. } => Some(path),
+            Op::FdOpen { path, flags, .. } if flags & libc::O_CREAT != 0 => Some(path),
+            _ => None,
+        };
+        if let Some(path) = created {
             let mut link = path.clone();
             for _ in 0..8 {
                 match std::fs::read_link(self.reference.join(&link)) {
@@ -1377,10 +1567,10 @@ impl Model {
         }
 
         if self.capture {
-            self.in_flight = Some(self.capture_before(op, &namespace));
+            self.in_flight = Some(self.capture_before(op, &namespace, fd_file.as_ref()));
         }
-        let got = op.apply(&self.mount);
-        let want = op.apply(&self.reference);
+        let got = op.apply(&self.mount, &mut self.mount_fds);
+        let want = op.apply(&self.reference, &mut self.ref_fds);
         let counter = self.stats.entry(op.name()).or_default();
         if want.is_ok() {
             counter.0 += 1;
@@ -1438,8 +1628,25 @@ impl Model {
                 self.history()
             ));
         }
+        // A descriptor op: the descriptors must agree, and the file's names are what it touched.
+        if let Some(slot) = op.slot() {
+            if let (Some(a), Some(b)) = (&self.mount_fds[slot], &self.ref_fds[slot]) {
+                let (x, y) = (fstat_value(a), fstat_value(b));
+                if x != y {
+                    return Err(format!(
+                        "{}: fstat differs after op #{index}: {op:?} (both returned {want:?})\n  \
+                         mount:     {x:?}\n  reference: {y:?}\nlast ops:\n{}",
+                        self.context(),
+                        self.history()
+                    ));
+                }
+            }
+        }
         let windows = op.windows(old_size);
         let mut touched = op.touched();
+        if let Some((_, names)) = &fd_file {
+            touched.extend(names.iter().cloned());
+        }
         // What a symlink among them points to (a write through it changed the target).
         for p in touched.clone() {
             let mut link = p;
@@ -1468,8 +1675,16 @@ impl Model {
     }
 
     /// The reference's state of what `op` may touch, before it.
-    fn capture_before(&self, op: &Op, namespace: &[String]) -> InFlight {
+    fn capture_before(
+        &self,
+        op: &Op,
+        namespace: &[String],
+        fd_file: Option<&(libc::stat, Vec<String>)>,
+    ) -> InFlight {
         let mut entries = op.touched();
+        if let Some((_, names)) = fd_file {
+            entries.extend(names.iter().cloned());
+        }
         for p in namespace {
             if !entries.contains(p) {
                 entries.push(p.clone());
@@ -1491,7 +1706,7 @@ impl Model {
         }
         // Files whose link count the operation may change: those under a removed or replaced
         // name, and every name of a file it writes.
-        let mut inodes = Vec::new();
+        let mut inodes: Vec<u64> = fd_file.map(|(st, _)| st.st_ino).into_iter().collect();
         for p in namespace
             .iter()
             .chain(op.content_path().map(String::from).iter())
@@ -1576,7 +1791,7 @@ impl Model {
         }
         let one_request = !matches!(
             f.op,
-            Op::Create { .. } | Op::Write { .. } | Op::RemoveTree { .. }
+            Op::Create { .. } | Op::Write { .. } | Op::RemoveTree { .. } | Op::FdWrite { .. }
         );
         if one_request {
             let now: Vec<_> = f
@@ -1693,7 +1908,10 @@ impl Model {
         self.pick(None)
     }
 
-    /// O_NONBLOCK when `path` leads to a FIFO in the reference (so no open blocks).
+    /// O_NONBLOCK when `path` leads to a FIFO in the reference (so no open blocks). Nothing is
+    /// ever written into a FIFO: a write into the pipe updates the FIFO's mtime on a local
+    /// filesystem, which FUSE leaves to the kernel's inode (the daemon never hears of it), so
+    /// the two would differ for a reason that is not the mount's.
     fn open_flags(&self, path: &str) -> i32 {
         match stat(&self.reference, path) {
             Ok(st) if kind_of(st.st_mode) == Kind::Fifo => libc::O_NONBLOCK,
@@ -1774,13 +1992,16 @@ impl Model {
     /// The next random operation.
     pub fn generate(&mut self) -> Op {
         let crowded = self.known.len() > MAX_ENTRIES;
-        let mut r = self.rng.u32(0..100);
+        let mut r = self.rng.u32(0..112);
+        if r >= 102 && self.ref_fds.iter().all(Option::is_none) {
+            r = 100;
+        }
         if crowded && matches!(r, 16..22 | 40..45 | 56..59 | 61..65 | 84..86) {
             // Too many entries: remove instead of creating.
             r = if self.rng.bool() { 35 } else { 90 };
         }
         match r {
-            0..16 | 91.. => {
+            0..16 | 91..100 => {
                 let path = self.pick(Some(Kind::File));
                 let size = self.size_of(&path);
                 let mut flags = self.open_flags(&path);
@@ -1795,6 +2016,10 @@ impl Model {
                 }
                 let data = self.data();
                 if flags & libc::O_APPEND != 0 && size + data.len as u64 > MAX_FILE {
+                    flags &= !libc::O_APPEND;
+                }
+                if flags & libc::O_NONBLOCK != 0 {
+                    // A FIFO: pwrite (ESPIPE), never data into the pipe (see `open_flags`).
                     flags &= !libc::O_APPEND;
                 }
                 let offset = offset.min(MAX_FILE.saturating_sub(data.len as u64));
@@ -1824,6 +2049,9 @@ impl Model {
                 if flags & libc::O_APPEND != 0 {
                     let room = MAX_FILE.saturating_sub(self.size_of(&path));
                     data.len = data.len.min(room as usize);
+                }
+                if flags & libc::O_NONBLOCK != 0 {
+                    data.len = 0;
                 }
                 Op::Create {
                     path,
@@ -2009,6 +2237,71 @@ impl Model {
                     Op::ListDir { path }
                 } else {
                     Op::RemoveTree { path }
+                }
+            }
+            100..102 => {
+                let slot = self.rng.usize(..SLOTS);
+                let choices = [
+                    libc::O_RDONLY,
+                    libc::O_RDWR,
+                    libc::O_WRONLY,
+                    libc::O_RDWR | libc::O_APPEND,
+                    libc::O_WRONLY | libc::O_TRUNC,
+                    libc::O_RDWR | libc::O_CREAT,
+                    libc::O_RDWR | libc::O_CREAT | libc::O_EXCL,
+                ];
+                let flags = choices[self.rng.usize(..choices.len())];
+                let path = if flags & libc::O_CREAT != 0 && !crowded {
+                    self.pick_new()
+                } else {
+                    self.pick(Some(Kind::File))
+                };
+                Op::FdOpen {
+                    slot,
+                    flags: flags | self.open_flags(&path),
+                    path,
+                    mode: 0o644,
+                }
+            }
+            _ => {
+                // On a kept descriptor.
+                let open: Vec<usize> = (0..SLOTS).filter(|&s| self.ref_fds[s].is_some()).collect();
+                let slot = open[self.rng.usize(..open.len())];
+                let fd = self.ref_fds[slot].as_ref().unwrap();
+                let size = fstat(fd).map_or(0, |st| st.st_size as u64);
+                // SAFETY: F_GETFL on a descriptor we own.
+                let append = unsafe { libc::fcntl(fd.0, libc::F_GETFL) } & libc::O_APPEND != 0;
+                let fifo = fstat(fd).is_ok_and(|st| kind_of(st.st_mode) == Kind::Fifo);
+                match r {
+                    102..105 if fifo && append => Op::FdStat { slot },
+                    102..105 => {
+                        let mut data = self.data();
+                        let offset = if append {
+                            data.len = data.len.min(MAX_FILE.saturating_sub(size).max(1) as usize);
+                            size
+                        } else {
+                            self.offset(size)
+                                .min(MAX_FILE.saturating_sub(data.len as u64))
+                        };
+                        Op::FdWrite { slot, offset, data }
+                    }
+                    105..107 => Op::FdRead {
+                        slot,
+                        offset: self.offset(size),
+                        len: self.rng.usize(1..=(256 << 10)),
+                    },
+                    107 => Op::FdTruncate {
+                        slot,
+                        size: self.new_size(size),
+                    },
+                    108 => {
+                        if self.rng.bool() {
+                            Op::FdSync { slot }
+                        } else {
+                            Op::FdStat { slot }
+                        }
+                    }
+                    _ => Op::FdClose { slot },
                 }
             }
         }
