@@ -1137,3 +1137,225 @@ fn a_base_file_open_for_reading_can_be_written_and_the_reader_sees_it() {
         }
     }
 }
+
+#[test]
+fn a_large_base_directory_lists_every_entry_after_changes() {
+    // More names than one getdents call returns, base and new ones mixed.
+    let work = tempfile::tempdir().unwrap();
+    let names: Vec<String> = (0..1500)
+        .map(|i| format!("many/base-file-{i:05}"))
+        .collect();
+    let contents: Vec<Vec<u8>> = (0..1500).map(|i| format!("{i}").into_bytes()).collect();
+    let files: Vec<(&str, &[u8])> = names
+        .iter()
+        .zip(&contents)
+        .map(|(n, c)| (n.as_str(), c.as_slice()))
+        .collect();
+    let (manifest, cas) = job(work.path(), &files, "2023-03-03");
+    let cache = work.path().join("cache");
+    let mnt = work.path().join("mnt");
+    let mut mount = Mount::writable(&manifest, &cas, &cache, &mnt, 2);
+    let dir = mnt.join("many");
+    let mut want: std::collections::BTreeSet<String> =
+        (0..1500).map(|i| format!("base-file-{i:05}")).collect();
+    for i in (0..1500).step_by(3) {
+        let name = format!("base-file-{i:05}");
+        fs::remove_file(dir.join(&name)).unwrap();
+        want.remove(&name);
+    }
+    for i in (1..1500).step_by(15) {
+        let (from, to) = (format!("base-file-{i:05}"), format!("renamed-{i:05}"));
+        fs::rename(dir.join(&from), dir.join(&to)).unwrap();
+        want.remove(&from);
+        want.insert(to);
+    }
+    for i in 0..400 {
+        let name = format!("new-file-with-a-longer-name-{i:05}");
+        fs::write(dir.join(&name), b"n").unwrap();
+        want.insert(name);
+    }
+    for i in 0..50 {
+        let name = format!("subdir-{i:03}");
+        fs::create_dir(dir.join(&name)).unwrap();
+        want.insert(name);
+    }
+    let want: Vec<String> = want.into_iter().collect();
+    assert_eq!(listing(&dir), want);
+    // Entries' contents through the new names and the old.
+    assert_eq!(read_all(&dir.join("renamed-00001")).unwrap(), b"1");
+    assert_eq!(read_all(&dir.join("base-file-01499")).unwrap(), b"1499");
+    let status = mount.stop();
+    assert!(status.is_some_and(|s| s.success()), "{}", mount.stderr());
+    drop(mount);
+    let _mount = Mount::writable(&manifest, &cas, &cache, &mnt, 1);
+    assert_eq!(listing(&dir), want, "after a remount");
+}
+
+#[test]
+fn concurrent_writers_to_one_base_file_interleave_within_blocks() {
+    // Two writers on alternate 4 KiB pages of the same 1 MiB blocks (both copy the blocks up
+    // at once), and a reader, on 2 shards.
+    let mut f = Fixture::new(2);
+    let path = f.p("big.bin");
+    let writers: Vec<_> = (0..2u64)
+        .map(|w| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let file = open_with(&path, libc::O_WRONLY).unwrap();
+                for page in (w as usize..2048).step_by(2) {
+                    file.write_all_at(&pattern(1000 + page as u64, 4096), (page * 4096) as u64)
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    let reader = {
+        let path = path.clone();
+        std::thread::spawn(move || {
+            for _ in 0..5 {
+                assert_eq!(read_all(&path).unwrap().len(), 8 * MIB);
+            }
+        })
+    };
+    for w in writers {
+        w.join().unwrap();
+    }
+    reader.join().unwrap();
+    let mut want = big();
+    for page in 0..2048 {
+        want[page * 4096..(page + 1) * 4096].copy_from_slice(&pattern(1000 + page as u64, 4096));
+    }
+    let check = |f: &Fixture| {
+        let got = read_all(&f.p("big.bin")).unwrap();
+        let first = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert!(first.is_none(), "big.bin differs first at byte {first:?}");
+        assert_eq!(got.len(), want.len());
+    };
+    check(&f);
+    f.remount();
+    check(&f);
+}
+
+#[test]
+fn the_overlay_mounts_again_with_other_shard_counts() {
+    let mut f = Fixture::new(2);
+    let mut want_big = big();
+    let file = open_with(&f.p("big.bin"), libc::O_WRONLY).unwrap();
+    for block in 0..8 {
+        file.write_all_at(b"patch", (block * MIB + 100) as u64)
+            .unwrap();
+        want_big[block * MIB + 100..block * MIB + 105].copy_from_slice(b"patch");
+    }
+    drop(file);
+    fs::write(f.p("dir/sub/new"), b"new").unwrap();
+    fs::rename(f.p("tree"), f.p("dir/tree")).unwrap();
+    fs::hard_link(f.p("small.bin"), f.p("dir/small-link")).unwrap();
+    fs::remove_file(f.p("a.txt")).unwrap();
+    let check = |f: &Fixture, want_big: &[u8]| {
+        assert!(
+            read_all(&f.p("big.bin")).unwrap() == want_big,
+            "{} shards",
+            f.shards
+        );
+        assert_eq!(read_all(&f.p("dir/sub/new")).unwrap(), b"new");
+        assert!(read_all(&f.p("dir/tree/b/c/3.bin")).unwrap() == pattern(4, 2 * MIB + 3));
+        assert_eq!(fs::metadata(f.p("dir/small-link")).unwrap().nlink(), 2);
+        assert_errno(fs::metadata(f.p("a.txt")), libc::ENOENT, "deleted");
+        assert_eq!(
+            listing(&f.mount.dir),
+            ["big.bin", "dir", "only", "small.bin"]
+        );
+    };
+    check(&f, &want_big);
+    for shards in [1, 2, 1] {
+        f.shards = shards;
+        f.remount();
+        check(&f, &want_big);
+        // And a change on this shard count.
+        let file = open_with(&f.p("big.bin"), libc::O_WRONLY).unwrap();
+        let at = shards * MIB + 7;
+        file.write_all_at(b"again", at as u64).unwrap();
+        want_big[at..at + 5].copy_from_slice(b"again");
+    }
+    check(&f, &want_big);
+}
+
+#[test]
+fn shared_mmap_writes_reach_the_file() {
+    let mut f = Fixture::new(1);
+    let mut want_small = pattern(2, 5000);
+    fs::write(f.p("new.bin"), vec![0u8; 3 * 4096]).unwrap();
+    let mut want_new = vec![0u8; 3 * 4096];
+    for (rel, want, at) in [
+        ("small.bin", &mut want_small, 4000usize),
+        ("new.bin", &mut want_new, 5000usize),
+    ] {
+        let file = open_with(&f.p(rel), libc::O_RDWR).unwrap();
+        let len = want.len();
+        use std::os::fd::AsRawFd;
+        // SAFETY: a shared mapping of `len` bytes of a file we keep open until after munmap.
+        unsafe {
+            let map = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            );
+            assert_ne!(
+                map,
+                libc::MAP_FAILED,
+                "mmap {rel}: {}",
+                std::io::Error::last_os_error()
+            );
+            let bytes = std::slice::from_raw_parts_mut(map.cast::<u8>(), len);
+            assert!(bytes[..] == want[..], "{rel} mapped before the write");
+            bytes[at..at + 6].copy_from_slice(b"mapped");
+            assert_eq!(libc::msync(map, len, libc::MS_SYNC), 0, "msync {rel}");
+            libc::munmap(map, len);
+        }
+        want[at..at + 6].copy_from_slice(b"mapped");
+        drop(file);
+        assert!(
+            read_all(&f.p(rel)).unwrap() == *want,
+            "{rel} after the mapped write"
+        );
+    }
+    f.remount();
+    assert!(read_all(&f.p("small.bin")).unwrap() == want_small);
+    assert!(read_all(&f.p("new.bin")).unwrap() == want_new);
+}
+
+#[test]
+fn names_of_255_bytes_and_no_longer() {
+    let mut f = Fixture::new(1);
+    let long = "n".repeat(255);
+    fs::write(f.p(&long), b"long").unwrap();
+    fs::create_dir(f.p(&format!("dir/{long}"))).unwrap();
+    fs::rename(f.p("a.txt"), f.p(&format!("dir/{long}/{long}"))).unwrap();
+    let too_long = f.p(&"n".repeat(256));
+    let got = [
+        ("stat", errno(fs::metadata(&too_long))),
+        ("create", errno(fs::write(&too_long, b"x"))),
+        ("mkdir", errno(fs::create_dir(&too_long))),
+        ("rename", errno(fs::rename(f.p("small.bin"), &too_long))),
+        ("symlink", errno(std::os::unix::fs::symlink("x", &too_long))),
+    ];
+    let wrong: Vec<String> = got
+        .iter()
+        .filter(|(_, e)| *e != libc::ENAMETOOLONG)
+        .map(|(op, e)| format!("{op}: {}", std::io::Error::from_raw_os_error(*e)))
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "a 256-byte name must give ENAMETOOLONG: {}",
+        wrong.join(", ")
+    );
+    f.remount();
+    assert_eq!(read_all(&f.p(&long)).unwrap(), b"long");
+    assert_eq!(
+        read_all(&f.p(&format!("dir/{long}/{long}"))).unwrap(),
+        b"hello base\n"
+    );
+}
