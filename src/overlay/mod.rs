@@ -194,7 +194,15 @@ impl Overlay {
                 replayed.records
             );
         }
-        journal.checkpoint(&delta).map_err(io)?;
+        // Only saves the next mount a replay: a full disk must not keep the job from mounting
+        // (and deleting what filled it).
+        if let Err(e) = journal.checkpoint(&delta) {
+            tracing::warn!(
+                "overlay {}: cannot write a checkpoint ({e}); continuing with the journal",
+                dir.display()
+            );
+            let _ = std::fs::remove_file(dir.join("checkpoint.tmp"));
+        }
         Ok(Overlay::with(base, owner, dir, delta, journal, Some(lock)))
     }
 

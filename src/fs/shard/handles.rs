@@ -168,13 +168,12 @@ impl FileService {
             fail(&self.ops, open.reply, Op::Open, open.ino, FsError::Busy);
             return;
         }
-        let direct = open.flags & libc::O_DIRECT != 0;
         let mut backing = None;
         let complete = overlay
             .upper(open.ino)
             .is_some_and(|upper| upper.complete(overlay.block_size()));
+        // O_DIRECT too: the kernel hands the flag to the upper file.
         if complete
-            && !direct
             && self.handles.passthrough.load(Ordering::Relaxed)
             && !self.handles.modes.borrow().contains_key(&open.ino)
         {
