@@ -42,12 +42,7 @@ fn kill_9_at_random_points_loses_no_acknowledged_operation() {
     let shards = 2;
     let started = Instant::now();
     let work = tempfile::tempdir().unwrap();
-    let files = base_files("");
-    let refs: Vec<(&str, &[u8])> = files
-        .iter()
-        .map(|(p, b)| (p.as_str(), b.as_slice()))
-        .collect();
-    let (manifest, cas) = job(work.path(), &refs, "2023-03-03");
+    let (manifest, cas) = base_job(work.path(), &[""]);
     let reference = tempfile::Builder::new()
         .prefix("crash-ref")
         .tempdir_in("/dev/shm")
@@ -82,9 +77,18 @@ fn kill_9_at_random_points_loses_no_acknowledged_operation() {
             );
         }
         ops_total += ops;
-        // SIGKILL right after the last acknowledged operation; stop() reaps the process and
-        // detaches the dead mount.
+        // SIGKILL right after the last acknowledged operation, or (every other round) while
+        // the daemon stops after a SIGTERM, its descriptors closed (saving the overlay may be
+        // under way); stop() reaps the process and detaches the dead mount.
         let pid = mount.pid().unwrap();
+        let during_stop = round % 2 == 1;
+        if during_stop {
+            if let Err(e) = model.close_fds() {
+                panic!("round {round}: {e}");
+            }
+            signal(pid, libc::SIGTERM);
+            std::thread::sleep(Duration::from_micros(rng.u64(0..20_000)));
+        }
         signal(pid, libc::SIGKILL);
         mount.stop();
         let log = mount.stderr();
@@ -100,7 +104,12 @@ fn kill_9_at_random_points_loses_no_acknowledged_operation() {
         // file open there goes, as the new mount must have dropped it).
         model.forget_fds();
         let what = format!(
-            "MODEL_SEED={seed}, round {round}: SIGKILL after op #{} ({ops} ops this round)",
+            "MODEL_SEED={seed}, round {round}: SIGKILL{} after op #{} ({ops} ops this round)",
+            if during_stop {
+                " during a SIGTERM stop"
+            } else {
+                ""
+            },
             model.ops_done
         );
         let durability = model.durability.take().unwrap();
@@ -157,102 +166,150 @@ fn kill_9_at_random_points_loses_no_acknowledged_operation() {
     );
 }
 
+/// Builds the job of the model's base tree under each prefix ("" or e.g. "t0/") in `root`:
+/// (manifest, cas); the tree is `root/tree`.
+fn base_job(root: &std::path::Path, prefixes: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
+    let files: Vec<(String, Vec<u8>)> = prefixes.iter().flat_map(|p| base_files(p)).collect();
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(p, b)| (p.as_str(), b.as_slice()))
+        .collect();
+    job(root, &refs, "2023-03-03")
+}
+
 /// SIGKILL while operations are in flight (at a random time, from another thread), then a
 /// remount of the same cache dir: everything the interrupted operation cannot have touched
 /// equals the reference, and what it touched is all as before it or all as after it (for the
 /// operations that are one request: renames, links, unlinks, mkdir, rmdir, truncate, fallocate,
 /// chmod, utimens, xattrs; creates and writes are open + write + close, so any state of their
-/// file is allowed). Each round on a fresh overlay. `CRASH_INFLIGHT_ROUNDS` sets the rounds
-/// (default 6).
+/// file is allowed). Each round on a fresh overlay; odd rounds with two writers (each in its
+/// own directory, each with an operation in flight) on 2 shards. `CRASH_INFLIGHT_ROUNDS` sets
+/// the rounds (default 6).
 #[test]
 fn kill_9_during_operations_leaves_nothing_half_applied() {
     let seed = model::seed();
     let rounds = env_u64("CRASH_INFLIGHT_ROUNDS", 6);
     let started = Instant::now();
     let work = tempfile::tempdir().unwrap();
-    let files = base_files("");
-    let refs: Vec<(&str, &[u8])> = files
-        .iter()
-        .map(|(p, b)| (p.as_str(), b.as_slice()))
-        .collect();
-    let (manifest, cas) = job(work.path(), &refs, "2023-03-03");
+    let one = base_job(&work.path().join("one"), &[""]);
+    let two = base_job(&work.path().join("two"), &["t0/", "t1/"]);
     let mut rng = fastrand::Rng::with_seed(seed ^ 0xDEAD_F00D);
     for round in 0..rounds {
-        let shards = 1 + (round as usize % 2);
+        let (shards, subdirs, (manifest, cas), tree) = if round % 2 == 0 {
+            (1, &[""][..], &one, work.path().join("one/tree"))
+        } else {
+            (2, &["t0", "t1"][..], &two, work.path().join("two/tree"))
+        };
         let reference = tempfile::Builder::new()
             .prefix("crash-ref")
             .tempdir_in("/dev/shm")
             .unwrap_or_else(|_| tempfile::tempdir().unwrap());
-        copy_tree(&work.path().join("tree"), reference.path());
+        copy_tree(&tree, reference.path());
         let cache = work.path().join(format!("cache{round}"));
         let mut mount = Mount::writable(
-            &manifest,
-            &cas,
+            manifest,
+            cas,
             &cache,
             &work.path().join(format!("mnt{round}")),
             shards,
         );
-        let model_seed = seed.wrapping_add(round);
-        let mut model = Model::new(&mount.dir, reference.path(), model_seed);
-        model.full_every = 0;
-        model.capture = true;
+        let round_seed = seed.wrapping_add(round * 10);
+        let models: Vec<Model> = subdirs
+            .iter()
+            .enumerate()
+            .map(|(i, sub)| {
+                let mut m = Model::new(
+                    &mount.dir.join(sub),
+                    &reference.path().join(sub),
+                    round_seed + i as u64,
+                );
+                m.full_every = 0;
+                m.capture = true;
+                m
+            })
+            .collect();
         let delay = Duration::from_millis(rng.u64(5..=400));
         let pid = mount.pid().unwrap();
         let killer = std::thread::spawn(move || {
             std::thread::sleep(delay);
             signal(pid, libc::SIGKILL);
         });
-        let trace = model.trace.clone();
-        let (back, error) = with_watchdog(STALL, "the model run", vec![trace], move || loop {
-            if let Err(e) = model.step() {
-                return (model, Some(e));
-            }
-            if model.ops_done >= 200_000 {
-                return (model, None);
-            }
+        let traces = models.iter().map(|m| m.trace.clone()).collect();
+        let results = with_watchdog(STALL, "the model run", traces, move || {
+            let threads: Vec<_> = models
+                .into_iter()
+                .map(|mut model| {
+                    std::thread::spawn(move || loop {
+                        if let Err(e) = model.step() {
+                            return (model, Some(e));
+                        }
+                        if model.ops_done >= 200_000 {
+                            return (model, None);
+                        }
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| t.join().expect("model thread panicked"))
+                .collect::<Vec<_>>()
         });
-        model = back;
         killer.join().unwrap();
-        let what = format!(
-            "MODEL_SEED={model_seed} (round {round}, {shards} shard(s)): SIGKILL after {delay:?}, \
-             during op #{}",
-            model.ops_done
-        );
-        let error = error.unwrap_or_else(|| panic!("{what}: the kill interrupted nothing"));
-        // The first failure must be the kill's (a dead FUSE connection), not a mismatch.
-        assert!(
-            ["ENOTCONN", "ECONNABORTED"]
-                .iter()
-                .any(|e| error.contains(e)),
-            "{what}: a mismatch before the kill: {error}\ndaemon log:\n{}",
-            tail(&mount.stderr())
-        );
+        let what = |m: &Model| {
+            format!(
+                "MODEL_SEED={} (round {round} of MODEL_SEED={seed}, {shards} shard(s), {} \
+                 writer(s)): SIGKILL after {delay:?}, during op #{} of {}",
+                m.seed,
+                subdirs.len(),
+                m.ops_done,
+                m.mount.display()
+            )
+        };
+        let mut models = Vec::new();
+        for (model, error) in results {
+            let error =
+                error.unwrap_or_else(|| panic!("{}: the kill interrupted nothing", what(&model)));
+            // The first failure must be the kill's (a dead FUSE connection), not a mismatch.
+            assert!(
+                ["ENOTCONN", "ECONNABORTED"]
+                    .iter()
+                    .any(|e| error.contains(e)),
+                "{}: a mismatch before the kill: {error}\ndaemon log:\n{}",
+                what(&model),
+                tail(&mount.stderr())
+            );
+            models.push(model);
+        }
         mount.stop();
         let log = mount.stderr();
         mount = Mount::writable(
-            &manifest,
-            &cas,
+            manifest,
+            cas,
             &cache,
             &work.path().join(format!("mnt{round}-after")),
             shards,
         );
-        model.mount = mount.dir.clone();
-        model.forget_fds();
-        let problems = model.check_interrupted();
-        assert!(
-            problems.is_empty(),
-            "{what}: after the remount:\n  {}\nlast ops:\n{}\nlog of the killed daemon:\n{}\n\
-             log of the new one:\n{}",
-            problems.join("\n  "),
-            model.history(),
-            tail(&log),
-            tail(&mount.stderr())
-        );
-        eprintln!(
-            "round {round}: killed after {delay:?}, during op #{}: {:?}",
-            model.ops_done,
-            model.in_flight.as_ref().map(|f| &f.op)
-        );
+        for (model, sub) in models.iter_mut().zip(subdirs) {
+            model.mount = mount.dir.join(sub);
+            model.forget_fds();
+            let problems = model.check_interrupted();
+            assert!(
+                problems.is_empty(),
+                "{}: after the remount:\n  {}\nlast ops:\n{}\nlog of the killed daemon:\n{}\n\
+                 log of the new one:\n{}",
+                what(model),
+                problems.join("\n  "),
+                model.history(),
+                tail(&log),
+                tail(&mount.stderr())
+            );
+            eprintln!(
+                "round {round}: killed after {delay:?}, during op #{} of {}: {:?}",
+                model.ops_done,
+                model.mount.display(),
+                model.in_flight.as_ref().map(|f| &f.op)
+            );
+        }
     }
     eprintln!("{rounds} rounds in {:?}", started.elapsed());
 }

@@ -1359,3 +1359,43 @@ fn names_of_255_bytes_and_no_longer() {
         b"hello base\n"
     );
 }
+
+#[test]
+fn truncating_a_base_file_open_for_reading_changes_what_is_read() {
+    // truncate(2) by path while a reader holds the base file open: a local filesystem shrinks
+    // or grows the one file, and every read (the reader's, and new opens) follows the new size.
+    let f = Fixture::new(1);
+    let files = base_files();
+    for (rel, size) in [
+        ("small.bin", 0usize),
+        ("dir/sub/deep/z.bin", 100),
+        ("dir/x.txt", 20_000),
+    ] {
+        let base = &files.iter().find(|(p, _)| *p == rel).unwrap().1;
+        let reader = fs::File::open(f.p(rel)).unwrap();
+        let mut first = [0u8; 5];
+        reader.read_exact_at(&mut first, 0).unwrap();
+        let path = cpath(&f.p(rel));
+        // SAFETY: a valid C string.
+        cvt(unsafe { libc::truncate(path.as_ptr(), size as i64) })
+            .unwrap_or_else(|e| panic!("truncate {rel} to {size} while open for reading: {e}"));
+        let mut want = base[..size.min(base.len())].to_vec();
+        want.resize(size, 0);
+        assert_eq!(fs::metadata(f.p(rel)).unwrap().len(), size as u64);
+        let got = read_all(&f.p(rel)).unwrap();
+        assert!(
+            got == want,
+            "{rel} ({} bytes) truncated to {size}, as stat says, but a new open reads {} bytes",
+            base.len(),
+            got.len()
+        );
+        let mut through_reader = vec![0u8; base.len() + size + 10];
+        let n = reader.read_at(&mut through_reader, 0).unwrap();
+        assert!(
+            through_reader[..n] == want[..],
+            "{rel} ({} bytes) truncated to {size}, but the descriptor opened before reads {n} \
+             bytes",
+            base.len()
+        );
+    }
+}
