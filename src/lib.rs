@@ -9,7 +9,9 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cli;
+pub mod export;
 pub mod fs;
+pub mod ingest;
 pub mod manifest;
 pub mod metrics;
 pub mod mount;

@@ -43,6 +43,7 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Snapshot(args)) => mount_vfs::snapshot::run(&args),
         Some(Command::Validate(args)) => mount_vfs::validate::run(&args),
+        Some(Command::Export(args)) => mount_vfs::export::run(&args),
         None => match MountConfig::try_from(cli.mount).and_then(mount_vfs::mount::run) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

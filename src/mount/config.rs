@@ -9,6 +9,7 @@ use mount_vfs_executors::HugepageMode;
 
 use super::MountError;
 use crate::cli::{self, MountArgs};
+use crate::manifest::Format;
 use crate::store::s3::S3Config;
 
 /// One mount's settings, as resolved values. Checks that need the filesystem, the manifest or
@@ -29,6 +30,8 @@ pub struct MountConfig {
     pub cache_size: Option<u64>,
     /// Capture writes in a copy-on-write overlay in `cache_dir` (refused without it).
     pub writable: bool,
+    /// Export the overlay as a manifest at a clean unmount (writable, local CAS only).
+    pub export_on_unmount: Option<ExportOnUnmount>,
     /// Hash every cache file once even when a verification record vouches for it.
     pub recheck_cache: bool,
     /// Shards (pinned executor threads); `None`: one per CPU, no more than files. `Some(0)` is
@@ -54,6 +57,13 @@ pub struct MountConfig {
     /// `--metrics-addr`: where to serve `/metrics`.
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub stats: bool,
+}
+
+/// `--export-on-unmount FILE --export-format F`.
+#[derive(Debug, Clone)]
+pub struct ExportOnUnmount {
+    pub output: PathBuf,
+    pub format: Format,
 }
 
 /// Where the mount's bytes come from, as the user asked (not yet opened).
@@ -82,6 +92,22 @@ impl TryFrom<MountArgs> for MountConfig {
             ));
         }
         let store = store_choice(&args)?;
+        if args.export_on_unmount.is_some() {
+            if !args.writable {
+                return Err(MountError::Usage(
+                    "--export-on-unmount exports what a --writable mount changed: add \
+                     --writable --cache-dir DIR, or export a read-only mount's manifest as it is"
+                        .into(),
+                ));
+            }
+            if !matches!(store, StoreChoice::Local(_)) {
+                return Err(MountError::Usage(
+                    "--export-on-unmount writes the new content into a local CAS: mount with \
+                     --cas DIR (exporting to S3 is not supported yet)"
+                        .into(),
+                ));
+            }
+        }
         let (Some(manifest), Some(mountpoint)) = (args.manifest, args.mountpoint) else {
             return Err(MountError::Usage(
                 "MANIFEST and MOUNTPOINT are required".into(),
@@ -94,6 +120,10 @@ impl TryFrom<MountArgs> for MountConfig {
             cache_dir: args.cache_dir,
             cache_size: args.cache_size,
             writable: args.writable,
+            export_on_unmount: args.export_on_unmount.map(|output| ExportOnUnmount {
+                output,
+                format: args.export_format.format(),
+            }),
             recheck_cache: args.recheck_cache,
             shards: args.shards,
             memory_limit: args.memory_limit,
