@@ -1355,7 +1355,7 @@ impl Model {
             known: BTreeMap::new(),
             gone: Vec::new(),
             ops_done: 0,
-            full_every: env_u64("MODEL_FULL_EVERY", 1000),
+            full_every: env_u64("MODEL_FULL_EVERY", 500),
             trace: Arc::new(Mutex::new(VecDeque::new())),
             stats: BTreeMap::new(),
             durability: None,
