@@ -167,6 +167,7 @@ impl Dispatcher {
     }
 
     fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attributes, FsError> {
+        crate::overlay::check_name(name)?;
         let ino = self
             .namespace
             .lookup(parent, name)

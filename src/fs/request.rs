@@ -282,6 +282,14 @@ pub struct SetAttr {
     pub mtime: Option<SystemTime>,
 }
 
+/// A `setattr` that changes a file's size (and maybe more): a change of its bytes, served by the
+/// inode's owner shard.
+pub struct Truncate {
+    pub ino: Ino,
+    pub change: SetAttr,
+    pub reply: Box<dyn AttrReply>,
+}
+
 /// Write to an open file. Served by the inode's owner shard.
 pub struct Write {
     pub ino: Ino,

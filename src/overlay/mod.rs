@@ -145,6 +145,14 @@ fn lock(dir: &Path) -> Result<File, OverlayError> {
     Ok(file)
 }
 
+/// Names are at most 255 bytes, as on every Linux filesystem.
+pub fn check_name(name: &[u8]) -> Result<(), FsError> {
+    if name.len() > 255 {
+        return Err(FsError::NameTooLong);
+    }
+    Ok(())
+}
+
 fn upper_name(ino: Ino) -> String {
     format!("{ino:016x}")
 }
@@ -286,6 +294,7 @@ impl Overlay {
     // ----- namespace queries -----
 
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Ino, FsError> {
+        check_name(name)?;
         let delta = self.read();
         match delta.kind(&self.base, parent) {
             Some(NodeKind::Dir) => delta
@@ -389,10 +398,7 @@ impl Overlay {
             // A removed directory (still open somewhere) takes no new entries.
             return Err(FsError::NotFound);
         }
-        if name.len() > 255 {
-            return Err(FsError::Invalid);
-        }
-        Ok(())
+        check_name(name)
     }
 
     /// Creates a file, directory, symlink or FIFO `parent/name`.

@@ -64,7 +64,7 @@ use std::sync::Arc;
 
 use mount_vfs_executors::{BufferPool, Mailbox, ShardContext};
 
-use super::request::{fail, Fallocate, Open, Read, Release, Write};
+use super::request::{fail, Fallocate, Open, Read, Release, Truncate, Write};
 use super::{FsError, Op, OpCounters};
 use crate::namespace::{owner, Ino, Namespace};
 use crate::overlay::Overlay;
@@ -84,6 +84,7 @@ pub enum ShardRequest {
     Release(Release),
     Write(Write),
     Fallocate(Fallocate),
+    Truncate(Truncate),
 }
 
 impl ShardRequest {
@@ -93,7 +94,8 @@ impl ShardRequest {
             | ShardRequest::Read(Read { ino, .. })
             | ShardRequest::Release(Release { ino, .. })
             | ShardRequest::Write(Write { ino, .. })
-            | ShardRequest::Fallocate(Fallocate { ino, .. }) => *ino,
+            | ShardRequest::Fallocate(Fallocate { ino, .. })
+            | ShardRequest::Truncate(Truncate { ino, .. }) => *ino,
         }
     }
 
@@ -107,6 +109,7 @@ impl ShardRequest {
             }
             ShardRequest::Write(write) => fail(ops, write.reply, Op::Write, write.ino, error),
             ShardRequest::Fallocate(f) => fail(ops, f.reply, Op::Fallocate, f.ino, error),
+            ShardRequest::Truncate(t) => fail(ops, t.reply, Op::SetAttr, t.ino, error),
         }
     }
 }
@@ -219,6 +222,10 @@ impl FileService {
             ShardRequest::Fallocate(f) => match self.fallocate(&f).await {
                 Ok(()) => f.reply.ok(),
                 Err(error) => fail(&self.ops, f.reply, Op::Fallocate, f.ino, error),
+            },
+            ShardRequest::Truncate(t) => match self.truncate(&t).await {
+                Ok(attributes) => t.reply.attr(&attributes),
+                Err(error) => fail(&self.ops, t.reply, Op::SetAttr, t.ino, error),
             },
         }
     }
