@@ -2,7 +2,8 @@
 //!
 //! Ownership rules (the one place they are written down):
 //! - `owner(ino) = namespace::owner(ino, shards)`; the dispatcher ([`super::Dispatcher`]) sends
-//!   every open, read and release of `ino` to that shard, together with its reply object.
+//!   every open, read and release of `ino` (and on a `--writable` mount every write, fallocate
+//!   and truncate) to that shard, together with its reply object.
 //! - Only the owner touches an inode's open handles, read-ahead state, cached blocks and loads.
 //!   All of it lives in this shard's [`FileService`], which is `!Send` and needs no locks.
 //! - Bytes live in the shard's registered buffer pool and never leave the shard: the shard
@@ -13,7 +14,8 @@
 //!
 //! Concerns, one file each: open handles and I/O mode (`handles`), reads and the block cache
 //! (`read`, `cache`), read-ahead (`readahead`), verification and re-reads (`verify`), pool
-//! memory and store fetches (`fetch`), counters (`counters`).
+//! memory and store fetches (`fetch`), counters (`counters`), and for `--writable` mounts
+//! writes, copy-up and merged reads of files with upper bytes (`write`).
 //!
 //! Verification policy: the unit of verification is a CAS object — the whole file for v2023
 //! manifests, one 256 MiB chunk for chunked v2025 files — because that is what its xxh128 covers.
