@@ -12,7 +12,7 @@ use super::error::FsError;
 use super::op_counters::Op;
 use super::request::{
     fail, Attributes, Caller, Create, Open, Request, SetAttr, StatFs, Truncate, XattrReply,
-    WRITABLE_ATTR_TTL,
+    ATTR_TTL, WRITABLE_ATTR_TTL,
 };
 use super::shard::ShardRequest;
 use crate::namespace::{Ino, NodeKind};
@@ -87,7 +87,13 @@ pub(super) fn attributes(node: &Node) -> Attributes {
         uid: node.uid,
         gid: node.gid,
         blksize: PREFERRED_IO_SIZE,
-        ttl: WRITABLE_ATTR_TTL,
+        // An untouched manifest entry changes only through this mount, which the kernel sees:
+        // cached as long as on a read-only mount (a worker stats every input once).
+        ttl: if node.changed {
+            WRITABLE_ATTR_TTL
+        } else {
+            ATTR_TTL
+        },
     }
 }
 

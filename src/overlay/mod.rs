@@ -70,6 +70,8 @@ pub struct Node {
     pub atime: Time,
     pub mtime: Time,
     pub ctime: Time,
+    /// The overlay changed (or made) this inode; false: the manifest's, untouched.
+    pub changed: bool,
 }
 
 /// Filesystem totals of the cache directory's filesystem, which holds the upper layer.
@@ -313,7 +315,9 @@ impl Overlay {
         self.describe(ino, &inode)
     }
 
+    /// The inode's attributes; `inode` is its current state.
     fn describe(&self, ino: Ino, inode: &Inode) -> Result<Node, FsError> {
+        let changed = self.read().inodes.contains_key(&ino);
         let mut node = Node {
             ino,
             kind: inode.kind,
@@ -326,6 +330,7 @@ impl Overlay {
             atime: inode.atime,
             mtime: inode.mtime,
             ctime: inode.ctime,
+            changed,
         };
         match inode.kind {
             NodeKind::File if inode.upper.is_some() => {

@@ -189,7 +189,10 @@ impl FileService {
             && !self.handles.modes.borrow().contains_key(&open.ino)
         {
             backing = match overlay.upper_file(open.ino) {
-                Ok(file) => self.register_backing(&file, &*open.reply, "upper file"),
+                Ok(file) => {
+                    let what = format!("upper file {}", overlay.upper_path(open.ino).display());
+                    self.register_backing(&file, &*open.reply, &what)
+                }
                 Err(error) => {
                     fail(&self.ops, open.reply, Op::Open, open.ino, error);
                     return;
@@ -238,7 +241,7 @@ impl FileService {
                 // asking, on every shard.
                 if self.handles.passthrough.swap(false, Ordering::Relaxed) {
                     tracing::warn!(
-                        "FUSE passthrough of a {what} refused: {e}; serving every read through \
+                        "FUSE passthrough of {what} refused: {e}; serving every read through \
                          the shards (passthrough needs root and --cache-dir on a local \
                          filesystem)"
                     );
@@ -287,6 +290,7 @@ impl FileService {
                 return None;
             }
         };
-        self.register_backing(&file, reply, "cache file")
+        let what = format!("cache file {}", cache.location(hash).display());
+        self.register_backing(&file, reply, &what)
     }
 }
