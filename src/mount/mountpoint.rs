@@ -20,6 +20,10 @@ pub struct MountpointLock {
     _file: File,
 }
 
+/// How long a new mount waits for a previous one on the same mountpoint, already unmounted, to
+/// finish exiting.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl MountpointLock {
     /// Takes the lock for `mountpoint` (an existing directory), or says who holds it.
     pub fn acquire(mountpoint: &Path) -> Result<MountpointLock, MountError> {
@@ -42,8 +46,20 @@ impl MountpointLock {
             .map_err(|e| {
                 MountError::Mountpoint(format!("cannot open the lock file {}: {e}", path.display()))
             })?;
-        // SAFETY: flock on a descriptor we own; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        // A holder whose mount is already gone is finishing its shutdown (saving the overlay):
+        // a launcher that unmounts and mounts again at once (the Deadline worker replacing a
+        // mount) waits for it, up to LOCK_WAIT. A holder with a live mount is refused at once.
+        let try_lock = || {
+            // SAFETY: flock on a descriptor we own; no memory is passed.
+            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+        };
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let mut locked = try_lock();
+        while !locked && std::time::Instant::now() < deadline && !is_mounted(mountpoint) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            locked = try_lock();
+        }
+        if !locked {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
             let holder = holder.trim();
