@@ -14,8 +14,13 @@ use mount_vfs::deadline_vfs;
 
 fn main() -> ExitCode {
     // The worker captures our stdout and stderr into its session log: plain lines, no colour.
+    // By default, without what would repeat or expose: glommio's multi-line buffer-registration
+    // warning (the shards say it in one line, with the numbers), and aws-config's credential
+    // summaries (they name the access key id).
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+        .unwrap_or_else(|_| {
+            tracing_subscriber::EnvFilter::new("info,glommio::sys::uring=error,aws_config=warn")
+        })
         .add_directive("aws_sigv4=debug".parse().expect("a valid directive"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
