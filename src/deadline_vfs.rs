@@ -292,7 +292,7 @@ mod tests {
     #[test]
     fn parses_the_workers_command_line() {
         let args = parse(argv(
-            "/s/mnt -f --clienttype=deadline --bucket=b --manifest=/s/m.json --region=us-west-2 \
+            "/s/mnt -f --clienttype=deadline --bucket=job-bucket --manifest=/s/m.json --region=us-west-2 \
              -oallow_other --casprefix=DeadlineCloud/Data --cachedir=/s/.vfs_object_cache",
         ))
         .unwrap();
@@ -301,7 +301,7 @@ mod tests {
             DeadlineArgs {
                 mountpoint: "/s/mnt".into(),
                 manifest: "/s/m.json".into(),
-                bucket: "b".into(),
+                bucket: "job-bucket".into(),
                 root_prefix: "DeadlineCloud".into(),
                 region: Some("us-west-2".into()),
                 cache_dir: Some("/s/.vfs_object_cache".into()),
