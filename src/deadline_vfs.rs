@@ -195,8 +195,15 @@ pub fn mount_config(args: &DeadlineArgs, cache_dir: &Path) -> Result<MountConfig
         argv.push("--allow-other".into());
     }
     let cli = Cli::try_parse_from(argv).map_err(|e| usage(e.to_string()))?;
-    MountConfig::try_from(cli.mount)
+    let mut config = MountConfig::try_from(cli.mount)?;
+    // A render node's cores belong to the render: a few shards serve a job's inputs (each pool
+    // still follows the manifest, within 1/8 of the memory).
+    config.max_default_shards = Some(DEFAULT_MAX_SHARDS);
+    Ok(config)
 }
+
+/// The most shards `deadline_vfs` starts (fewer on smaller machines or manifests).
+pub const DEFAULT_MAX_SHARDS: usize = 4;
 
 /// The launch script the worker runs (`{prefix}/scripts/production/al2/run_deadline_vfs_al2.sh`).
 const LAUNCH_SCRIPT: &str = r#"#!/bin/sh
@@ -311,6 +318,7 @@ mod tests {
         );
         let config = mount_config(&args, Path::new("/s/.vfs_object_cache")).unwrap();
         assert!(config.writable && config.allow_other && !config.daemon);
+        assert_eq!(config.max_default_shards, Some(DEFAULT_MAX_SHARDS));
     }
 
     #[test]

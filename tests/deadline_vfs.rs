@@ -398,3 +398,42 @@ fn deadline_worker_mounts_reads_writes_and_syncs_outputs_as_a_job_user() {
     );
     eprintln!("{test}: {:.1}s", started.elapsed().as_secs_f64());
 }
+
+#[test]
+fn deadline_vfs_refuses_what_it_does_not_understand_with_one_line() {
+    let bin = env!("CARGO_BIN_EXE_deadline_vfs");
+    for (args, expected) in [
+        (
+            &[
+                "/mnt",
+                "-f",
+                "--bucket=b",
+                "--manifest=m.json",
+                "--casprefix=P/Data",
+                "--bogus",
+            ][..],
+            "unknown option --bogus",
+        ),
+        (
+            &[
+                "/mnt",
+                "-f",
+                "--bucket=b",
+                "--manifest=m.json",
+                "--casprefix=P/Objects",
+            ][..],
+            "expected ROOT_PREFIX/Data",
+        ),
+        (
+            &["/mnt", "-f", "--bucket=b", "--manifest=m.json"][..],
+            "--casprefix=ROOT_PREFIX/Data is required",
+        ),
+    ] {
+        let o = Command::new(bin).args(args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.starts_with("deadline_vfs: "), "{args:?}: {stderr}");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+    }
+}

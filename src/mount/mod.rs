@@ -220,7 +220,7 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
     let shards = match config.shards {
         Some(0) => return Err(MountError::Usage("--shards must be at least 1".into())),
         Some(n) => n,
-        None => config::default_shards(namespace.file_count()),
+        None => config::default_shards(namespace.file_count(), config.max_default_shards),
     };
     let pool_per_shard = config::pool_per_shard(
         config.memory_limit,
