@@ -48,6 +48,19 @@ pub enum Command {
     /// and write the whole tree's manifest (and, with --diff, a diff against the mounted one).
     /// Works beside a live mount (what it has fsynced or written so far) and after one.
     Export(ExportArgs),
+    /// Install `deadline_vfs` where the AWS Deadline Cloud worker looks for it:
+    /// PREFIX/bin/deadline_vfs, PREFIX/link/fusermount3, PREFIX/scripts/production/al2/run_deadline_vfs_al2.sh.
+    InstallDeadlineVfs(InstallDeadlineVfsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InstallDeadlineVfsArgs {
+    /// Where to install (the worker's DEADLINE_VFS_PATH; it defaults to /opt/deadline_vfs).
+    #[arg(long, value_name = "DIR", default_value = "/opt/deadline_vfs")]
+    pub prefix: PathBuf,
+    /// The deadline_vfs binary to install (default: the one beside this mount_vfs).
+    #[arg(long, value_name = "FILE")]
+    pub binary: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -9,6 +9,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cli;
+pub mod deadline_vfs;
 pub mod export;
 pub mod fs;
 pub mod ingest;

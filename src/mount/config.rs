@@ -37,6 +37,9 @@ pub struct MountConfig {
     /// Shards (pinned executor threads); `None`: one per CPU, no more than files. `Some(0)` is
     /// refused.
     pub shards: Option<usize>,
+    /// The most shards the default (`shards: None`) picks; `None`: one per CPU. A shared node
+    /// (`deadline_vfs`) caps it so the mount does not pin a pool and a thread on every core.
+    pub max_default_shards: Option<usize>,
     /// Buffer-pool memory of all shards together; `None`: sized from the manifest.
     pub memory_limit: Option<u64>,
     /// Bytes per store read and per cached block: a power of two from 1 MiB to 64 MiB.
@@ -126,6 +129,7 @@ impl TryFrom<MountArgs> for MountConfig {
             }),
             recheck_cache: args.recheck_cache,
             shards: args.shards,
+            max_default_shards: None,
             memory_limit: args.memory_limit,
             part_size: args.part_size,
             hugepages: match args.hugepages {
@@ -179,9 +183,10 @@ const PARTS_PER_POOL: u64 = 8;
 
 /// One shard per online CPU, but no more shards than files: a shard owns whole inodes, so more
 /// would only pin memory.
-pub(super) fn default_shards(files: u64) -> usize {
+pub(super) fn default_shards(files: u64, cap: Option<usize>) -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    cpus.min(files.max(1).try_into().unwrap_or(usize::MAX))
+    cpus.min(cap.unwrap_or(usize::MAX).max(1))
+        .min(files.max(1).try_into().unwrap_or(usize::MAX))
 }
 
 /// Each shard's pool size. An explicit `--memory-limit` below the minimum is refused (a smaller

@@ -176,6 +176,7 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         mountpoint::check(mountpoint, config.allow_non_empty)?;
         return daemon::daemonize(config.log_file.as_deref());
     }
+    mountpoint::check_unprivileged(config.allow_other)?;
     let _lock = MountpointLock::acquire(mountpoint)?;
     mountpoint::check(mountpoint, config.allow_non_empty)?;
     if let Some(dir) = &config.cache_dir {
@@ -219,7 +220,7 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
     let shards = match config.shards {
         Some(0) => return Err(MountError::Usage("--shards must be at least 1".into())),
         Some(n) => n,
-        None => config::default_shards(namespace.file_count()),
+        None => config::default_shards(namespace.file_count(), config.max_default_shards),
     };
     let pool_per_shard = config::pool_per_shard(
         config.memory_limit,
@@ -261,10 +262,17 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         ops: Arc::default(),
         overlay: overlay.clone(),
     };
-    let passthrough = config
-        .cache_dir
-        .is_some()
-        .then(|| service.passthrough.clone());
+    let passthrough = match config.cache_dir {
+        Some(_) if mountpoint::can_passthrough() => Some(service.passthrough.clone()),
+        Some(_) => {
+            tracing::info!(
+                "FUSE passthrough off: the kernel lets only CAP_SYS_ADMIN register backing \
+                 files; cached files are read through the shards"
+            );
+            None
+        }
+        None => None,
+    };
     let ops = service.ops.clone();
     let shard_counters = counters.clone();
     let executors = Shards::start(&shard_config, move |ctx, mailbox| {
