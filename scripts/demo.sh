@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds mount_vfs, generates a small sample scene, snapshots it into a local CAS, mounts the
-# manifest, shows the mounted tree and reads a file back, then unmounts. Needs root and /dev/fuse.
+# manifest, shows the mounted tree and reads a file back, then unmounts; then mounts it
+# --writable (the seed invocation), renders a frame into it, patches an input, and exports what
+# changed as a new manifest and a diff. Needs root and /dev/fuse.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup.sh
@@ -37,4 +39,21 @@ dd if="$work/vfs/shots/sq010/sh0420/beauty.1001.exr" of=/dev/null bs=1M iflag=di
 
 echo "== unmounting"
 kill -TERM "$pid"; wait "$pid"; pid=
+
+echo "== mounting --writable (overlay in $work/vfs-cache/Overlay)"
+"$bin" "$work/job.manifest" "$work/vfs" --writable --cache-dir "$work/vfs-cache" --cas "$work/cas" --memory-limit 256M &
+pid=$!
+for _ in $(seq 100); do mountpoint -q "$work/vfs" && break; sleep 0.1; done
+mkdir -p "$work/vfs/renders"
+head -c $((16 << 20)) /dev/urandom > "$work/vfs/renders/beauty.1001.png"   # a job's output
+printf 'notes: frame 1001 rendered\n' >> "$work/vfs/README.txt"            # appended to an input
+sync "$work/vfs/renders/beauty.1001.png"
+ls -l "$work/vfs/renders" && cat "$work/vfs/README.txt"
+kill -TERM "$pid"; wait "$pid"; pid=
+
+echo "== export: the tree as it is now, and what changed"
+"$bin" export --cache-dir "$work/vfs-cache" --manifest "$work/job.manifest" --cas "$work/cas" \
+  --output "$work/job-after.manifest" --diff "$work/job.diff"
+"$bin" validate "$work/job-after.manifest"
+cat "$work/job.diff"; echo
 echo "demo done: $work"

@@ -9,6 +9,10 @@ command -v python3 >/dev/null || need_apt+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need_apt+=(python3-venv)
 command -v pkg-config >/dev/null || need_apt+=(pkg-config)
 command -v openssl >/dev/null || need_apt+=(openssl)  # tests: a self-signed certificate for HTTPS
+# tests/deadline_vfs.rs: the Deadline worker launches deadline_vfs as the job user through sudo,
+# and mounts through the setuid fusermount3.
+command -v sudo >/dev/null || need_apt+=(sudo)
+command -v fusermount3 >/dev/null || need_apt+=(fuse3)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   apt-get update -qq
@@ -26,3 +30,15 @@ if ! command -v cargo >/dev/null; then
 fi
 
 [ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing: load the fuse module (modprobe fuse)" >&2; exit 1; }
+# tests/deadline_vfs.rs: the job user mounts with allow_other (the worker agent, another user,
+# reads the mount), which fusermount3 allows non-root users only with this line.
+# Non-root mounts (fusermount3) open /dev/fuse as the user: distributions make it 0666, some
+# containers 0600.
+if [ "$(stat -c %a /dev/fuse)" != 666 ]; then
+  echo "setup: chmod 0666 /dev/fuse (non-root FUSE mounts need it)"
+  chmod 0666 /dev/fuse
+fi
+if ! grep -qx user_allow_other /etc/fuse.conf 2>/dev/null; then
+  echo "setup: adding user_allow_other to /etc/fuse.conf"
+  echo user_allow_other >> /etc/fuse.conf
+fi

@@ -1,9 +1,11 @@
 //! Command-line interface. The bare form `mount_vfs MANIFEST MOUNTPOINT [options]` mounts;
-//! `snapshot` and `validate` are subcommands.
+//! `snapshot`, `validate` and `export` are subcommands.
 
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::manifest::Format;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -20,7 +22,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
         mount_vfs validate scene.manifest",
     override_usage = "mount_vfs [OPTIONS] <MANIFEST> <MOUNTPOINT>   mount a manifest\n       \
         mount_vfs snapshot <DIR> --cas <CAS_DIR> [--output <FILE>]   hash a tree into a CAS\n       \
-        mount_vfs validate <MANIFEST>   check a manifest",
+        mount_vfs validate <MANIFEST>   check a manifest\n       \
+        mount_vfs export --cache-dir <DIR> --manifest <MANIFEST> --cas <CAS_DIR> --output <FILE>   \
+        a --writable mount's tree as a manifest",
     after_help = "Exit status: 0 success; 1 the mount failed or the manifest is invalid; 2 a usage \
         mistake (bad flag or value, unreadable manifest).",
     args_conflicts_with_subcommands = true,
@@ -40,6 +44,23 @@ pub enum Command {
     Snapshot(SnapshotArgs),
     /// Check a manifest: print its format, counts, size and hash, or every error found.
     Validate(ValidateArgs),
+    /// Turn what a --writable mount changed into a manifest: hash the new content into the CAS
+    /// and write the whole tree's manifest (and, with --diff, a diff against the mounted one).
+    /// Works beside a live mount (what it has fsynced or written so far) and after one.
+    Export(ExportArgs),
+    /// Install `deadline_vfs` where the AWS Deadline Cloud worker looks for it:
+    /// PREFIX/bin/deadline_vfs, PREFIX/link/fusermount3, PREFIX/scripts/production/al2/run_deadline_vfs_al2.sh.
+    InstallDeadlineVfs(InstallDeadlineVfsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct InstallDeadlineVfsArgs {
+    /// Where to install (the worker's DEADLINE_VFS_PATH; it defaults to /opt/deadline_vfs).
+    #[arg(long, value_name = "DIR", default_value = "/opt/deadline_vfs")]
+    pub prefix: PathBuf,
+    /// The deadline_vfs binary to install (default: the one beside this mount_vfs).
+    #[arg(long, value_name = "FILE")]
+    pub binary: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -65,6 +86,38 @@ pub enum SnapshotFormat {
     /// Beta format: also directories, symlinks, the exec bit and 256 MiB chunks.
     #[value(name = "2025-12-04-beta")]
     V2025_12_04Beta,
+}
+
+impl SnapshotFormat {
+    pub fn format(self) -> Format {
+        match self {
+            SnapshotFormat::V2023_03_03 => Format::V2023_03_03,
+            SnapshotFormat::V2025_12_04Beta => Format::V2025_12_04Beta,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The --cache-dir of the writable mount (its overlay is in DIR/Overlay/).
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: PathBuf,
+    /// The manifest that was mounted (the same file: the overlay is found by its hash).
+    #[arg(long, value_name = "FILE")]
+    pub manifest: PathBuf,
+    /// Local CAS directory: base objects are read from CAS_DIR/Data/, new objects written there.
+    #[arg(long, value_name = "CAS_DIR")]
+    pub cas: PathBuf,
+    /// Where to write the new manifest (default: standard output).
+    #[arg(long, short, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Also write a 2025-12-04-beta diff manifest against the mounted one: new and changed
+    /// entries, and deletions.
+    #[arg(long, value_name = "FILE")]
+    pub diff: Option<PathBuf>,
+    /// Format of the new manifest (2023-03-03 cannot say symlinks, empty directories, exec bits).
+    #[arg(long, value_enum, default_value_t = SnapshotFormat::V2023_03_03)]
+    pub format: SnapshotFormat,
 }
 
 #[derive(Debug, Args)]
@@ -160,6 +213,13 @@ pub struct MountArgs {
     /// --cache-dir; `mount_vfs export` turns it into a manifest. Needs --cache-dir.
     #[arg(long, help_heading = "Writable overlay")]
     pub writable: bool,
+    /// At a clean unmount, export the overlay to FILE as `mount_vfs export` does, new content
+    /// into --cas (a local CAS). Needs --writable.
+    #[arg(long, value_name = "FILE", help_heading = "Writable overlay")]
+    pub export_on_unmount: Option<PathBuf>,
+    /// Format of the --export-on-unmount manifest.
+    #[arg(long, value_enum, default_value_t = SnapshotFormat::V2023_03_03, requires = "export_on_unmount", help_heading = "Writable overlay")]
+    pub export_format: SnapshotFormat,
 
     /// Print per-shard counters every second, and a summary at unmount.
     #[arg(long, help_heading = "Mount")]
@@ -280,6 +340,41 @@ mod tests {
         assert!(parse(&["--cas", "d", "--s3", "s3://b/r"]).is_err());
         assert!(parse(&["--cas", "d", "--bucket", "b"]).is_err());
         assert!(parse(&["--s3", "s3://b/r", "--bucket", "b"]).is_err());
+    }
+
+    #[test]
+    fn export_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "mount_vfs",
+            "export",
+            "--cache-dir",
+            "c",
+            "--manifest",
+            "m",
+            "--cas",
+            "cas",
+            "-o",
+            "new",
+            "--diff",
+            "d",
+            "--format",
+            "2025-12-04-beta",
+        ])
+        .unwrap();
+        let Some(Command::Export(args)) = cli.command else {
+            panic!("{cli:?}")
+        };
+        assert_eq!(args.format, SnapshotFormat::V2025_12_04Beta);
+        assert!(Cli::try_parse_from(["mount_vfs", "export", "--manifest", "m"]).is_err());
+        let mount = |extra: &[&str]| {
+            Cli::try_parse_from(["mount_vfs", "m", "vfs", "--writable"].iter().chain(extra))
+        };
+        assert!(mount(&["--export-on-unmount", "new"]).is_ok());
+        assert!(mount(&["--export-format", "2025-12-04-beta"]).is_err());
+        assert!(
+            mount(&[]).is_ok(),
+            "the default format needs no --export-on-unmount"
+        );
     }
 
     #[test]

@@ -9,7 +9,10 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod cli;
+pub mod deadline_vfs;
+pub mod export;
 pub mod fs;
+pub mod ingest;
 pub mod manifest;
 pub mod metrics;
 pub mod mount;

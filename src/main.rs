@@ -43,6 +43,21 @@ fn main() -> ExitCode {
     match cli.command {
         Some(Command::Snapshot(args)) => mount_vfs::snapshot::run(&args),
         Some(Command::Validate(args)) => mount_vfs::validate::run(&args),
+        Some(Command::Export(args)) => mount_vfs::export::run(&args),
+        Some(Command::InstallDeadlineVfs(args)) => {
+            match mount_vfs::deadline_vfs::install(&args.prefix, args.binary.as_deref()) {
+                Ok(done) => {
+                    for line in done {
+                        println!("installed {line}");
+                    }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mount_vfs install-deadline-vfs: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         None => match MountConfig::try_from(cli.mount).and_then(mount_vfs::mount::run) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

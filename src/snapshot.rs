@@ -23,21 +23,12 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
 
-use xxhash_rust::xxh3::Xxh3;
-
-use crate::cli::{SnapshotArgs, SnapshotFormat};
+use crate::cli::SnapshotArgs;
+use crate::ingest::{self, Cas, ObjectStream, Progress};
 use crate::manifest::{
-    from_fs_name, Content, FileEntry, Format, Hash, Manifest, ManifestBuilder, ManifestError,
-    CHUNK_SIZE,
+    from_fs_name, FileEntry, Format, Hash, Manifest, ManifestBuilder, ManifestError, CHUNK_SIZE,
 };
-use crate::store::{object_key, CasWriter};
-
-/// Read size while hashing: large enough for sequential disk throughput, small enough that N
-/// workers hold only N blocks.
-const BLOCK: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -175,35 +166,21 @@ impl Walker {
     /// Records a symlink with its target rewritten relative to the root (v2025 only).
     fn add_symlink(&mut self, path: &Path, rel: &[u8], name: Vec<u8>) -> Result<(), SnapshotError> {
         let target = fs::read_link(path).map_err(io_err(path))?;
-        let tbytes = target.as_os_str().as_bytes();
-        let (mut parts, rest): (Vec<Vec<u8>>, &[u8]) = if target.is_absolute() {
+        let resolved = if target.is_absolute() {
             match target.strip_prefix(&self.root) {
-                Ok(inside) => (Vec::new(), inside.as_os_str().as_bytes()),
-                Err(_) => return self.skip_link(path, "points outside the root"),
+                Ok(inside) => resolve_target(Vec::new(), inside.as_os_str().as_bytes()),
+                Err(_) => Err("points outside the root"),
             }
         } else {
-            let parent = rel
-                .split(|&b| b == b'/')
-                .filter(|c| !c.is_empty())
-                .map(<[u8]>::to_vec);
-            (parent.collect(), tbytes)
+            root_relative_target(rel, target.as_os_str().as_bytes())
         };
-        for comp in rest.split(|&b| b == b'/') {
-            match comp {
-                b"" | b"." => {}
-                b".." => {
-                    if parts.pop().is_none() {
-                        return self.skip_link(path, "climbs out of the root");
-                    }
-                }
-                c => parts.push(from_fs_name(c)),
+        match resolved {
+            Ok(target) => {
+                self.builder.add_symlink(&name, &target);
+                Ok(())
             }
+            Err(why) => self.skip_link(path, why),
         }
-        if parts.is_empty() {
-            return self.skip_link(path, "points at the root itself");
-        }
-        self.builder.add_symlink(&name, &parts.join(&b'/'));
-        Ok(())
     }
 
     fn skip_link(&mut self, path: &Path, why: &str) -> Result<(), SnapshotError> {
@@ -211,6 +188,40 @@ impl Walker {
         self.skipped += 1;
         Ok(())
     }
+}
+
+/// A relative symlink target as a manifest says it: relative to the manifest root. `link_dir`
+/// is the manifest path (WTF-8) of the link's directory, `target` the target as the filesystem
+/// has it. Errs, saying why, when the target climbs out of the root or is the root itself.
+pub(crate) fn root_relative_target(
+    link_dir: &[u8],
+    target: &[u8],
+) -> Result<Vec<u8>, &'static str> {
+    let parts = link_dir
+        .split(|&b| b == b'/')
+        .filter(|c| !c.is_empty())
+        .map(<[u8]>::to_vec)
+        .collect();
+    resolve_target(parts, target)
+}
+
+/// Applies the components of `rest` to the root-relative directory `parts`.
+fn resolve_target(mut parts: Vec<Vec<u8>>, rest: &[u8]) -> Result<Vec<u8>, &'static str> {
+    for comp in rest.split(|&b| b == b'/') {
+        match comp {
+            b"" | b"." => {}
+            b".." => {
+                if parts.pop().is_none() {
+                    return Err("climbs out of the root");
+                }
+            }
+            c => parts.push(from_fs_name(c)),
+        }
+    }
+    if parts.is_empty() {
+        return Err("points at the root itself");
+    }
+    Ok(parts.join(&b'/'))
 }
 
 /// Streams one file into the CAS; returns (size, mtime_us, content).
@@ -226,32 +237,6 @@ pub fn mtime_us(meta: &fs::Metadata) -> i64 {
     i64::try_from(ns.div_euclid(1000)).unwrap_or(i64::MAX)
 }
 
-/// Where hashed files become objects: each worker writes through a [`CasWriter`], committed
-/// under the content's hash unless that object is already there.
-struct Cas<'a> {
-    root: &'a Path,
-    seq: &'a AtomicU64,
-    written: &'a AtomicU64,
-    present: &'a AtomicU64,
-}
-
-impl Cas<'_> {
-    fn begin(&self) -> io::Result<CasWriter> {
-        let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        CasWriter::create(self.root, "snapshot", n as usize)
-    }
-
-    /// Puts the object in place unless an object of that hash already exists.
-    fn commit(&self, writer: CasWriter, hash: Hash) -> io::Result<()> {
-        if self.root.join(object_key(hash)).exists() {
-            self.present.fetch_add(1, Ordering::Relaxed);
-            return Ok(());
-        }
-        self.written.fetch_add(1, Ordering::Relaxed);
-        writer.commit(hash)
-    }
-}
-
 fn hash_file(
     job: &Job,
     cas: &Cas,
@@ -262,79 +247,24 @@ fn hash_file(
     let mut file = File::open(&job.path)?;
     let meta = file.metadata()?;
     let mtime_us = mtime_us(&meta);
-    let mut pieces = Vec::new();
+    let mut stream = ObjectStream::new(cas, chunk_limit);
     let mut size = 0u64;
-    let mut writer = cas.begin()?;
-    let mut hasher = Xxh3::new();
-    let mut in_chunk = 0u64;
     loop {
-        let room = usize::try_from(chunk_limit - in_chunk)
-            .unwrap_or(usize::MAX)
-            .min(buf.len());
-        let Some(block) = buf.get_mut(..room) else {
-            break;
-        };
-        let n = match file.read(block) {
+        let n = match file.read(buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        let data = block.get(..n).unwrap_or_default();
-        hasher.update(data);
-        writer.write_at(in_chunk, data)?;
+        stream.feed(buf.get(..n).unwrap_or_default())?;
         progress.inc(n as u64);
         size += n as u64;
-        in_chunk += n as u64;
-        if in_chunk == chunk_limit {
-            // A full chunk: commit it and start the next chunk's object.
-            let h = Hash(hasher.digest128());
-            let full = std::mem::replace(&mut writer, cas.begin()?);
-            cas.commit(full, h)?;
-            pieces.push(h);
-            hasher = Xxh3::new();
-            in_chunk = 0;
-        }
-    }
-    // An error above drops the writer, which deletes its temporary file.
-    if in_chunk > 0 || pieces.is_empty() {
-        let h = Hash(hasher.digest128());
-        cas.commit(writer, h)?;
-        pieces.push(h);
     }
     Ok(Hashed {
         size,
         mtime_us,
-        pieces,
+        pieces: stream.finish()?,
     })
-}
-
-/// An optional progress bar (only when stderr is a terminal).
-struct Progress(Option<indicatif::ProgressBar>);
-
-impl Progress {
-    fn new(total: u64, enabled: bool) -> Progress {
-        Progress(enabled.then(|| {
-            let pb = indicatif::ProgressBar::new(total);
-            pb.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "hashing {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-                )
-                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-            );
-            pb
-        }))
-    }
-    fn inc(&self, n: u64) {
-        if let Some(pb) = &self.0 {
-            pb.inc(n);
-        }
-    }
-    fn finish(&self) {
-        if let Some(pb) = &self.0 {
-            pb.finish_and_clear();
-        }
-    }
 }
 
 /// Snapshots `dir` into `cas` (`cas/Data/{hash}.xxh128`) and returns its manifest.
@@ -372,43 +302,12 @@ pub fn snapshot(
     } = w;
 
     let chunk_limit = if follow { u64::MAX } else { CHUNK_SIZE };
-    let next = AtomicUsize::new(0);
-    let (seq, written, present) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
-    let results: Mutex<Vec<Option<io::Result<Hashed>>>> =
-        Mutex::new((0..jobs.len()).map(|_| None).collect());
+    let store = Cas::new(cas, "snapshot");
     let bar = Progress::new(total_bytes, progress);
-    let workers = std::thread::available_parallelism()
-        .map_or(2, |n| n.get())
-        .min(jobs.len().max(1));
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| {
-                let cas = Cas {
-                    root: cas,
-                    seq: &seq,
-                    written: &written,
-                    present: &present,
-                };
-                let mut buf = vec![0u8; BLOCK];
-                loop {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(job) = jobs.get(i) else { break };
-                    let r = hash_file(job, &cas, chunk_limit, &mut buf, &bar);
-                    let failed = r.is_err();
-                    if let Ok(mut all) = results.lock() {
-                        if let Some(slot) = all.get_mut(i) {
-                            *slot = Some(r);
-                        }
-                    }
-                    if failed {
-                        next.store(usize::MAX / 2, Ordering::Relaxed); // stop the others early
-                    }
-                }
-            });
-        }
+    let results = ingest::run_parallel(&jobs, |job, buf| {
+        hash_file(job, &store, chunk_limit, buf, &bar)
     });
     bar.finish();
-    let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
     let mut stats = SnapshotStats {
         skipped,
         symlinks_followed,
@@ -426,10 +325,6 @@ pub fn snapshot(
             }
             None => continue, // not reached: only after another file failed
         };
-        let content = match h.pieces.as_slice() {
-            [one] => Content::Whole(*one),
-            many => Content::Chunked(many),
-        };
         stats.files += 1;
         stats.bytes += h.size;
         builder.add_file(
@@ -438,41 +333,55 @@ pub fn snapshot(
                 size: h.size,
                 mtime_us: h.mtime_us,
                 executable: job.executable,
-                content,
+                content: ingest::content(&h.pieces),
             },
         );
     }
-    stats.objects_written = written.into_inner();
-    stats.objects_present = present.into_inner();
+    stats.objects_written = store.written();
+    stats.objects_present = store.present();
     let manifest = builder.build_named(&dir.display().to_string())?;
     Ok((manifest, stats))
 }
 
+/// Why a manifest cannot be written to `path` (its directory is missing, or it is a
+/// directory), for commands that check before they spend a while hashing.
+pub(crate) fn output_problem(path: &Path) -> Option<String> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let why = if path.is_dir() {
+        "it is a directory; name a file".to_string()
+    } else if !parent.is_dir() {
+        format!("directory {} does not exist", parent.display())
+    } else {
+        return None;
+    };
+    Some(format!(
+        "cannot write the manifest to {}: {why}",
+        path.display()
+    ))
+}
+
+/// Writes a manifest to `path`, or to standard output.
+pub(crate) fn write_output(path: Option<&Path>, bytes: &[u8]) -> Result<(), SnapshotError> {
+    match path {
+        Some(path) => fs::write(path, bytes).map_err(io_err(path)),
+        None => io::stdout()
+            .lock()
+            .write_all(bytes)
+            .map_err(io_err(Path::new("<stdout>"))),
+    }
+}
+
 /// The `snapshot` subcommand.
 pub fn run(args: &SnapshotArgs) -> ExitCode {
-    let format = match args.format {
-        SnapshotFormat::V2023_03_03 => Format::V2023_03_03,
-        SnapshotFormat::V2025_12_04Beta => Format::V2025_12_04Beta,
-    };
+    let format = args.format.format();
     // Hashing a large tree into the CAS takes a while: refuse an output path that cannot be
     // written before, not after.
-    if let Some(path) = &args.output {
-        let parent = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        if !parent.is_dir() || path.is_dir() {
-            eprintln!(
-                "mount_vfs snapshot: cannot write the manifest to {}: {}",
-                path.display(),
-                if path.is_dir() {
-                    "it is a directory; name a file".to_string()
-                } else {
-                    format!("directory {} does not exist", parent.display())
-                }
-            );
-            return ExitCode::from(2);
-        }
+    if let Some(problem) = args.output.as_deref().and_then(output_problem) {
+        eprintln!("mount_vfs snapshot: {problem}");
+        return ExitCode::from(2);
     }
     let progress = io::stderr().is_terminal();
     let (manifest, stats) = match snapshot(&args.dir, &args.cas, format, progress) {
@@ -483,14 +392,7 @@ pub fn run(args: &SnapshotArgs) -> ExitCode {
         }
     };
     let bytes = manifest.encode();
-    let written = match &args.output {
-        Some(path) => fs::write(path, &bytes).map_err(io_err(path)),
-        None => io::stdout()
-            .lock()
-            .write_all(&bytes)
-            .map_err(io_err(Path::new("<stdout>"))),
-    };
-    if let Err(e) = written {
+    if let Err(e) = write_output(args.output.as_deref(), &bytes) {
         eprintln!("mount_vfs snapshot: {e}");
         return ExitCode::from(1);
     }

@@ -5,6 +5,13 @@
 //! interrupted install never leaves a half venv behind). The version is pinned: a newer client
 //! may write other bytes. When pip cannot reach its registry the test fails, unless
 //! `MOUNT_VFS_ALLOW_SKIP` names it (see `tests/support/skip.rs`); every other failure fails.
+//!
+//! Also: the client reads a manifest that `mount_vfs export` made of a `--writable` mount, and
+//! downloads it (from moto, loaded with our CAS) byte for byte.
+
+mod common;
+#[path = "support/job_changes.rs"]
+mod job_changes;
 
 use std::fs;
 use std::os::unix::ffi::OsStrExt;
@@ -15,31 +22,10 @@ use std::process::{Command, Output};
 mod skip;
 
 use mount_vfs::manifest::{to_fs_name, Content, EntryKind, Hash, Manifest};
-use skip::skip_or_fail;
+#[path = "support/deadline_venv.rs"]
+mod deadline_venv;
 
-const NETWORK_SIGNS: &[&str] = &[
-    "Failed to establish a new connection",
-    "Temporary failure in name resolution",
-    "Name or service not known",
-    "Network is unreachable",
-    "Max retries exceeded",
-    "ConnectTimeoutError",
-    "ProxyError",
-    "Connection refused",
-];
-
-/// The released client whose output we match byte for byte (its `.ready` marker holds it, so
-/// changing it rebuilds the venv). "No matching distribution ... (from versions: none)" then
-/// means this Python is too old for it, not that the network is down.
-const DEADLINE_VERSION: &str = "0.60.10";
-
-fn venv_dir() -> PathBuf {
-    let tmp = Path::new(env!("CARGO_TARGET_TMPDIR"));
-    tmp.parent()
-        .unwrap_or(tmp)
-        .join("test-venvs")
-        .join("deadline")
-}
+use deadline_venv::deadline_venv;
 
 fn text(o: &Output) -> String {
     format!(
@@ -47,52 +33,6 @@ fn text(o: &Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
-}
-
-/// Returns the venv, or None when the package registry is unreachable and skipping is allowed.
-fn deadline_venv() -> Option<PathBuf> {
-    let venv = venv_dir();
-    match fs::read_to_string(venv.join(".ready")) {
-        Ok(version) if version == DEADLINE_VERSION => return Some(venv),
-        Ok(_) => fs::remove_dir_all(&venv).unwrap(),
-        Err(_) => {}
-    }
-    let parent = venv.parent().unwrap();
-    fs::create_dir_all(parent).unwrap();
-    let staging = parent.join(format!("deadline.tmp-{}", std::process::id()));
-    let _ = fs::remove_dir_all(&staging);
-    let o = Command::new("python3")
-        .args(["-m", "venv"])
-        .arg(&staging)
-        .output()
-        .expect("python3 must be installed");
-    assert!(o.status.success(), "python3 -m venv failed: {}", text(&o));
-    let o = Command::new(staging.join("bin/pip"))
-        .args(["install", "--disable-pip-version-check"])
-        .arg(format!("deadline=={DEADLINE_VERSION}"))
-        .output()
-        .unwrap();
-    if !o.status.success() {
-        let out = text(&o);
-        let _ = fs::remove_dir_all(&staging);
-        if NETWORK_SIGNS.iter().any(|s| out.contains(s)) {
-            let why = format!(
-                "pip cannot reach its package registry: {}",
-                out.lines().last().unwrap_or_default()
-            );
-            skip_or_fail("snapshot_is_byte_identical_to_the_deadline_client", &why);
-            return None;
-        }
-        panic!("pip install deadline failed (not a network problem):\n{out}");
-    }
-    fs::write(staging.join(".ready"), DEADLINE_VERSION).unwrap();
-    // Venvs hard-code their path in scripts: a renamed venv must be run as `python -m`.
-    if fs::rename(&staging, &venv).is_err() {
-        // Another test run won the race; use its venv.
-        let _ = fs::remove_dir_all(&staging);
-    }
-    assert!(venv.join(".ready").exists());
-    Some(venv)
 }
 
 fn write(root: &Path, rel: &[u8], data: &[u8]) {
@@ -137,7 +77,9 @@ fn build_tree(root: &Path) {
 
 #[test]
 fn snapshot_is_byte_identical_to_the_deadline_client() {
-    let Some(venv) = deadline_venv() else { return };
+    let Some(venv) = deadline_venv("snapshot_is_byte_identical_to_the_deadline_client") else {
+        return;
+    };
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("root");
     let home = tmp.path().join("home");
@@ -237,4 +179,121 @@ fn snapshot_is_byte_identical_to_the_deadline_client() {
         assert_eq!(object, original);
         assert_eq!(object.len() as u64, f.size);
     }
+}
+
+/// Regular files under `root` by relative path (symlinks are not followed: v2023 cannot say
+/// them, so an export leaves them out).
+fn files(root: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut dirs = vec![root.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        for e in fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let path = e.path();
+            if e.file_type().unwrap().is_symlink() {
+                continue;
+            }
+            if path.is_dir() {
+                dirs.push(path);
+            } else {
+                let rel = path.strip_prefix(root).unwrap().to_path_buf();
+                out.insert(rel, fs::read(&path).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// Uploads the CAS to moto, then has the client decode the manifest (it must re-encode to the
+/// same bytes) and download it into the output directory.
+const DOWNLOAD: &str = r#"
+import pathlib, sys, boto3
+from deadline.job_attachments.asset_manifests.decode import decode_manifest
+from deadline.job_attachments.download import download_files_from_manifests
+manifest_path, cas, out = sys.argv[1:4]
+text = pathlib.Path(manifest_path).read_text()
+manifest = decode_manifest(text)
+assert manifest.encode() == text, "the client encodes the exported manifest differently"
+s3 = boto3.client("s3")
+s3.create_bucket(Bucket="attachments")
+for f in sorted(pathlib.Path(cas, "Data").iterdir()):
+    s3.upload_file(str(f), "attachments", "root/Data/" + f.name)
+download_files_from_manifests(
+    "attachments", {out: manifest}, cas_prefix="root/Data", session=boto3.Session()
+)
+print("downloaded", len(manifest.paths))
+"#;
+
+#[test]
+fn deadline_client_downloads_an_exported_manifest() {
+    let test = "deadline_client_downloads_an_exported_manifest";
+    let Some(venv) = deadline_venv(test) else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let base = job_changes::base_files();
+    let refs: Vec<(&str, &[u8])> = base.iter().map(|(p, b)| (*p, b.as_slice())).collect();
+    let (manifest, cas) = common::job(tmp.path(), &refs, "2023-03-03");
+    let plain = tmp.path().join("plain");
+    job_changes::write_base(&plain);
+    job_changes::change(&plain);
+    let cache = tmp.path().join("cache");
+    let mut mount = common::Mount::start(
+        &manifest,
+        &cas,
+        &tmp.path().join("mnt"),
+        common::MountOptions {
+            shards: 2,
+            extra: &[
+                "--writable",
+                "--cache-dir",
+                cache.to_str().unwrap(),
+                "--part-size",
+                "1M",
+            ],
+        },
+    );
+    job_changes::change(&mount.dir);
+    assert!(
+        mount.stop().is_some_and(|s| s.success()),
+        "{}",
+        mount.stderr()
+    );
+    let exported = tmp.path().join("exported.manifest");
+    let o = Command::new(common::BIN)
+        .arg("export")
+        .arg("--cache-dir")
+        .arg(&cache)
+        .arg("--manifest")
+        .arg(&manifest)
+        .arg("--cas")
+        .arg(&cas)
+        .arg("--output")
+        .arg(&exported)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "export failed: {}", text(&o));
+
+    let moto = common::s3_servers::Moto::start();
+    let home = tmp.path().join("home");
+    let out = tmp.path().join("downloaded");
+    fs::create_dir_all(&home).unwrap();
+    let o = Command::new(venv.join("bin/python"))
+        .args(["-c", DOWNLOAD])
+        .arg(&exported)
+        .arg(&cas)
+        .arg(&out)
+        .env("HOME", &home)
+        .env("AWS_ENDPOINT_URL", moto.endpoint())
+        .env("AWS_ACCESS_KEY_ID", "testing")
+        .env("AWS_SECRET_ACCESS_KEY", "testing")
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env("DEADLINE_CLOUD_TELEMETRY_OPT_OUT", "true")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "client download failed: {}", text(&o));
+    assert!(text(&o).contains("downloaded 7"), "{}", text(&o));
+    assert_eq!(files(&out), files(&plain));
 }

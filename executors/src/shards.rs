@@ -709,11 +709,28 @@ fn inspect_arena<M>(setup: &ShardSetup<M>, outcome: ArenaOutcome) -> ArenaInfo {
         }
     };
     if !glommio_fixed {
+        // Registered buffers count against the user's RLIMIT_MEMLOCK, all shards together.
+        let needed_kib = (setup.config.shards * setup.config.io_memory_per_shard) >> 10;
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes into the rlimit we pass and keeps no pointer.
+        let memlock = if unsafe { libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut limit) } != 0 {
+            "unknown".to_string()
+        } else if limit.rlim_cur == libc::RLIM_INFINITY {
+            "unlimited".to_string()
+        } else {
+            format!("{} KiB", limit.rlim_cur >> 10)
+        };
         warn!(
             shard,
             rings,
             "io_uring buffer registration failed: glommio uses non-fixed I/O for this shard \
-             (check RLIMIT_MEMLOCK and that the arena is at most 1 GiB)"
+             (slower, still correct). RLIMIT_MEMLOCK is {memlock}; registering all shards' \
+             arenas needs {needed_kib} KiB (`ulimit -l {needed_kib}`, LimitMEMLOCK= in a \
+             systemd unit, or memlock in /etc/security/limits.conf), and no arena may exceed \
+             1 GiB"
         );
     } else if rings == 0 {
         warn!(

@@ -3,9 +3,10 @@
 //!
 //! Metadata of the immutable namespace (lookup, getattr, readdir, readlink, statfs, access,
 //! xattrs) is answered inline on the transport's thread from the `Arc`-shared [`Namespace`].
-//! Data requests (open, read, release) go, with their reply, to the shard that owns the inode
-//! ([`owner`], decided here and nowhere else); that shard replies itself from its own buffers, so
-//! no file byte crosses a thread here. On a read-only mount anything that would modify the tree
+//! Data requests (open, read, release; on a writable mount also write, fallocate, truncate) go,
+//! with their reply, to the shard that owns the inode ([`owner`], decided here and nowhere else);
+//! that shard replies itself from its own buffers, so no byte read crosses a thread here (a
+//! WRITE's bytes do, copied once out of the transport's buffer). On a read-only mount anything that would modify the tree
 //! gets `EROFS`; on a `--writable` one the overlay answers (`writable`).
 
 use std::sync::Arc;
@@ -167,6 +168,7 @@ impl Dispatcher {
     }
 
     fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Attributes, FsError> {
+        crate::overlay::check_name(name)?;
         let ino = self
             .namespace
             .lookup(parent, name)

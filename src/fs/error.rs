@@ -64,11 +64,14 @@ pub enum FsError {
     /// The overlay's upper file or journal could not be read or written (logged with the cause).
     #[error("overlay I/O error")]
     Overlay,
+    /// A name over 255 bytes.
+    #[error("file name too long")]
+    NameTooLong,
 }
 
 impl FsError {
     /// Every variant, in declaration order (`error as usize` indexes it).
-    pub const ALL: [FsError; 20] = [
+    pub const ALL: [FsError; 21] = [
         FsError::NotFound,
         FsError::NotDirectory,
         FsError::IsDirectory,
@@ -89,6 +92,7 @@ impl FsError {
         FsError::NotPermitted,
         FsError::Range,
         FsError::Overlay,
+        FsError::NameTooLong,
     ];
 
     /// The variant as a metrics label (several share an errno).
@@ -114,6 +118,7 @@ impl FsError {
             FsError::NotPermitted => "not_permitted",
             FsError::Range => "range",
             FsError::Overlay => "overlay",
+            FsError::NameTooLong => "name_too_long",
         }
     }
 
@@ -136,6 +141,7 @@ impl FsError {
             libc::EOPNOTSUPP => "EOPNOTSUPP",
             libc::EPERM => "EPERM",
             libc::ERANGE => "ERANGE",
+            libc::ENAMETOOLONG => "ENAMETOOLONG",
             _ => "unknown",
         }
     }
@@ -166,6 +172,7 @@ impl FsError {
             FsError::NotPermitted => libc::EPERM,
             FsError::Range => libc::ERANGE,
             FsError::Overlay => libc::EIO,
+            FsError::NameTooLong => libc::ENAMETOOLONG,
         }
     }
 
@@ -188,7 +195,8 @@ impl FsError {
             | FsError::Busy
             | FsError::NotSupported
             | FsError::NotPermitted
-            | FsError::Range => tracing::Level::TRACE,
+            | FsError::Range
+            | FsError::NameTooLong => tracing::Level::TRACE,
             FsError::Store
             | FsError::StoreDenied
             | FsError::Corrupt

@@ -21,7 +21,7 @@ pub mod op_counters;
 pub mod request;
 pub mod shard;
 pub mod verified;
-mod writable;
+pub(crate) mod writable;
 
 #[cfg(test)]
 pub(crate) mod testing;

@@ -282,6 +282,14 @@ pub struct SetAttr {
     pub mtime: Option<SystemTime>,
 }
 
+/// A `setattr` that changes a file's size (and maybe more): a change of its bytes, served by the
+/// inode's owner shard.
+pub struct Truncate {
+    pub ino: Ino,
+    pub change: SetAttr,
+    pub reply: Box<dyn AttrReply>,
+}
+
 /// Write to an open file. Served by the inode's owner shard.
 pub struct Write {
     pub ino: Ino,
@@ -341,9 +349,10 @@ pub struct StatFs {
 /// them.
 pub const ATTR_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// The same on a writable mount: every change passes through the kernel, which updates what it
-/// caches, but merged attributes (link counts of moved directories, sizes written by
-/// passthrough) are re-read after a second rather than trusted for a day.
+/// The same on a writable mount for inodes the overlay changed or made: every change passes
+/// through the kernel, which updates what it caches, but merged attributes (link counts of moved
+/// directories, sizes written by passthrough) are re-read after a second rather than trusted for
+/// a day. Untouched manifest entries keep [`ATTR_TTL`].
 pub const WRITABLE_ATTR_TTL: Duration = Duration::from_secs(1);
 
 /// How an open file is served.

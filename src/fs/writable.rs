@@ -11,7 +11,8 @@ use super::dispatch::{openable, Dispatcher, PREFERRED_IO_SIZE};
 use super::error::FsError;
 use super::op_counters::Op;
 use super::request::{
-    fail, Attributes, Caller, Create, Open, Request, SetAttr, StatFs, XattrReply, WRITABLE_ATTR_TTL,
+    fail, Attributes, Caller, Create, Open, Request, SetAttr, StatFs, Truncate, XattrReply,
+    ATTR_TTL, WRITABLE_ATTR_TTL,
 };
 use super::shard::ShardRequest;
 use crate::namespace::{Ino, NodeKind};
@@ -86,11 +87,17 @@ pub(super) fn attributes(node: &Node) -> Attributes {
         uid: node.uid,
         gid: node.gid,
         blksize: PREFERRED_IO_SIZE,
-        ttl: WRITABLE_ATTR_TTL,
+        // An untouched manifest entry changes only through this mount, which the kernel sees:
+        // cached as long as on a read-only mount (a worker stats every input once).
+        ttl: if node.changed {
+            WRITABLE_ATTR_TTL
+        } else {
+            ATTR_TTL
+        },
     }
 }
 
-fn change_of(set: &SetAttr) -> AttrChange {
+pub(super) fn change_of(set: &SetAttr) -> AttrChange {
     AttrChange {
         mode: set.mode,
         uid: set.uid,
@@ -283,8 +290,13 @@ impl Dispatcher {
                 Ok(()) => reply.ok(),
                 Err(e) => fail(&self.ops, reply, op, parent, e),
             },
+            // A new size changes the file's bytes: the owner shard does it, in order with the
+            // inode's writes.
+            Request::SetAttr { ino, change, reply } if change.size.is_some() => {
+                self.route(ino, ShardRequest::Truncate(Truncate { ino, change, reply }))
+            }
             Request::SetAttr { ino, change, reply } => {
-                match overlay.set_attr(ino, change_of(&change), change.size) {
+                match overlay.set_attr(ino, change_of(&change), None) {
                     Ok(n) => reply.attr(&attributes(&n)),
                     Err(e) => fail(&self.ops, reply, op, ino, e),
                 }
@@ -317,14 +329,10 @@ impl Dispatcher {
         }
     }
 
-    /// Checks an open before routing it; an `O_TRUNC` the kernel left to us is done here.
+    /// Checks an open before routing it (an `O_TRUNC` the kernel left to us is done by the
+    /// owner shard).
     fn prepare_open(&self, overlay: &Overlay, open: &Open) -> Result<(), FsError> {
-        openable(overlay.kind(open.ino))?;
-        let writes = open.flags & libc::O_ACCMODE != libc::O_RDONLY;
-        if writes && open.flags & libc::O_TRUNC != 0 {
-            overlay.set_attr(open.ino, AttrChange::default(), Some(0))?;
-        }
-        Ok(())
+        openable(overlay.kind(open.ino))
     }
 
     fn create(&self, overlay: &Overlay, create: Create) {

@@ -9,6 +9,7 @@ use mount_vfs_executors::HugepageMode;
 
 use super::MountError;
 use crate::cli::{self, MountArgs};
+use crate::manifest::Format;
 use crate::store::s3::S3Config;
 
 /// One mount's settings, as resolved values. Checks that need the filesystem, the manifest or
@@ -29,11 +30,16 @@ pub struct MountConfig {
     pub cache_size: Option<u64>,
     /// Capture writes in a copy-on-write overlay in `cache_dir` (refused without it).
     pub writable: bool,
+    /// Export the overlay as a manifest at a clean unmount (writable, local CAS only).
+    pub export_on_unmount: Option<ExportOnUnmount>,
     /// Hash every cache file once even when a verification record vouches for it.
     pub recheck_cache: bool,
     /// Shards (pinned executor threads); `None`: one per CPU, no more than files. `Some(0)` is
     /// refused.
     pub shards: Option<usize>,
+    /// The most shards the default (`shards: None`) picks; `None`: one per CPU. A shared node
+    /// (`deadline_vfs`) caps it so the mount does not pin a pool and a thread on every core.
+    pub max_default_shards: Option<usize>,
     /// Buffer-pool memory of all shards together; `None`: sized from the manifest.
     pub memory_limit: Option<u64>,
     /// Bytes per store read and per cached block: a power of two from 1 MiB to 64 MiB.
@@ -54,6 +60,13 @@ pub struct MountConfig {
     /// `--metrics-addr`: where to serve `/metrics`.
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub stats: bool,
+}
+
+/// `--export-on-unmount FILE --export-format F`.
+#[derive(Debug, Clone)]
+pub struct ExportOnUnmount {
+    pub output: PathBuf,
+    pub format: Format,
 }
 
 /// Where the mount's bytes come from, as the user asked (not yet opened).
@@ -82,6 +95,22 @@ impl TryFrom<MountArgs> for MountConfig {
             ));
         }
         let store = store_choice(&args)?;
+        if args.export_on_unmount.is_some() {
+            if !args.writable {
+                return Err(MountError::Usage(
+                    "--export-on-unmount exports what a --writable mount changed: add \
+                     --writable --cache-dir DIR, or export a read-only mount's manifest as it is"
+                        .into(),
+                ));
+            }
+            if !matches!(store, StoreChoice::Local(_)) {
+                return Err(MountError::Usage(
+                    "--export-on-unmount writes the new content into a local CAS: mount with \
+                     --cas DIR (exporting to S3 is not supported yet)"
+                        .into(),
+                ));
+            }
+        }
         let (Some(manifest), Some(mountpoint)) = (args.manifest, args.mountpoint) else {
             return Err(MountError::Usage(
                 "MANIFEST and MOUNTPOINT are required".into(),
@@ -94,8 +123,13 @@ impl TryFrom<MountArgs> for MountConfig {
             cache_dir: args.cache_dir,
             cache_size: args.cache_size,
             writable: args.writable,
+            export_on_unmount: args.export_on_unmount.map(|output| ExportOnUnmount {
+                output,
+                format: args.export_format.format(),
+            }),
             recheck_cache: args.recheck_cache,
             shards: args.shards,
+            max_default_shards: None,
             memory_limit: args.memory_limit,
             part_size: args.part_size,
             hugepages: match args.hugepages {
@@ -149,9 +183,10 @@ const PARTS_PER_POOL: u64 = 8;
 
 /// One shard per online CPU, but no more shards than files: a shard owns whole inodes, so more
 /// would only pin memory.
-pub(super) fn default_shards(files: u64) -> usize {
+pub(super) fn default_shards(files: u64, cap: Option<usize>) -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    cpus.min(files.max(1).try_into().unwrap_or(usize::MAX))
+    cpus.min(cap.unwrap_or(usize::MAX).max(1))
+        .min(files.max(1).try_into().unwrap_or(usize::MAX))
 }
 
 /// Each shard's pool size. An explicit `--memory-limit` below the minimum is refused (a smaller

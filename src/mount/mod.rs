@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use mount_vfs_executors::{ShardConfig, Shards};
 
-pub use self::config::{MountConfig, StoreChoice};
+pub use self::config::{ExportOnUnmount, MountConfig, StoreChoice};
 pub use crate::transport::fuser::SessionError;
 
 use self::mountpoint::{MountpointLock, Unmounted};
@@ -160,12 +160,23 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
     if let StoreChoice::Local(cas) = &config.store {
         check_cas(cas)?;
     }
+    // Where --export-on-unmount goes, checked now rather than at the end of the job.
+    let export = match (&config.export_on_unmount, &config.store) {
+        (Some(export), StoreChoice::Local(cas)) => {
+            if let Some(problem) = crate::snapshot::output_problem(&export.output) {
+                return Err(MountError::Usage(format!("--export-on-unmount: {problem}")));
+            }
+            Some((export.clone(), cas.clone()))
+        }
+        _ => None,
+    };
     if config.daemon && !daemon::is_child() {
         // Checked here too so that the common mistakes are reported before forking; the child
         // checks again under the lock.
         mountpoint::check(mountpoint, config.allow_non_empty)?;
         return daemon::daemonize(config.log_file.as_deref());
     }
+    mountpoint::check_unprivileged(config.allow_other)?;
     let _lock = MountpointLock::acquire(mountpoint)?;
     mountpoint::check(mountpoint, config.allow_non_empty)?;
     if let Some(dir) = &config.cache_dir {
@@ -209,7 +220,7 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
     let shards = match config.shards {
         Some(0) => return Err(MountError::Usage("--shards must be at least 1".into())),
         Some(n) => n,
-        None => config::default_shards(namespace.file_count()),
+        None => config::default_shards(namespace.file_count(), config.max_default_shards),
     };
     let pool_per_shard = config::pool_per_shard(
         config.memory_limit,
@@ -251,10 +262,17 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         ops: Arc::default(),
         overlay: overlay.clone(),
     };
-    let passthrough = config
-        .cache_dir
-        .is_some()
-        .then(|| service.passthrough.clone());
+    let passthrough = match config.cache_dir {
+        Some(_) if mountpoint::can_passthrough() => Some(service.passthrough.clone()),
+        Some(_) => {
+            tracing::info!(
+                "FUSE passthrough off: the kernel lets only CAP_SYS_ADMIN register backing \
+                 files; cached files are read through the shards"
+            );
+            None
+        }
+        None => None,
+    };
     let ops = service.ops.clone();
     let shard_counters = counters.clone();
     let executors = Shards::start(&shard_config, move |ctx, mailbox| {
@@ -308,6 +326,7 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
     if let Err(e) = executors.shutdown() {
         tracing::warn!("shard shutdown: {e}");
     }
+    let mut exported = Ok(());
     if let Some(overlay) = overlay {
         // Nothing is lost without this (the journal has every change): it makes the upper
         // files durable and saves the next mount a replay.
@@ -318,6 +337,24 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
                 overlay.dir().display()
             ),
         }
+        if let Some((export, cas)) = &export {
+            exported = crate::export::on_unmount(
+                &overlay,
+                cas,
+                config.cache_dir.as_deref(),
+                export.format,
+                &export.output,
+            )
+            .map_err(|e| {
+                MountError::Runtime(format!(
+                    "--export-on-unmount {}: {e} (the overlay is kept: run `mount_vfs export`)",
+                    export.output.display()
+                ))
+            });
+            if let Err(e) = &exported {
+                tracing::error!("{e}");
+            }
+        }
     }
     drop(janitor);
     // Writes the verification records still queued, now that no shard can send more.
@@ -326,11 +363,11 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
     if config.stats {
         print_stats(&counters, "final");
     }
-    Ok(())
+    exported
 }
 
 /// Refuses a `--cas` without a `Data/` directory, naming the likely mistake.
-fn check_cas(cas: &Path) -> Result<(), MountError> {
+pub(crate) fn check_cas(cas: &Path) -> Result<(), MountError> {
     if cas.join("Data").is_dir() {
         return Ok(());
     }

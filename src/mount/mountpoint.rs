@@ -20,6 +20,10 @@ pub struct MountpointLock {
     _file: File,
 }
 
+/// How long a new mount waits for a previous one on the same mountpoint, already unmounted, to
+/// finish exiting.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 impl MountpointLock {
     /// Takes the lock for `mountpoint` (an existing directory), or says who holds it.
     pub fn acquire(mountpoint: &Path) -> Result<MountpointLock, MountError> {
@@ -42,8 +46,20 @@ impl MountpointLock {
             .map_err(|e| {
                 MountError::Mountpoint(format!("cannot open the lock file {}: {e}", path.display()))
             })?;
-        // SAFETY: flock on a descriptor we own; no memory is passed.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        // A holder whose mount is already gone is finishing its shutdown (saving the overlay):
+        // a launcher that unmounts and mounts again at once (the Deadline worker replacing a
+        // mount) waits for it, up to LOCK_WAIT. A holder with a live mount is refused at once.
+        let try_lock = || {
+            // SAFETY: flock on a descriptor we own; no memory is passed.
+            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+        };
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let mut locked = try_lock();
+        while !locked && std::time::Instant::now() < deadline && !is_mounted(mountpoint) {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            locked = try_lock();
+        }
+        if !locked {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);
             let holder = holder.trim();
@@ -90,10 +106,72 @@ fn lock_dir() -> PathBuf {
     if uid == 0 && Path::new("/run").is_dir() {
         return PathBuf::from("/run/mount_vfs");
     }
+    // `sudo -E -u JOB_USER` (the Deadline worker) passes the caller's XDG_RUNTIME_DIR through:
+    // only a runtime directory of our own will do.
+    let own = |dir: &Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(dir).is_ok_and(|m| m.is_dir() && m.uid() == uid)
+    };
     match std::env::var_os("XDG_RUNTIME_DIR") {
-        Some(dir) if Path::new(&dir).is_dir() => Path::new(&dir).join("mount_vfs"),
+        Some(dir) if own(Path::new(&dir)) => Path::new(&dir).join("mount_vfs"),
         _ => std::env::temp_dir().join(format!("mount_vfs-{uid}")),
     }
+}
+
+/// What mounting as a user other than root needs, checked before anything starts so that a
+/// launcher polling for the mount gets one clear line at once: the setuid `fusermount3`, a
+/// /dev/fuse the user may open, and for `allow_other`, `user_allow_other` in /etc/fuse.conf.
+/// Root needs none of it.
+pub fn check_unprivileged(allow_other: bool) -> Result<(), MountError> {
+    // SAFETY: geteuid cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if uid == 0 {
+        return Ok(());
+    }
+    let on_path = |name: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
+    };
+    if !on_path("fusermount3") && !on_path("fusermount") {
+        return Err(MountError::Mountpoint(format!(
+            "mounting as a non-root user (uid {uid}) goes through the setuid fusermount3, and \
+             it is not on PATH: install fuse3 (as root: apt-get install fuse3 / dnf install fuse3)"
+        )));
+    }
+    // fusermount3 opens /dev/fuse as the calling user.
+    if let Err(e) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/fuse")
+    {
+        return Err(MountError::Mountpoint(format!(
+            "uid {uid} cannot open /dev/fuse ({e}), and a non-root mount needs it: make it \
+             world read-write as distributions ship it (as root: chmod 0666 /dev/fuse)"
+        )));
+    }
+    if allow_other {
+        let conf = std::fs::read_to_string("/etc/fuse.conf").unwrap_or_default();
+        if !conf.lines().any(|line| line.trim() == "user_allow_other") {
+            return Err(MountError::Mountpoint(format!(
+                "allow_other (other users, such as the Deadline worker agent, reading the mount) \
+                 as a non-root user (uid {uid}) needs a line `user_allow_other` in \
+                 /etc/fuse.conf; as root: echo user_allow_other >> /etc/fuse.conf"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Whether this process may register FUSE passthrough backing files (CAP_SYS_ADMIN).
+pub fn can_passthrough() -> bool {
+    const CAP_SYS_ADMIN: u32 = 21;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let line = status.lines().find(|l| l.starts_with("CapEff:"))?;
+            u64::from_str_radix(line.trim_start_matches("CapEff:").trim(), 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_SYS_ADMIN) != 0)
 }
 
 /// Checks `path` is an existing, empty directory with nothing mounted on it. A stale FUSE mount

@@ -70,6 +70,8 @@ pub struct Node {
     pub atime: Time,
     pub mtime: Time,
     pub ctime: Time,
+    /// The overlay changed (or made) this inode; false: the manifest's, untouched.
+    pub changed: bool,
 }
 
 /// Filesystem totals of the cache directory's filesystem, which holds the upper layer.
@@ -143,6 +145,14 @@ fn lock(dir: &Path) -> Result<File, OverlayError> {
     file.set_len(0).map_err(io)?;
     write!(file, "{}", std::process::id()).map_err(io)?;
     Ok(file)
+}
+
+/// Names are at most 255 bytes, as on every Linux filesystem.
+pub fn check_name(name: &[u8]) -> Result<(), FsError> {
+    if name.len() > 255 {
+        return Err(FsError::NameTooLong);
+    }
+    Ok(())
 }
 
 fn upper_name(ino: Ino) -> String {
@@ -286,6 +296,7 @@ impl Overlay {
     // ----- namespace queries -----
 
     pub fn lookup(&self, parent: Ino, name: &[u8]) -> Result<Ino, FsError> {
+        check_name(name)?;
         let delta = self.read();
         match delta.kind(&self.base, parent) {
             Some(NodeKind::Dir) => delta
@@ -304,7 +315,9 @@ impl Overlay {
         self.describe(ino, &inode)
     }
 
+    /// The inode's attributes; `inode` is its current state.
     fn describe(&self, ino: Ino, inode: &Inode) -> Result<Node, FsError> {
+        let changed = self.read().inodes.contains_key(&ino);
         let mut node = Node {
             ino,
             kind: inode.kind,
@@ -317,6 +330,7 @@ impl Overlay {
             atime: inode.atime,
             mtime: inode.mtime,
             ctime: inode.ctime,
+            changed,
         };
         match inode.kind {
             NodeKind::File if inode.upper.is_some() => {
@@ -389,10 +403,7 @@ impl Overlay {
             // A removed directory (still open somewhere) takes no new entries.
             return Err(FsError::NotFound);
         }
-        if name.len() > 255 {
-            return Err(FsError::Invalid);
-        }
-        Ok(())
+        check_name(name)
     }
 
     /// Creates a file, directory, symlink or FIFO `parent/name`.

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod fault_proxy;
+pub mod model;
 pub mod s3_servers;
 
 use std::io::{BufRead, BufReader, Read};
@@ -100,6 +101,28 @@ impl Mount {
     pub fn start(manifest: &Path, cas: &Path, dir: &Path, options: MountOptions<'_>) -> Mount {
         let cas = cas.to_str().expect("UTF-8 CAS path");
         Mount::start_with_store(manifest, &["--cas", cas], &[], dir, options)
+    }
+
+    /// Mounts `manifest` writable (`--writable`, overlay state in `cache_dir`) with 1 MiB
+    /// blocks (`--part-size 1M`) and `shards` shards.
+    pub fn writable(
+        manifest: &Path,
+        cas: &Path,
+        cache_dir: &Path,
+        dir: &Path,
+        shards: usize,
+    ) -> Mount {
+        let cache = cache_dir.to_str().expect("UTF-8 cache path");
+        let extra = ["--writable", "--cache-dir", cache, "--part-size", "1M"];
+        Mount::start(
+            manifest,
+            cas,
+            dir,
+            MountOptions {
+                shards,
+                extra: &extra,
+            },
+        )
     }
 
     /// Mounts `manifest` with the given store flags (e.g. `--s3 ...`) and extra environment.

@@ -12,6 +12,7 @@ use super::FileService;
 use crate::fs::request::{fail, BackingFile, Open, OpenReply, Opened, Release};
 use crate::fs::{FsError, Op};
 use crate::namespace::Ino;
+use crate::overlay::AttrChange;
 
 /// How an inode's open handles are served. The kernel keeps one mode per inode while any handle
 /// is open (a passthrough open next to a cached one fails with ETXTBSY, the reverse with
@@ -117,7 +118,7 @@ impl Handles {
 
 impl FileService {
     /// Whether `ino` is open with a verified cache file as its passthrough backing file.
-    fn reads_cache_file(&self, ino: Ino) -> bool {
+    pub(super) fn reads_cache_file(&self, ino: Ino) -> bool {
         matches!(
             self.handles.modes.borrow().get(&ino),
             Some(IoMode::Passthrough { upper: false, .. })
@@ -163,10 +164,20 @@ impl FileService {
             .overlay
             .clone()
             .expect("only writable mounts have upper files");
-        if writes && self.reads_cache_file(open.ino) {
-            // The kernel would send these writes into the verified cache file.
+        if self.reads_cache_file(open.ino) {
+            // The kernel would send these writes into the verified cache file (and a file that
+            // has upper bytes is no longer the cache file's).
             fail(&self.ops, open.reply, Op::Open, open.ino, FsError::Busy);
             return;
+        }
+        if writes && open.flags & libc::O_TRUNC != 0 {
+            // The kernel normally truncates with a setattr before the open; with atomic O_TRUNC
+            // it is ours.
+            let _writing = self.writers.lock(open.ino).await;
+            if let Err(error) = overlay.set_attr(open.ino, AttrChange::default(), Some(0)) {
+                fail(&self.ops, open.reply, Op::Open, open.ino, error);
+                return;
+            }
         }
         let mut backing = None;
         let complete = overlay
@@ -178,7 +189,10 @@ impl FileService {
             && !self.handles.modes.borrow().contains_key(&open.ino)
         {
             backing = match overlay.upper_file(open.ino) {
-                Ok(file) => self.register_backing(&file, &*open.reply, "upper file"),
+                Ok(file) => {
+                    let what = format!("upper file {}", overlay.upper_path(open.ino).display());
+                    self.register_backing(&file, &*open.reply, &what)
+                }
                 Err(error) => {
                     fail(&self.ops, open.reply, Op::Open, open.ino, error);
                     return;
@@ -227,7 +241,7 @@ impl FileService {
                 // asking, on every shard.
                 if self.handles.passthrough.swap(false, Ordering::Relaxed) {
                     tracing::warn!(
-                        "FUSE passthrough of a {what} refused: {e}; serving every read through \
+                        "FUSE passthrough of {what} refused: {e}; serving every read through \
                          the shards (passthrough needs root and --cache-dir on a local \
                          filesystem)"
                     );
@@ -276,6 +290,7 @@ impl FileService {
                 return None;
             }
         };
-        self.register_backing(&file, reply, "cache file")
+        let what = format!("cache file {}", cache.location(hash).display());
+        self.register_backing(&file, reply, &what)
     }
 }

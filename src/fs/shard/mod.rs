@@ -2,7 +2,8 @@
 //!
 //! Ownership rules (the one place they are written down):
 //! - `owner(ino) = namespace::owner(ino, shards)`; the dispatcher ([`super::Dispatcher`]) sends
-//!   every open, read and release of `ino` to that shard, together with its reply object.
+//!   every open, read and release of `ino` (and on a `--writable` mount every write, fallocate
+//!   and truncate) to that shard, together with its reply object.
 //! - Only the owner touches an inode's open handles, read-ahead state, cached blocks and loads.
 //!   All of it lives in this shard's [`FileService`], which is `!Send` and needs no locks.
 //! - Bytes live in the shard's registered buffer pool and never leave the shard: the shard
@@ -13,7 +14,8 @@
 //!
 //! Concerns, one file each: open handles and I/O mode (`handles`), reads and the block cache
 //! (`read`, `cache`), read-ahead (`readahead`), verification and re-reads (`verify`), pool
-//! memory and store fetches (`fetch`), counters (`counters`).
+//! memory and store fetches (`fetch`), counters (`counters`), and for `--writable` mounts
+//! writes, copy-up and merged reads of files with upper bytes (`write`).
 //!
 //! Verification policy: the unit of verification is a CAS object — the whole file for v2023
 //! manifests, one 256 MiB chunk for chunked v2025 files — because that is what its xxh128 covers.
@@ -64,7 +66,7 @@ use std::sync::Arc;
 
 use mount_vfs_executors::{BufferPool, Mailbox, ShardContext};
 
-use super::request::{fail, Fallocate, Open, Read, Release, Write};
+use super::request::{fail, Fallocate, Open, Read, Release, Truncate, Write};
 use super::{FsError, Op, OpCounters};
 use crate::namespace::{owner, Ino, Namespace};
 use crate::overlay::Overlay;
@@ -84,6 +86,7 @@ pub enum ShardRequest {
     Release(Release),
     Write(Write),
     Fallocate(Fallocate),
+    Truncate(Truncate),
 }
 
 impl ShardRequest {
@@ -93,7 +96,8 @@ impl ShardRequest {
             | ShardRequest::Read(Read { ino, .. })
             | ShardRequest::Release(Release { ino, .. })
             | ShardRequest::Write(Write { ino, .. })
-            | ShardRequest::Fallocate(Fallocate { ino, .. }) => *ino,
+            | ShardRequest::Fallocate(Fallocate { ino, .. })
+            | ShardRequest::Truncate(Truncate { ino, .. }) => *ino,
         }
     }
 
@@ -107,6 +111,7 @@ impl ShardRequest {
             }
             ShardRequest::Write(write) => fail(ops, write.reply, Op::Write, write.ino, error),
             ShardRequest::Fallocate(f) => fail(ops, f.reply, Op::Fallocate, f.ino, error),
+            ShardRequest::Truncate(t) => fail(ops, t.reply, Op::SetAttr, t.ino, error),
         }
     }
 }
@@ -219,6 +224,10 @@ impl FileService {
             ShardRequest::Fallocate(f) => match self.fallocate(&f).await {
                 Ok(()) => f.reply.ok(),
                 Err(error) => fail(&self.ops, f.reply, Op::Fallocate, f.ino, error),
+            },
+            ShardRequest::Truncate(t) => match self.truncate(&t).await {
+                Ok(attributes) => t.reply.attr(&attributes),
+                Err(error) => fail(&self.ops, t.reply, Op::SetAttr, t.ino, error),
             },
         }
     }

@@ -18,7 +18,8 @@ use std::sync::Arc;
 use futures::lock::{Mutex, OwnedMutexGuard};
 
 use super::FileService;
-use crate::fs::request::{Fallocate, Write};
+use crate::fs::request::{Attributes, Fallocate, Truncate, Write};
+use crate::fs::writable::{attributes, change_of};
 use crate::fs::{FsError, ReadData};
 use crate::namespace::Ino;
 use crate::overlay::{Overlay, Upper};
@@ -29,7 +30,7 @@ use crate::overlay::{Overlay, Upper};
 pub(super) struct Writers(RefCell<HashMap<Ino, Arc<Mutex<()>>>>);
 
 impl Writers {
-    async fn lock(&self, ino: Ino) -> OwnedMutexGuard<()> {
+    pub(super) async fn lock(&self, ino: Ino) -> OwnedMutexGuard<()> {
         let mutex = self.0.borrow_mut().entry(ino).or_default().clone();
         let guard = mutex.lock_owned().await;
         // Forget inodes nobody else is waiting for (the map holds one reference, the guard one).
@@ -64,6 +65,18 @@ impl FileService {
             overlay.mark_present(write.ino, copied)?;
         }
         Ok(write.data.len() as u32)
+    }
+
+    /// `truncate`/`ftruncate` (with whatever else the same `setattr` changes).
+    pub(super) async fn truncate(self: &Rc<Self>, t: &Truncate) -> Result<Attributes, FsError> {
+        let overlay = self.overlay()?;
+        if self.reads_cache_file(t.ino) {
+            // Open readers get the cache file's bytes from the kernel, which cannot be told.
+            return Err(FsError::Busy);
+        }
+        let _writing = self.writers.lock(t.ino).await;
+        let node = overlay.set_attr(t.ino, change_of(&t.change), t.change.size)?;
+        Ok(attributes(&node))
     }
 
     pub(super) async fn fallocate(self: &Rc<Self>, f: &Fallocate) -> Result<(), FsError> {

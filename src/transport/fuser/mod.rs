@@ -65,6 +65,13 @@ pub fn start(
     ];
     if options.allow_other {
         mount_options.push(MountOption::CUSTOM("allow_other".into()));
+        // SAFETY: geteuid cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            // A non-root mount goes through the setuid fusermount3 anyway (mount(2) is refused);
+            // auto_unmount keeps it waiting to unmount should this process die, so a crashed
+            // mount never leaves a stale mountpoint in the job's session directory.
+            mount_options.push(MountOption::AutoUnmount);
+        }
     }
     let mut config = Config::default();
     config.mount_options = mount_options;
