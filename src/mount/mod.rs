@@ -155,7 +155,25 @@ pub fn run(config: MountConfig) -> Result<(), MountError> {
     result
 }
 
+/// Raises the soft limit on open descriptors to the hard one: every file a job has open on a
+/// writable mount holds its upper file open in the daemon.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
 fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
+    raise_open_files_limit();
     let mountpoint = config.mountpoint.as_path();
     if let StoreChoice::Local(cas) = &config.store {
         check_cas(cas)?;

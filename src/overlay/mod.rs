@@ -755,13 +755,11 @@ impl Overlay {
 
     /// A clean unmount: everything durable, and a checkpoint so the next mount replays nothing.
     pub fn close(&self) -> std::io::Result<()> {
-        for file in self
-            .uppers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-        {
-            file.sync_data()?;
+        // Every upper file written since the mount, open or not: one syncfs of their filesystem.
+        let files = File::open(&self.files)?;
+        // SAFETY: syncfs on a descriptor we own.
+        if unsafe { libc::syncfs(files.as_raw_fd()) } != 0 {
+            return Err(std::io::Error::last_os_error());
         }
         File::open(&self.files)?.sync_all()?;
         let delta = self.read();
@@ -834,14 +832,17 @@ impl Overlay {
         }
         self.files_unsynced
             .store(true, std::sync::atomic::Ordering::Release);
-        self.uppers
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(ino, Arc::new(file));
+        // Replaces a descriptor of an orphan from before a crash, if one was open.
+        let mut uppers = self.uppers.lock().unwrap_or_else(|e| e.into_inner());
+        if uppers.contains_key(&ino) {
+            uppers.insert(ino, Arc::new(file));
+        }
         Ok(())
     }
 
-    /// The open upper file of `ino` (opened on first use).
+    /// The upper file of `ino`, open for reading and writing. Kept open (and shared) while the
+    /// inode has open handles, so a job that writes a million outputs holds descriptors only
+    /// for the files it has open; otherwise opened for this use only.
     pub fn upper_file(&self, ino: Ino) -> Result<Arc<File>, FsError> {
         let mut uppers = self.uppers.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(file) = uppers.get(&ino) {
@@ -853,7 +854,10 @@ impl Overlay {
             .open(self.files.join(upper_name(ino)))
             .map_err(|e| FsError::overlay("open upper file", &e))?;
         let file = Arc::new(file);
-        uppers.insert(ino, file.clone());
+        let handles = self.open_handles.lock().unwrap_or_else(|e| e.into_inner());
+        if handles.contains_key(&ino) {
+            uppers.insert(ino, file.clone());
+        }
         Ok(file)
     }
 
@@ -910,6 +914,11 @@ impl Overlay {
                 None => return,
             }
         }
+        // The last close: the descriptor goes (its bytes stay in the page cache until synced).
+        self.uppers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&ino);
         let mut delta = self.write();
         self.reap(&mut delta, ino);
     }
