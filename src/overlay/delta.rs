@@ -91,9 +91,8 @@ impl Upper {
 
     /// Whether nothing comes from the base any more.
     pub fn complete(&self, block_size: u64) -> bool {
-        self.base_len == 0
-            || (self.present.len() as u64) >= self.base_len.div_ceil(block_size)
-                && (0..self.base_len.div_ceil(block_size)).all(|b| self.present.contains(&b))
+        let base_blocks = self.base_len.div_ceil(block_size);
+        self.present.range(..base_blocks).count() as u64 == base_blocks
     }
 }
 

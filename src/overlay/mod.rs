@@ -729,7 +729,7 @@ impl Overlay {
     /// `fsync`/`fdatasync` of file `ino`: its upper bytes, the upper file's directory entry,
     /// and every record so far (its name and attributes among them).
     pub fn sync_file(&self, ino: Ino) -> Result<(), FsError> {
-        if self.kind_has_upper(ino) {
+        if self.has_upper(ino) {
             self.upper_file(ino)?
                 .sync_data()
                 .map_err(|e| FsError::overlay("sync upper file", &e))?;
@@ -809,7 +809,7 @@ impl Overlay {
         self.read().inodes.get(&ino)?.upper.clone()
     }
 
-    fn kind_has_upper(&self, ino: Ino) -> bool {
+    fn has_upper(&self, ino: Ino) -> bool {
         self.read()
             .inodes
             .get(&ino)

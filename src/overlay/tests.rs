@@ -233,3 +233,23 @@ fn unlinked_files_keep_their_upper_file_until_the_last_close() {
     o.released(n);
     assert!(!path.exists(), "closed: deleted");
 }
+
+#[test]
+fn upper_bytes_come_from_the_base_only_below_base_len_in_blocks_not_copied() {
+    let mut upper = Upper {
+        base_len: 2500,
+        present: [1].into(),
+    };
+    let from_base: Vec<bool> = [0, 999, 1000, 1999, 2000, 2499, 2500, 9000]
+        .iter()
+        .map(|&pos| upper.from_base(pos, 1000))
+        .collect();
+    assert_eq!(
+        from_base,
+        [true, true, false, false, true, true, false, false]
+    );
+    assert!(!upper.complete(1000), "block 0 and 2 are still the base's");
+    upper.present.extend([0, 2]);
+    assert!(upper.complete(1000));
+    assert!(Upper::default().complete(1000), "a new file has no base");
+}
