@@ -1,14 +1,16 @@
 //! The seed system's write workload through `--writable`, beside its baselines in the same run.
 //!
 //! Each contender does, in order, what it supports of:
+//! - base reads: page cache dropped, the 3 unmodified files of the manifest read the same way as
+//!   dirty reads below: cold (through a mount: from the CAS, into a fresh disk cache), then warm.
+//!   First, so that every contender reads them on a fresh mount and a quiet disk (after the
+//!   write phase the disk was still busy on this VM, which made cold reads erratic).
 //! - write: 3 new files of `BENCH_FILE_MIB` MiB, one after the other, each opened (O_CREAT),
 //!   written with 1 MiB write() calls and closed; timed from the first open to the last close
 //!   returned. "+ fsync": then each file is reopened and fsync'd, timed and added.
 //! - dirty reads: page cache dropped (sync, then `echo 3 > /proc/sys/vm/drop_caches`, checked),
 //!   the 3 files read back one after the other with 1 MiB buffered reads (cold), then again
 //!   (warm, from the page cache), then once more after another drop ("cold again").
-//! - base reads: page cache dropped, the 3 unmodified files of the manifest read the same way:
-//!   cold (through a mount: from the CAS, into a fresh disk cache), then warm.
 //!
 //! Contenders: "direct", a plain directory beside the mounts' cache directories (same
 //! filesystem), whose base files are the tree that was snapshotted; "read-only",
@@ -345,8 +347,9 @@ fn main() {
                         let dir = bench.base.join("direct");
                         let _ = fs::remove_dir_all(&dir);
                         fs::create_dir_all(&dir).unwrap();
-                        bench.write_and_read_back(&dir, who, run, &mut rates, None);
+                        // Base reads first, on a quiet disk, as on the read-only mount.
                         bench.base_reads(&tree, who, run, &mut rates);
+                        bench.write_and_read_back(&dir, who, run, &mut rates, None);
                         let _ = fs::remove_dir_all(&dir);
                     }
                     Who::ReadOnly => {
@@ -358,9 +361,9 @@ fn main() {
                         let mnt = bench.base.join("mnt_rw");
                         let daemon = bench.mount(&mnt, &bench.base.join("cache_rw"), true)?;
                         let pid = daemon.child.id();
+                        bench.base_reads(&mnt, who, run, &mut rates);
                         let cost = bench.write_and_read_back(&mnt, who, run, &mut rates, Some(pid));
                         costs.extend(cost);
-                        bench.base_reads(&mnt, who, run, &mut rates);
                     }
                 }
                 Ok(())
