@@ -46,13 +46,21 @@ fn text(o: &Output) -> String {
 /// allowed.
 pub fn deadline_venv(test: &str) -> Option<PathBuf> {
     let venv = venv_dir();
+    let parent = venv.parent().unwrap();
+    fs::create_dir_all(parent).unwrap();
+    // One installer at a time, whether the others are tests of this binary (threads) or of
+    // another one (processes): flock excludes every other open of the lock file.
+    let lock = fs::File::create(parent.join("deadline.lock")).unwrap();
+    // SAFETY: flock on a descriptor we own; released when `lock` is dropped.
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
+        0
+    );
     match fs::read_to_string(venv.join(".ready")) {
         Ok(version) if version == DEADLINE_VERSION => return Some(venv),
         Ok(_) => fs::remove_dir_all(&venv).unwrap(),
         Err(_) => {}
     }
-    let parent = venv.parent().unwrap();
-    fs::create_dir_all(parent).unwrap();
     let staging = parent.join(format!("deadline.tmp-{}", std::process::id()));
     let _ = fs::remove_dir_all(&staging);
     let o = Command::new("python3")
@@ -81,10 +89,8 @@ pub fn deadline_venv(test: &str) -> Option<PathBuf> {
     }
     fs::write(staging.join(".ready"), DEADLINE_VERSION).unwrap();
     // Venvs hard-code their path in scripts: a renamed venv must be run as `python -m`.
-    if fs::rename(&staging, &venv).is_err() {
-        // Another test run won the race; use its venv.
-        let _ = fs::remove_dir_all(&staging);
-    }
+    fs::rename(&staging, &venv).unwrap();
     assert!(venv.join(".ready").exists());
+    drop(lock);
     Some(venv)
 }
