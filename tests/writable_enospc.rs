@@ -85,7 +85,8 @@ fn content(i: usize) -> Vec<u8> {
 struct Full {
     mount: Mount,
     _tmpfs: Tmpfs,
-    work: tempfile::TempDir,
+    /// Kept for its lifetime: dropping it deletes the job.
+    _work: tempfile::TempDir,
     manifest: PathBuf,
     cas: PathBuf,
     cache: PathBuf,
@@ -134,7 +135,7 @@ impl Full {
         let full = Full {
             mount,
             _tmpfs: tmpfs,
-            work,
+            _work: work,
             manifest,
             cas,
             cache,
@@ -161,19 +162,8 @@ impl Full {
     }
 
     fn remount(&mut self) {
-        let status = self.mount.stop();
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "no clean stop ({status:?}):\n{}",
-            self.mount.stderr()
-        );
-        self.mount = Mount::writable(
-            &self.manifest,
-            &self.cas,
-            &self.cache,
-            &self.work.path().join("mnt"),
-            2,
-        );
+        self.mount
+            .remount_writable(&self.manifest, &self.cas, &self.cache, 2);
     }
 
     /// Deletes the failed file and f0, f1, then writes a new 1 MiB file, which must work.

@@ -76,19 +76,8 @@ impl Fixture {
 
     /// Stops the mount (it must exit cleanly) and mounts the same overlay again.
     fn remount(&mut self) {
-        let status = self.mount.stop();
-        assert!(
-            status.is_some_and(|s| s.success()),
-            "the writable mount did not stop cleanly ({status:?}):\n{}",
-            self.mount.stderr()
-        );
-        self.mount = Mount::writable(
-            &self.manifest,
-            &self.cas,
-            &self.cache,
-            &self.work.path().join("mnt"),
-            self.shards,
-        );
+        self.mount
+            .remount_writable(&self.manifest, &self.cas, &self.cache, self.shards);
     }
 }
 

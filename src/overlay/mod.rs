@@ -308,16 +308,19 @@ impl Overlay {
     }
 
     pub fn node(&self, ino: Ino) -> Result<Node, FsError> {
-        let inode = self
-            .read()
-            .inode(&self.base, self.owner, ino)
-            .ok_or(FsError::NotFound)?;
-        self.describe(ino, &inode)
+        let (inode, changed) = {
+            let delta = self.read();
+            let inode = delta
+                .inode(&self.base, self.owner, ino)
+                .ok_or(FsError::NotFound)?;
+            (inode, delta.inodes.contains_key(&ino))
+        };
+        self.describe(ino, &inode, changed)
     }
 
-    /// The inode's attributes; `inode` is its current state.
-    fn describe(&self, ino: Ino, inode: &Inode) -> Result<Node, FsError> {
-        let changed = self.read().inodes.contains_key(&ino);
+    /// The inode's attributes; `inode` is its current state, `changed` whether the delta
+    /// holds it (both read under one lock by the caller).
+    fn describe(&self, ino: Ino, inode: &Inode, changed: bool) -> Result<Node, FsError> {
         let mut node = Node {
             ino,
             kind: inode.kind,
@@ -435,7 +438,7 @@ impl Overlay {
         }
         let inode = delta.inodes[&ino].clone();
         drop(delta);
-        self.describe(ino, &inode)
+        self.describe(ino, &inode, true)
     }
 
     pub fn link(&self, ino: Ino, parent: Ino, name: &[u8]) -> Result<Node, FsError> {
@@ -459,7 +462,7 @@ impl Overlay {
         self.commit(&mut delta, record)?;
         let inode = delta.inodes[&ino].clone();
         drop(delta);
-        self.describe(ino, &inode)
+        self.describe(ino, &inode, true)
     }
 
     /// `unlink` (`dir` false) or `rmdir` (`dir` true) of `parent/name`.
@@ -582,8 +585,9 @@ impl Overlay {
         let inode = delta
             .inode(&self.base, self.owner, ino)
             .ok_or(FsError::NotFound)?;
+        let changed = delta.inodes.contains_key(&ino);
         drop(delta);
-        self.describe(ino, &inode)
+        self.describe(ino, &inode, changed)
     }
 
     /// A file with upper bytes shows the upper file's times: `utimens` sets them there.

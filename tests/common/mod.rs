@@ -125,6 +125,24 @@ impl Mount {
         )
     }
 
+    /// Stops this writable mount, which must exit cleanly, and mounts the same overlay again on
+    /// the same mountpoint.
+    pub fn remount_writable(
+        &mut self,
+        manifest: &Path,
+        cas: &Path,
+        cache_dir: &Path,
+        shards: usize,
+    ) {
+        let status = self.stop();
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "the writable mount did not stop cleanly ({status:?}):\n{}",
+            self.stderr()
+        );
+        *self = Mount::writable(manifest, cas, cache_dir, &self.dir.clone(), shards);
+    }
+
     /// Mounts `manifest` with the given store flags (e.g. `--s3 ...`) and extra environment.
     pub fn start_with_store(
         manifest: &Path,
