@@ -1,0 +1,624 @@
+//! The FUSE transport ceiling: one do-nothing FUSE server of ours, served over `/dev/fuse`
+//! (`read`/`writev` per request) and over io_uring (`FUSE_OVER_IO_URING`, Linux 6.14+: a
+//! `URING_CMD` per reply that also fetches the next request), timed with the same clients in one
+//! run. It is the baseline issue 13's io_uring transport is measured against, and the first
+//! check that the kernel's ring protocol works on a machine (docs/transport-uring.md).
+//!
+//! The filesystem: a root directory with one file `f` (`FILE_SIZE` bytes, byte `i` = `i % 251`),
+//! opened with `FOPEN_DIRECT_IO` so every read reaches the server, and attributes valid for 0 s
+//! so every `stat` does too. Server: one thread per CPU, pinned; over `/dev/fuse` each has its
+//! own cloned fd, over io_uring each has its own ring serving its CPU's queue. Clients: `stat`
+//! of the root, 4 KiB reads at random offsets, 1 MiB reads, by 1 and by `CPUS` threads; every
+//! read's bytes are checked. Reported: requests per second and p50/p99 latency per call.
+//!
+//! Needs root and `/dev/fuse`; the io_uring rows need a kernel built with
+//! `CONFIG_FUSE_IO_URING`. The bench sets `/sys/module/fuse/parameters/enable_uring` for its
+//! io_uring rows and restores the earlier value. `BENCH_OPS` sets the calls per row (default
+//! 20000), `BENCH_RUNS` the runs (default 3; medians of them are printed).
+
+use std::ffi::CString;
+use std::fs;
+use std::os::fd::RawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+const FILE_SIZE: u64 = 64 << 20;
+const MAX_WRITE: u32 = 1 << 20;
+const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// The parts of the FUSE wire protocol (`<linux/fuse.h>`, 7.45) this server speaks.
+mod wire {
+    pub const LOOKUP: u32 = 1;
+    pub const FORGET: u32 = 2;
+    pub const GETATTR: u32 = 3;
+    pub const OPEN: u32 = 14;
+    pub const READ: u32 = 15;
+    pub const STATFS: u32 = 17;
+    pub const RELEASE: u32 = 18;
+    pub const FLUSH: u32 = 25;
+    pub const INIT: u32 = 26;
+    pub const OPENDIR: u32 = 27;
+    pub const RELEASEDIR: u32 = 29;
+    pub const INTERRUPT: u32 = 36;
+    pub const DESTROY: u32 = 38;
+    pub const BATCH_FORGET: u32 = 42;
+
+    pub const IN_HEADER: usize = 40;
+    pub const OUT_HEADER: usize = 16;
+
+    pub const FUSE_ASYNC_READ: u64 = 1;
+    pub const FUSE_BIG_WRITES: u64 = 1 << 5;
+    pub const FUSE_MAX_PAGES: u64 = 1 << 22;
+    pub const FUSE_INIT_EXT: u64 = 1 << 30;
+    pub const FUSE_OVER_IO_URING: u64 = 1 << 41;
+    pub const FOPEN_DIRECT_IO: u32 = 1;
+
+    /// `FUSE_DEV_IOC_CLONE`: `_IOR(229, 0, uint32_t)`.
+    pub const DEV_IOC_CLONE: u64 = 0x8004_e500;
+
+    /// `enum fuse_uring_cmd`.
+    pub const URING_CMD_REGISTER: u32 = 1;
+    pub const URING_CMD_COMMIT_AND_FETCH: u32 = 2;
+    /// `struct fuse_uring_req_header`: in_out[128], op_in[128], then `fuse_uring_ent_in_out`
+    /// {flags u64, commit_id u64, payload_sz u32, padding u32, reserved u64}.
+    pub const URING_OP_IN: usize = 128;
+    pub const URING_ENT_IN_OUT: usize = 256;
+    pub const URING_HEADER_SIZE: usize = 288;
+
+    pub fn u32_at(b: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+    }
+
+    pub fn u64_at(b: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+    }
+
+    pub struct InHeader {
+        pub opcode: u32,
+        pub unique: u64,
+        pub nodeid: u64,
+    }
+
+    pub fn in_header(b: &[u8]) -> InHeader {
+        InHeader {
+            opcode: u32_at(b, 4),
+            unique: u64_at(b, 8),
+            nodeid: u64_at(b, 16),
+        }
+    }
+
+    pub fn out_header(body_len: usize, error: i32, unique: u64) -> [u8; OUT_HEADER] {
+        let mut out = [0u8; OUT_HEADER];
+        out[0..4].copy_from_slice(&((OUT_HEADER + body_len) as u32).to_le_bytes());
+        out[4..8].copy_from_slice(&error.to_le_bytes());
+        out[8..16].copy_from_slice(&unique.to_le_bytes());
+        out
+    }
+}
+
+/// The do-nothing filesystem: answers one request into `out`; `None` for requests that take no
+/// reply, else the (negative) errno.
+fn answer(h: &wire::InHeader, op_in: &[u8], payload: &[u8], out: &mut Vec<u8>) -> Option<i32> {
+    fn put(out: &mut Vec<u8>, values64: &[u64], values32: &[u32]) {
+        values64
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+        values32
+            .iter()
+            .for_each(|v| out.extend_from_slice(&v.to_le_bytes()));
+    }
+    fn attr(out: &mut Vec<u8>, ino: u64) {
+        let (size, mode, nlink) = if ino == 1 {
+            (0, libc::S_IFDIR | 0o755, 2)
+        } else {
+            (FILE_SIZE, libc::S_IFREG | 0o644, 1)
+        };
+        put(
+            out,
+            &[ino, size, size.div_ceil(512), 0, 0, 0],
+            &[0, 0, 0, mode, nlink, 0, 0, 0, 4096, 0],
+        );
+    }
+    out.clear();
+    match h.opcode {
+        wire::FORGET | wire::BATCH_FORGET | wire::INTERRUPT => None,
+        wire::LOOKUP => {
+            let name = payload.split(|&c| c == 0).next().unwrap_or_default();
+            if h.nodeid != 1 || name != b"f" {
+                return Some(-libc::ENOENT);
+            }
+            put(out, &[2, 0, 3600, 0], &[0, 0]);
+            attr(out, 2);
+            Some(0)
+        }
+        wire::GETATTR => {
+            put(out, &[0], &[0, 0]);
+            attr(out, h.nodeid);
+            Some(0)
+        }
+        wire::OPEN | wire::OPENDIR => {
+            let flags = if h.opcode == wire::OPEN {
+                wire::FOPEN_DIRECT_IO
+            } else {
+                0
+            };
+            put(out, &[1], &[flags, 0]);
+            Some(0)
+        }
+        wire::READ => {
+            let offset = wire::u64_at(op_in, 8);
+            let end = (offset + wire::u32_at(op_in, 16) as u64).min(FILE_SIZE);
+            out.extend((offset..end.max(offset)).map(|i| (i % 251) as u8));
+            Some(0)
+        }
+        wire::STATFS => {
+            out.resize(80, 0);
+            Some(0)
+        }
+        wire::RELEASE | wire::RELEASEDIR | wire::FLUSH | wire::DESTROY => Some(0),
+        _ => Some(-libc::ENOSYS),
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Transport {
+    Dev,
+    Uring,
+}
+
+/// A mounted do-nothing server; unmounts and joins its threads when dropped.
+struct Server {
+    mnt: PathBuf,
+    fd: RawFd,
+    threads: Vec<JoinHandle<()>>,
+    via_ring: Arc<AtomicU64>,
+    via_dev: Arc<AtomicU64>,
+}
+
+impl Server {
+    fn mount(mnt: &Path, transport: Transport) -> Server {
+        fs::create_dir_all(mnt).unwrap();
+        let fd = unsafe { libc::open(c"/dev/fuse".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+        assert!(fd >= 0, "/dev/fuse: {}", std::io::Error::last_os_error());
+        let options = CString::new(format!("fd={fd},rootmode=40000,user_id=0,group_id=0")).unwrap();
+        let target = CString::new(mnt.as_os_str().as_encoded_bytes()).unwrap();
+        let rc = unsafe {
+            libc::mount(
+                c"fuse_transport".as_ptr(),
+                target.as_ptr(),
+                c"fuse.fuse_transport".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                options.as_ptr().cast(),
+            )
+        };
+        assert_eq!(rc, 0, "mount: {}", std::io::Error::last_os_error());
+        init(fd, transport);
+        let via_ring = Arc::new(AtomicU64::new(0));
+        let via_dev = Arc::new(AtomicU64::new(0));
+        let cpus = possible_cpus();
+        let mut threads = Vec::new();
+        for cpu in 0..cpus {
+            // Over io_uring the ring threads serve the requests; one /dev/fuse reader stays for
+            // what the ring does not carry (interrupts) and anything sent before it was ready.
+            if cpu == 0 || transport == Transport::Dev {
+                let dev_fd = if cpu == 0 { fd } else { clone_fd(fd) };
+                let count = via_dev.clone();
+                threads.push(std::thread::spawn(move || {
+                    pin(cpu);
+                    serve_dev(dev_fd, &count);
+                    if dev_fd != fd {
+                        unsafe { libc::close(dev_fd) };
+                    }
+                }));
+            }
+            if transport == Transport::Uring {
+                let count = via_ring.clone();
+                let (ready, registered) = std::sync::mpsc::channel();
+                threads.push(std::thread::spawn(move || {
+                    pin(cpu);
+                    serve_ring(fd, cpu as u16, 2, &count, ready)
+                }));
+                registered.recv().expect("ring thread failed to register");
+            }
+        }
+        // The kernel switches to the ring once every queue has an entry.
+        std::thread::sleep(Duration::from_millis(20));
+        Server {
+            mnt: mnt.to_path_buf(),
+            fd,
+            threads,
+            via_ring,
+            via_dev,
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let target = CString::new(self.mnt.as_os_str().as_encoded_bytes()).unwrap();
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+        // The unmount ends the connection: blocked reads fail with ENODEV and ring entries
+        // complete with ENOTCONN, so every server thread returns.
+        for thread in self.threads.drain(..) {
+            thread.join().ok();
+        }
+        unsafe { libc::close(self.fd) };
+    }
+}
+
+/// Answers FUSE_INIT, asking for the ring when `transport` is io_uring.
+fn init(fd: RawFd, transport: Transport) {
+    let mut buf = vec![0u8; MAX_WRITE as usize + 8192];
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    assert!(n > 0, "INIT: {}", std::io::Error::last_os_error());
+    let h = wire::in_header(&buf);
+    assert_eq!(h.opcode, wire::INIT);
+    let minor = wire::u32_at(&buf, 44);
+    let max_readahead = wire::u32_at(&buf, 48);
+    let offered = wire::u32_at(&buf, 52) as u64 | (wire::u32_at(&buf, 56) as u64) << 32;
+    if transport == Transport::Uring {
+        assert!(
+            offered & wire::FUSE_OVER_IO_URING != 0,
+            "the kernel does not offer FUSE_OVER_IO_URING (CONFIG_FUSE_IO_URING, enable_uring)"
+        );
+    }
+    let mut wanted =
+        wire::FUSE_ASYNC_READ | wire::FUSE_BIG_WRITES | wire::FUSE_MAX_PAGES | wire::FUSE_INIT_EXT;
+    if transport == Transport::Uring {
+        wanted |= wire::FUSE_OVER_IO_URING;
+    }
+    let flags = wanted & offered;
+    let mut body = Vec::with_capacity(64);
+    for v in [7u32, minor, max_readahead, flags as u32] {
+        body.extend_from_slice(&v.to_le_bytes());
+    }
+    body.extend_from_slice(&64u16.to_le_bytes()); // max_background
+    body.extend_from_slice(&48u16.to_le_bytes()); // congestion_threshold
+    body.extend_from_slice(&MAX_WRITE.to_le_bytes());
+    body.extend_from_slice(&1u32.to_le_bytes()); // time_gran
+    body.extend_from_slice(&((MAX_WRITE / 4096) as u16).to_le_bytes()); // max_pages
+    body.extend_from_slice(&0u16.to_le_bytes());
+    body.extend_from_slice(&((flags >> 32) as u32).to_le_bytes());
+    body.resize(64, 0);
+    let mut message = wire::out_header(body.len(), 0, h.unique).to_vec();
+    message.extend_from_slice(&body);
+    let written = unsafe { libc::write(fd, message.as_ptr().cast(), message.len()) };
+    assert_eq!(
+        written as usize,
+        message.len(),
+        "INIT reply: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+fn clone_fd(session: RawFd) -> RawFd {
+    let fd = unsafe { libc::open(c"/dev/fuse".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    let mut source = session as u32;
+    let rc = unsafe { libc::ioctl(fd, wire::DEV_IOC_CLONE as _, &mut source) };
+    assert_eq!(
+        rc,
+        0,
+        "FUSE_DEV_IOC_CLONE: {}",
+        std::io::Error::last_os_error()
+    );
+    fd
+}
+
+fn serve_dev(fd: RawFd, count: &AtomicU64) {
+    let mut buf = vec![0u8; MAX_WRITE as usize + 8192];
+    let mut out = Vec::new();
+    loop {
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR | libc::ENOENT | libc::EAGAIN) => continue,
+                _ => return,
+            }
+        }
+        let request = &buf[..n as usize];
+        let h = wire::in_header(request);
+        count.fetch_add(1, Ordering::Relaxed);
+        let args = &request[wire::IN_HEADER..];
+        let Some(error) = answer(&h, args, args, &mut out) else {
+            continue;
+        };
+        let body: &[u8] = if error == 0 { &out } else { &[] };
+        let header = wire::out_header(body.len(), error, h.unique);
+        let iov = [
+            libc::iovec {
+                iov_base: header.as_ptr() as *mut _,
+                iov_len: header.len(),
+            },
+            libc::iovec {
+                iov_base: body.as_ptr() as *mut _,
+                iov_len: body.len(),
+            },
+        ];
+        unsafe { libc::writev(fd, iov.as_ptr(), 2) };
+    }
+}
+
+/// One ring entry: the header and payload buffers the kernel fills with a request and reads
+/// the reply from.
+struct RingEntry {
+    header: Vec<u8>,
+    payload: Vec<u8>,
+    iov: [libc::iovec; 2],
+}
+
+fn ring_command(
+    fd: RawFd,
+    command: u32,
+    qid: u16,
+    commit_id: u64,
+    entry: &RingEntry,
+    tag: u64,
+) -> squeue::Entry128 {
+    // struct fuse_uring_cmd_req { flags u64, commit_id u64, qid u16, padding[6] } in the
+    // SQE's 80-byte command area.
+    let mut cmd = [0u8; 80];
+    cmd[8..16].copy_from_slice(&commit_id.to_le_bytes());
+    cmd[16..18].copy_from_slice(&qid.to_le_bytes());
+    let sqe = opcode::UringCmd80::new(types::Fd(fd), command)
+        .cmd(cmd)
+        .addr(Some(entry.iov.as_ptr() as u64))
+        .build()
+        .user_data(tag);
+    // The kernel takes the iovec count from sqe->len (offset 24), which io-uring 0.7 cannot
+    // set for URING_CMD; Entry128 is repr(C) over the 128-byte SQE.
+    let mut raw: [u8; 128] = unsafe { std::mem::transmute(sqe) };
+    raw[24..28].copy_from_slice(&2u32.to_le_bytes());
+    unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
+}
+
+/// Serves queue `qid` on a ring of its own until the connection goes away.
+fn serve_ring(
+    fd: RawFd,
+    qid: u16,
+    depth: usize,
+    count: &AtomicU64,
+    ready: std::sync::mpsc::Sender<()>,
+) {
+    let mut ring: IoUring<squeue::Entry128, cqueue::Entry> = IoUring::builder()
+        .build((2 * depth as u32).next_power_of_two())
+        .expect("io_uring with SQE128");
+    let mut entries: Vec<RingEntry> = (0..depth)
+        .map(|_| {
+            let mut header = vec![0u8; 4096];
+            let mut payload = vec![0u8; MAX_WRITE as usize + 4096];
+            let iov = [
+                libc::iovec {
+                    iov_base: header.as_mut_ptr().cast(),
+                    iov_len: wire::URING_HEADER_SIZE,
+                },
+                libc::iovec {
+                    iov_base: payload.as_mut_ptr().cast(),
+                    iov_len: payload.len(),
+                },
+            ];
+            RingEntry {
+                header,
+                payload,
+                iov,
+            }
+        })
+        .collect();
+    for (tag, entry) in entries.iter().enumerate() {
+        let sqe = ring_command(fd, wire::URING_CMD_REGISTER, qid, 0, entry, tag as u64);
+        unsafe { ring.submission().push(&sqe).unwrap() };
+    }
+    ring.submit().expect("REGISTER");
+    ready.send(()).ok();
+    let mut out = Vec::new();
+    let mut done = Vec::new();
+    loop {
+        if ring.submit_and_wait(1).is_err() {
+            return;
+        }
+        done.clear();
+        done.extend(ring.completion().map(|c| (c.user_data(), c.result())));
+        for &(tag, result) in &done {
+            if result < 0 {
+                return; // ENOTCONN / ECANCELED: the connection is gone.
+            }
+            let entry = &mut entries[tag as usize];
+            let h = wire::in_header(&entry.header);
+            let commit_id = wire::u64_at(&entry.header, wire::URING_ENT_IN_OUT + 8);
+            let payload_len = wire::u32_at(&entry.header, wire::URING_ENT_IN_OUT + 16) as usize;
+            count.fetch_add(1, Ordering::Relaxed);
+            let op_in = &entry.header[wire::URING_OP_IN..wire::URING_ENT_IN_OUT];
+            let error = answer(&h, op_in, &entry.payload[..payload_len], &mut out).unwrap_or(0);
+            let body = if error == 0 { out.len() } else { 0 };
+            entry.payload[..body].copy_from_slice(&out[..body]);
+            entry.header[..wire::OUT_HEADER]
+                .copy_from_slice(&wire::out_header(body, error, h.unique));
+            let at = wire::URING_ENT_IN_OUT + 16;
+            entry.header[at..at + 4].copy_from_slice(&(body as u32).to_le_bytes());
+            let sqe = ring_command(
+                fd,
+                wire::URING_CMD_COMMIT_AND_FETCH,
+                qid,
+                commit_id,
+                entry,
+                tag,
+            );
+            unsafe { ring.submission().push(&sqe).unwrap() };
+        }
+    }
+}
+
+fn possible_cpus() -> usize {
+    let text = fs::read_to_string("/sys/devices/system/cpu/possible").unwrap();
+    let last = text.trim().rsplit(['-', ',']).next().unwrap();
+    last.parse::<usize>().unwrap() + 1
+}
+
+fn pin(cpu: usize) {
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Restores `enable_uring` to what it was, also when a row panics.
+struct UringParameter(Option<String>);
+
+impl UringParameter {
+    fn enable() -> UringParameter {
+        let earlier = fs::read_to_string(ENABLE_URING).ok();
+        if earlier.is_some() {
+            fs::write(ENABLE_URING, "Y").expect("set enable_uring (root?)");
+        }
+        UringParameter(earlier)
+    }
+}
+
+impl Drop for UringParameter {
+    fn drop(&mut self) {
+        if let Some(earlier) = &self.0 {
+            fs::write(ENABLE_URING, earlier.trim()).ok();
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Workload {
+    Stat,
+    Read4K,
+    Read1M,
+}
+
+/// Calls per second and per-call latencies of `readers` threads doing `ops` calls each.
+fn run(mnt: &Path, workload: Workload, readers: usize, ops: usize) -> (f64, Vec<Duration>) {
+    let start = Instant::now();
+    let threads: Vec<_> = (0..readers)
+        .map(|reader| {
+            let mnt = mnt.to_path_buf();
+            std::thread::spawn(move || {
+                let mut latencies = Vec::with_capacity(ops);
+                let root = CString::new(mnt.as_os_str().as_encoded_bytes()).unwrap();
+                let file = CString::new(mnt.join("f").as_os_str().as_encoded_bytes()).unwrap();
+                let fd = unsafe { libc::open(file.as_ptr(), libc::O_RDONLY) };
+                assert!(fd >= 0, "open: {}", std::io::Error::last_os_error());
+                let size = match workload {
+                    Workload::Read1M => 1 << 20,
+                    _ => 4096,
+                };
+                let mut buf = vec![0u8; size];
+                let mut stat: libc::stat = unsafe { std::mem::zeroed() };
+                let mut rng = fastrand::Rng::with_seed(reader as u64);
+                for _ in 0..ops {
+                    let offset = rng.u64(0..FILE_SIZE / size as u64) * size as u64;
+                    let t = Instant::now();
+                    match workload {
+                        Workload::Stat => {
+                            assert_eq!(unsafe { libc::stat(root.as_ptr(), &mut stat) }, 0)
+                        }
+                        _ => {
+                            let n = unsafe {
+                                libc::pread(fd, buf.as_mut_ptr().cast(), size, offset as i64)
+                            };
+                            assert_eq!(n as usize, size);
+                        }
+                    }
+                    latencies.push(t.elapsed());
+                    if !matches!(workload, Workload::Stat) {
+                        let last = size as u64 - 1;
+                        assert_eq!(buf[0], (offset % 251) as u8);
+                        assert_eq!(buf[last as usize], ((offset + last) % 251) as u8);
+                    }
+                }
+                unsafe { libc::close(fd) };
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies: Vec<Duration> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    let rate = latencies.len() as f64 / start.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    (rate, latencies)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let ops: usize = std::env::var("BENCH_OPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20_000);
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3);
+    let uring_available = fs::metadata(ENABLE_URING).is_ok();
+    if !uring_available {
+        println!("io_uring rows skipped: this kernel has no {ENABLE_URING} (CONFIG_FUSE_IO_URING)");
+    }
+    let _parameter = UringParameter::enable();
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("mnt");
+    let cpus = possible_cpus();
+    println!("do-nothing FUSE server, {cpus} CPUs, {ops} calls per row, medians of {runs} runs (alternating transports)");
+    println!(
+        "{:<9} {:<8} {:>7} {:>12} {:>9} {:>9} {:>10}",
+        "workload", "transport", "readers", "calls/s", "p50 us", "p99 us", "via ring"
+    );
+    for workload in [Workload::Stat, Workload::Read4K, Workload::Read1M] {
+        for readers in [1, cpus] {
+            let transports: &[Transport] = if uring_available {
+                &[Transport::Dev, Transport::Uring]
+            } else {
+                &[Transport::Dev]
+            };
+            let mut rows: Vec<(Vec<f64>, Vec<f64>, Vec<f64>, u64)> =
+                vec![Default::default(); transports.len()];
+            for _ in 0..runs {
+                for (row, &transport) in rows.iter_mut().zip(transports) {
+                    let server = Server::mount(&mnt, transport);
+                    let ops = if matches!(workload, Workload::Read1M) {
+                        ops / 20
+                    } else {
+                        ops
+                    };
+                    let (rate, latencies) = run(&mnt, workload, readers, ops);
+                    row.0.push(rate);
+                    row.1.push(percentile(&latencies, 0.50));
+                    row.2.push(percentile(&latencies, 0.99));
+                    row.3 = server.via_ring.load(Ordering::Relaxed);
+                    let _ = server.via_dev.load(Ordering::Relaxed);
+                }
+            }
+            for (row, transport) in rows.into_iter().zip(transports) {
+                println!(
+                    "{:<9} {:<8} {:>7} {:>12.0} {:>9.1} {:>9.1} {:>10}",
+                    format!("{workload:?}"),
+                    format!("{transport:?}"),
+                    readers,
+                    median(row.0),
+                    median(row.1),
+                    median(row.2),
+                    row.3
+                );
+            }
+        }
+    }
+}
