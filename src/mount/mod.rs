@@ -281,6 +281,7 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         overlay: overlay.clone(),
         verify: VerifyPolicy::new(config.verify),
     };
+    let verify = service.verify.clone();
     let passthrough = match config.cache_dir {
         Some(_) if mountpoint::can_passthrough() => Some(service.passthrough.clone()),
         Some(_) => {
@@ -319,6 +320,7 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         writable: overlay.is_some(),
     };
     let session = transport::start(dispatcher, passthrough, mountpoint, options)?;
+    verify.drop_cached_pages_with(session.page_cache_dropper());
     raise_readahead(mountpoint);
 
     println!(

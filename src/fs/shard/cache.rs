@@ -69,7 +69,11 @@ impl BlockCache {
     /// The cached block, without marking it used (the stream hasher looking for the next
     /// block in order).
     pub fn peek(&self, key: BlockKey) -> Option<Servable> {
-        self.inner.borrow().blocks.get(&key).map(|(block, _)| block.clone())
+        self.inner
+            .borrow()
+            .blocks
+            .get(&key)
+            .map(|(block, _)| block.clone())
     }
 
     /// Drops `key` (a streamed block that turned out to differ from its verified object).

@@ -16,7 +16,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 
 use futures::future::FutureExt;
 use futures::StreamExt;
@@ -41,11 +41,30 @@ pub enum VerifyMode {
     Stream,
 }
 
+/// Makes the kernel drop its cached pages of an inode (from any thread, without blocking it).
+pub type DropCachedPages = Box<dyn Fn(Ino) + Send + Sync>;
+
 /// The verification mode and what its shards share: one value per mount, cloned into shards.
 #[derive(Clone, Debug, Default)]
 pub struct VerifyPolicy {
     pub mode: VerifyMode,
     served_corrupt: Arc<ServedCorrupt>,
+    /// Set by the mount once the transport runs: pages of a quarantined file that the kernel
+    /// cached must not be read again from open descriptors.
+    page_cache: Arc<PageCache>,
+}
+
+#[derive(Default)]
+struct PageCache(OnceLock<DropCachedPages>);
+
+impl std::fmt::Debug for PageCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "PageCache(set)"
+        } else {
+            "PageCache"
+        })
+    }
 }
 
 impl VerifyPolicy {
@@ -53,6 +72,18 @@ impl VerifyPolicy {
         VerifyPolicy {
             mode,
             served_corrupt: Arc::default(),
+            page_cache: Arc::default(),
+        }
+    }
+
+    /// How to make the kernel drop an inode's cached pages (given once, by the transport).
+    pub fn drop_cached_pages_with(&self, drop_pages: DropCachedPages) {
+        let _ = self.page_cache.0.set(drop_pages);
+    }
+
+    fn drop_cached_pages(&self, ino: Ino) {
+        if let Some(drop_pages) = self.page_cache.0.get() {
+            drop_pages(ino);
         }
     }
 
@@ -298,6 +329,8 @@ impl FileService {
                     c.add(&c.verify_failures_after_serve, 1);
                 }
                 self.policy.served_corrupt.insert(hash);
+                // Served pages the kernel keeps would still answer reads of open descriptors.
+                self.policy.drop_cached_pages(ino);
                 self.verification.quarantine_silently(hash);
                 self.verification.not_in_disk_cache(hash);
                 if let Some(cache) = &self.disk_cache {

@@ -457,9 +457,19 @@ fn stream_mode_quarantines_an_object_found_corrupt_after_serving() {
         assert_eq!(counters.verify_failures, 1);
         assert_eq!(store.reads_of(hash), 3, "each block fetched once");
         assert!(s.policy.served_corrupt(hash));
-        assert_eq!(read(&s, bad, fh, 2 * BLOCK, 10).await, Err(FsError::Corrupt));
-        assert_eq!(try_open(&s, bad, libc::O_RDONLY).await, Err(FsError::Corrupt));
-        assert_eq!(store.reads_of(hash), 3, "nothing fetched after the quarantine");
+        assert_eq!(
+            read(&s, bad, fh, 2 * BLOCK, 10).await,
+            Err(FsError::Corrupt)
+        );
+        assert_eq!(
+            try_open(&s, bad, libc::O_RDONLY).await,
+            Err(FsError::Corrupt)
+        );
+        assert_eq!(
+            store.reads_of(hash),
+            3,
+            "nothing fetched after the quarantine"
+        );
         assert_eq!(s.counters.snapshot().verify_failures_after_serve, 1);
     });
 }
