@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::s3_servers::{
-    config, create_bucket_signed, upload, upload_job, Moto, Seaweed, MOUNT_ENV, SEAWEED_KEY,
-    SEAWEED_SECRET,
+    config, create_bucket_signed, free_port, upload, upload_job, Moto, Seaweed, MOUNT_ENV,
+    SEAWEED_KEY, SEAWEED_SECRET,
 };
 use common::{pattern, read_all, read_until_error, Mount, MountOptions};
 use mount_vfs::manifest::Hash;
@@ -39,6 +39,16 @@ fn moto_job(files: &[(&str, &[u8])]) -> (Moto, tempfile::TempDir, PathBuf) {
     let work = tempfile::tempdir().unwrap();
     let manifest = job_on(&moto.endpoint(), "testing", "testing", files, work.path());
     (moto, work, manifest)
+}
+
+/// The body of `GET /metrics` on `port`.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(stream, "GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
 }
 
 /// Offsets and lengths of `n` reads spread over a file of `len` bytes (xorshift, fixed seed):
@@ -197,6 +207,8 @@ fn a_corrupt_object_is_quarantined_under_stream_and_never_served_under_object() 
     let endpoint = moto.endpoint();
     let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
     let cache = work.path().join("cache");
+    let metrics_port = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
     let extra = [
         "--verify",
         "stream",
@@ -205,6 +217,8 @@ fn a_corrupt_object_is_quarantined_under_stream_and_never_served_under_object() 
         "--cache-dir",
         cache.to_str().unwrap(),
         "--stats",
+        "--metrics-addr",
+        &metrics_addr,
     ];
     let mut mount = Mount::start_with_store(
         &manifest,
