@@ -271,6 +271,13 @@ fn a_corrupt_object_is_quarantined_under_stream_and_never_served_under_object() 
         std::fs::read(&good_file).unwrap() == good,
         "completed and cached"
     );
+    let metrics = scrape(metrics_port);
+    let counted: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("mount_vfs_verify_failures_after_serve_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(counted, 1, "{metrics}");
 
     mount.stop();
     let total = &mount.stats("final").unwrap()["total"];
