@@ -136,6 +136,18 @@ pub enum HugepageMode {
     Off,
 }
 
+/// `--verify`: when the bytes of an object may be served (docs/semantics.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum VerifyMode {
+    /// Serve an object's bytes only after the whole object (a v2023 file, or one 256 MiB v2025
+    /// chunk) matched its hash.
+    Object,
+    /// Serve bytes as ranged GETs bring them; an object read through in order is checked at its
+    /// end, and with --cache-dir completed and checked in the background before it is cached.
+    /// A mismatch found after bytes were served makes every later open and read fail (EIO).
+    Stream,
+}
+
 #[derive(Debug, Args)]
 pub struct MountArgs {
     /// Manifest to mount (any job-attachments format).
@@ -207,6 +219,12 @@ pub struct MountArgs {
     /// and that is unchanged since (for the cautious, or as a periodic scrub).
     #[arg(long, requires = "cache_dir", help_heading = "Content store")]
     pub recheck_cache: bool,
+    /// When bytes may be served: `object` verifies each object (or v2025 chunk) before its
+    /// first byte is served, so no wrong byte is ever served; `stream` serves ranged GETs as
+    /// they arrive, for large objects read partially or randomly (a 1 MiB read of a 20 GiB file
+    /// fetches about 1 MiB), and checks what was read through afterwards.
+    #[arg(long, value_enum, default_value_t = VerifyMode::Object, help_heading = "Content store")]
+    pub verify: VerifyMode,
 
     /// Let the job write: a copy-on-write overlay kept in --cache-dir (DIR/Overlay/), which
     /// survives a crash and is given back by the next mount of the same manifest with the same

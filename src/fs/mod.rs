@@ -9,7 +9,8 @@
 //! - [`shard`]: the shard file service, run on each shard, answering data requests from the
 //!   shard's own buffers.
 //! - [`request`]: typed requests and the reply traits a transport implements.
-//! - [`verified`]: [`VerifiedBlock`], the only bytes a read reply can carry.
+//! - [`verified`]: [`VerifiedBlock`], the only bytes a read reply can carry (and, under
+//!   `--verify stream` only, a [`StreamedBlock`] checked after it was served).
 //! - [`error`]: [`FsError`], its errno and log level.
 //! - [`op_counters`]: requests and failures per operation ([`OpCounters`]), for metrics.
 //!
@@ -29,4 +30,7 @@ pub(crate) mod testing;
 pub use dispatch::{Dispatcher, PREFERRED_IO_SIZE};
 pub use error::FsError;
 pub use op_counters::{Op, OpCounters};
-pub use verified::{BlockDigests, Gather, ObjectHasher, ReadData, VerifiedBlock, VerifiedObject};
+pub use verified::{
+    BlockDigests, Gather, ObjectHasher, ReadData, Servable, StreamedBlock, VerifiedBlock,
+    VerifiedObject,
+};

@@ -3,8 +3,10 @@
 //! [`BlockDigests::check`] (a block read again has the digest it had when its object was
 //! verified: in this mount, or in an earlier one whose record of an unchanged cache file vouches
 //! for it, [`BlockDigests::recorded`]), and [`ReadData`], the only thing a read reply can send, is
-//! built from verified blocks only. A store hands out plain [`Block`]s; nothing else turns them
-//! into replies.
+//! built from verified blocks only, with one opt-in exception: under `--verify stream` a
+//! [`StreamedBlock`] is served as it arrives and its object is checked afterwards (see
+//! `fs::shard::stream`). Both travel as a [`Servable`]. A store hands out plain [`Block`]s;
+//! nothing else turns them into replies.
 
 use std::ops::Range;
 use std::rc::Rc;
@@ -30,6 +32,57 @@ impl std::ops::Deref for VerifiedBlock {
 
     fn deref(&self) -> &[u8] {
         &self.0
+    }
+}
+
+/// Bytes of an object block served before their object was verified: only `--verify stream`
+/// makes them (`fs::shard::stream`), and it checks the object once it was read through.
+#[derive(Clone)]
+pub struct StreamedBlock(Rc<Block>);
+
+impl StreamedBlock {
+    /// Block bytes as a ranged GET returned them, to be served under `--verify stream`.
+    pub fn ahead_of_verification(block: Block) -> StreamedBlock {
+        StreamedBlock(Rc::new(block))
+    }
+}
+
+impl std::ops::Deref for StreamedBlock {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// A block a read may serve: verified, or streamed ahead of verification (`--verify stream`).
+#[derive(Clone)]
+pub enum Servable {
+    Verified(VerifiedBlock),
+    Streamed(StreamedBlock),
+}
+
+impl Servable {
+    fn shared(&self) -> &Rc<Block> {
+        match self {
+            Servable::Verified(VerifiedBlock(block)) | Servable::Streamed(StreamedBlock(block)) => {
+                block
+            }
+        }
+    }
+}
+
+impl From<VerifiedBlock> for Servable {
+    fn from(block: VerifiedBlock) -> Servable {
+        Servable::Verified(block)
+    }
+}
+
+impl std::ops::Deref for Servable {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.shared()
     }
 }
 
@@ -60,7 +113,7 @@ impl ObjectHasher {
     }
 
     /// Feeds the object's next block.
-    pub fn update(&mut self, block: &Block) {
+    pub fn update(&mut self, block: &[u8]) {
         self.hasher.update(block);
         self.digests.push(xxh3_64(block));
     }
@@ -108,6 +161,13 @@ impl BlockDigests {
         Rc::ptr_eq(&self.0, &other.0)
     }
 
+    /// A block streamed before its object was verified, confirmed as the bytes block `index`
+    /// had when the object verified; `None` if it differs (the caller reads it again).
+    pub fn confirm(&self, index: u32, block: &StreamedBlock) -> Option<VerifiedBlock> {
+        let digest = *self.0.get(index as usize)?;
+        (xxh3_64(&block.0) == digest).then(|| VerifiedBlock(block.0.clone()))
+    }
+
     /// Block `index`, verified; or the block back when it differs from the verified object (or
     /// the object has no such block).
     pub fn check(&self, index: u32, block: Block) -> Result<VerifiedBlock, Block> {
@@ -123,7 +183,7 @@ impl BlockDigests {
 pub struct ReadData(Data);
 
 enum Data {
-    Slice(VerifiedBlock, Range<usize>),
+    Slice(Rc<Block>, Range<usize>),
     Gathered(Vec<u8>),
 }
 
@@ -134,9 +194,9 @@ impl ReadData {
     }
 
     /// `range` of `block`.
-    pub fn slice(block: VerifiedBlock, range: Range<usize>) -> ReadData {
+    pub fn slice(block: Servable, range: Range<usize>) -> ReadData {
         debug_assert!(range.end <= block.len());
-        ReadData(Data::Slice(block, range))
+        ReadData(Data::Slice(block.shared().clone(), range))
     }
 
     /// Bytes of a file with upper bytes (a `--writable` mount): what this mount's writers wrote,
@@ -162,7 +222,7 @@ impl Gather {
         Gather(Vec::with_capacity(len))
     }
 
-    pub fn push(&mut self, block: &VerifiedBlock, range: Range<usize>) {
+    pub fn push(&mut self, block: &Servable, range: Range<usize>) {
         self.0.extend_from_slice(&block[range]);
     }
 

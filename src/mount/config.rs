@@ -9,6 +9,7 @@ use mount_vfs_executors::HugepageMode;
 
 use super::MountError;
 use crate::cli::{self, MountArgs};
+use crate::fs::shard::VerifyMode;
 use crate::manifest::Format;
 use crate::store::s3::S3Config;
 
@@ -34,6 +35,8 @@ pub struct MountConfig {
     pub export_on_unmount: Option<ExportOnUnmount>,
     /// Hash every cache file once even when a verification record vouches for it.
     pub recheck_cache: bool,
+    /// `--verify`: whether bytes are served only after their object verified.
+    pub verify: VerifyMode,
     /// Shards (pinned executor threads); `None`: one per CPU, no more than files. `Some(0)` is
     /// refused.
     pub shards: Option<usize>,
@@ -128,6 +131,10 @@ impl TryFrom<MountArgs> for MountConfig {
                 format: args.export_format.format(),
             }),
             recheck_cache: args.recheck_cache,
+            verify: match args.verify {
+                cli::VerifyMode::Object => VerifyMode::Object,
+                cli::VerifyMode::Stream => VerifyMode::Stream,
+            },
             shards: args.shards,
             max_default_shards: None,
             memory_limit: args.memory_limit,

@@ -23,7 +23,7 @@ pub use self::config::{ExportOnUnmount, MountConfig, StoreChoice};
 pub use crate::transport::fuser::SessionError;
 
 use self::mountpoint::{MountpointLock, Unmounted};
-use crate::fs::shard::{run_shard, CounterSnapshot, ServiceConfig, ShardCounters};
+use crate::fs::shard::{run_shard, CounterSnapshot, ServiceConfig, ShardCounters, VerifyPolicy};
 use crate::fs::Dispatcher;
 use crate::manifest::Manifest;
 use crate::metrics::{self, MetricSources, MetricsError};
@@ -279,7 +279,9 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         passthrough: Arc::default(),
         ops: Arc::default(),
         overlay: overlay.clone(),
+        verify: VerifyPolicy::new(config.verify),
     };
+    let verify = service.verify.clone();
     let passthrough = match config.cache_dir {
         Some(_) if mountpoint::can_passthrough() => Some(service.passthrough.clone()),
         Some(_) => {
@@ -318,6 +320,7 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         writable: overlay.is_some(),
     };
     let session = transport::start(dispatcher, passthrough, mountpoint, options)?;
+    verify.drop_cached_pages_with(session.page_cache_dropper());
     raise_readahead(mountpoint);
 
     println!(

@@ -1,5 +1,6 @@
-//! The per-shard block cache: an LRU of [`VerifiedBlock`]s (nothing else can be cached), keyed by
-//! (object hash, block index), with single-flight loads.
+//! The per-shard block cache: an LRU of [`Servable`] blocks (verified ones, and under
+//! `--verify stream` blocks streamed ahead of their object's verification), keyed by (object
+//! hash, block index), with single-flight loads.
 //!
 //! Single-flight contract: the first task that misses a key becomes its loader and registers a
 //! shared future under the key; every later task for that key awaits the same future. The loader
@@ -12,13 +13,13 @@ use std::collections::{BTreeMap, HashMap};
 
 use futures::future::{FutureExt, LocalBoxFuture, Shared};
 
-use crate::fs::{FsError, VerifiedBlock};
+use crate::fs::{FsError, Servable};
 use crate::manifest::Hash;
 
 /// (object, block index within the object).
 pub type BlockKey = (Hash, u32);
 
-pub type Load = Shared<LocalBoxFuture<'static, Result<VerifiedBlock, FsError>>>;
+pub type Load = Shared<LocalBoxFuture<'static, Result<Servable, FsError>>>;
 
 pub struct BlockCache {
     inner: RefCell<Inner>,
@@ -28,7 +29,7 @@ struct Inner {
     budget: usize,
     used: usize,
     clock: u64,
-    blocks: HashMap<BlockKey, (VerifiedBlock, u64)>,
+    blocks: HashMap<BlockKey, (Servable, u64)>,
     by_age: BTreeMap<u64, BlockKey>,
     loading: HashMap<BlockKey, Load>,
 }
@@ -53,7 +54,7 @@ impl BlockCache {
     }
 
     /// The cached block, marked most recently used.
-    pub fn get(&self, key: BlockKey) -> Option<VerifiedBlock> {
+    pub fn get(&self, key: BlockKey) -> Option<Servable> {
         let mut inner = self.inner.borrow_mut();
         inner.clock += 1;
         let now = inner.clock;
@@ -65,13 +66,32 @@ impl BlockCache {
         Some(block)
     }
 
+    /// The cached block, without marking it used (the stream hasher looking for the next
+    /// block in order).
+    pub fn peek(&self, key: BlockKey) -> Option<Servable> {
+        self.inner
+            .borrow()
+            .blocks
+            .get(&key)
+            .map(|(block, _)| block.clone())
+    }
+
+    /// Drops `key` (a streamed block that turned out to differ from its verified object).
+    pub fn remove(&self, key: BlockKey) {
+        let mut inner = self.inner.borrow_mut();
+        if let Some((block, stamp)) = inner.blocks.remove(&key) {
+            inner.used -= block.len();
+            inner.by_age.remove(&stamp);
+        }
+    }
+
     pub fn contains(&self, key: BlockKey) -> bool {
         let inner = self.inner.borrow();
         inner.blocks.contains_key(&key) || inner.loading.contains_key(&key)
     }
 
-    /// Inserts a verified block, evicting least recently used blocks to stay within budget.
-    pub fn insert(&self, key: BlockKey, block: VerifiedBlock) {
+    /// Inserts a block, evicting least recently used blocks to stay within budget.
+    pub fn insert(&self, key: BlockKey, block: Servable) {
         let mut inner = self.inner.borrow_mut();
         let len = block.len();
         if len > inner.budget {
@@ -117,7 +137,7 @@ impl BlockCache {
     pub fn load_or_join(
         &self,
         key: BlockKey,
-        start: impl FnOnce() -> LocalBoxFuture<'static, Result<VerifiedBlock, FsError>>,
+        start: impl FnOnce() -> LocalBoxFuture<'static, Result<Servable, FsError>>,
     ) -> Load {
         let mut inner = self.inner.borrow_mut();
         inner

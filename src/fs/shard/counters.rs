@@ -57,6 +57,7 @@ counters! {
     fetch_micros => "Microseconds spent waiting on store reads, summed.",
     objects_verified => "Objects verified on this shard: xxh128 checked and matched, or trusted from an earlier mount's record.",
     verify_failures => "Fetches whose bytes did not match: an object's hash, or a re-read block's digest.",
+    verify_failures_after_serve => "Objects that did not match their hash after some of their bytes were served (`--verify stream`); each is quarantined.",
     objects_from_disk_cache => "Objects verified from a disk-cache file (no store read).",
     objects_trusted => "Of those, objects an earlier mount's record vouched for: the cache file was unchanged since it was verified, so it was not hashed again.",
     objects_cached => "Objects written into the disk cache after they verified.",

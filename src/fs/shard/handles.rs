@@ -128,6 +128,10 @@ impl FileService {
     pub(super) async fn open(self: &Rc<Self>, open: Open) {
         let c = &self.counters;
         c.add(&c.opens, 1);
+        if self.holds_served_corrupt(open.ino) {
+            fail(&self.ops, open.reply, Op::Open, open.ino, FsError::Corrupt);
+            return;
+        }
         if let Some(overlay) = &self.overlay {
             let writes = open.flags & libc::O_ACCMODE != libc::O_RDONLY;
             if writes || overlay.upper(open.ino).is_some() {
@@ -225,6 +229,17 @@ impl FileService {
         release.reply.ok();
     }
 
+    /// Whether file `ino` holds an object found corrupt after bytes of it were served
+    /// (`--verify stream`): its opens fail from then on.
+    fn holds_served_corrupt(&self, ino: Ino) -> bool {
+        self.namespace.file_content(ino).is_some_and(|content| {
+            content
+                .objects
+                .iter()
+                .any(|&hash| self.policy.served_corrupt(hash))
+        })
+    }
+
     /// Registers `file` with the kernel as a passthrough backing file; `None` (and passthrough
     /// off on every shard) if the kernel refuses.
     fn register_backing(
@@ -269,6 +284,15 @@ impl FileService {
             return None;
         };
         if content.size == 0 {
+            return None;
+        }
+        // Under --verify stream an object not verified yet is streamed, not verified on open:
+        // its cache file appears (and is passed through) only once it was completed.
+        let object = super::read::ObjectRef {
+            hash,
+            len: content.size,
+        };
+        if self.streams(object) {
             return None;
         }
         // A failure here is the first read's failure too; the read reports it.

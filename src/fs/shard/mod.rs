@@ -10,14 +10,17 @@
 //!   replies itself, and the transport writes the reply straight from the block (fuser: one
 //!   `writev`).
 //! - What crosses threads: [`ShardRequest`] messages (metadata plus a reply object) in, and
-//!   relaxed counter loads out. Nothing else.
+//!   relaxed counter loads out; under `--verify stream`, the set of objects found corrupt after
+//!   serving ([`VerifyPolicy`]). Nothing else.
 //!
 //! Concerns, one file each: open handles and I/O mode (`handles`), reads and the block cache
-//! (`read`, `cache`), read-ahead (`readahead`), verification and re-reads (`verify`), pool
-//! memory and store fetches (`fetch`), counters (`counters`), and for `--writable` mounts
-//! writes, copy-up and merged reads of files with upper bytes (`write`).
+//! (`read`, `cache`), read-ahead (`readahead`), verification and re-reads (`verify`), serving
+//! ahead of verification under `--verify stream` (`stream`), pool memory and store fetches
+//! (`fetch`), counters (`counters`), and for `--writable` mounts writes, copy-up and merged
+//! reads of files with upper bytes (`write`).
 //!
-//! Verification policy: the unit of verification is a CAS object — the whole file for v2023
+//! Verification policy (`--verify object`, the default; `docs/semantics.md` states what each
+//! mode promises): the unit of verification is a CAS object — the whole file for v2023
 //! manifests, one 256 MiB chunk for chunked v2025 files — because that is what its xxh128 covers.
 //! The first read of an object streams the whole object from the store through the hasher
 //! (`--part-size` blocks, several in flight), keeping the first blocks (up to the cache budget
@@ -32,6 +35,15 @@
 //! Bytes from the store that fail verification are fetched once more (a flipped bit in
 //! transit), then the read fails with EIO.
 //!
+//! `--verify stream` trades that promise for reads that cost what they read: an object not
+//! verified yet is served block by block as its ranged GETs arrive (`stream`), its blocks are
+//! hashed in order as the in-order prefix grows, and the object is checked when the prefix
+//! reaches its end; with a disk cache a background pass completes it first, and only a matching
+//! object becomes a cache file. A mismatch found after bytes were served quarantines the object
+//! on every shard (the one set shared across threads besides counters: EIO on every later open
+//! and read). Once verified, the object follows the object-mode rules (its re-read blocks,
+//! including blocks streamed before, are served only with their verified digests).
+//!
 //! With a disk cache (`--cache-dir`, [`DiskCache`]) the verification stream also writes the
 //! object into it, and is committed there only when it matched; later passes read the cache
 //! file instead of the store. A cache file is trusted once this mount hashed it, or when an
@@ -43,7 +55,8 @@
 //! Passthrough: when the kernel supports it and the disk cache holds a verified copy, a
 //! buffered open of a single-object file is answered with the cache file as its backing file,
 //! and the kernel reads it without calling us at all. The open of such a file waits for the
-//! object's verification (the first read would wait for it anyway). O_DIRECT opens, files of
+//! object's verification (the first read would wait for it anyway); under `--verify stream` it
+//! does not wait: the open is shard-served until the object is verified. O_DIRECT opens, files of
 //! several v2025 chunks (one backing file per inode) and opens while shard-served handles of the
 //! inode are open stay on the shard: the kernel refuses to mix the two modes on one inode, so
 //! `IoMode` follows whichever mode the inode's open handles already use.
@@ -54,6 +67,7 @@ mod fetch;
 mod handles;
 mod read;
 mod readahead;
+mod stream;
 #[cfg(test)]
 mod tests;
 mod verify;
@@ -74,6 +88,7 @@ use crate::store::{DiskCache, DiskCacheConfig, ObjectStore, StoreConfig};
 
 pub use cache::BlockKey;
 pub use counters::{CounterSnapshot, Histogram, ShardCounters};
+pub use stream::{VerifyMode, VerifyPolicy};
 
 use cache::BlockCache;
 use handles::Handles;
@@ -131,6 +146,8 @@ pub struct ServiceConfig {
     pub ops: Arc<OpCounters>,
     /// The copy-on-write overlay of a `--writable` mount.
     pub overlay: Option<Arc<Overlay>>,
+    /// `--verify`, with what its shards share.
+    pub verify: VerifyPolicy,
 }
 
 /// Everything one shard owns. See the module docs for the rules.
@@ -148,6 +165,9 @@ pub struct FileService {
     cache: BlockCache,
     handles: Handles,
     verification: Verification,
+    policy: VerifyPolicy,
+    /// Objects served ahead of verification (`--verify stream`) and how far each was hashed.
+    streams: stream::Streams,
     /// The store's retry count already added to the counters.
     retries_counted: Cell<u64>,
     overlay: Option<Arc<Overlay>>,
@@ -168,6 +188,7 @@ pub struct ServiceParts {
     pub counters: Arc<ShardCounters>,
     pub ops: Arc<OpCounters>,
     pub overlay: Option<Arc<Overlay>>,
+    pub verify: VerifyPolicy,
 }
 
 impl FileService {
@@ -187,6 +208,8 @@ impl FileService {
             cache: BlockCache::new(cache_budget),
             handles: Handles::new(parts.passthrough),
             verification: Verification::default(),
+            policy: parts.verify,
+            streams: stream::Streams::default(),
             retries_counted: Cell::new(0),
             overlay: parts.overlay,
             writers: write::Writers::default(),
@@ -255,6 +278,7 @@ pub async fn run_shard(
         counters,
         ops: config.ops,
         overlay: config.overlay,
+        verify: config.verify,
     });
     while let Some(request) = mailbox.recv().await {
         glommio::spawn_local(service.clone().handle(request)).detach();

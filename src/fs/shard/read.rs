@@ -7,7 +7,7 @@ use futures::future::FutureExt;
 
 use super::cache::BlockKey;
 use super::FileService;
-use crate::fs::{FsError, Gather, ReadData, VerifiedBlock};
+use crate::fs::{FsError, Gather, ReadData, Servable, VerifiedBlock};
 use crate::manifest::{Hash, CHUNK_SIZE};
 use crate::namespace::Ino;
 
@@ -84,6 +84,7 @@ impl FileService {
         };
         let (object, block, start) = block_at(offset)?;
         let first = self.block(ino, object, block).await?;
+        self.note_served(object.hash, &first);
         let wanted = (end - offset) as usize;
         if start + wanted <= first.len() {
             return Ok(ReadData::slice(first, start..start + wanted));
@@ -96,6 +97,7 @@ impl FileService {
         while gathered.len() < wanted {
             let (object, block, start) = block_at(offset + gathered.len() as u64)?;
             let next = self.block(ino, object, block).await?;
+            self.note_served(object.hash, &next);
             let take = (wanted - gathered.len()).min(next.len() - start);
             gathered.push(&next, start..start + take);
         }
@@ -104,32 +106,39 @@ impl FileService {
 
     /// Block `block` of `object` (of file `ino`), verified: from the cache, else brought by the
     /// object's verification or, for an object verified earlier, by one re-read per block no
-    /// matter how many readers ask at once.
+    /// matter how many readers ask at once. Under `--verify stream` an object not verified yet
+    /// is streamed instead (`stream`): its blocks are served as they arrive.
     pub(super) async fn block(
         self: &Rc<Self>,
         ino: Ino,
         object: ObjectRef,
         block: u32,
-    ) -> Result<VerifiedBlock, FsError> {
+    ) -> Result<Servable, FsError> {
         if object.len == 0 {
-            return Ok(VerifiedBlock::empty());
+            return Ok(VerifiedBlock::empty().into());
         }
         let hash = object.hash;
+        if self.policy.served_corrupt(hash) {
+            return Err(FsError::Corrupt);
+        }
         let c = &self.counters;
-        if let Some(cached) = self.cache.get((hash, block)) {
+        if let Some(cached) = self.cached((hash, block)) {
             c.add(&c.cache_hits, 1);
             return Ok(cached);
         }
         // A miss, whether the verification stream or a reload brings the block.
         c.add(&c.cache_misses, 1);
+        if self.streams(object) {
+            return self.stream_block(ino, object, block).await;
+        }
         self.verify(ino, hash, object.len).await?;
-        if let Some(cached) = self.cache.get((hash, block)) {
+        if let Some(cached) = self.cached((hash, block)) {
             return Ok(cached);
         }
         let service = self.clone();
         let load = self.cache.load_or_join((hash, block), move || {
             async move {
-                let result = service.reload(ino, object, block).await;
+                let result = service.reload(ino, object, block).await.map(Servable::from);
                 if let Ok(loaded) = &result {
                     service.publish((hash, block), loaded.clone());
                 }
@@ -141,10 +150,33 @@ impl FileService {
         load.await
     }
 
-    /// Puts a verified block in the cache, then evicts until a full verification window would
+    /// Cached block `key`: a verified one, or one streamed while its object is not verified
+    /// yet. A streamed block of an object verified since is served only if it has the digest
+    /// the block had when the object verified (else it is dropped and read again).
+    pub(super) fn cached(&self, key: BlockKey) -> Option<Servable> {
+        let block = self.cache.get(key)?;
+        let Servable::Streamed(streamed) = &block else {
+            return Some(block);
+        };
+        let Some(digests) = self.verification.digests(key.0) else {
+            return Some(block);
+        };
+        match digests.confirm(key.1, streamed) {
+            Some(verified) => {
+                self.cache.insert(key, verified.clone().into());
+                Some(verified.into())
+            }
+            None => {
+                self.cache.remove(key);
+                None
+            }
+        }
+    }
+
+    /// Puts a block in the cache, then evicts until a full verification window would
     /// fit in the pool again. Loads already waiting for pool memory are woken by that eviction;
     /// without it they could wait on memory only the cache holds while nothing new arrives.
-    pub(super) fn publish(&self, key: BlockKey, block: VerifiedBlock) {
+    pub(super) fn publish(&self, key: BlockKey, block: Servable) {
         self.cache.insert(key, block);
         self.make_room(self.headroom());
     }

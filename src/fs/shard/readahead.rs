@@ -82,7 +82,10 @@ impl FileService {
             // Blocks of an object not verified yet join its verification: for chunked files
             // that starts the next chunk's verification before the reader gets there. Objects
             // in quarantine (they failed) are retried on demand only, not by every read-ahead.
-            if self.cache.contains((hash, block)) || self.verification.quarantined(hash) {
+            if self.cache.contains((hash, block))
+                || self.verification.quarantined(hash)
+                || self.policy.served_corrupt(hash)
+            {
                 continue;
             }
             // All readers of the shard together load ahead at most half the cache: blocks
@@ -104,7 +107,8 @@ impl FileService {
             })
             .detach();
         }
-        if content.chunked {
+        // Under --verify stream the next chunk is streamed by read-ahead like any block.
+        if content.chunked && self.policy.mode == super::VerifyMode::Object {
             self.verify_next_chunk(ino, end, content.size, content.objects);
         }
     }

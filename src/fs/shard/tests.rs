@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use mount_vfs_executors::BufferPool;
 
-use super::{FileService, ServiceParts, ShardCounters, ShardRequest};
+use super::{FileService, ServiceParts, ShardCounters, ShardRequest, VerifyMode, VerifyPolicy};
 use crate::fs::request::{Open, Read, Release};
 use crate::fs::testing::{capture, namespace, on_shard, pattern};
 use crate::fs::FsError;
@@ -26,6 +26,15 @@ fn service(
     namespace: Arc<Namespace>,
     store: Rc<dyn ObjectStore>,
 ) -> Rc<FileService> {
+    service_verifying(pool, namespace, store, VerifyMode::Object)
+}
+
+fn service_verifying(
+    pool: BufferPool,
+    namespace: Arc<Namespace>,
+    store: Rc<dyn ObjectStore>,
+    mode: VerifyMode,
+) -> Rc<FileService> {
     FileService::new(ServiceParts {
         shard: 0,
         shards: 1,
@@ -38,6 +47,7 @@ fn service(
         counters: Arc::new(ShardCounters::default()),
         ops: Arc::default(),
         overlay: None,
+        verify: VerifyPolicy::new(mode),
     })
 }
 
@@ -46,6 +56,10 @@ fn ino(namespace: &Namespace, name: &str) -> Ino {
 }
 
 async fn open(service: &Rc<FileService>, ino: Ino, flags: i32) -> u64 {
+    try_open(service, ino, flags).await.unwrap()
+}
+
+async fn try_open(service: &Rc<FileService>, ino: Ino, flags: i32) -> Result<u64, FsError> {
     let (reply, answer) = capture::<(u64, bool)>();
     service
         .clone()
@@ -56,9 +70,9 @@ async fn open(service: &Rc<FileService>, ino: Ino, flags: i32) -> u64 {
             reply,
         }))
         .await;
-    let (fh, passthrough) = answer.try_recv().unwrap().unwrap();
+    let (fh, passthrough) = answer.try_recv().unwrap()?;
     assert!(!passthrough, "no disk cache: nothing to pass through");
-    fh
+    Ok(fh)
 }
 
 async fn read(
@@ -370,5 +384,113 @@ fn opens_and_releases_keep_count_and_reads_past_the_end_are_empty() {
         let counters = s.counters.snapshot();
         assert_eq!((counters.opens, counters.open_handles()), (2, 0));
         assert_eq!(counters.misrouted, 0);
+    });
+}
+
+/// `--verify stream`: a seek reads one block and nothing else; reading the object through in
+/// order verifies it (the block read earlier is picked up from the cache, not fetched again),
+/// and from then on its blocks are verified ones.
+#[test]
+fn stream_mode_fetches_what_is_read_and_verifies_an_object_read_through() {
+    let data = pattern(13, 12 * MIB + 3);
+    let hash = Hash::of(&data);
+    let ns = namespace(&[("a", &data)]);
+    let objects = MemoryObjects::of([data.clone()]);
+    let a = ino(&ns, "a");
+    on_shard(64 << 20, move |pool| async move {
+        let store = Rc::new(MemoryStore::new(objects));
+        let s = service_verifying(pool, ns, store.clone(), VerifyMode::Stream);
+        let fh = open(&s, a, libc::O_RDONLY).await;
+        let bytes = read(&s, a, fh, 8 * BLOCK, MIB).await.unwrap();
+        assert_eq!(bytes, data[8 * MIB..9 * MIB]);
+        settle().await;
+        assert_eq!(store.reads_of(hash), 1, "a seek fetches the block it reads");
+        assert_eq!(s.counters.snapshot().objects_verified, 0);
+        assert!(!s.verification.is_verified(hash));
+
+        let fh = open(&s, a, libc::O_RDONLY).await;
+        let mut through = Vec::new();
+        while through.len() < data.len() {
+            let bytes = read(&s, a, fh, through.len() as u64, MIB).await.unwrap();
+            through.extend_from_slice(&bytes);
+        }
+        assert!(through == data);
+        settle().await;
+        assert!(s.verification.is_verified(hash));
+        let counters = s.counters.snapshot();
+        assert_eq!(counters.objects_verified, 1);
+        assert_eq!(counters.verify_failures, 0);
+        assert_eq!(store.reads_of(hash), 13, "every block fetched once");
+        assert!(
+            matches!(s.cached((hash, 8)), Some(crate::fs::Servable::Verified(_))),
+            "a streamed block of a verified object is confirmed against its digest"
+        );
+    });
+}
+
+/// `--verify stream`: a corrupt object is served until its hash is complete (here, when the
+/// block that completes the in-order prefix arrives), then quarantined: that read, every later
+/// read (cached blocks too) and every later open fail with EIO; counted once.
+#[test]
+fn stream_mode_quarantines_an_object_found_corrupt_after_serving() {
+    let claimed = pattern(14, 3 * MIB);
+    let stored = pattern(15, 3 * MIB);
+    let ns = namespace(&[("bad", &claimed)]);
+    let hash = Hash::of(&claimed);
+    let objects: MemoryObjects = [(hash, Bytes::from(stored.clone()))].into_iter().collect();
+    let bad = ino(&ns, "bad");
+    on_shard(64 << 20, move |pool| async move {
+        let store = Rc::new(MemoryStore::new(objects));
+        let s = service_verifying(pool, ns, store.clone(), VerifyMode::Stream);
+        let fh = open(&s, bad, libc::O_RDONLY).await;
+        // Backwards, so no read is sequential (no read-ahead): blocks 2 and 1 wait in the
+        // cache for block 0, whose arrival completes the hash.
+        for block in [2, 1] {
+            let at = block * MIB;
+            let bytes = read(&s, bad, fh, at as u64, MIB).await.unwrap();
+            assert!(bytes == stored[at..at + MIB], "served as it arrived");
+        }
+        assert_eq!(s.counters.snapshot().verify_failures_after_serve, 0);
+        assert_eq!(read(&s, bad, fh, 0, MIB).await, Err(FsError::Corrupt));
+        let counters = s.counters.snapshot();
+        assert_eq!(counters.verify_failures_after_serve, 1);
+        assert_eq!(counters.verify_failures, 1);
+        assert_eq!(store.reads_of(hash), 3, "each block fetched once");
+        assert!(s.policy.served_corrupt(hash));
+        assert_eq!(
+            read(&s, bad, fh, 2 * BLOCK, 10).await,
+            Err(FsError::Corrupt)
+        );
+        assert_eq!(
+            try_open(&s, bad, libc::O_RDONLY).await,
+            Err(FsError::Corrupt)
+        );
+        assert_eq!(
+            store.reads_of(hash),
+            3,
+            "nothing fetched after the quarantine"
+        );
+        assert_eq!(s.counters.snapshot().verify_failures_after_serve, 1);
+    });
+}
+
+/// `--verify object` (the default) on the same corrupt object: nothing is served.
+#[test]
+fn object_mode_serves_nothing_of_a_corrupt_object() {
+    let claimed = pattern(14, 3 * MIB);
+    let ns = namespace(&[("bad", &claimed)]);
+    let hash = Hash::of(&claimed);
+    let objects: MemoryObjects = [(hash, Bytes::from(pattern(15, 3 * MIB)))]
+        .into_iter()
+        .collect();
+    let bad = ino(&ns, "bad");
+    on_shard(64 << 20, move |pool| async move {
+        let s = service(pool, ns, Rc::new(MemoryStore::new(objects)));
+        let fh = open(&s, bad, libc::O_RDONLY).await;
+        for block in [2u64, 1, 0] {
+            let result = read(&s, bad, fh, block * BLOCK, MIB).await;
+            assert_eq!(result, Err(FsError::Corrupt));
+        }
+        assert_eq!(s.counters.snapshot().verify_failures_after_serve, 0);
     });
 }

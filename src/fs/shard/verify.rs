@@ -63,6 +63,17 @@ impl Verification {
     pub fn not_in_disk_cache(&self, hash: Hash) {
         self.in_disk_cache.borrow_mut().remove(&hash);
     }
+
+    /// The block digests of verified object `hash`.
+    pub fn digests(&self, hash: Hash) -> Option<BlockDigests> {
+        self.verified.borrow().get(&hash).cloned()
+    }
+
+    /// Quarantines `hash` without the log line of [`FileService::quarantine`] (the caller logs
+    /// its own).
+    pub fn quarantine_silently(&self, hash: Hash) {
+        self.quarantine.borrow_mut().insert(hash);
+    }
 }
 
 /// Why a verification stream ended without a verified object.
@@ -201,7 +212,7 @@ impl FileService {
     /// Notes that the disk cache holds a verified copy of `hash`: marked used (last to be
     /// evicted) and, when `record`, recorded with its identity after that touch, so later mounts
     /// trust it without hashing it.
-    fn keep_in_disk_cache(&self, hash: Hash, digests: &BlockDigests, record: bool) {
+    pub(super) fn keep_in_disk_cache(&self, hash: Hash, digests: &BlockDigests, record: bool) {
         if let Some(cache) = &self.disk_cache {
             cache.touch(hash);
             if record {
@@ -212,7 +223,7 @@ impl FileService {
     }
 
     /// Marks a verified object and publishes the blocks its stream kept.
-    fn accept(&self, hash: Hash, verified: VerifiedObject) {
+    pub(super) fn accept(&self, hash: Hash, verified: VerifiedObject) {
         let c = &self.counters;
         c.add(&c.objects_verified, 1);
         self.verification
@@ -220,7 +231,7 @@ impl FileService {
             .borrow_mut()
             .insert(hash, verified.digests);
         for (index, block) in verified.kept {
-            self.publish((hash, index), block);
+            self.publish((hash, index), block.into());
         }
     }
 
@@ -389,7 +400,7 @@ impl FileService {
     }
 
     /// Puts a failed object in quarantine; the first failure of an object is logged.
-    fn quarantine(&self, ino: Ino, hash: Hash, error: &dyn std::fmt::Display) {
+    pub(super) fn quarantine(&self, ino: Ino, hash: Hash, error: &dyn std::fmt::Display) {
         if self.verification.quarantine.borrow_mut().insert(hash) {
             tracing::error!(
                 shard = self.shard,
@@ -400,14 +411,14 @@ impl FileService {
         }
     }
 
-    fn cache_location(&self, hash: Hash) -> PathBuf {
+    pub(super) fn cache_location(&self, hash: Hash) -> PathBuf {
         self.disk_cache
             .as_ref()
             .map_or_else(PathBuf::new, |cache| cache.location(hash))
     }
 
     /// A failed cache write costs the cache copy, not the read: one warning per shard.
-    fn warn_cache_write(&self, location: &Path, error: std::io::Error) {
+    pub(super) fn warn_cache_write(&self, location: &Path, error: std::io::Error) {
         let c = &self.counters;
         if c.disk_cache_write_errors
             .load(std::sync::atomic::Ordering::Relaxed)

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use fuser::{BackgroundSession, Config, MountOption, SessionACL};
+use fuser::{BackgroundSession, Config, INodeNo, MountOption, SessionACL};
 
 use self::filesystem::FuserFilesystem;
 use crate::fs::Dispatcher;
@@ -93,6 +93,23 @@ pub fn start(
 }
 
 impl FuseSession {
+    /// A function that makes the kernel drop its cached pages of an inode, callable from any
+    /// thread. The notification goes out from a thread of its own: the kernel may wait for a
+    /// page locked by a READ that the calling shard has yet to answer.
+    pub fn page_cache_dropper(&self) -> Box<dyn Fn(u64) + Send + Sync> {
+        let notifier = self.session.notifier();
+        Box::new(move |ino| {
+            let notifier = notifier.clone();
+            let _ = std::thread::Builder::new()
+                .name("mount_vfs-inval".into())
+                .spawn(move || {
+                    if let Err(e) = notifier.inval_inode(INodeNo(ino), 0, 0) {
+                        tracing::warn!("cannot drop the kernel's cached pages of inode {ino}: {e}");
+                    }
+                });
+        })
+    }
+
     /// Whether the kernel has ended the session: someone unmounted it, or the last user of a
     /// detached mount is gone.
     pub fn is_finished(&self) -> bool {

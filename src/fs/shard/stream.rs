@@ -1,0 +1,412 @@
+//! `--verify stream`: an object's blocks are served as their ranged GETs arrive, and the object
+//! is checked afterwards. Its blocks are hashed in order as the in-order prefix grows (xxh128 is
+//! a streaming hash: the hasher waits at the first block not fetched yet and picks the
+//! following ones up from the block cache when it arrives), so an object read through in order
+//! is checked at its end at no extra cost. With a disk cache a background pass completes every
+//! object a reader touched, in order, and writes the cache file as the hasher consumes it: the
+//! file is committed (and later passed through) only once the whole object matched.
+//!
+//! An object whose hash does not match after some of its bytes were served is quarantined for
+//! the whole mount ([`ServedCorrupt`], shared by the shards): every later open and read of a
+//! file holding it fails with EIO, its cache copy is discarded, one error line is logged and
+//! `verify_failures_after_serve` counted. Objects a disk-cache file already holds are verified
+//! from that file as in object mode (a local pass, no store read) before it is used.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use futures::future::FutureExt;
+use futures::StreamExt;
+
+use super::cache::BlockKey;
+use super::fetch::{Source, VERIFY_READS_IN_FLIGHT};
+use super::read::ObjectRef;
+use super::FileService;
+use crate::fs::{FsError, ObjectHasher, Servable, StreamedBlock};
+use crate::manifest::Hash;
+use crate::namespace::Ino;
+use crate::store::{CasWriter, ObjectRange};
+
+/// `--verify`: when the bytes of an object may be served.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VerifyMode {
+    /// Only after the whole object (a v2023 file, or one 256 MiB v2025 chunk) matched its hash.
+    #[default]
+    Object,
+    /// As they arrive; the object is checked once it was read through in order, or completed in
+    /// the background into the disk cache.
+    Stream,
+}
+
+/// Makes the kernel drop its cached pages of an inode (from any thread, without blocking it).
+pub type DropCachedPages = Box<dyn Fn(Ino) + Send + Sync>;
+
+/// The verification mode and what its shards share: one value per mount, cloned into shards.
+#[derive(Clone, Debug, Default)]
+pub struct VerifyPolicy {
+    pub mode: VerifyMode,
+    served_corrupt: Arc<ServedCorrupt>,
+    /// Set by the mount once the transport runs: pages of a quarantined file that the kernel
+    /// cached must not be read again from open descriptors.
+    page_cache: Arc<PageCache>,
+}
+
+#[derive(Default)]
+struct PageCache(OnceLock<DropCachedPages>);
+
+impl std::fmt::Debug for PageCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.get().is_some() {
+            "PageCache(set)"
+        } else {
+            "PageCache"
+        })
+    }
+}
+
+impl VerifyPolicy {
+    pub fn new(mode: VerifyMode) -> VerifyPolicy {
+        VerifyPolicy {
+            mode,
+            served_corrupt: Arc::default(),
+            page_cache: Arc::default(),
+        }
+    }
+
+    /// How to make the kernel drop an inode's cached pages (given once, by the transport).
+    pub fn drop_cached_pages_with(&self, drop_pages: DropCachedPages) {
+        let _ = self.page_cache.0.set(drop_pages);
+    }
+
+    fn drop_cached_pages(&self, ino: Ino) {
+        if let Some(drop_pages) = self.page_cache.0.get() {
+            drop_pages(ino);
+        }
+    }
+
+    /// Whether `hash` was found corrupt after bytes of it were served (any shard).
+    pub fn served_corrupt(&self, hash: Hash) -> bool {
+        self.served_corrupt.contains(hash)
+    }
+}
+
+/// Objects found corrupt under `--verify stream`, for every shard: the flag spares the lock on
+/// every read while there are none (the usual case).
+#[derive(Debug, Default)]
+struct ServedCorrupt {
+    any: AtomicBool,
+    hashes: RwLock<HashSet<Hash>>,
+}
+
+impl ServedCorrupt {
+    fn contains(&self, hash: Hash) -> bool {
+        self.any.load(Ordering::Acquire)
+            && self
+                .hashes
+                .read()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .contains(&hash)
+    }
+
+    fn insert(&self, hash: Hash) {
+        self.hashes
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(hash);
+        self.any.store(true, Ordering::Release);
+    }
+}
+
+/// Store reads the background completion of one object keeps in flight: half a verification
+/// window, so demand reads of other objects still get pool memory and connections.
+const COMPLETION_READS_IN_FLIGHT: usize = VERIFY_READS_IN_FLIGHT / 2;
+
+/// One object being streamed on this shard: how far its in-order prefix was hashed.
+struct Streaming {
+    hasher: ObjectHasher,
+    /// Blocks `[0, next)` were hashed (and written to `writer`).
+    next: u32,
+    blocks: u32,
+    /// The disk-cache file being written in order, committed only if the object matches.
+    writer: Option<CasWriter>,
+    /// A background pass is completing the object (disk cache only).
+    completing: bool,
+    /// A reader was sent bytes of it.
+    served: bool,
+}
+
+/// The objects this shard is streaming.
+#[derive(Default)]
+pub(super) struct Streams(RefCell<HashMap<Hash, Streaming>>);
+
+impl FileService {
+    /// Whether block reads of `object` are streamed (served before it is verified): in stream
+    /// mode, for an object neither verified nor being verified, unless a disk-cache file holds
+    /// it (that copy is verified locally, as in object mode, before it is used).
+    pub(super) fn streams(&self, object: ObjectRef) -> bool {
+        if self.policy.mode != VerifyMode::Stream {
+            return false;
+        }
+        if self.streams.0.borrow().contains_key(&object.hash) {
+            return true;
+        }
+        let v = &self.verification;
+        !v.is_verified(object.hash)
+            && !v.is_verifying(object.hash)
+            && !self
+                .disk_cache
+                .as_ref()
+                .is_some_and(|cache| cache.has(object.hash, object.len))
+    }
+
+    /// Block `index` of `object`, fetched once (single-flight) and served before the object is
+    /// verified; the load feeds the object's hasher. Starts the background completion of the
+    /// object when there is a disk cache.
+    pub(super) async fn stream_block(
+        self: &Rc<Self>,
+        ino: Ino,
+        object: ObjectRef,
+        index: u32,
+    ) -> Result<Servable, FsError> {
+        self.start_stream(object);
+        if self.disk_cache.is_some() {
+            self.complete_in_background(ino, object);
+        }
+        let key = (object.hash, index);
+        let service = self.clone();
+        let load = self.cache.load_or_join(key, move || {
+            async move {
+                let result = service.fetch_streamed(ino, object, index).await;
+                if let Ok(block) = &result {
+                    service.publish(key, Servable::Streamed(block.clone()));
+                    service.feed(ino, object, index, block);
+                }
+                service.cache.finish_load(key);
+                result.map(Servable::Streamed)
+            }
+            .boxed_local()
+        });
+        let block = load.await?;
+        // Feeding this block may have completed the object, and found it corrupt.
+        if self.policy.served_corrupt(object.hash) {
+            return Err(FsError::Corrupt);
+        }
+        Ok(block)
+    }
+
+    /// Notes that a reader is being sent bytes of `block` of object `hash` (for the log line of
+    /// a later mismatch).
+    pub(super) fn note_served(&self, hash: Hash, block: &Servable) {
+        if let Servable::Streamed(_) = block {
+            if let Some(stream) = self.streams.0.borrow_mut().get_mut(&hash) {
+                stream.served = true;
+            }
+        }
+    }
+
+    fn start_stream(&self, object: ObjectRef) {
+        let mut streams = self.streams.0.borrow_mut();
+        if streams.contains_key(&object.hash) {
+            return;
+        }
+        let blocks = object.len.div_ceil(self.block_size) as u32;
+        let writer = self.disk_cache.as_ref().and_then(|cache| {
+            cache
+                .begin(object.hash)
+                .map_err(|e| self.warn_cache_write(&cache.location(object.hash), e))
+                .ok()
+        });
+        streams.insert(
+            object.hash,
+            Streaming {
+                hasher: ObjectHasher::new(object.hash, blocks as usize),
+                next: 0,
+                blocks,
+                writer,
+                completing: false,
+                served: false,
+            },
+        );
+    }
+
+    fn range(&self, object: ObjectRef, index: u32) -> ObjectRange {
+        let offset = index as u64 * self.block_size;
+        ObjectRange {
+            hash: object.hash,
+            object_len: object.len,
+            offset,
+            len: (object.len - offset).min(self.block_size) as usize,
+        }
+    }
+
+    /// One block from the store, as it arrives. A store error is the read's (the store already
+    /// retried what can be retried).
+    async fn fetch_streamed(
+        &self,
+        ino: Ino,
+        object: ObjectRef,
+        index: u32,
+    ) -> Result<StreamedBlock, FsError> {
+        let range = self.range(object, index);
+        let fetched = async {
+            let memory = self.grant(object.hash, range.len as u64).await?;
+            self.fetch(memory, range, Source::Store).await
+        };
+        match fetched.await {
+            Ok(block) => Ok(StreamedBlock::ahead_of_verification(block)),
+            Err(error) => {
+                self.quarantine(ino, object.hash, &error);
+                Err(FsError::from(&error))
+            }
+        }
+    }
+
+    /// Hashes block `index` of `object` if it continues the hashed prefix, then every block
+    /// after it that the cache holds; checks the object when the prefix reaches its end. A
+    /// block past the prefix waits in the cache for the ones before it.
+    fn feed(&self, ino: Ino, object: ObjectRef, index: u32, block: &[u8]) {
+        let hash = object.hash;
+        let mut streams = self.streams.0.borrow_mut();
+        let Some(stream) = streams.get_mut(&hash) else {
+            return;
+        };
+        if index != stream.next {
+            return;
+        }
+        self.hash_next(hash, stream, block);
+        while stream.next < stream.blocks {
+            match self.cache.peek((hash, stream.next)) {
+                Some(Servable::Streamed(next)) => self.hash_next(hash, stream, &next),
+                _ => break,
+            }
+        }
+        if stream.next == stream.blocks {
+            let done = streams.remove(&hash).expect("the stream fed above");
+            drop(streams);
+            self.finish_stream(ino, object, done);
+        }
+    }
+
+    fn hash_next(&self, hash: Hash, stream: &mut Streaming, block: &[u8]) {
+        stream.hasher.update(block);
+        if let Some(file) = &stream.writer {
+            if let Err(e) = file.write_at(stream.next as u64 * self.block_size, block) {
+                self.warn_cache_write(&self.cache_location(hash), e);
+                // Dropping the writer deletes its temporary file: no cache copy this time.
+                stream.writer = None;
+            }
+        }
+        stream.next += 1;
+    }
+
+    /// The whole object was hashed: verified (its cache file committed), or quarantined.
+    fn finish_stream(&self, ino: Ino, object: ObjectRef, stream: Streaming) {
+        let hash = object.hash;
+        match stream.hasher.finish() {
+            Ok(verified) => {
+                if let (Some(writer), Some(cache)) = (stream.writer, &self.disk_cache) {
+                    match writer.commit(hash) {
+                        Ok(()) => {
+                            cache.added(object.len);
+                            let c = &self.counters;
+                            c.add(&c.objects_cached, 1);
+                            self.keep_in_disk_cache(hash, &verified.digests, true);
+                        }
+                        Err(e) => self.warn_cache_write(&self.cache_location(hash), e),
+                    }
+                }
+                self.accept(hash, verified);
+            }
+            Err(digest) => {
+                // Dropping the writer deletes the temporary file: nothing was committed.
+                drop(stream.writer);
+                let c = &self.counters;
+                c.add(&c.verify_failures, 1);
+                if stream.served {
+                    c.add(&c.verify_failures_after_serve, 1);
+                }
+                self.policy.served_corrupt.insert(hash);
+                // Served pages the kernel keeps would still answer reads of open descriptors.
+                self.policy.drop_cached_pages(ino);
+                self.verification.quarantine_silently(hash);
+                self.verification.not_in_disk_cache(hash);
+                if let Some(cache) = &self.disk_cache {
+                    cache.discard(hash);
+                }
+                let served = if stream.served {
+                    "bytes of it were already served (--verify stream)"
+                } else {
+                    "none of its bytes were served"
+                };
+                tracing::error!(
+                    shard = self.shard,
+                    file = %self.namespace.path(ino).display(),
+                    %hash,
+                    "object {} has content hash {digest}: corrupt; {served}; every later open \
+                     and read of it fails with EIO",
+                    self.store.location(hash).display()
+                );
+            }
+        }
+    }
+
+    /// Completes `object` in the background, in order, so the disk cache gets a verified copy
+    /// of every object a reader touched: blocks the cache holds (or is loading) are taken from
+    /// it, the others fetched for the hasher only, so the completion does not evict what
+    /// readers use. One completion per object at a time.
+    fn complete_in_background(self: &Rc<Self>, ino: Ino, object: ObjectRef) {
+        {
+            let mut streams = self.streams.0.borrow_mut();
+            let Some(stream) = streams.get_mut(&object.hash) else {
+                return;
+            };
+            if stream.completing {
+                return;
+            }
+            stream.completing = true;
+        }
+        let service = self.clone();
+        glommio::spawn_local(async move {
+            let start = service
+                .streams
+                .0
+                .borrow()
+                .get(&object.hash)
+                .map_or(0, |s| s.next);
+            let blocks = object.len.div_ceil(service.block_size) as u32;
+            let service = &service;
+            let mut reads = futures::stream::iter(start..blocks)
+                .map(|index| async move {
+                    let key: BlockKey = (object.hash, index);
+                    let block = if service.cache.contains(key) {
+                        service.block(ino, object, index).await
+                    } else {
+                        service
+                            .fetch_streamed(ino, object, index)
+                            .await
+                            .map(Servable::Streamed)
+                    };
+                    (index, block)
+                })
+                .buffered(COMPLETION_READS_IN_FLIGHT);
+            while let Some((index, block)) = reads.next().await {
+                match block {
+                    Ok(block) => service.feed(ino, object, index, &block),
+                    // Quarantined, verified by another path, or the store failed (logged):
+                    // a later read starts over.
+                    Err(_) => break,
+                }
+                if !service.streams.0.borrow().contains_key(&object.hash) {
+                    break;
+                }
+            }
+            if let Some(stream) = service.streams.0.borrow_mut().get_mut(&object.hash) {
+                stream.completing = false;
+            }
+        })
+        .detach();
+    }
+}
