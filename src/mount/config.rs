@@ -34,6 +34,8 @@ pub struct MountConfig {
     pub export_on_unmount: Option<ExportOnUnmount>,
     /// Hash every cache file once even when a verification record vouches for it.
     pub recheck_cache: bool,
+    /// What to fetch into the disk cache before it is read (`--prefetch`).
+    pub prefetch: cli::PrefetchMode,
     /// Shards (pinned executor threads); `None`: one per CPU, no more than files. `Some(0)` is
     /// refused.
     pub shards: Option<usize>,
@@ -94,6 +96,13 @@ impl TryFrom<MountArgs> for MountConfig {
                     .into(),
             ));
         }
+        if args.prefetch == cli::PrefetchMode::All && args.cache_dir.is_none() {
+            return Err(MountError::Usage(
+                "--prefetch all fetches the manifest into the disk cache: give --cache-dir DIR \
+                 too (or --prefetch off)"
+                    .into(),
+            ));
+        }
         let store = store_choice(&args)?;
         if args.export_on_unmount.is_some() {
             if !args.writable {
@@ -128,6 +137,7 @@ impl TryFrom<MountArgs> for MountConfig {
                 format: args.export_format.format(),
             }),
             recheck_cache: args.recheck_cache,
+            prefetch: args.prefetch,
             shards: args.shards,
             max_default_shards: None,
             memory_limit: args.memory_limit,

@@ -52,6 +52,7 @@ mod cache;
 mod counters;
 mod fetch;
 mod handles;
+mod prefetch;
 mod read;
 mod readahead;
 #[cfg(test)]
@@ -71,12 +72,15 @@ use super::{FsError, Op, OpCounters};
 use crate::namespace::{owner, Ino, Namespace};
 use crate::overlay::Overlay;
 use crate::store::{DiskCache, DiskCacheConfig, ObjectStore, StoreConfig};
+use crate::trace::TraceRecorder;
 
 pub use cache::BlockKey;
 pub use counters::{CounterSnapshot, Histogram, ShardCounters};
+pub use prefetch::{PrefetchItem, PrefetchPlan};
 
 use cache::BlockCache;
 use handles::Handles;
+use prefetch::Prefetch;
 use verify::Verification;
 
 /// A data request for an inode, sent by the dispatcher to the inode's owner shard.
@@ -131,6 +135,10 @@ pub struct ServiceConfig {
     pub ops: Arc<OpCounters>,
     /// The copy-on-write overlay of a `--writable` mount.
     pub overlay: Option<Arc<Overlay>>,
+    /// Where first reads are noted for the manifest's trace (`None`: no `--cache-dir`).
+    pub trace: Option<Arc<TraceRecorder>>,
+    /// What each shard prefetches (`--prefetch`).
+    pub prefetch: Option<Arc<PrefetchPlan>>,
 }
 
 /// Everything one shard owns. See the module docs for the rules.
@@ -153,6 +161,7 @@ pub struct FileService {
     overlay: Option<Arc<Overlay>>,
     /// Writes and copy-ups of an inode, one at a time.
     writers: write::Writers,
+    prefetch: Prefetch,
 }
 
 /// The parts a [`FileService`] is made of, opened on its shard.
@@ -168,6 +177,7 @@ pub struct ServiceParts {
     pub counters: Arc<ShardCounters>,
     pub ops: Arc<OpCounters>,
     pub overlay: Option<Arc<Overlay>>,
+    pub trace: Option<Arc<TraceRecorder>>,
 }
 
 impl FileService {
@@ -190,6 +200,7 @@ impl FileService {
             retries_counted: Cell::new(0),
             overlay: parts.overlay,
             writers: write::Writers::default(),
+            prefetch: Prefetch::new(parts.trace),
         })
     }
 
@@ -208,6 +219,7 @@ impl FileService {
                 match result {
                     Ok(data) => {
                         c.add(&c.bytes_served, data.bytes().len() as u64);
+                        self.note_read(read.ino, read.offset, data.bytes().len() as u64);
                         read.reply.data(data);
                     }
                     Err(error) => {
@@ -255,8 +267,13 @@ pub async fn run_shard(
         counters,
         ops: config.ops,
         overlay: config.overlay,
+        trace: config.trace,
     });
+    if let Some(plan) = config.prefetch.as_ref().and_then(|p| p.shards.get(ctx.id)) {
+        service.start_prefetch(plan.clone());
+    }
     while let Some(request) = mailbox.recv().await {
         glommio::spawn_local(service.clone().handle(request)).detach();
     }
+    service.stop_prefetch();
 }

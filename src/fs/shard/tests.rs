@@ -38,6 +38,7 @@ fn service(
         counters: Arc::new(ShardCounters::default()),
         ops: Arc::default(),
         overlay: None,
+        trace: None,
     })
 }
 
