@@ -148,6 +148,18 @@ pub enum VerifyMode {
     Stream,
 }
 
+/// `--prefetch`: what a mount fetches into its disk cache before readers ask.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PrefetchMode {
+    /// Nothing: every object is fetched when it is first read.
+    Off,
+    /// The objects an earlier mount of the same manifest read, in the order it read them
+    /// (its trace in --cache-dir's Traces/).
+    Trace,
+    /// Every object of the manifest, smallest first.
+    All,
+}
+
 #[derive(Debug, Args)]
 pub struct MountArgs {
     /// Manifest to mount (any job-attachments format).
@@ -225,6 +237,14 @@ pub struct MountArgs {
     /// fetches about 1 MiB), and checks what was read through afterwards.
     #[arg(long, value_enum, default_value_t = VerifyMode::Object, help_heading = "Content store")]
     pub verify: VerifyMode,
+    /// Fetch objects into the disk cache before they are read, verified as always and behind
+    /// the readers (reads go first; at most 2 objects per shard at a time): `trace` takes the
+    /// objects an earlier mount of this manifest read, in its order (every mount with
+    /// --cache-dir records one in DIR/Traces/); `all` the whole manifest, smallest first;
+    /// `off` nothing. Never more than fits --cache-size (or the free space). Without
+    /// --cache-dir nothing is recorded or prefetched.
+    #[arg(long, value_enum, default_value_t = PrefetchMode::Trace, help_heading = "Content store")]
+    pub prefetch: PrefetchMode,
 
     /// Let the job write: a copy-on-write overlay kept in --cache-dir (DIR/Overlay/), which
     /// survives a crash and is given back by the next mount of the same manifest with the same

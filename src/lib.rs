@@ -21,5 +21,6 @@ pub mod overlay;
 pub mod signals;
 pub mod snapshot;
 pub mod store;
+pub mod trace;
 pub mod transport;
 pub mod validate;

@@ -37,6 +37,8 @@ pub struct MountConfig {
     pub recheck_cache: bool,
     /// `--verify`: whether bytes are served only after their object verified.
     pub verify: VerifyMode,
+    /// What to fetch into the disk cache before it is read (`--prefetch`).
+    pub prefetch: cli::PrefetchMode,
     /// Shards (pinned executor threads); `None`: one per CPU, no more than files. `Some(0)` is
     /// refused.
     pub shards: Option<usize>,
@@ -97,6 +99,13 @@ impl TryFrom<MountArgs> for MountConfig {
                     .into(),
             ));
         }
+        if args.prefetch == cli::PrefetchMode::All && args.cache_dir.is_none() {
+            return Err(MountError::Usage(
+                "--prefetch all fetches the manifest into the disk cache: give --cache-dir DIR \
+                 too (or --prefetch off)"
+                    .into(),
+            ));
+        }
         let store = store_choice(&args)?;
         if args.export_on_unmount.is_some() {
             if !args.writable {
@@ -135,6 +144,7 @@ impl TryFrom<MountArgs> for MountConfig {
                 cli::VerifyMode::Object => VerifyMode::Object,
                 cli::VerifyMode::Stream => VerifyMode::Stream,
             },
+            prefetch: args.prefetch,
             shards: args.shards,
             max_default_shards: None,
             memory_limit: args.memory_limit,

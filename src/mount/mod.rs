@@ -10,6 +10,7 @@
 mod config;
 mod daemon;
 pub mod mountpoint;
+mod prefetch;
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -35,6 +36,7 @@ use crate::store::{
     CacheDirError, CacheJanitor, DiskCache, DiskCacheConfig, JanitorStartError, S3Target,
     StoreConfig, VerificationLog,
 };
+use crate::trace::trace_path;
 use crate::transport::fuser::{self as transport, FuseSession, SessionOptions};
 
 /// A failure that ends `mount_vfs` with a message and an exit status.
@@ -228,6 +230,7 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         }
         _ => None,
     };
+    let trace_file = (config.cache_dir.as_deref()).map(|dir| trace_path(dir, &manifest_bytes));
     drop(manifest_bytes);
     if let StoreConfig::S3(target) = &store {
         if let Some(warning) = target.check_objects(sample_objects(&namespace, 3))? {
@@ -245,6 +248,15 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         shards,
         config.part_size,
         namespace.total_size(),
+    )?;
+    let traces = prefetch::start(
+        config.prefetch,
+        config.cache_dir.as_deref(),
+        config.cache_size,
+        trace_file,
+        &namespace,
+        shards,
+        config.part_size,
     )?;
     let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
     let shard_config = ShardConfig {
@@ -280,6 +292,8 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         ops: Arc::default(),
         overlay: overlay.clone(),
         verify: VerifyPolicy::new(config.verify),
+        trace: traces.recorder.clone(),
+        prefetch: traces.plan.clone(),
     };
     let verify = service.verify.clone();
     let passthrough = match config.cache_dir {
@@ -346,6 +360,17 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
     );
     if let Err(e) = executors.shutdown() {
         tracing::warn!("shard shutdown: {e}");
+    }
+    // The last trace write, now that no shard notes more reads.
+    drop(traces.writer);
+    if traces.plan.is_some() {
+        let total = total(&counters);
+        tracing::info!(
+            "prefetch: {} bytes prefetched, {} bytes served from them, {} bytes never read",
+            total.prefetched_bytes,
+            total.prefetch_hit_bytes,
+            total.prefetch_wasted_bytes
+        );
     }
     let mut exported = Ok(());
     if let Some(overlay) = overlay {

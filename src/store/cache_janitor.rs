@@ -171,6 +171,16 @@ fn sweep(data: &Path, shared: &Shared) {
     shared.used.store(used, Ordering::Relaxed);
 }
 
+/// Bytes the disk cache in `root` can take: `--cache-size` when given, else what its
+/// filesystem has free beyond the share the janitor keeps free.
+pub fn cache_room(root: &Path, cache_size: Option<u64>) -> u64 {
+    cache_size.unwrap_or_else(|| {
+        filesystem_space(root).map_or(u64::MAX, |(free, total)| {
+            free.saturating_sub(min_free(total))
+        })
+    })
+}
+
 /// Free bytes a filesystem of `total` bytes must keep.
 fn min_free(total: u64) -> u64 {
     (total as f64 * MIN_FREE) as u64

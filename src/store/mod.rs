@@ -25,7 +25,7 @@ use std::sync::Arc;
 use futures::future::LocalBoxFuture;
 use mount_vfs_executors::{BufferPool, Reservation};
 
-pub use cache_janitor::{CacheJanitor, CacheUsage, JanitorStartError};
+pub use cache_janitor::{cache_room, CacheJanitor, CacheUsage, JanitorStartError};
 pub use disk_cache::{CacheDirError, DiskCache, DiskCacheConfig};
 pub use fault::{Fault, FaultStore, When};
 pub use local::LocalCas;

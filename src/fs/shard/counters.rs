@@ -64,6 +64,9 @@ counters! {
     disk_cache_bytes => "Bytes read from disk-cache files.",
     disk_cache_write_errors => "Failed writes to the disk cache (the reads still succeed, from memory or the store).",
     passthrough_opens => "Opens answered with a passthrough backing file (their READs never reach us).",
+    prefetched_bytes => "Bytes of objects prefetch verified ahead of any reader (`--prefetch`).",
+    prefetch_hit_bytes => "Bytes served from objects prefetch brought (for a passthrough open, the object's size, once).",
+    prefetch_wasted_bytes => "Bytes prefetch brought that no reader used (counted when the mount stops).",
     errors => "Requests answered with an error.",
     misrouted => "Requests that arrived at a shard that does not own the inode (must stay 0).",
 }

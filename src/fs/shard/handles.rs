@@ -151,6 +151,7 @@ impl FileService {
         match backing {
             Some(backing) => {
                 c.add(&c.passthrough_opens, 1);
+                self.note_passthrough_open(open.ino);
                 open.reply.opened(fh, Opened::Passthrough(&backing));
             }
             // Content is immutable: the page cache may keep it across opens.

@@ -65,6 +65,7 @@ mod cache;
 mod counters;
 mod fetch;
 mod handles;
+mod prefetch;
 mod read;
 mod readahead;
 mod stream;
@@ -85,13 +86,16 @@ use super::{FsError, Op, OpCounters};
 use crate::namespace::{owner, Ino, Namespace};
 use crate::overlay::Overlay;
 use crate::store::{DiskCache, DiskCacheConfig, ObjectStore, StoreConfig};
+use crate::trace::TraceRecorder;
 
 pub use cache::BlockKey;
 pub use counters::{CounterSnapshot, Histogram, ShardCounters};
 pub use stream::{VerifyMode, VerifyPolicy};
+pub use prefetch::{PrefetchItem, PrefetchPlan};
 
 use cache::BlockCache;
 use handles::Handles;
+use prefetch::Prefetch;
 use verify::Verification;
 
 /// A data request for an inode, sent by the dispatcher to the inode's owner shard.
@@ -148,6 +152,10 @@ pub struct ServiceConfig {
     pub overlay: Option<Arc<Overlay>>,
     /// `--verify`, with what its shards share.
     pub verify: VerifyPolicy,
+    /// Where first reads are noted for the manifest's trace (`None`: no `--cache-dir`).
+    pub trace: Option<Arc<TraceRecorder>>,
+    /// What each shard prefetches (`--prefetch`).
+    pub prefetch: Option<Arc<PrefetchPlan>>,
 }
 
 /// Everything one shard owns. See the module docs for the rules.
@@ -173,6 +181,7 @@ pub struct FileService {
     overlay: Option<Arc<Overlay>>,
     /// Writes and copy-ups of an inode, one at a time.
     writers: write::Writers,
+    prefetch: Prefetch,
 }
 
 /// The parts a [`FileService`] is made of, opened on its shard.
@@ -189,6 +198,7 @@ pub struct ServiceParts {
     pub ops: Arc<OpCounters>,
     pub overlay: Option<Arc<Overlay>>,
     pub verify: VerifyPolicy,
+    pub trace: Option<Arc<TraceRecorder>>,
 }
 
 impl FileService {
@@ -213,6 +223,7 @@ impl FileService {
             retries_counted: Cell::new(0),
             overlay: parts.overlay,
             writers: write::Writers::default(),
+            prefetch: Prefetch::new(parts.trace),
         })
     }
 
@@ -231,6 +242,7 @@ impl FileService {
                 match result {
                     Ok(data) => {
                         c.add(&c.bytes_served, data.bytes().len() as u64);
+                        self.note_read(read.ino, read.offset, data.bytes().len() as u64);
                         read.reply.data(data);
                     }
                     Err(error) => {
@@ -279,8 +291,13 @@ pub async fn run_shard(
         ops: config.ops,
         overlay: config.overlay,
         verify: config.verify,
+        trace: config.trace,
     });
+    if let Some(plan) = config.prefetch.as_ref().and_then(|p| p.shards.get(ctx.id)) {
+        service.start_prefetch(plan.clone());
+    }
     while let Some(request) = mailbox.recv().await {
         glommio::spawn_local(service.clone().handle(request)).detach();
     }
+    service.stop_prefetch();
 }

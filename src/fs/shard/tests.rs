@@ -48,6 +48,7 @@ fn service_verifying(
         ops: Arc::default(),
         overlay: None,
         verify: VerifyPolicy::new(mode),
+        trace: None,
     })
 }
 

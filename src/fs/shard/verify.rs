@@ -48,6 +48,11 @@ impl Verification {
         self.verifying.borrow().contains_key(&hash)
     }
 
+    /// Objects being verified now.
+    pub fn verifying_count(&self) -> usize {
+        self.verifying.borrow().len()
+    }
+
     pub fn verifying_bytes(&self) -> u64 {
         self.verifying_bytes.get()
     }
@@ -291,7 +296,7 @@ impl FileService {
             // budget that leaves room for the reads in flight, so concurrent verifications
             // cannot fill the pool with unpublished blocks. Every block not kept is read
             // again after verification, so keep as much as the cache could hold.
-            if retained.get() + block.len() <= self.retention_budget() {
+            if self.may_keep(hash) && retained.get() + block.len() <= self.retention_budget() {
                 retained.set(retained.get() + block.len());
                 kept_bytes += block.len();
                 hasher.keep(index, block);

@@ -1,0 +1,144 @@
+//! A mount's traces and prefetch plan (`crate::trace`, `--prefetch`), set up on the main thread
+//! before the shards start: the trace found for the manifest is read once, limited to the
+//! manifest's objects, cut to what fits the disk cache, and split by owner shard; this mount's
+//! own trace is written by a [`TraceWriter`] until [`Traces`] is dropped (after the shards).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::cli::PrefetchMode;
+use crate::fs::shard::{PrefetchItem, PrefetchPlan};
+use crate::manifest::{Hash, CHUNK_SIZE};
+use crate::namespace::{owner, Ino, Namespace};
+use crate::store::cache_room;
+use crate::trace::{Trace, TraceRecorder, TraceWriter};
+
+use super::MountError;
+
+/// What the shards record into and prefetch, and the writer of this mount's trace.
+#[derive(Default)]
+pub(super) struct Traces {
+    pub recorder: Option<Arc<TraceRecorder>>,
+    pub plan: Option<Arc<PrefetchPlan>>,
+    /// Dropping it writes the trace one last time: drop it after the shards stopped.
+    pub writer: Option<TraceWriter>,
+}
+
+/// Sets up recording to `trace_path` (in `cache_dir`; none without one) and the prefetch plan
+/// for `mode`.
+pub(super) fn start(
+    mode: PrefetchMode,
+    cache_dir: Option<&Path>,
+    cache_size: Option<u64>,
+    trace_path: Option<PathBuf>,
+    namespace: &Namespace,
+    shards: usize,
+    block_size: u64,
+) -> Result<Traces, MountError> {
+    let (Some(cache_dir), Some(path)) = (cache_dir, trace_path) else {
+        return Ok(Traces::default());
+    };
+    let objects = manifest_objects(namespace);
+    let mut found = match Trace::load(&path) {
+        Ok(Some(trace)) => trace,
+        Ok(None) => {
+            if mode == PrefetchMode::Trace {
+                tracing::info!(
+                    "no trace of this manifest in {} yet: nothing to prefetch; this mount \
+                     records one",
+                    path.display()
+                );
+            }
+            Trace::default()
+        }
+        Err(e) => {
+            tracing::warn!(
+                "trace {} ignored: {e}; this mount writes a new one",
+                path.display()
+            );
+            Trace::default()
+        }
+    };
+    let named = found.len();
+    found.retain(|entry| objects.contains_key(&entry.hash));
+    let foreign = named - found.len();
+
+    let room = cache_room(cache_dir, cache_size);
+    let candidates: Vec<(Hash, Ino, u64)> = match mode {
+        PrefetchMode::Off => Vec::new(),
+        PrefetchMode::Trace => (found.entries().iter())
+            .map(|entry| {
+                let (ino, len) = objects[&entry.hash];
+                (entry.hash, ino, len)
+            })
+            .collect(),
+        PrefetchMode::All => {
+            let mut all: Vec<_> = (objects.iter())
+                .map(|(&hash, &(ino, len))| (hash, ino, len))
+                .collect();
+            all.sort_unstable_by_key(|&(hash, _, len)| (len, hash.0));
+            all
+        }
+    };
+    let mut plan = PrefetchPlan {
+        shards: vec![Vec::new(); shards],
+    };
+    let (mut planned, mut planned_bytes) = (0usize, 0u64);
+    for &(hash, ino, len) in &candidates {
+        // The longest prefix that fits: later objects are needed later.
+        if planned_bytes + len > room {
+            break;
+        }
+        planned += 1;
+        planned_bytes += len;
+        plan.shards[owner(ino, shards)].push(PrefetchItem { ino, hash, len });
+    }
+    if mode != PrefetchMode::Off && !candidates.is_empty() {
+        let source = match mode {
+            PrefetchMode::All => "the manifest".to_string(),
+            _ => format!("trace {}", path.display()),
+        };
+        let mut line = format!("prefetch: {planned} objects, {planned_bytes} bytes of {source}");
+        if foreign > 0 {
+            line += &format!("; {foreign} trace entries name no object of this manifest (ignored)");
+        }
+        if planned < candidates.len() {
+            line += &format!(
+                "; {} more objects do not fit the cache's {room} bytes (left out)",
+                candidates.len() - planned
+            );
+        }
+        tracing::info!("{line}");
+    }
+
+    let recorder = TraceRecorder::new(shards, block_size);
+    let writer = TraceWriter::start(recorder.clone(), path, found)
+        .map_err(|e| MountError::Runtime(format!("cannot start the trace thread: {e}")))?;
+    Ok(Traces {
+        recorder: Some(recorder),
+        plan: (planned > 0).then(|| Arc::new(plan)),
+        writer: Some(writer),
+    })
+}
+
+/// Every object of the manifest's files, with the first inode holding it and its length.
+fn manifest_objects(namespace: &Namespace) -> HashMap<Hash, (Ino, u64)> {
+    let mut objects = HashMap::new();
+    for ino in 1..=namespace.len() as Ino {
+        let Some(content) = namespace.file_content(ino) else {
+            continue;
+        };
+        for (index, &hash) in content.objects.iter().enumerate() {
+            let len = if content.chunked {
+                (content.size - index as u64 * CHUNK_SIZE).min(CHUNK_SIZE)
+            } else {
+                content.size
+            };
+            if len > 0 {
+                objects.entry(hash).or_insert((ino, len));
+            }
+        }
+    }
+    objects
+}
