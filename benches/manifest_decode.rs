@@ -7,6 +7,10 @@ use std::time::{Duration, Instant};
 
 use mount_vfs::manifest::{Content, FileEntry, Format, Hash, Manifest, ManifestBuilder};
 
+mod common;
+
+use common::chart::BarChart;
+
 /// Counts live and peak heap bytes so "bytes per entry" is exact, not an RSS estimate.
 struct Counting;
 
@@ -84,6 +88,9 @@ fn stats(mut times: Vec<Duration>) -> (f64, f64) {
 
 struct Row {
     name: &'static str,
+    /// Every decode's and encode's seconds.
+    decodes: Vec<f64>,
+    encodes: Vec<f64>,
     bytes: usize,
     best: f64,
     median: f64,
@@ -115,9 +122,13 @@ fn measure(name: &'static str, text: &[u8], runs: usize) -> Row {
         enc.push(t.elapsed());
         assert_eq!(out, text, "canonical round trip");
     }
+    let decodes = times.iter().map(Duration::as_secs_f64).collect();
+    let encodes = enc.iter().map(Duration::as_secs_f64).collect();
     let (best, median) = stats(times);
     Row {
         name,
+        decodes,
+        encodes,
         bytes: text.len(),
         best,
         median,
@@ -148,6 +159,27 @@ fn main() {
     );
     println!("| format | JSON size | decode+validate best | median ({runs} runs) | encode best | retained heap/entry | peak heap/entry during decode |");
     println!("|---|---|---|---|---|---|---|");
+    let mut chart = BarChart::new(
+        "manifest_decode",
+        &format!("manifest_decode: 1,000,000 files, decode+validate ({runs} runs) and encode (3)"),
+        "s",
+    );
+    chart.lower_is_better = true;
+    for r in &rows {
+        let decode = format!("decode+validate {}", r.name);
+        match chart.bars.first().map(|b| b.label.clone()) {
+            Some(first) => chart.bar_vs(&decode, &r.decodes, &first),
+            None => chart.bar(&decode, &r.decodes),
+        }
+    }
+    for r in &rows {
+        let encode = format!("encode {}", r.name);
+        match chart.bars.get(rows.len()).map(|b| b.label.clone()) {
+            Some(first) => chart.bar_vs(&encode, &r.encodes, &first),
+            None => chart.bar(&encode, &r.encodes),
+        }
+    }
+    chart.write();
     for r in rows {
         println!(
             "| {} | {:.1} MB | {:.3} s | {:.3} s | {:.3} s | {:.1} B | {:.1} B |",

@@ -11,9 +11,14 @@
 //! count), as its own "(baseline)" row; this build's row then ends with `new/baseline` (median
 //! over median).
 //!
+//! Metrics cost: warm reads with `--metrics-addr` off and on (the endpoint scraped every second
+//! meanwhile), interleaved run by run, each sample at least `BENCH_METRICS_SECS` (default 3) of
+//! back-to-back reads.
+//!
 //! Run: `cargo bench --bench mount_read` (root; needs /dev/fuse). Options via environment:
 //! `BENCH_DIR` (where the CAS lives; default a directory under target/), `BENCH_SIZE_MIB`
-//! (default 1024), `BENCH_RUNS` (default 3), `BENCH_BASELINE_BIN`.
+//! (default 1024), `BENCH_RUNS` (default 3), `BENCH_METRICS_SECS`, `BENCH_BASELINE_BIN`,
+//! `BENCH_RESULTS_DIR` (where `mount_read.json` and `.svg` go; default target/bench-results).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -23,7 +28,10 @@ use std::process::Command;
 use std::time::Instant;
 
 mod common;
+#[path = "mount_read/metrics_cost.rs"]
+mod metrics_cost;
 
+use common::chart::BarChart;
 use common::{
     checked_read, faults_and_cpu, gbs, median, sequential_read, spread, vs_baseline, Build, Clock,
     Daemon,
@@ -184,6 +192,7 @@ fn main() {
         .map(|_| sequential_read(&null_mnt.join("file"), true, Clock::AfterOpen).bytes_per_sec)
         .collect();
     println!("null FUSE O_DIRECT (ceiling)   {}", spread(&ceiling));
+    let ceiling_runs = ceiling.clone();
     let ceiling = median(ceiling);
     drop(null);
 
@@ -286,6 +295,7 @@ fn main() {
     }
 
     // Two readers, one vs two shards (cold, then warm).
+    let mut two_readers: Vec<(String, f64)> = Vec::new();
     for shards in [1, 2] {
         let rates: BTreeMap<Build, (f64, f64)> = builds
             .iter()
@@ -313,8 +323,69 @@ fn main() {
                 gbs(cold),
                 gbs(warm),
             );
+            for (state, rate) in [("cold", cold), ("warm", warm)] {
+                two_readers.push((
+                    format!("2 readers, --shards {shards} {state}{}", build.label()),
+                    rate,
+                ));
+            }
         }
     }
+
+    let metrics_secs = std::env::var("BENCH_METRICS_SECS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3.0);
+    let metrics = metrics_cost::measure(
+        &manifest,
+        &cas,
+        &mnt,
+        "warm.bin",
+        warm_digest,
+        runs,
+        metrics_secs,
+    );
+    println!("warm O_DIRECT, --metrics-addr off {}", spread(&metrics.off));
+    println!(
+        "warm O_DIRECT, --metrics-addr on  {}  on/off {:.3}x (medians), {} scrapes (1 per s) during the reads, interleaved",
+        spread(&metrics.on),
+        median(metrics.on.clone()) / median(metrics.off.clone()),
+        metrics.scrapes
+    );
+
+    let gbps = |v: &[f64]| v.iter().map(|r| r / 1e9).collect::<Vec<f64>>();
+    let mut chart = BarChart::new(
+        "mount_read",
+        &format!("mount_read: {size_mib} MiB, 1 MiB O_DIRECT reads, local CAS, {runs} runs"),
+        "GB/s",
+    );
+    chart.bar("tmpfs", &gbps(&tmpfs));
+    chart.bar("null FUSE (ceiling)", &gbps(&ceiling_runs));
+    chart.bar("CAS object, depth 1", &gbps(&disk));
+    chart.bar("CAS object, depth 8 (cold ceiling)", &gbps(&disk_deep));
+    for (&build, samples) in &single {
+        chart.bar_vs(
+            &format!("mount_vfs cold{}", build.label()),
+            &gbps(&samples.cold),
+            "CAS object, depth 8 (cold ceiling)",
+        );
+        chart.bar_vs(
+            &format!("mount_vfs warm{}", build.label()),
+            &gbps(&samples.warm),
+            "null FUSE (ceiling)",
+        );
+    }
+    for (label, rate) in &two_readers {
+        chart.bar(label, &[rate / 1e9]);
+    }
+    chart.bar("warm, --metrics-addr off", &gbps(&metrics.off));
+    chart.bar_vs(
+        "warm, --metrics-addr on, scraped 1/s",
+        &gbps(&metrics.on),
+        "warm, --metrics-addr off",
+    );
+    chart.write();
+
     let _ = fs::remove_file(shm);
     let _ = fs::remove_dir_all(&base);
 }

@@ -12,7 +12,9 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-const BIN: &str = env!("CARGO_BIN_EXE_mount_vfs");
+mod common;
+
+use common::chart::BarChart;
 
 /// A render-farm-shaped v2023 manifest: shots/sequences/frames, ~50-byte paths.
 fn manifest(entries: usize) -> String {
@@ -47,7 +49,7 @@ fn manifest(entries: usize) -> String {
 /// Mounts, returns (seconds to ready as printed by the daemon, daemon RSS in bytes).
 fn mount_once(manifest: &Path, cas: &Path, mnt: &Path) -> (f64, u64) {
     fs::create_dir_all(mnt).unwrap();
-    let mut child = Command::new(BIN)
+    let mut child = Command::new(common::bin())
         .arg(manifest)
         .arg(mnt)
         .arg("--cas")
@@ -138,5 +140,24 @@ fn main() {
         "RSS per entry: best {:.0} B, median {:.0} B",
         per_entry[0], per_entry[1]
     );
+    let mut chart = BarChart::new(
+        "mount_ready",
+        &format!("mount_ready: time to mount a {entries}-entry v2023 manifest, 3 runs"),
+        "s",
+    );
+    chart.lower_is_better = true;
+    chart.bar(
+        "ready in (read, decode, namespace, shards, FUSE mount)",
+        &readies,
+    );
+    chart.write();
+    let mut memory = BarChart::new(
+        "mount_ready_memory",
+        &format!("mount_ready: daemon RSS per entry over an empty mount, {entries} entries"),
+        "bytes per entry",
+    );
+    memory.lower_is_better = true;
+    memory.bar("RSS per entry", &per_entry);
+    memory.write();
     let _ = fs::remove_dir_all(&base);
 }

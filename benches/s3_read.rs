@@ -28,8 +28,8 @@
 //! skipped). Environment: `BENCH_RUNS` (default 3), `BENCH_SIZE_MIB` (default 1024),
 //! `BENCH_PEERS=0` to skip the peers, `BENCH_PEER_DEFAULTS=1` to run them with their defaults,
 //! `BENCH_ONLY=TEXT` to keep only the mounts whose name contains TEXT, `BENCH_CACHE_DIR`,
-//! `BENCH_BASELINE_BIN`. Writes under
-//! /dev/shm/mount_vfs_s3bench and the cache dir.
+//! `BENCH_BASELINE_BIN`, `BENCH_RESULTS_DIR` (one chart per mode, `s3_read_MODE_READERS.svg`,
+//! default target/bench-results). Writes under /dev/shm/mount_vfs_s3bench and the cache dir.
 //!
 //! This file sets up and runs the questions in order; the harness (server, clients, data,
 //! mounts, readers, table) and one file per question live in `benches/s3_read/`.
@@ -69,6 +69,7 @@ mod raw_read;
 mod second_mount;
 
 use cold_read::ColdRead;
+use common::chart::BarChart;
 use common::{env_usize, Build};
 use data::Data;
 use first_byte::FirstByte;
@@ -209,6 +210,29 @@ fn main() {
         }
         for c in contender.versions(&builds) {
             second.print_ttfb(c);
+        }
+    }
+    for direct in [true, false] {
+        for readers in [1, 4] {
+            let mode = report::mode_name(direct);
+            let mut chart = BarChart::new(
+                &format!("s3_read_{mode}_{readers}"),
+                &format!("s3_read: cold reads from S3, {mode}, {readers} reader(s), 2 x {size_mib} MiB, {runs} runs"),
+                "GB/s",
+            );
+            ceiling.add_to(&mut chart, direct, readers);
+            let best_raw = raw.add_to(&mut chart, readers);
+            for &contender in &contenders {
+                for c in contender.versions(&builds) {
+                    cold.add_to(&mut chart, c, direct, readers, best_raw.as_deref());
+                }
+            }
+            for &contender in &contenders {
+                for c in contender.versions(&builds) {
+                    second.add_to(&mut chart, c, direct, readers);
+                }
+            }
+            chart.write();
         }
     }
     let _ = fs::remove_dir_all(&base);

@@ -33,9 +33,9 @@ use std::time::Instant;
 
 mod common;
 
-use common::{
-    checked_read, drop_caches, env_usize, fill, median, proc_counters, Clock, Daemon, BIN,
-};
+use common::chart::BarChart;
+
+use common::{checked_read, drop_caches, env_usize, fill, median, proc_counters, Clock, Daemon};
 
 const MIB: usize = 1 << 20;
 const FILES: usize = 3;
@@ -129,7 +129,7 @@ impl Bench {
     /// Mounts the manifest on `mnt` with a fresh (emptied) disk cache in `cache`.
     fn mount(&self, mnt: &Path, cache: &Path, writable: bool) -> Result<Daemon, String> {
         let _ = fs::remove_dir_all(cache);
-        let mut command = Command::new(BIN);
+        let mut command = Command::new(common::bin());
         command
             .arg(&self.manifest)
             .arg(mnt)
@@ -492,5 +492,24 @@ fn main() {
     for failure in &failures {
         println!("# FAILED {failure}");
     }
+    let mut chart = BarChart::new(
+        "writable",
+        &format!(
+            "writable: {FILES} x {file_mib} MiB, 1 MiB writes and buffered reads, {runs} runs"
+        ),
+        "GB/s",
+    );
+    for op in Op::ALL {
+        let (against, _) = op.reference();
+        let gbps = |who: Who| -> Vec<f64> { runs_of(op, who).iter().map(|r| r / 1e9).collect() };
+        let label = |who: Who| format!("{}: {}", op.name(), who.name());
+        chart.bar(&label(against), &gbps(against));
+        if chart.bars.iter().any(|b| b.label == label(against)) {
+            chart.bar_vs(&label(Who::Writable), &gbps(Who::Writable), &label(against));
+        } else {
+            chart.bar(&label(Who::Writable), &gbps(Who::Writable));
+        }
+    }
+    chart.write();
     let _ = fs::remove_dir_all(&base);
 }

@@ -2,6 +2,8 @@
 //! the same-invocation A/B comparison with an older mount_vfs binary (`BENCH_BASELINE_BIN`).
 #![allow(dead_code)]
 
+pub mod chart;
+
 use std::ffi::OsStr;
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
@@ -127,13 +129,23 @@ pub fn mount_null(
     size: u64,
     names: &[&'static str],
 ) -> fuser::BackgroundSession {
+    mount_null_threads(mnt, size, names, 2)
+}
+
+/// [`mount_null`] with `threads` FUSE threads (mount_vfs runs one per shard).
+pub fn mount_null_threads(
+    mnt: &std::path::Path,
+    size: u64,
+    names: &[&'static str],
+    threads: usize,
+) -> fuser::BackgroundSession {
     std::fs::create_dir_all(mnt).unwrap();
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::RO,
         fuser::MountOption::FSName("nullfs".into()),
     ];
-    config.n_threads = Some(2);
+    config.n_threads = Some(threads);
     config.clone_fd = true;
     fuser::Session::new(NullFs::new(size, names), mnt, &config)
         .unwrap()
@@ -141,8 +153,13 @@ pub fn mount_null(
         .unwrap()
 }
 
-/// This checkout's mount_vfs, built by cargo for the bench.
-pub const BIN: &str = env!("CARGO_BIN_EXE_mount_vfs");
+/// The mount_vfs binary the bench measures: `MOUNT_VFS_BIN` (a bench executable carried to
+/// another machine, see benches/scaling.sh), else this checkout's, built by cargo for the bench.
+pub fn bin() -> PathBuf {
+    std::env::var_os("MOUNT_VFS_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_mount_vfs").into())
+}
 
 /// Names an older mount_vfs binary to measure beside this build in the same invocation.
 const BASELINE_BIN: &str = "BENCH_BASELINE_BIN";
@@ -152,7 +169,7 @@ const BASELINE_BIN: &str = "BENCH_BASELINE_BIN";
 /// to show that a refactor kept the speed.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 pub enum Build {
-    /// [`BIN`].
+    /// [`bin()`].
     New,
     /// `BENCH_BASELINE_BIN`.
     Baseline,
@@ -177,7 +194,7 @@ impl Build {
 
     pub fn bin(self) -> PathBuf {
         match self {
-            Build::New => BIN.into(),
+            Build::New => bin(),
             Build::Baseline => std::env::var_os(BASELINE_BIN)
                 .expect("BENCH_BASELINE_BIN is set")
                 .into(),
@@ -434,7 +451,7 @@ pub fn machine() -> String {
         .and_then(|c| {
             c.lines()
                 .find(|l| l.starts_with("model name"))
-                .map(|l| l.to_string())
+                .and_then(|l| Some(l.split_once(':')?.1.trim().to_string()))
         })
         .unwrap_or_default();
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -458,7 +475,7 @@ pub fn bench_dir(name: &str) -> PathBuf {
 /// `mount_vfs snapshot tree --cas cas --output manifest --format format`; panics with its log
 /// when it fails.
 pub fn snapshot(tree: &Path, cas: &Path, manifest: &Path, format: &str) {
-    let output = Command::new(BIN)
+    let output = Command::new(bin())
         .arg("snapshot")
         .arg(tree)
         .arg("--cas")
@@ -473,4 +490,92 @@ pub fn snapshot(tree: &Path, cas: &Path, manifest: &Path, format: &str) {
         "mount_vfs snapshot --format {format} failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// CPU seconds of each thread of process `pid`, by thread name (`comm`; threads of the same
+/// name summed): the nanoseconds on CPU from /proc/PID/task/*/schedstat, else utime + stime from
+/// .../stat (clock ticks: 10 ms, too coarse for a thread that works microseconds per request).
+pub fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, f64> {
+    let mut by_name = std::collections::BTreeMap::new();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for task in tasks.flatten() {
+        let stat = fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_string();
+        let on_cpu_ns = fs::read_to_string(task.path().join("schedstat"))
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok());
+        let secs = match on_cpu_ns {
+            Some(ns) => ns / 1e9,
+            None => {
+                let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+                if fields.len() < 13 {
+                    continue;
+                }
+                (fields[11].parse::<f64>().unwrap_or(0.0)
+                    + fields[12].parse::<f64>().unwrap_or(0.0))
+                    / hz
+            }
+        };
+        *by_name.entry(name).or_insert(0.0) += secs;
+    }
+    by_name
+}
+
+/// `GET /metrics` from a mount's `--metrics-addr 127.0.0.1:PORT`, over plain HTTP/1.0; the body.
+pub fn scrape_metrics(port: u16) -> Result<String, String> {
+    use std::io::Write;
+    let mut stream =
+        std::net::TcpStream::connect(("127.0.0.1", port)).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .map_err(|e| e.to_string())?;
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .map_err(|e| e.to_string())?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .map_err(|e| e.to_string())?;
+    match response.split_once("\r\n\r\n") {
+        Some((head, body))
+            if head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200") =>
+        {
+            Ok(body.to_string())
+        }
+        _ => Err(format!(
+            "unexpected answer: {}",
+            response.lines().next().unwrap_or("")
+        )),
+    }
+}
+
+/// The sum over all label sets of the samples of `metric` (e.g. `mount_vfs_bytes_served_total`,
+/// or `mount_vfs_requests_total{op="read"` to pick labels) in a scrape.
+pub fn metric_sum(body: &str, metric: &str) -> f64 {
+    body.lines()
+        .filter(|l| {
+            l.starts_with(metric)
+                && matches!(
+                    l.as_bytes().get(metric.len()),
+                    Some(b' ' | b'{' | b',' | b'}')
+                )
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A free port on 127.0.0.1 (bound and released: a daemon binds it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use crate::common::chart::BarChart;
 use crate::mounts::{Contender, Env, Mount};
 use crate::raw_read::RawRead;
 use crate::readers::measure;
@@ -77,5 +78,43 @@ impl ColdRead {
             contender.baseline().and_then(|b| self.rows.get(&b)),
             None,
         );
+    }
+
+    /// `contender`'s bar in the chart of one mode, over the best raw client (`reference`).
+    pub fn add_to(
+        &self,
+        chart: &mut BarChart,
+        contender: Contender,
+        direct: bool,
+        readers: usize,
+        reference: Option<&str>,
+    ) {
+        add_bar(
+            chart,
+            &contender.name(),
+            self.rows.get(&contender),
+            direct,
+            readers,
+            reference,
+        );
+    }
+}
+
+/// A bar of the samples of `modes` in one mode, if any, over `reference` when there is one.
+pub fn add_bar(
+    chart: &mut BarChart,
+    label: &str,
+    modes: Option<&Modes>,
+    direct: bool,
+    readers: usize,
+    reference: Option<&str>,
+) {
+    let Some(samples) = modes.and_then(|m| m.get(&(direct, readers))) else {
+        return;
+    };
+    let gbps: Vec<f64> = samples.rates.iter().map(|r| r / 1e9).collect();
+    match reference {
+        Some(reference) => chart.bar_vs(label, &gbps, reference),
+        None => chart.bar(label, &gbps),
     }
 }

@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::common::chart::BarChart;
 use crate::common::{drop_caches, mount_null};
 use crate::mounts::step_deadline;
 use crate::readers::read_files;
@@ -54,6 +55,14 @@ impl FuseCeiling {
                 "json: {{\"contender\":\"null FUSE\",\"mode\":\"{mode}\",\"readers\":{readers},\"gbps\":{:.4}}}",
                 m / 1e9
             );
+        }
+    }
+
+    /// Its bar in the chart of one mode.
+    pub fn add_to(&self, chart: &mut BarChart, direct: bool, readers: usize) {
+        if let Some(v) = self.rates.get(&(direct, readers)) {
+            let gbps: Vec<f64> = v.iter().map(|r| r / 1e9).collect();
+            chart.bar("null FUSE (ceiling, no I/O)", &gbps);
         }
     }
 }

@@ -9,6 +9,7 @@ use mount_vfs::manifest::Hash;
 use mount_vfs::store::S3Target;
 
 use crate::clients::{raw_hyper, raw_s3store, s3_config, RAW_IN_FLIGHT};
+use crate::common::chart::BarChart;
 use crate::mounts::step_deadline;
 use crate::report::{fmt_runs, median, ratio};
 
@@ -83,5 +84,24 @@ impl RawRead {
                 m / 1e9
             );
         }
+    }
+
+    /// The raw clients' bars for `readers` readers; returns the best one's label, the
+    /// reference every mount bar's ratio is over.
+    pub fn add_to(&self, chart: &mut BarChart, readers: usize) -> Option<String> {
+        let mut best: Option<(String, f64)> = None;
+        for ((client, r), v) in &self.rates {
+            if *r != readers {
+                continue;
+            }
+            let label = format!("raw {client}");
+            let gbps: Vec<f64> = v.iter().map(|r| r / 1e9).collect();
+            chart.bar(&label, &gbps);
+            let m = median(v.clone()).unwrap_or(0.0);
+            if best.as_ref().is_none_or(|(_, b)| m > *b) {
+                best = Some((label, m));
+            }
+        }
+        best.map(|(label, _)| label)
     }
 }

@@ -12,6 +12,8 @@ use std::path::PathBuf;
 
 use mount_vfs::manifest::Hash;
 
+use crate::cold_read::add_bar;
+use crate::common::chart::BarChart;
 use crate::common::drop_caches;
 use crate::first_byte::Ttfb;
 use crate::mounts::{Contender, Env, Mount};
@@ -147,5 +149,32 @@ impl SecondMount {
     pub fn print_ttfb(&self, contender: Contender) {
         let name = format!("{} (2nd mount)", contender.name());
         self.ttfb.print(contender, &name);
+    }
+
+    /// `contender`'s 2nd-mount bar in the chart of one mode, over its cache files read
+    /// directly (the bar before it).
+    pub fn add_to(&self, chart: &mut BarChart, contender: Contender, direct: bool, readers: usize) {
+        let files = format!("{} (cache files, no FUSE)", contender.name());
+        add_bar(
+            chart,
+            &files,
+            self.direct.get(&contender),
+            direct,
+            readers,
+            None,
+        );
+        let reference = chart
+            .bars
+            .iter()
+            .any(|b| b.label == files)
+            .then_some(files.as_str());
+        add_bar(
+            chart,
+            &format!("{} (2nd mount)", contender.name()),
+            self.rows.get(&contender),
+            direct,
+            readers,
+            reference,
+        );
     }
 }

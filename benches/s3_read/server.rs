@@ -298,8 +298,13 @@ pub struct Server {
 
 impl Server {
     pub fn start() -> Server {
+        Server::start_with_threads(2)
+    }
+
+    /// A server on `threads` tokio worker threads (a many-core scaling run needs more than 2).
+    pub fn start_with_threads(threads: usize) -> Server {
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(threads)
             .thread_name("s3bench-server")
             .enable_all()
             .build()
