@@ -14,7 +14,8 @@
 //! Needs root and `/dev/fuse`; the io_uring rows need a kernel built with
 //! `CONFIG_FUSE_IO_URING`. The bench sets `/sys/module/fuse/parameters/enable_uring` for its
 //! io_uring rows and restores the earlier value. `BENCH_OPS` sets the calls per row (default
-//! 20000), `BENCH_RUNS` the runs (default 3; medians of them are printed).
+//! 20000), `BENCH_RUNS` the runs (default 3; medians of them are printed, and charted per
+//! workload as `fuse_transport_{stat,read4k,read1m}.{json,svg}`, see `common/chart.rs`).
 
 use std::ffi::CString;
 use std::fs;
@@ -26,6 +27,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+mod common;
+use common::chart::BarChart;
+use common::{env_usize, median};
 
 const FILE_SIZE: u64 = 64 << 20;
 const MAX_WRITE: u32 = 1 << 20;
@@ -552,23 +557,22 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6
 }
 
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+/// One transport's runs of one workload: calls per second, p50 and p99 in µs, and how many
+/// requests the server took from its rings.
+#[derive(Clone, Default)]
+struct Row {
+    rates: Vec<f64>,
+    p50: Vec<f64>,
+    p99: Vec<f64>,
+    via_ring: u64,
 }
 
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let ops: usize = std::env::var("BENCH_OPS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(20_000);
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3);
+    let ops = env_usize("BENCH_OPS", 20_000);
+    let runs = env_usize("BENCH_RUNS", 3);
     let uring_available = fs::metadata(ENABLE_URING).is_ok();
     if !uring_available {
         println!("io_uring rows skipped: this kernel has no {ENABLE_URING} (CONFIG_FUSE_IO_URING)");
@@ -583,14 +587,19 @@ fn main() {
         "workload", "transport", "readers", "calls/s", "p50 us", "p99 us", "via ring"
     );
     for workload in [Workload::Stat, Workload::Read4K, Workload::Read1M] {
+        // One chart per workload: their call rates differ by orders of magnitude.
+        let mut chart = BarChart::new(
+            &format!("fuse_transport_{}", format!("{workload:?}").to_lowercase()),
+            &format!("do-nothing FUSE server, {workload:?}: /dev/fuse and io_uring"),
+            "calls/s",
+        );
         for readers in [1, cpus] {
             let transports: &[Transport] = if uring_available {
                 &[Transport::Dev, Transport::Uring]
             } else {
                 &[Transport::Dev]
             };
-            let mut rows: Vec<(Vec<f64>, Vec<f64>, Vec<f64>, u64)> =
-                vec![Default::default(); transports.len()];
+            let mut rows: Vec<Row> = vec![Row::default(); transports.len()];
             for _ in 0..runs {
                 for (row, &transport) in rows.iter_mut().zip(transports) {
                     let server = Server::mount(&mnt, transport);
@@ -600,25 +609,33 @@ fn main() {
                         ops
                     };
                     let (rate, latencies) = run(&mnt, workload, readers, ops);
-                    row.0.push(rate);
-                    row.1.push(percentile(&latencies, 0.50));
-                    row.2.push(percentile(&latencies, 0.99));
-                    row.3 = server.via_ring.load(Ordering::Relaxed);
+                    row.rates.push(rate);
+                    row.p50.push(percentile(&latencies, 0.50));
+                    row.p99.push(percentile(&latencies, 0.99));
+                    row.via_ring = server.via_ring.load(Ordering::Relaxed);
                     let _ = server.via_dev.load(Ordering::Relaxed);
                 }
             }
             for (row, transport) in rows.into_iter().zip(transports) {
+                let label = format!("{transport:?}, {readers} reader(s)");
+                match transport {
+                    Transport::Dev => chart.bar(&label, &row.rates),
+                    Transport::Uring => {
+                        chart.bar_vs(&label, &row.rates, &format!("Dev, {readers} reader(s)"))
+                    }
+                }
                 println!(
                     "{:<9} {:<8} {:>7} {:>12.0} {:>9.1} {:>9.1} {:>10}",
                     format!("{workload:?}"),
                     format!("{transport:?}"),
                     readers,
-                    median(row.0),
-                    median(row.1),
-                    median(row.2),
-                    row.3
+                    median(row.rates),
+                    median(row.p50),
+                    median(row.p99),
+                    row.via_ring
                 );
             }
         }
+        chart.write();
     }
 }

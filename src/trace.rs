@@ -88,8 +88,11 @@ pub enum TraceError {
 struct TraceFile {
     format: String,
     version: u32,
-    objects: Vec<(String, u64, Vec<(u64, u64)>)>,
+    objects: Vec<TracedObject>,
 }
+
+/// `[hash, len, [[start, end], ...]]`: one object and the byte ranges read of it.
+type TracedObject = (String, u64, Vec<(u64, u64)>);
 
 impl Trace {
     pub fn entries(&self) -> &[TraceEntry] {
