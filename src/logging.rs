@@ -28,14 +28,22 @@ impl LogLevel {
 }
 
 /// The filter: a non-empty `rust_log` wins (a whole filter, per module if need be), then
-/// `level`, then info. Whatever either says, aws-sigv4 stays at debug: its trace lines carry
-/// each request's signing parameters, the access key id included.
+/// `level`, then info. `level` above info applies to mount_vfs's own lines only: other crates
+/// stay at info (fuser alone logs every FUSE request at debug); `RUST_LOG` reaches them.
+/// Whatever either says, aws-sigv4 stays at debug: its trace lines carry each request's
+/// signing parameters, the access key id included.
 pub fn filter(rust_log: Option<&str>, level: Option<LogLevel>) -> tracing_subscriber::EnvFilter {
-    let fallback = level.unwrap_or(LogLevel::Info).directive();
+    let fallback = match level.unwrap_or(LogLevel::Info) {
+        verbose @ (LogLevel::Debug | LogLevel::Trace) => {
+            let l = verbose.directive();
+            format!("info,mount_vfs={l},mount_vfs_executors={l},deadline_vfs={l}")
+        }
+        quiet => quiet.directive().to_owned(),
+    };
     let filter = match rust_log.map(str::trim).filter(|s| !s.is_empty()) {
         Some(spec) => tracing_subscriber::EnvFilter::try_new(spec)
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(fallback)),
-        None => tracing_subscriber::EnvFilter::new(fallback),
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&fallback)),
+        None => tracing_subscriber::EnvFilter::new(&fallback),
     };
     filter.add_directive("aws_sigv4=debug".parse().expect("a valid directive"))
 }

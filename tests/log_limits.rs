@@ -44,6 +44,12 @@ fn a_storm_of_failures_writes_a_few_lines_and_a_count() {
         failure_lines <= 5 * limit,
         "{failure_lines} lines for {failures} failures:\n{log}"
     );
+    // Nothing else writes a line per request at --log-level debug either.
+    assert!(
+        log.lines().count() < 200,
+        "{} lines for {failures} failures",
+        log.lines().count()
+    );
     let suppressed = log
         .lines()
         .find(|l| l.contains("suppressed"))
