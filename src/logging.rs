@@ -78,21 +78,27 @@ pub fn init(log_file: Option<&Path>, level: Option<LogLevel>) -> Result<(), Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tracing::level_filters::LevelFilter;
 
     #[test]
     fn rust_log_wins_over_the_flag_and_empty_means_unset() {
-        let max = |rust_log, level| filter(rust_log, level).max_level_hint();
-        assert_eq!(max(None, None), Some(LevelFilter::INFO));
-        assert_eq!(max(None, Some(LogLevel::Warn)), Some(LevelFilter::WARN));
-        assert_eq!(
-            max(Some(""), Some(LogLevel::Trace)),
-            Some(LevelFilter::TRACE)
+        let shown = |rust_log, level| filter(rust_log, level).to_string();
+        assert!(shown(None, None).contains("info"));
+        assert!(!shown(None, None).contains("mount_vfs="));
+        assert!(shown(None, Some(LogLevel::Warn)).contains("warn"));
+        let trace = shown(Some(""), Some(LogLevel::Trace));
+        assert!(
+            trace.contains("mount_vfs=trace") && trace.contains("info"),
+            "{trace}"
         );
-        // RUST_LOG says error; what is above it is only the aws-sigv4 cap, not the flag's trace.
-        assert_eq!(
-            max(Some("error"), Some(LogLevel::Trace)),
-            Some(LevelFilter::DEBUG)
+        let rust_log = shown(Some("error"), Some(LogLevel::Trace));
+        assert!(
+            rust_log.contains("error") && !rust_log.contains("trace"),
+            "{rust_log}"
         );
+        for level in [None, Some(LogLevel::Trace)] {
+            for rust_log in [None, Some("trace")] {
+                assert!(shown(rust_log, level).contains("aws_sigv4=debug"));
+            }
+        }
     }
 }
