@@ -51,6 +51,21 @@ pub enum Command {
     /// Install `deadline_vfs` where the AWS Deadline Cloud worker looks for it:
     /// PREFIX/bin/deadline_vfs, PREFIX/link/fusermount3, PREFIX/scripts/production/al2/run_deadline_vfs_al2.sh.
     InstallDeadlineVfs(InstallDeadlineVfsArgs),
+    /// Live view of a running mount: throughput, cache hit rate, store GETs in flight and
+    /// errors, per shard and in total, refreshed every second (no --metrics-addr needed).
+    Stats(StatsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// The mountpoint of a running mount_vfs.
+    pub mountpoint: PathBuf,
+    /// Print one sample (rates over 1 s) and exit.
+    #[arg(long)]
+    pub once: bool,
+    /// Print the daemon's raw counters as one JSON line per sample instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -276,6 +291,9 @@ pub struct MountArgs {
     /// Append the log to FILE instead of standard error.
     #[arg(long, value_name = "FILE", help_heading = "Mount")]
     pub log_file: Option<PathBuf>,
+    /// Log level when RUST_LOG is unset (RUST_LOG, if set, wins) [default: info]
+    #[arg(long, value_enum, value_name = "LEVEL", help_heading = "Mount")]
+    pub log_level: Option<crate::logging::LogLevel>,
     /// Mount on a directory that is not empty (its entries are hidden while mounted).
     #[arg(long, help_heading = "Mount")]
     pub allow_non_empty: bool,

@@ -12,38 +12,15 @@ use mount_vfs::mount::MountConfig;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
-        // aws-sigv4 traces each request's signing parameters, access key id included: never
-        // write those, whatever RUST_LOG asks for.
-        .add_directive("aws_sigv4=debug".parse().expect("a valid directive"));
-    let log_file = cli.mount.log_file.as_ref().map(|path| {
-        std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| format!("cannot open --log-file {}: {e}", path.display()))
-    });
-    match log_file {
-        Some(Err(e)) => {
-            eprintln!("mount_vfs: {e}");
-            return ExitCode::from(2);
-        }
-        Some(Ok(file)) => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::sync::Mutex::new(file))
-            .with_ansi(false)
-            .init(),
-        None => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
+    if let Err(e) = mount_vfs::logging::init(cli.mount.log_file.as_deref(), cli.mount.log_level) {
+        eprintln!("mount_vfs: {e}");
+        return ExitCode::from(2);
     }
     match cli.command {
         Some(Command::Snapshot(args)) => mount_vfs::snapshot::run(&args),
         Some(Command::Validate(args)) => mount_vfs::validate::run(&args),
         Some(Command::Export(args)) => mount_vfs::export::run(&args),
+        Some(Command::Stats(args)) => mount_vfs::stats::run(&args),
         Some(Command::InstallDeadlineVfs(args)) => {
             match mount_vfs::deadline_vfs::install(&args.prefix, args.binary.as_deref()) {
                 Ok(done) => {

@@ -7,6 +7,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +28,48 @@ pub struct MetricSources {
     pub shards: Vec<Arc<ShardCounters>>,
     pub pools: Vec<Arc<PoolStats>>,
     pub ops: Arc<OpCounters>,
+}
+
+/// The counters of every shard as one compact JSON object, built on request from relaxed
+/// loads, one row of numbers per shard under one list of names (so that even hundreds of shards
+/// fit the 64 KiB an extended attribute may hold): `{"pid":..,"fields":["opens",..,
+/// "store_reads_in_flight","pool_in_use_bytes","pool_capacity_bytes"],"shards":[[..],..]}`.
+/// `mount_vfs stats` reads it through an extended attribute of the mount's root
+/// (`fs::STATS_XATTR`), so it needs no `--metrics-addr`.
+pub fn snapshot_json(sources: &MetricSources) -> String {
+    let mut fields: Vec<&str> = Vec::new();
+    let shards: Vec<Vec<u64>> = sources
+        .shards
+        .iter()
+        .enumerate()
+        .map(|(shard, counters)| {
+            let snapshot = counters.snapshot();
+            let pool = sources.pools.get(shard).map(|p| p.snapshot());
+            let row: Vec<(&'static str, u64)> = snapshot
+                .fields()
+                .map(|(name, _, value)| (name, value))
+                .chain([
+                    (
+                        "store_reads_in_flight",
+                        counters.store_reads_in_flight.load(Relaxed),
+                    ),
+                    (
+                        "pool_in_use_bytes",
+                        pool.as_ref().map_or(0, |p| p.in_use as u64),
+                    ),
+                    (
+                        "pool_capacity_bytes",
+                        pool.as_ref().map_or(0, |p| p.capacity as u64),
+                    ),
+                ])
+                .collect();
+            if fields.is_empty() {
+                fields = row.iter().map(|&(name, _)| name).collect();
+            }
+            row.into_iter().map(|(_, value)| value).collect()
+        })
+        .collect();
+    serde_json::json!({ "pid": std::process::id(), "fields": fields, "shards": shards }).to_string()
 }
 
 /// The endpoint could not be started.
@@ -179,6 +222,17 @@ impl Collector for Scrape {
                 let labels = [("shard", shard.to_string())];
                 ConstGauge::new(value(pool)).encode(metric.encode_family(&labels)?)?;
             }
+        }
+        let mut metric = encoder.encode_descriptor(
+            "store_reads_in_flight",
+            "Store reads (S3 GETs, local CAS reads) started and not finished.",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (shard, counters) in sources.shards.iter().enumerate() {
+            let labels = [("shard", shard.to_string())];
+            ConstGauge::new(counters.store_reads_in_flight.load(Relaxed) as i64)
+                .encode(metric.encode_family(&labels)?)?;
         }
         let mut metric = encoder.encode_descriptor(
             "pool_waits",

@@ -71,6 +71,10 @@ fn metrics_count_what_the_mount_served() {
         "the failed lookup is counted: {body}"
     );
     assert!(total(&body, "mount_vfs_pool_capacity_bytes", "") > 0);
+    assert!(
+        body.contains("mount_vfs_store_reads_in_flight{shard=\"1\"} 0\n"),
+        "the in-flight gauge is exported, and 0 when idle: {body}"
+    );
 
     let (status, _) = get(port, "/other");
     assert_eq!(status, "HTTP/1.1 404 Not Found");

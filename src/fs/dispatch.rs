@@ -21,7 +21,7 @@ use super::error::FsError;
 use super::op_counters::{Op, OpCounters};
 use super::request::{fail, Attributes, DirPlusReply, DirReply, Open, Request, StatFs, ATTR_TTL};
 use super::shard::ShardRequest;
-use crate::namespace::{owner, Attr, Ino, Namespace, NodeKind};
+use crate::namespace::{owner, Attr, Ino, Namespace, NodeKind, ROOT_INO};
 
 /// Reported as `st_blksize`: tools like `cp` size their reads from it, and 1 MiB matches the
 /// largest FUSE READ the kernel sends (`max_pages` = 256 pages).
@@ -39,7 +39,16 @@ pub struct Dispatcher {
     pub(super) overlay: Option<Arc<Overlay>>,
     /// Open directories' listings (writable mounts: a listing is taken at `opendir`).
     pub(super) listings: Listings,
+    /// Builds the counters snapshot [`STATS_XATTR`] answers with.
+    stats: Option<StatsSnapshot>,
 }
+
+/// The extended attribute of the mount's root that answers with a JSON snapshot of the shards'
+/// counters (`mount_vfs stats MOUNTPOINT` reads it): read-only, not listed, built on request.
+pub const STATS_XATTR: &str = "user.mount_vfs.stats";
+
+/// Builds the [`STATS_XATTR`] value.
+pub type StatsSnapshot = Box<dyn Fn() -> String + Send + Sync>;
 
 impl Dispatcher {
     /// `ops` counts every request and failure (shared with the shards, which count theirs).
@@ -58,6 +67,7 @@ impl Dispatcher {
             gid,
             overlay: None,
             listings: Listings::default(),
+            stats: None,
         }
     }
 
@@ -67,9 +77,18 @@ impl Dispatcher {
         self
     }
 
+    /// Answers [`STATS_XATTR`] with what `snapshot` builds.
+    pub fn stats(mut self, snapshot: StatsSnapshot) -> Dispatcher {
+        self.stats = Some(snapshot);
+        self
+    }
+
     /// Serves `request`: answers it here or hands it to its owner shard.
     pub fn dispatch(&self, request: Request<'_>) {
         self.ops.request(request.op());
+        let Some(request) = self.answer_stats(request) else {
+            return;
+        };
         if let Some(overlay) = &self.overlay {
             return self.dispatch_writable(overlay, request);
         }
@@ -154,6 +173,32 @@ impl Dispatcher {
                 let (reply, ino) = change.into_reply();
                 fail(&self.ops, reply, op, ino, FsError::ReadOnly);
             }
+        }
+    }
+
+    /// Answers a `getxattr` of [`STATS_XATTR`] on the root; gives any other request back.
+    fn answer_stats<'a>(&self, request: Request<'a>) -> Option<Request<'a>> {
+        match (request, &self.stats) {
+            (
+                Request::GetXattr {
+                    ino: ROOT_INO,
+                    name,
+                    size,
+                    reply,
+                },
+                Some(snapshot),
+            ) if name == STATS_XATTR.as_bytes() => {
+                let value = snapshot();
+                if size == 0 {
+                    reply.size(value.len() as u32);
+                } else if (size as usize) < value.len() {
+                    fail(&self.ops, reply, Op::GetXattr, ROOT_INO, FsError::Range);
+                } else {
+                    reply.data(value.as_bytes());
+                }
+                None
+            }
+            (other, _) => Some(other),
         }
     }
 
@@ -443,6 +488,33 @@ mod tests {
         d.dispatch(Request::StatFs { reply });
         let totals = answer.try_recv().unwrap().unwrap();
         assert_eq!((totals.blocks, totals.files), (1, ns.len() as u64));
+    }
+
+    #[test]
+    fn the_root_answers_the_stats_attribute_and_nothing_else_changes() {
+        let (d, _) = dispatcher();
+        let value = r#"{"shards":[]}"#;
+        let d = d.stats(Box::new(move || value.to_owned()));
+        let get = |ino, name: &'static str, size| {
+            let (reply, answer) = capture::<Result<u32, Vec<u8>>>();
+            d.dispatch(Request::GetXattr {
+                ino,
+                name: name.as_bytes(),
+                size,
+                reply,
+            });
+            answer.try_recv().unwrap()
+        };
+        let errno = |answer: Result<_, FsError>| answer.unwrap_err().errno();
+        assert_eq!(get(ROOT_INO, STATS_XATTR, 0), Ok(Ok(value.len() as u32)));
+        assert_eq!(
+            get(ROOT_INO, STATS_XATTR, 64),
+            Ok(Err(value.as_bytes().to_vec()))
+        );
+        assert_eq!(errno(get(ROOT_INO, STATS_XATTR, 4)), libc::ERANGE);
+        let a = lookup(&d, ROOT_INO, "a").unwrap().ino;
+        assert_eq!(errno(get(a, STATS_XATTR, 64)), libc::ENODATA);
+        assert_eq!(errno(get(ROOT_INO, "user.other", 64)), libc::ENODATA);
     }
 
     #[test]

@@ -96,7 +96,7 @@ impl FsError {
     ];
 
     /// The variant as a metrics label (several share an errno).
-    pub fn reason(self) -> &'static str {
+    pub const fn reason(self) -> &'static str {
         match self {
             FsError::NotFound => "not_found",
             FsError::NotDirectory => "not_directory",

@@ -27,7 +27,7 @@ pub(crate) mod writable;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use dispatch::{Dispatcher, PREFERRED_IO_SIZE};
+pub use dispatch::{Dispatcher, StatsSnapshot, PREFERRED_IO_SIZE, STATS_XATTR};
 pub use error::FsError;
 pub use op_counters::{Op, OpCounters};
 pub use verified::{

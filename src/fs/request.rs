@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use super::error::FsError;
 use super::op_counters::{Op, OpCounters};
 use super::verified::ReadData;
+use crate::log_limit::LogLimit;
 use crate::namespace::{Ino, NodeKind};
 
 /// One request, with the reply it must be answered through.
@@ -443,10 +444,37 @@ pub trait XattrReply: Reply {
 pub fn fail(counters: &OpCounters, reply: Box<dyn Reply>, op: Op, ino: Ino, error: FsError) {
     counters.failure(op, error);
     let (op, errno) = (op.name(), error.errno());
+    let limit = &FAILURE_LOG[error as usize];
     if error.log_level() == tracing::Level::TRACE {
-        tracing::trace!(op, ino, errno, "{error}");
+        crate::limited!(
+            limit = limit,
+            tracing::Level::TRACE,
+            op,
+            ino,
+            errno,
+            "{error}"
+        );
     } else {
-        tracing::debug!(op, ino, errno, "{error}");
+        crate::limited!(
+            limit = limit,
+            tracing::Level::DEBUG,
+            op,
+            ino,
+            errno,
+            "{error}"
+        );
     }
     reply.error(error);
 }
+
+/// One log rate limit per failure reason: a reader retrying a bad file thousands of times
+/// writes a few lines, and does not hide failures of another kind.
+static FAILURE_LOG: [LogLimit; FsError::ALL.len()] = {
+    let mut table = [const { LogLimit::new("") }; FsError::ALL.len()];
+    let mut i = 0;
+    while i < table.len() {
+        table[i] = LogLimit::new(FsError::ALL[i].reason());
+        i += 1;
+    }
+    table
+};

@@ -316,15 +316,16 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
     .map_err(|e| MountError::Runtime(format!("cannot start shards: {e}")))?;
 
     let senders: Vec<_> = (0..shards).map(|i| executors.sender(i).clone()).collect();
+    let sources = MetricSources {
+        shards: counters.clone(),
+        pools: executors.stats().to_vec(),
+        ops: ops.clone(),
+    };
     if let Some(addr) = config.metrics_addr {
-        let sources = MetricSources {
-            shards: counters.clone(),
-            pools: executors.stats().to_vec(),
-            ops: ops.clone(),
-        };
-        metrics::serve(addr, sources)?;
+        metrics::serve(addr, sources.clone())?;
     }
-    let mut dispatcher = Dispatcher::new(namespace.clone(), senders, ops);
+    let mut dispatcher = Dispatcher::new(namespace.clone(), senders, ops)
+        .stats(Box::new(move || metrics::snapshot_json(&sources)));
     if let Some(overlay) = &overlay {
         dispatcher = dispatcher.writable(overlay.clone());
     }

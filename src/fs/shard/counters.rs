@@ -17,6 +17,9 @@ macro_rules! counters {
             pub open_latency: Histogram,
             /// One store or disk-cache read, from its start to its last byte.
             pub fetch_latency: Histogram,
+            /// Store reads (S3 GETs, local CAS reads; not disk-cache reads) started and not
+            /// finished: a gauge, for `mount_vfs stats` and the metrics endpoint.
+            pub store_reads_in_flight: AtomicU64,
         }
 
         /// A point-in-time copy of [`ShardCounters`].
@@ -79,8 +82,25 @@ impl CounterSnapshot {
 }
 
 impl ShardCounters {
+    /// Counts a store read in flight until the guard is dropped (finished, failed or
+    /// abandoned).
+    pub fn store_read(&self) -> InFlight<'_> {
+        self.store_reads_in_flight.fetch_add(1, Relaxed);
+        InFlight(&self.store_reads_in_flight)
+    }
+
     pub fn add(&self, counter: &AtomicU64, value: u64) {
         counter.fetch_add(value, Relaxed);
+    }
+}
+
+/// One store read in flight (see [`ShardCounters::store_read`]).
+#[derive(Debug)]
+pub struct InFlight<'a>(&'a AtomicU64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
     }
 }
 

@@ -68,11 +68,13 @@ impl FileService {
     ) -> Result<Block, StoreError> {
         let started = Instant::now();
         let c = &self.counters;
-        let (store, counter): (&dyn ObjectStore, _) = match (source, &self.disk_cache) {
-            (Source::DiskCache, Some(cache)) => (cache, &c.disk_cache_bytes),
-            _ => (&*self.store, &c.bytes_fetched),
+        let (store, counter, in_flight): (&dyn ObjectStore, _, _) = match (source, &self.disk_cache)
+        {
+            (Source::DiskCache, Some(cache)) => (cache, &c.disk_cache_bytes, None),
+            _ => (&*self.store, &c.bytes_fetched, Some(c.store_read())),
         };
         let result = store.read(&self.pool, memory, range).await;
+        drop(in_flight);
         let result = result.and_then(|block| {
             if block.len() == range.len {
                 Ok(block)

@@ -89,7 +89,7 @@ use crate::store::{DiskCache, DiskCacheConfig, ObjectStore, StoreConfig};
 use crate::trace::TraceRecorder;
 
 pub use cache::BlockKey;
-pub use counters::{CounterSnapshot, Histogram, ShardCounters};
+pub use counters::{CounterSnapshot, Histogram, InFlight, ShardCounters};
 pub use prefetch::{PrefetchItem, PrefetchPlan};
 pub use stream::{VerifyMode, VerifyPolicy};
 

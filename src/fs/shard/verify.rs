@@ -407,7 +407,9 @@ impl FileService {
     /// Puts a failed object in quarantine; the first failure of an object is logged.
     pub(super) fn quarantine(&self, ino: Ino, hash: Hash, error: &dyn std::fmt::Display) {
         if self.verification.quarantine.borrow_mut().insert(hash) {
-            tracing::error!(
+            crate::limited!(
+                tracing::Level::ERROR,
+                "objects that cannot be served",
                 shard = self.shard,
                 file = %self.namespace.path(ino).display(),
                 %hash,

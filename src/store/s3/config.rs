@@ -39,7 +39,7 @@ pub struct S3Config {
 }
 
 /// Where request-signing credentials come from.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub enum CredentialSource {
     /// The standard AWS chain (environment, shared files, SSO, web identity, container and
     /// instance metadata), optionally with a named profile; refreshed before expiry.
@@ -50,6 +50,31 @@ pub enum CredentialSource {
         secret_access_key: String,
         session_token: Option<String>,
     },
+}
+
+/// Names the key id only: a configuration printed into a log or an error must never carry the
+/// secret key or the session token.
+impl std::fmt::Debug for CredentialSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CredentialSource::Chain { profile } => {
+                f.debug_struct("Chain").field("profile", profile).finish()
+            }
+            CredentialSource::Static {
+                access_key_id,
+                session_token,
+                ..
+            } => f
+                .debug_struct("Static")
+                .field("access_key_id", access_key_id)
+                .field("secret_access_key", &"** redacted **")
+                .field(
+                    "session_token",
+                    &session_token.as_ref().map(|_| "** redacted **"),
+                )
+                .finish(),
+        }
+    }
 }
 
 /// Timeouts and retry budget of the data path. The defaults suit S3; tests shorten them.
@@ -284,6 +309,21 @@ pub fn encode_key(key: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_never_shows_secrets() {
+        let source = CredentialSource::Static {
+            access_key_id: "AKIDEXAMPLE".into(),
+            secret_access_key: "wJalrXUtnFEMI-secret".into(),
+            session_token: Some("FwoGZXIvYXdz-token".into()),
+        };
+        let shown = format!("{source:?} {source:#?}");
+        assert!(shown.contains("AKIDEXAMPLE"), "{shown}");
+        assert!(
+            !shown.contains("wJalr") && !shown.contains("FwoG"),
+            "{shown}"
+        );
+    }
 
     #[test]
     fn s3_uri_splits_bucket_and_prefix() {

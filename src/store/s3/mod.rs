@@ -831,7 +831,9 @@ impl S3Store {
                 Outcome::Done(value) => return Ok(value),
                 Outcome::Fail(error) => return Err(RetryError::Fail(error)),
                 Outcome::Retry(why) => {
-                    tracing::debug!(
+                    crate::limited!(
+                        tracing::Level::DEBUG,
+                        "S3 retries",
                         location = %location.display(),
                         attempt,
                         "S3 {method} failed, will retry: {why}"
