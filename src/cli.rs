@@ -51,6 +51,25 @@ pub enum Command {
     /// Install `deadline_vfs` where the AWS Deadline Cloud worker looks for it:
     /// PREFIX/bin/deadline_vfs, PREFIX/link/fusermount3, PREFIX/scripts/production/al2/run_deadline_vfs_al2.sh.
     InstallDeadlineVfs(InstallDeadlineVfsArgs),
+    /// Install PREFIX/mount.fuse.mount_vfs (a symlink to this binary), so that `mount -t
+    /// fuse.mount_vfs MANIFEST DIR -o cas=...` and /etc/fstab lines work (docs/configuration.md).
+    InstallMountHelper(InstallMountHelperArgs),
+    /// What /sbin/mount.fuse.mount_vfs runs: `SOURCE TARGET [-o OPTIONS] [-sfnv]` from mount(8),
+    /// mounted in the background like --daemon.
+    MountHelper {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<std::ffi::OsString>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct InstallMountHelperArgs {
+    /// Where mount(8) looks for helpers (it runs /sbin/mount.TYPE).
+    #[arg(long, value_name = "DIR", default_value = "/sbin")]
+    pub prefix: PathBuf,
+    /// The binary the helper runs (default: this mount_vfs).
+    #[arg(long, value_name = "FILE")]
+    pub binary: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -134,6 +153,9 @@ pub enum HugepageMode {
     Require,
     /// Normal pages only.
     Off,
+    /// As root: add the 2 MiB hugepages the pools need to nr_hugepages at start (per NUMA node)
+    /// and take them back at exit; otherwise, or if refused, one line and `auto`.
+    Reserve,
 }
 
 /// `--verify`: when the bytes of an object may be served (docs/semantics.md).

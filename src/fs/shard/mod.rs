@@ -90,8 +90,8 @@ use crate::trace::TraceRecorder;
 
 pub use cache::BlockKey;
 pub use counters::{CounterSnapshot, Histogram, ShardCounters};
-pub use stream::{VerifyMode, VerifyPolicy};
 pub use prefetch::{PrefetchItem, PrefetchPlan};
+pub use stream::{VerifyMode, VerifyPolicy};
 
 use cache::BlockCache;
 use handles::Handles;
