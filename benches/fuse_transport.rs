@@ -589,6 +589,8 @@ fn main() {
             } else {
                 &[Transport::Dev]
             };
+            // Per transport: three sample series and a count.
+            #[allow(clippy::type_complexity)]
             let mut rows: Vec<(Vec<f64>, Vec<f64>, Vec<f64>, u64)> =
                 vec![Default::default(); transports.len()];
             for _ in 0..runs {

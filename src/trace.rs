@@ -83,12 +83,15 @@ pub enum TraceError {
     Garbage(String),
 }
 
+/// One object in the file form: `[hash, len, ranges]`.
+type FileObject = (String, u64, Vec<(u64, u64)>);
+
 /// The file form: objects as `[hash, len, ranges]` arrays.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct TraceFile {
     format: String,
     version: u32,
-    objects: Vec<(String, u64, Vec<(u64, u64)>)>,
+    objects: Vec<FileObject>,
 }
 
 impl Trace {

@@ -6,7 +6,7 @@
 //! the same moment may race on the read-modify-write of the counter; a `kill -9` leaves the
 //! pages reserved.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// The global counter, used on single-node machines.
 const GLOBAL: &str = "/proc/sys/vm/nr_hugepages";
@@ -19,7 +19,7 @@ pub struct Reservation {
     added: Vec<(PathBuf, u64)>,
 }
 
-fn read(path: &PathBuf) -> std::io::Result<u64> {
+fn read(path: &Path) -> std::io::Result<u64> {
     std::fs::read_to_string(path)?
         .trim()
         .parse()
@@ -96,7 +96,7 @@ pub fn reserve(shards: usize, pool_per_shard: u64) -> Option<Reservation> {
 }
 
 /// One plain line, and what was already added is given back (by dropping `partial`).
-fn refused(counter: &PathBuf, e: std::io::Error, partial: Reservation) -> Option<Reservation> {
+fn refused(counter: &Path, e: std::io::Error, partial: Reservation) -> Option<Reservation> {
     tracing::info!(
         "--hugepages reserve: cannot reserve hugepages ({}: {e}; it needs root): the pools use \
          what is already reserved, else transparent hugepages, as with --hugepages auto",
