@@ -8,7 +8,14 @@ mod common;
 #[path = "support/skip.rs"]
 mod skip;
 
-use common::{job, pattern, read_all, Mount, MountOptions};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use common::{job, pattern, read_all, signal, Mount, MountOptions, BIN};
+
+/// The tests here compare nr_hugepages before and after: one at a time.
+static SYSTEM: Mutex<()> = Mutex::new(());
 
 const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
 
@@ -56,6 +63,7 @@ fn reserve_adds_the_pools_pages_and_gives_them_back() {
                 <= 1
         })
         .unwrap_or(true);
+    let _system = SYSTEM.lock().unwrap_or_else(|e| e.into_inner());
     let before = nr_hugepages();
     let _restore = Restore(before);
     let root = tempfile::tempdir().unwrap();
@@ -102,4 +110,69 @@ fn reserve_adds_the_pools_pages_and_gives_them_back() {
             "{log}"
         );
     }
+}
+
+/// The process and its private mount namespace; killed on drop (the namespace, and the FUSE
+/// mount in it, go with it).
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn refused_reservation_is_one_line_and_mounts_like_auto() {
+    let test = "refused_reservation_is_one_line_and_mounts_like_auto";
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        skip::skip_or_fail(test, "unshare -m needs root");
+        return;
+    }
+    let _system = SYSTEM.lock().unwrap_or_else(|e| e.into_inner());
+    let before = nr_hugepages();
+    let root = tempfile::tempdir().unwrap();
+    let (manifest, cas) = job(root.path(), &[("a.bin", b"abc")], "2023-03-03");
+    let dir = root.path().join("mnt");
+    std::fs::create_dir(&dir).unwrap();
+    // Root, but in a mount namespace where /proc/sys is read-only: the write is refused as it
+    // is for a plain user, and the mount, private to the namespace, needs no cleanup outside.
+    let script = format!(
+        "mount --bind -o ro /proc/sys /proc/sys && exec {BIN} {} {} --cas {} --shards 1 \
+         --hugepages reserve",
+        manifest.display(),
+        dir.display(),
+        cas.display()
+    );
+    let mut child = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut child = Killed(child);
+    let ready = BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .find(|line| line.contains("mounted"));
+    assert!(ready.is_some(), "the mount did not become ready");
+    signal(child.0.id(), libc::SIGTERM);
+    let status = child.0.wait().unwrap();
+    let mut log = String::new();
+    std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut log).unwrap();
+    assert!(status.success(), "{status}: {log}");
+    assert_eq!(
+        log.matches("--hugepages reserve: cannot reserve hugepages")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(log.contains("as with --hugepages auto"), "{log}");
+    assert!(!log.contains("gave back"), "{log}");
+    assert_eq!(nr_hugepages(), before);
 }

@@ -98,8 +98,8 @@ pub fn reserve(shards: usize, pool_per_shard: u64) -> Option<Reservation> {
 /// One plain line, and what was already added is given back (by dropping `partial`).
 fn refused(counter: &Path, e: std::io::Error, partial: Reservation) -> Option<Reservation> {
     tracing::info!(
-        "--hugepages reserve: cannot reserve hugepages ({}: {e}; it needs root): the pools use \
-         what is already reserved, else transparent hugepages, as with --hugepages auto",
+        "--hugepages reserve: cannot reserve hugepages ({}: {e}; reserving needs root): the \
+         pools use what is already reserved, else transparent hugepages, as with --hugepages auto",
         counter.display()
     );
     drop(partial);

@@ -347,6 +347,9 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
     verify.drop_cached_pages_with(session.page_cache_dropper());
     raise_readahead(mountpoint);
 
+    // Before anyone is told the mount is ready: a SIGTERM right after READY=1 (systemctl stop)
+    // or the ready line must unmount cleanly, not kill the process with the mount left stale.
+    let signals = Signals::new();
     println!(
         "mount_vfs: mounted {} at {} ({} files, {} bytes, {shards} shards, ready in {:.2}s)",
         config.manifest.display(),
@@ -363,7 +366,6 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         mountpoint.display()
     ));
 
-    let signals = Signals::new();
     let stop = wait_for_stop(&signals, &session, config.stats.then_some(&counters));
     notify::stopping(&format!("unmounting {}", mountpoint.display()));
     stop_serving(
