@@ -150,3 +150,55 @@ fn assert_no_more(socket: &UnixDatagram) {
         "an unexpected notification"
     );
 }
+
+#[test]
+fn daemon_child_notifies_with_its_own_pid_and_stopping_at_umount() {
+    let root = tempfile::tempdir().unwrap();
+    let (manifest, cas) = job(root.path(), &[("b.txt", b"daemon\n")], "2023-03-03");
+    let dir = root.path().join("mnt");
+    std::fs::create_dir(&dir).unwrap();
+    let socket_path = root.path().join("notify");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let out = Command::new(BIN)
+        .arg(&manifest)
+        .arg(&dir)
+        .arg("--cas")
+        .arg(&cas)
+        .args(["--shards", "1", "--daemon"])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .output()
+        .unwrap();
+    // Whatever happens below, the mount goes (the daemon ends with it).
+    struct Unmount(PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            if is_mounted(&self.0) {
+                let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+            }
+        }
+    }
+    let _unmount = Unmount(dir.clone());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let pid: u32 = stdout
+        .split("(pid ")
+        .nth(1)
+        .and_then(|t| t.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no pid in {stdout}"));
+    // The parent returned after the mount was ready; the child (not the process systemd
+    // started) sent READY=1 naming itself.
+    let ready = receive(&socket);
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready}");
+    assert!(
+        ready.lines().any(|l| l == format!("MAINPID={pid}")),
+        "{ready}"
+    );
+    assert_eq!(read_all(&dir.join("b.txt")).unwrap(), b"daemon\n");
+    let status = Command::new("umount").arg(&dir).status().unwrap();
+    assert!(status.success());
+    let stopping = receive(&socket);
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping}");
+}
