@@ -13,6 +13,8 @@ command -v openssl >/dev/null || need_apt+=(openssl)  # tests: a self-signed cer
 # and mounts through the setuid fusermount3.
 command -v sudo >/dev/null || need_apt+=(sudo)
 command -v fusermount3 >/dev/null || need_apt+=(fuse3)
+# tests/mount_systemd.rs: the example unit must pass `systemd-analyze verify`.
+command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "setup: apt-get install ${need_apt[*]}"
   apt-get update -qq

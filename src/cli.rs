@@ -54,6 +54,25 @@ pub enum Command {
     /// Live view of a running mount: throughput, cache hit rate, store GETs in flight and
     /// errors, per shard and in total, refreshed every second (no --metrics-addr needed).
     Stats(StatsArgs),
+    /// Install PREFIX/mount.fuse.mount_vfs (a symlink to this binary), so that `mount -t
+    /// fuse.mount_vfs MANIFEST DIR -o cas=...` and /etc/fstab lines work (docs/configuration.md).
+    InstallMountHelper(InstallMountHelperArgs),
+    /// What /sbin/mount.fuse.mount_vfs runs: `SOURCE TARGET [-o OPTIONS] [-sfnv]` from mount(8),
+    /// mounted in the background like --daemon.
+    MountHelper {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<std::ffi::OsString>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct InstallMountHelperArgs {
+    /// Where mount(8) looks for helpers (it runs /sbin/mount.TYPE).
+    #[arg(long, value_name = "DIR", default_value = "/sbin")]
+    pub prefix: PathBuf,
+    /// The binary the helper runs (default: this mount_vfs).
+    #[arg(long, value_name = "FILE")]
+    pub binary: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -149,6 +168,9 @@ pub enum HugepageMode {
     Require,
     /// Normal pages only.
     Off,
+    /// As root: add the 2 MiB hugepages the pools need to nr_hugepages at start (per NUMA node)
+    /// and take them back at exit; otherwise, or if refused, one line and `auto`.
+    Reserve,
 }
 
 /// `--verify`: when the bytes of an object may be served (docs/semantics.md).

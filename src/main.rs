@@ -11,6 +11,10 @@ use mount_vfs::cli::{Cli, Command};
 use mount_vfs::mount::MountConfig;
 
 fn main() -> ExitCode {
+    // mount(8) runs us as /sbin/mount.fuse.mount_vfs with its own argument convention.
+    if mount_vfs::mount::helper::invoked_as_helper() {
+        return mount_vfs::mount::helper::main(std::env::args_os().skip(1));
+    }
     let cli = Cli::parse();
     if let Err(e) = mount_vfs::logging::init(cli.mount.log_file.as_deref(), cli.mount.log_level) {
         eprintln!("mount_vfs: {e}");
@@ -31,6 +35,19 @@ fn main() -> ExitCode {
                 }
                 Err(e) => {
                     eprintln!("mount_vfs install-deadline-vfs: {e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+        Some(Command::MountHelper { args }) => mount_vfs::mount::helper::main(args),
+        Some(Command::InstallMountHelper(args)) => {
+            match mount_vfs::mount::helper::install(&args.prefix, args.binary.as_deref()) {
+                Ok(helper) => {
+                    println!("installed {}", helper.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("mount_vfs install-mount-helper: {e}");
                     ExitCode::from(1)
                 }
             }

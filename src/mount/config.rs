@@ -51,6 +51,9 @@ pub struct MountConfig {
     pub part_size: u64,
     /// Whether the buffer pools are backed by hugepages.
     pub hugepages: HugepageMode,
+    /// `--hugepages reserve`: add the pages the pools need to the kernel's pool for the mount's
+    /// lifetime (root), then allocate as `hugepages` (`Auto`) says.
+    pub reserve_hugepages: bool,
     /// How long a busy mount keeps serving open files after SIGTERM/SIGINT.
     pub stop_grace: Duration,
     /// Return once mounted and serve from a detached child process.
@@ -150,10 +153,11 @@ impl TryFrom<MountArgs> for MountConfig {
             memory_limit: args.memory_limit,
             part_size: args.part_size,
             hugepages: match args.hugepages {
-                cli::HugepageMode::Auto => HugepageMode::Auto,
+                cli::HugepageMode::Auto | cli::HugepageMode::Reserve => HugepageMode::Auto,
                 cli::HugepageMode::Require => HugepageMode::Require,
                 cli::HugepageMode::Off => HugepageMode::Off,
             },
+            reserve_hugepages: args.hugepages == cli::HugepageMode::Reserve,
             stop_grace: Duration::from_secs(args.stop_grace),
             daemon: args.daemon,
             log_file: args.log_file,

@@ -3,13 +3,19 @@
 //!
 //! - [`config`]: [`MountConfig`], what to mount and how, and the pool sizing rules;
 //! - [`daemon`]: `--daemon`, the detached child and the pipe it reports through;
+//! - [`helper`]: `/sbin/mount.fuse.mount_vfs`, mount(8)'s and /etc/fstab's way in;
+//! - [`notify`]: systemd readiness (`sd_notify`) for `Type=notify` units;
+//! - [`hugepages`]: `--hugepages reserve`, hugepages added for the pools and given back;
 //! - [`mountpoint`]: the one-mount lock, the checks before mounting, unmounting.
 //!
 //! The FUSE session itself is `crate::transport::fuser`.
 
 mod config;
 mod daemon;
+pub mod helper;
+mod hugepages;
 pub mod mountpoint;
+mod notify;
 mod prefetch;
 
 use std::io::Write;
@@ -258,6 +264,10 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         shards,
         config.part_size,
     )?;
+    // Given back when it drops: after the shards (and their pools) are gone, or on any error.
+    let hugepages = config
+        .reserve_hugepages
+        .then(|| hugepages::reserve(shards, pool_per_shard));
     let counters: Vec<Arc<ShardCounters>> = (0..shards).map(|_| Arc::default()).collect();
     let shard_config = ShardConfig {
         shards,
@@ -338,6 +348,9 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
     verify.drop_cached_pages_with(session.page_cache_dropper());
     raise_readahead(mountpoint);
 
+    // Before anyone is told the mount is ready: a SIGTERM right after READY=1 (systemctl stop)
+    // or the ready line must unmount cleanly, not kill the process with the mount left stale.
+    let signals = Signals::new();
     println!(
         "mount_vfs: mounted {} at {} ({} files, {} bytes, {shards} shards, ready in {:.2}s)",
         config.manifest.display(),
@@ -348,9 +361,14 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
     );
     let _ = std::io::stdout().flush();
     daemon::report_to_parent(Ok(()));
+    notify::ready(&format!(
+        "mounted {} at {}",
+        config.manifest.display(),
+        mountpoint.display()
+    ));
 
-    let signals = Signals::new();
     let stop = wait_for_stop(&signals, &session, config.stats.then_some(&counters));
+    notify::stopping(&format!("unmounting {}", mountpoint.display()));
     stop_serving(
         session,
         &signals,
@@ -362,6 +380,7 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
     if let Err(e) = executors.shutdown() {
         tracing::warn!("shard shutdown: {e}");
     }
+    drop(hugepages);
     // The last trace write, now that no shard notes more reads.
     drop(traces.writer);
     if traces.plan.is_some() {
