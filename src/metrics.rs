@@ -21,6 +21,7 @@ use prometheus_client::registry::Registry;
 
 use crate::fs::shard::{Histogram, ShardCounters};
 use crate::fs::{Op, OpCounters};
+use crate::store::CacheUsage;
 
 /// What a scrape reads.
 #[derive(Debug, Clone)]
@@ -28,6 +29,8 @@ pub struct MetricSources {
     pub shards: Vec<Arc<ShardCounters>>,
     pub pools: Vec<Arc<PoolStats>>,
     pub ops: Arc<OpCounters>,
+    /// The disk cache's janitor counts, with `--cache-dir`.
+    pub disk_cache: Option<CacheUsage>,
 }
 
 /// The counters of every shard as one compact JSON object, built on request from relaxed
@@ -243,6 +246,37 @@ impl Collector for Scrape {
         for (shard, pool) in pools.iter().enumerate() {
             let labels = [("shard", shard.to_string())];
             ConstCounter::new(pool.waits).encode(metric.encode_family(&labels)?)?;
+        }
+
+        if let Some(usage) = &sources.disk_cache {
+            let usage = usage.snapshot();
+            let mut gauges = vec![(
+                "disk_cache_bytes",
+                "Bytes of verified files in the disk cache (as of the last sweep, plus commits since).",
+                usage.used_bytes,
+            )];
+            if let Some(limit) = usage.limit_bytes {
+                gauges.push(("disk_cache_limit_bytes", "--cache-size.", limit));
+            }
+            for (name, help, value) in gauges {
+                let metric = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+                ConstGauge::new(value as i64).encode(metric)?;
+            }
+            for (name, help, value) in [
+                (
+                    "disk_cache_evicted_files",
+                    "Cache files the janitor removed (least recently used first) since the mount started.",
+                    usage.evicted_files,
+                ),
+                (
+                    "disk_cache_evicted_bytes",
+                    "Bytes of the cache files the janitor removed since the mount started.",
+                    usage.evicted_bytes,
+                ),
+            ] {
+                let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+                ConstCounter::new(value).encode(metric)?;
+            }
         }
 
         let histograms: [LatencyHistogram; 3] = [

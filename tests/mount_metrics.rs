@@ -81,6 +81,81 @@ fn metrics_count_what_the_mount_served() {
     mount.stop();
 }
 
+/// The value of unlabelled metric `name` (a sample line `name value`), if exported.
+fn single(body: &str, name: &str) -> Option<u64> {
+    body.lines()
+        .find_map(|line| line.strip_prefix(&format!("{name} ")))
+        .map(|value| value.parse().unwrap())
+}
+
+#[test]
+fn disk_cache_size_and_evictions_are_exported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let files: Vec<Vec<u8>> = (0..3).map(|i| pattern(60 + i, 5 << 20)).collect();
+    let (manifest, cas) = job(
+        tmp.path(),
+        &[("a", &files[0]), ("b", &files[1]), ("c", &files[2])],
+        "2023-03-03",
+    );
+    let cache = tmp.path().join("cache");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let extra = [
+        "--metrics-addr",
+        addr.as_str(),
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--cache-size",
+        "12M",
+    ];
+    let mut mount = Mount::start(
+        &manifest,
+        &cas,
+        &tmp.path().join("mnt"),
+        MountOptions {
+            shards: 1,
+            extra: &extra,
+        },
+    );
+    let (_, body) = get(port, "/metrics");
+    assert_eq!(
+        single(&body, "mount_vfs_disk_cache_bytes"),
+        Some(0),
+        "{body}"
+    );
+    assert_eq!(
+        single(&body, "mount_vfs_disk_cache_limit_bytes"),
+        Some(12 << 20)
+    );
+    assert_eq!(
+        single(&body, "mount_vfs_disk_cache_evicted_files_total"),
+        Some(0)
+    );
+    for (name, content) in ["a", "b", "c"].iter().zip(&files) {
+        assert!(read_all(&mount.dir.join(name)).unwrap() == *content);
+    }
+    // 15 MiB committed against 12 MiB: the janitor removes the oldest file, down to 90%.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let body = loop {
+        let (_, body) = get(port, "/metrics");
+        if single(&body, "mount_vfs_disk_cache_evicted_files_total") == Some(1) {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no eviction counted: {body}\n{}",
+            mount.stderr()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(
+        single(&body, "mount_vfs_disk_cache_evicted_bytes_total"),
+        Some(5 << 20)
+    );
+    assert_eq!(single(&body, "mount_vfs_disk_cache_bytes"), Some(10 << 20));
+    mount.stop();
+}
+
 #[test]
 fn an_address_in_use_is_refused_before_mounting() {
     let tmp = tempfile::tempdir().unwrap();

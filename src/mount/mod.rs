@@ -330,6 +330,7 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         shards: counters.clone(),
         pools: executors.stats().to_vec(),
         ops: ops.clone(),
+        disk_cache: disk_cache.as_ref().map(|c| c.usage.clone()),
     };
     if let Some(addr) = config.metrics_addr {
         metrics::serve(addr, sources.clone())?;

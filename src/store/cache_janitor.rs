@@ -34,6 +34,9 @@ pub struct CacheUsage {
 struct Shared {
     /// Bytes of cache files, as of the last sweep plus what shards added since.
     used: AtomicU64,
+    /// Files and bytes the sweeps removed since the mount started (for the metrics).
+    evicted_files: AtomicU64,
+    evicted_bytes: AtomicU64,
     max_bytes: Option<u64>,
     /// The cache's `Data/` directory, whose filesystem's free space is checked on every commit.
     data: PathBuf,
@@ -52,12 +55,33 @@ impl CacheUsage {
         }
     }
 
+    /// Bytes the cache holds now, and the files and bytes evicted since the mount started.
+    pub fn snapshot(&self) -> CacheUsageSnapshot {
+        let shared = &self.shared;
+        CacheUsageSnapshot {
+            used_bytes: shared.used.load(Ordering::Relaxed),
+            limit_bytes: shared.max_bytes,
+            evicted_files: shared.evicted_files.load(Ordering::Relaxed),
+            evicted_bytes: shared.evicted_bytes.load(Ordering::Relaxed),
+        }
+    }
+
     /// Marks a cache file as just used (its mtime orders eviction).
     pub fn touch(&self, path: &Path) {
         if let Ok(file) = std::fs::File::open(path) {
             let _ = file.set_modified(SystemTime::now());
         }
     }
+}
+
+/// What [`CacheUsage::snapshot`] reads.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheUsageSnapshot {
+    pub used_bytes: u64,
+    /// `--cache-size`, if given.
+    pub limit_bytes: Option<u64>,
+    pub evicted_files: u64,
+    pub evicted_bytes: u64,
 }
 
 /// The janitor's thread could not be started.
@@ -82,6 +106,8 @@ impl CacheJanitor {
         let usage = CacheUsage {
             shared: Arc::new(Shared {
                 used: AtomicU64::new(0),
+                evicted_files: AtomicU64::new(0),
+                evicted_bytes: AtomicU64::new(0),
                 max_bytes,
                 data: root.join("Data"),
                 wake,
@@ -161,6 +187,12 @@ fn sweep(data: &Path, shared: &Shared) {
                 removed_bytes += len;
             }
         }
+        shared
+            .evicted_files
+            .fetch_add(removed as u64, Ordering::Relaxed);
+        shared
+            .evicted_bytes
+            .fetch_add(removed_bytes, Ordering::Relaxed);
         tracing::info!(
             "disk cache {}: removed {removed} least recently used files ({} MiB), {} MiB left",
             data.display(),

@@ -25,7 +25,9 @@ use std::sync::Arc;
 use futures::future::LocalBoxFuture;
 use mount_vfs_executors::{BufferPool, Reservation};
 
-pub use cache_janitor::{cache_room, CacheJanitor, CacheUsage, JanitorStartError};
+pub use cache_janitor::{
+    cache_room, CacheJanitor, CacheUsage, CacheUsageSnapshot, JanitorStartError,
+};
 pub use disk_cache::{CacheDirError, DiskCache, DiskCacheConfig};
 pub use fault::{Fault, FaultStore, When};
 pub use local::LocalCas;
