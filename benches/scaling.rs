@@ -378,17 +378,7 @@ fn main() {
     let server = Server::start_with_threads(server_threads);
     let endpoint = server.endpoint();
     clients::create_bucket(&endpoint);
-    let objects: Vec<(String, PathBuf)> = fs::read_dir(data.cas.join("Data"))
-        .unwrap()
-        .map(|e| {
-            let e = e.unwrap();
-            (
-                format!("Data/{}", e.file_name().to_string_lossy()),
-                e.path(),
-            )
-        })
-        .collect();
-    clients::upload(&endpoint, "root", objects);
+    clients::upload(&endpoint, "root", clients::cas_objects(&data.cas));
     let (hash_rate, copy_rate) = one_core_costs();
     println!(
         "# scaling: N readers x {size_mib} MiB, 1 MiB O_DIRECT reads, --shards N --memory-limit N x {per_shard_mib}M, {runs} runs, setup {:.1}s",

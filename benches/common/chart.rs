@@ -22,6 +22,22 @@ pub fn results_dir() -> PathBuf {
         })
 }
 
+/// Writes `value` as `NAME.json` and has `draw` make `NAME.svg`, in [`results_dir`]; says where.
+fn write_files(
+    name: &str,
+    value: &impl Serialize,
+    draw: impl FnOnce(&Path) -> Result<(), Box<dyn std::error::Error>>,
+) {
+    let dir = results_dir();
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let json = dir.join(format!("{name}.json"));
+    fs::write(&json, serde_json::to_string_pretty(value).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", json.display()));
+    let svg = dir.join(format!("{name}.svg"));
+    draw(&svg).unwrap_or_else(|e| panic!("{}: {e}", svg.display()));
+    println!("# results: {} and {}", json.display(), svg.display());
+}
+
 /// One contender's measurement: the median of its runs, their range, and its ratio to the
 /// reference bar it is read against (`vs`), all from the same invocation.
 #[derive(Serialize, Clone, Debug)]
@@ -98,15 +114,7 @@ impl BarChart {
 
     /// Writes `NAME.json` and `NAME.svg` and says where.
     pub fn write(&self) {
-        let dir = results_dir();
-        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        let json = dir.join(format!("{}.json", self.name));
-        fs::write(&json, serde_json::to_string_pretty(self).unwrap())
-            .unwrap_or_else(|e| panic!("{}: {e}", json.display()));
-        let svg = dir.join(format!("{}.svg", self.name));
-        self.draw(&svg)
-            .unwrap_or_else(|e| panic!("{}: {e}", svg.display()));
-        println!("# results: {} and {}", json.display(), svg.display());
+        write_files(&self.name, self, |svg| self.draw(svg));
     }
 
     /// Horizontal bars (labels are long), the run range as a whisker, and the value and ratio
@@ -267,15 +275,7 @@ impl LineChart {
 
     /// Writes `NAME.json` and `NAME.svg` and says where.
     pub fn write(&self) {
-        let dir = results_dir();
-        fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-        let json = dir.join(format!("{}.json", self.name));
-        fs::write(&json, serde_json::to_string_pretty(self).unwrap())
-            .unwrap_or_else(|e| panic!("{}: {e}", json.display()));
-        let svg = dir.join(format!("{}.svg", self.name));
-        self.draw(&svg)
-            .unwrap_or_else(|e| panic!("{}: {e}", svg.display()));
-        println!("# results: {} and {}", json.display(), svg.display());
+        write_files(&self.name, self, |svg| self.draw(svg));
     }
 
     fn draw(&self, path: &Path) -> Result<(), Box<dyn std::error::Error>> {

@@ -3,7 +3,7 @@
 //! (the `/raw` reference), and they put the test data into the bucket.
 
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -71,6 +71,20 @@ where
         .collect();
     running.shutdown().expect("shard shutdown");
     results
+}
+
+/// Every object of a local CAS as `(Data/NAME, path)`, for [`upload`].
+pub fn cas_objects(cas: &Path) -> Vec<(String, PathBuf)> {
+    fs::read_dir(cas.join("Data"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                format!("Data/{}", e.file_name().to_string_lossy()),
+                e.path(),
+            )
+        })
+        .collect()
 }
 
 /// Uploads `(key under root, bytes)` with our store's signed PUT.

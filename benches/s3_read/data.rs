@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use mount_vfs::manifest::{Hash, CHUNK_SIZE};
 
-use crate::clients::{create_bucket, upload};
+use crate::clients::{cas_objects, create_bucket, upload};
 use crate::common::{fill, snapshot};
 use crate::readers::{layout, EXPECTED};
 
@@ -80,16 +80,7 @@ impl Data {
     /// rather than a manifest; then deletes the local copies.
     pub fn upload(&self, endpoint: &str) {
         create_bucket(endpoint);
-        let cas_objects: Vec<(String, PathBuf)> = fs::read_dir(self.cas.join("Data"))
-            .unwrap()
-            .map(|e| {
-                let e = e.unwrap();
-                (
-                    format!("Data/{}", e.file_name().to_string_lossy()),
-                    e.path(),
-                )
-            })
-            .collect();
+        let cas_objects = cas_objects(&self.cas);
         // Two whole-file objects (v2023), the 256 MiB chunks of the v2025 manifest, the empty
         // object. A file of at most one chunk is not chunked: v2025 then names the same objects.
         let chunks = if self.size > CHUNK_SIZE {
