@@ -21,7 +21,7 @@ use prometheus_client::registry::Registry;
 
 use crate::fs::shard::{Histogram, ShardCounters};
 use crate::fs::{Op, OpCounters};
-use crate::store::CacheUsage;
+use crate::store::{CacheUsage, RetryCause};
 
 /// What a scrape reads.
 #[derive(Debug, Clone)]
@@ -236,6 +236,20 @@ impl Collector for Scrape {
             let labels = [("shard", shard.to_string())];
             ConstGauge::new(counters.store_reads_in_flight.load(Relaxed) as i64)
                 .encode(metric.encode_family(&labels)?)?;
+        }
+        let mut metric = encoder.encode_descriptor(
+            "store_retries_by_cause",
+            "Store requests sent again after a transient failure, by cause (throttled, \
+             server_error, timeout, connection, bad_answer).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (shard, counters) in sources.shards.iter().enumerate() {
+            for cause in RetryCause::ALL {
+                let count = counters.store_retries_by_cause[cause as usize].load(Relaxed);
+                let labels = [("shard", shard.to_string()), ("cause", cause.name().into())];
+                ConstCounter::new(count).encode(metric.encode_family(&labels)?)?;
+            }
         }
         let mut metric = encoder.encode_descriptor(
             "pool_waits",

@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 
 use common::s3_servers::free_port;
-use common::{job, pattern, read_all, Mount, MountOptions};
+use common::{job, metric_total as total, pattern, read_all, Mount, MountOptions};
 
 /// `GET path` on `port`; the status line and the body.
 fn get(port: u16, path: &str) -> (String, String) {
@@ -17,14 +17,6 @@ fn get(port: u16, path: &str) -> (String, String) {
     stream.read_to_string(&mut answer).unwrap();
     let (head, body) = answer.split_once("\r\n\r\n").expect("a complete answer");
     (head.lines().next().unwrap().to_owned(), body.to_owned())
-}
-
-/// The sum over all label sets of metric `name` (a sample line `name{labels} value`).
-fn total(body: &str, name: &str, filter: &str) -> u64 {
-    body.lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(filter))
-        .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum()
 }
 
 #[test]

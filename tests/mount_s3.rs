@@ -80,18 +80,40 @@ fn mount_serves_s3_files_and_never_serves_flipped_bytes() {
     // so nothing is cached or marked corrupt).
     drop(mount);
     proxy.clear();
+    let port = common::s3_servers::free_port();
+    let metrics_addr = format!("127.0.0.1:{port}");
     let mut mount = Mount::start_with_store(
         &manifest_path,
         &store,
         &ENV,
         &work.path().join("mnt2"),
-        MountOptions::with(&["--stats"]),
+        MountOptions::with(&["--stats", "--metrics-addr", metrics_addr.as_str()]),
     );
     proxy.inject(&[Fault::Reset, Fault::SlowDown, Fault::Truncate]);
     assert!(
         read_all(&mount.dir.join("big.bin")).unwrap() == big,
         "{}",
         mount.stderr()
+    );
+    // The metrics split the retries by cause: the 503 SlowDown is throttling, the reset and the
+    // truncated body are the connection's or a bad answer; the causes add up to the total.
+    let metrics = common::scrape_metrics(port);
+    let by_cause = |cause: &str| {
+        common::metric_total(
+            &metrics,
+            "mount_vfs_store_retries_by_cause_total",
+            &format!("cause=\"{cause}\""),
+        )
+    };
+    assert_eq!(by_cause("throttled"), 1, "{metrics}");
+    assert!(
+        by_cause("connection") + by_cause("bad_answer") >= 2,
+        "{metrics}"
+    );
+    assert_eq!(
+        common::metric_total(&metrics, "mount_vfs_store_retries_by_cause_total", ""),
+        common::metric_total(&metrics, "mount_vfs_store_retries_total", ""),
+        "{metrics}"
     );
     mount.stop();
     // Each fault cost at least one retry (a reset can also fail a request queued on that

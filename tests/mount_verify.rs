@@ -41,16 +41,6 @@ fn moto_job(files: &[(&str, &[u8])]) -> (Moto, tempfile::TempDir, PathBuf) {
     (moto, work, manifest)
 }
 
-/// The body of `GET /metrics` on `port`.
-fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(stream, "GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n").unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    answer
-}
-
 /// Offsets and lengths of `n` reads spread over a file of `len` bytes (xorshift, fixed seed):
 /// unaligned, some straddling blocks, some at the very end.
 fn random_reads(len: usize, n: usize) -> Vec<(usize, usize)> {
@@ -271,7 +261,7 @@ fn a_corrupt_object_is_quarantined_under_stream_and_never_served_under_object() 
         std::fs::read(&good_file).unwrap() == good,
         "completed and cached"
     );
-    let metrics = scrape(metrics_port);
+    let metrics = common::scrape_metrics(metrics_port);
     let counted: u64 = metrics
         .lines()
         .filter(|l| l.starts_with("mount_vfs_verify_failures_after_serve_total{"))

@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures::future::{FutureExt, LocalBoxFuture};
 use mount_vfs_executors::{BufferPool, Reservation};
 
-use super::{Block, ObjectRange, ObjectStore, StoreError};
+use super::{Block, ObjectRange, ObjectStore, RetryCounts, StoreError};
 use crate::manifest::Hash;
 
 /// What goes wrong with a read.
@@ -160,7 +160,7 @@ impl ObjectStore for FaultStore {
         self.inner.location(hash)
     }
 
-    fn retries(&self) -> u64 {
+    fn retries(&self) -> RetryCounts {
         self.inner.retries()
     }
 }

@@ -54,9 +54,58 @@ pub trait ObjectStore {
     /// Where object `hash` lives, for messages.
     fn location(&self, hash: Hash) -> PathBuf;
 
-    /// Requests sent again after transient failures, so far (for `--stats`).
-    fn retries(&self) -> u64 {
-        0
+    /// Requests sent again after transient failures so far, by cause (for `--stats` and the
+    /// metrics).
+    fn retries(&self) -> RetryCounts {
+        RetryCounts::default()
+    }
+}
+
+/// Why a store request was sent again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryCause {
+    /// 429, 503, `SlowDown`, `Throttling`: the service asked for less.
+    Throttled,
+    /// Other 5xx and `InternalError`.
+    ServerError,
+    /// `RequestTimeout` from the service, or no data from it in time.
+    Timeout,
+    /// The connection failed: refused, reset, TLS; or no data in time (`--read-timeout`)
+    /// counts as `Timeout`.
+    Connection,
+    /// An answer that did not fit the request: a 206 for another range, a body shorter than
+    /// its Content-Length, invalid HTTP.
+    BadAnswer,
+}
+
+impl RetryCause {
+    pub const ALL: [RetryCause; 5] = [
+        RetryCause::Throttled,
+        RetryCause::ServerError,
+        RetryCause::Timeout,
+        RetryCause::Connection,
+        RetryCause::BadAnswer,
+    ];
+
+    /// The metrics label.
+    pub fn name(self) -> &'static str {
+        match self {
+            RetryCause::Throttled => "throttled",
+            RetryCause::ServerError => "server_error",
+            RetryCause::Timeout => "timeout",
+            RetryCause::Connection => "connection",
+            RetryCause::BadAnswer => "bad_answer",
+        }
+    }
+}
+
+/// Retries so far, indexed by [`RetryCause`] (`as usize`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RetryCounts(pub [u64; RetryCause::ALL.len()]);
+
+impl RetryCounts {
+    pub fn total(&self) -> u64 {
+        self.0.iter().sum()
     }
 }
 

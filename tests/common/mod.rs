@@ -281,6 +281,24 @@ pub fn is_mounted(dir: &Path) -> bool {
         .any(|m| Path::new(m) == canonical)
 }
 
+/// The whole answer (status line, headers, body) to `GET /metrics` on 127.0.0.1:`port`.
+pub fn scrape_metrics(port: u16) -> String {
+    use std::io::Write;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(stream, "GET /metrics HTTP/1.1\r\nhost: localhost\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    answer
+}
+
+/// The sum of the samples of metric `name` whose line contains `filter`.
+pub fn metric_total(body: &str, name: &str, filter: &str) -> u64 {
+    body.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")) && line.contains(filter))
+        .map(|line| line.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
 /// Reads a whole file through the mount.
 pub fn read_all(path: &Path) -> std::io::Result<Vec<u8>> {
     let mut file = std::fs::File::open(path)?;

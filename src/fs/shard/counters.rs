@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
+use crate::store::RetryCause;
+
 macro_rules! counters {
     ($($name:ident => $help:literal),* $(,)?) => {
         /// Live counters of one shard.
@@ -20,6 +22,8 @@ macro_rules! counters {
             /// Store reads (S3 GETs, local CAS reads; not disk-cache reads) started and not
             /// finished: a gauge, for `mount_vfs stats` and the metrics endpoint.
             pub store_reads_in_flight: AtomicU64,
+            /// `store_retries` by cause, indexed by `RetryCause as usize`.
+            pub store_retries_by_cause: [AtomicU64; RetryCause::ALL.len()],
         }
 
         /// A point-in-time copy of [`ShardCounters`].

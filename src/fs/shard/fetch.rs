@@ -7,7 +7,7 @@ use mount_vfs_executors::{rounded_size, Reservation};
 
 use super::FileService;
 use crate::manifest::Hash;
-use crate::store::{Block, ObjectRange, ObjectStore, StoreError};
+use crate::store::{Block, ObjectRange, ObjectStore, RetryCause, StoreError};
 
 /// Store reads kept in flight while one object is streamed for verification.
 /// 8 x 4 MiB keeps a 25-200 Gbps link busy at S3's first-byte latencies; the S3 benchmark
@@ -95,10 +95,12 @@ impl FileService {
         c.add(&c.fetch_micros, elapsed.as_micros() as u64);
         c.fetch_latency.record(elapsed);
         let retries = self.store.retries();
-        c.add(
-            &c.store_retries,
-            retries - self.retries_counted.replace(retries),
-        );
+        let counted = self.retries_counted.replace(retries);
+        for cause in RetryCause::ALL {
+            let new = retries.0[cause as usize] - counted.0[cause as usize];
+            c.add(&c.store_retries, new);
+            c.add(&c.store_retries_by_cause[cause as usize], new);
+        }
         result
     }
 }

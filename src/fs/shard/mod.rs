@@ -85,7 +85,7 @@ use super::request::{fail, Fallocate, Open, Read, Release, Truncate, Write};
 use super::{FsError, Op, OpCounters};
 use crate::namespace::{owner, Ino, Namespace};
 use crate::overlay::Overlay;
-use crate::store::{DiskCache, DiskCacheConfig, ObjectStore, StoreConfig};
+use crate::store::{DiskCache, DiskCacheConfig, ObjectStore, RetryCounts, StoreConfig};
 use crate::trace::TraceRecorder;
 
 pub use cache::BlockKey;
@@ -177,7 +177,7 @@ pub struct FileService {
     /// Objects served ahead of verification (`--verify stream`) and how far each was hashed.
     streams: stream::Streams,
     /// The store's retry count already added to the counters.
-    retries_counted: Cell<u64>,
+    retries_counted: Cell<RetryCounts>,
     overlay: Option<Arc<Overlay>>,
     /// Writes and copy-ups of an inode, one at a time.
     writers: write::Writers,
@@ -220,7 +220,7 @@ impl FileService {
             verification: Verification::default(),
             policy: parts.verify,
             streams: stream::Streams::default(),
-            retries_counted: Cell::new(0),
+            retries_counted: Cell::default(),
             overlay: parts.overlay,
             writers: write::Writers::default(),
             prefetch: Prefetch::new(parts.trace),

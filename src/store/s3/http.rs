@@ -23,6 +23,7 @@ use rustls::pki_types::ServerName;
 
 use super::config::S3Tuning;
 use super::credentials::Shared;
+use crate::store::RetryCause;
 
 /// Bytes asked for per read while the response head is incomplete. S3 heads are under 1 KiB,
 /// so the body bytes that share the head's read (and get copied once) stay few.
@@ -47,6 +48,17 @@ pub enum HttpError {
     Truncated { expected: u64, got: u64 },
     /// The server sent something that is not valid HTTP/1.1 for this request.
     Protocol(String),
+}
+
+impl HttpError {
+    /// Which retry cause this failure counts under.
+    pub fn retry_cause(&self) -> RetryCause {
+        match self {
+            HttpError::Io(e) if e.kind() == io::ErrorKind::TimedOut => RetryCause::Timeout,
+            HttpError::Connect(..) | HttpError::Io(_) => RetryCause::Connection,
+            HttpError::Truncated { .. } | HttpError::Protocol(_) => RetryCause::BadAnswer,
+        }
+    }
 }
 
 impl std::fmt::Display for HttpError {

@@ -33,9 +33,9 @@ pub use http::{HttpError, HEAD_READ};
 use self::config::encode_key;
 use self::credentials::{ControlThread, Shared};
 use self::http::{HttpClient, Request, Response};
-use self::retry::{backoff, retryable_status};
+use self::retry::{backoff, retryable_status, status_cause};
 use self::sign::{sign_request, Payload, SignError};
-use super::{Block, ObjectRange, ObjectStore, StoreError};
+use super::{Block, ObjectRange, ObjectStore, RetryCause, RetryCounts, StoreError};
 use crate::manifest::Hash;
 
 /// Objects read without the `.xxh128` suffix, remembered per shard so old uploads cost one
@@ -329,7 +329,7 @@ fn tls_config() -> Result<Arc<rustls::ClientConfig>, S3StartError> {
 /// What one attempt came to.
 enum Outcome<T, E> {
     Done(T),
-    Retry(String),
+    Retry(RetryCause, String),
     Fail(E),
 }
 
@@ -353,7 +353,7 @@ impl ObjectStore for S3Store {
         S3Store::location(self, hash)
     }
 
-    fn retries(&self) -> u64 {
+    fn retries(&self) -> RetryCounts {
         S3Store::retries(self)
     }
 }
@@ -374,8 +374,8 @@ pub struct S3Store {
     /// Encoded request path of the root prefix, ending in `/` (`/bucket/root/` path-style).
     root_path: String,
     unsuffixed: RefCell<HashSet<Hash>>,
-    /// Requests sent again after a transient failure, for `--stats`.
-    retries: std::cell::Cell<u64>,
+    /// Requests sent again after a transient failure, by cause, for `--stats`.
+    retries: std::cell::Cell<RetryCounts>,
 }
 
 impl S3Store {
@@ -398,7 +398,7 @@ impl S3Store {
             root_path,
             target,
             unsuffixed: RefCell::new(HashSet::new()),
-            retries: std::cell::Cell::new(0),
+            retries: std::cell::Cell::default(),
         }
     }
 
@@ -502,10 +502,10 @@ impl S3Store {
             |response| match response {
                 Ok(r) if (200..300).contains(&r.head.status) => Outcome::Done(()),
                 Ok(r) => match classify_failure(&r, &location) {
-                    Ok(why) => Outcome::Retry(why),
+                    Ok((cause, why)) => Outcome::Retry(cause, why),
                     Err(e) => Outcome::Fail(e),
                 },
-                Err(e) => Outcome::Retry(e.to_string()),
+                Err(e) => Outcome::Retry(e.retry_cause(), e.to_string()),
             },
         )
         .await
@@ -537,7 +537,7 @@ impl S3Store {
                 |response| {
                     let r = match response {
                         Ok(r) => r,
-                        Err(e) => return Outcome::Retry(e.to_string()),
+                        Err(e) => return Outcome::Retry(e.retry_cause(), e.to_string()),
                     };
                     if r.head.status == 404 {
                         return Outcome::Fail(GetError::Missing);
@@ -558,7 +558,7 @@ impl S3Store {
                                 }
                             }
                             if range.and_then(|r| r.range) != Some((offset, last)) || !r.filled {
-                                return Outcome::Retry(format!(
+                                return Outcome::Retry(RetryCause::BadAnswer, format!(
                                     "206 for a different range ({range:?}, Content-Length {:?}; asked {offset}-{last})",
                                     r.head.content_length
                                 ));
@@ -581,7 +581,7 @@ impl S3Store {
                             None => wrong_size(0),
                         },
                         _ => match classify_failure(&r, &location) {
-                            Ok(why) => Outcome::Retry(why),
+                            Ok((cause, why)) => Outcome::Retry(cause, why),
                             Err(e) => Outcome::Fail(GetError::Store(e)),
                         },
                     }
@@ -631,7 +631,7 @@ impl S3Store {
                                 custom_endpoint: custom,
                             })
                         }
-                        Err(e) => return Outcome::Retry(e.to_string()),
+                        Err(e) => return Outcome::Retry(e.retry_cause(), e.to_string()),
                     };
                     let (code, message) = error_code(&r.body);
                     let status = r.head.status;
@@ -693,7 +693,7 @@ impl S3Store {
                             message,
                         }),
                         _ if retryable_status(status, &code) => {
-                            Outcome::Retry(format!("{status} {code}"))
+                            Outcome::Retry(status_cause(status, &code), format!("{status} {code}"))
                         }
                         _ => Outcome::Fail(ProbeError::Unexpected {
                             target,
@@ -732,10 +732,10 @@ impl S3Store {
                         Ok(r) if (200..300).contains(&r.head.status) => Outcome::Done(true),
                         Ok(r) if r.head.status == 404 => Outcome::Done(false),
                         Ok(r) => match classify_failure(&r, &location) {
-                            Ok(why) => Outcome::Retry(why),
+                            Ok((cause, why)) => Outcome::Retry(cause, why),
                             Err(e) => Outcome::Fail(e),
                         },
-                        Err(e) => Outcome::Retry(e.to_string()),
+                        Err(e) => Outcome::Retry(e.retry_cause(), e.to_string()),
                     },
                 )
                 .await;
@@ -757,7 +757,7 @@ impl S3Store {
     }
 
     /// Requests retried so far (every attempt after a transient failure counts once).
-    pub fn retries(&self) -> u64 {
+    pub fn retries(&self) -> RetryCounts {
         self.retries.get()
     }
 
@@ -830,7 +830,7 @@ impl S3Store {
             match classify(response) {
                 Outcome::Done(value) => return Ok(value),
                 Outcome::Fail(error) => return Err(RetryError::Fail(error)),
-                Outcome::Retry(why) => {
+                Outcome::Retry(cause, why) => {
                     crate::limited!(
                         tracing::Level::DEBUG,
                         "S3 retries",
@@ -848,7 +848,9 @@ impl S3Store {
                         if std::time::Instant::now() + pause >= deadline {
                             return Err(past_deadline(attempt, &last));
                         }
-                        self.retries.set(self.retries.get() + 1);
+                        let mut retries = self.retries.get();
+                        retries.0[cause as usize] += 1;
+                        self.retries.set(retries);
                         glommio::timer::sleep(pause).await;
                     }
                 }
@@ -917,11 +919,15 @@ fn object_keys(hash: Hash) -> [String; 2] {
     [super::object_key(hash), format!("Data/{hash}")]
 }
 
-fn classify_failure(r: &Response, location: &std::path::Path) -> Result<String, StoreError> {
+/// A failed answer: transient (its retry cause and a line for the log), or the error to return.
+fn classify_failure(
+    r: &Response,
+    location: &std::path::Path,
+) -> Result<(RetryCause, String), StoreError> {
     let (code, message) = error_code(&r.body);
     let status = r.head.status;
     if retryable_status(status, &code) {
-        return Ok(format!("{status} {code}"));
+        return Ok((status_cause(status, &code), format!("{status} {code}")));
     }
     let location = location.to_path_buf();
     Err(match status {

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::config::S3Tuning;
+use crate::store::RetryCause;
 
 /// How long to wait before attempt `attempt + 1` after `attempt` failures (`attempt >= 1`):
 /// uniform in `[0, min(cap, base * 2^(attempt - 1))]` ("full jitter", so shards that failed
@@ -14,6 +15,15 @@ pub fn backoff(tuning: &S3Tuning, attempt: u32) -> Duration {
         .saturating_mul(1u32 << (attempt.saturating_sub(1)).min(20));
     let ceiling = exp.min(tuning.backoff_cap);
     ceiling.mul_f64(fastrand::f64())
+}
+
+/// Why a transient status (see [`retryable_status`]) with S3 error `code` failed.
+pub fn status_cause(status: u16, code: &str) -> RetryCause {
+    match (status, code) {
+        (_, "SlowDown" | "Throttling") | (429 | 503, _) => RetryCause::Throttled,
+        (_, "RequestTimeout") => RetryCause::Timeout,
+        _ => RetryCause::ServerError,
+    }
 }
 
 /// Whether an HTTP status with S3 error `code` is transient: throttling, server errors and
@@ -51,6 +61,16 @@ mod tests {
             );
         }
         assert!(largest(3) > largest(1) * 3);
+    }
+
+    #[test]
+    fn retried_statuses_have_their_cause() {
+        assert_eq!(status_cause(503, "SlowDown"), RetryCause::Throttled);
+        assert_eq!(status_cause(429, ""), RetryCause::Throttled);
+        assert_eq!(status_cause(400, "Throttling"), RetryCause::Throttled);
+        assert_eq!(status_cause(400, "RequestTimeout"), RetryCause::Timeout);
+        assert_eq!(status_cause(500, "InternalError"), RetryCause::ServerError);
+        assert_eq!(status_cause(504, ""), RetryCause::ServerError);
     }
 
     #[test]
