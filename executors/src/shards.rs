@@ -311,17 +311,7 @@ impl<M: Send + 'static> Shards<M> {
         Fut: Future<Output = ()> + 'static,
     {
         validate(config)?;
-        let cpus = usable_cpus()?;
-        if config.shards > cpus.len() {
-            return Err(StartError::TooManyShards {
-                requested: config.shards,
-                usable: cpus.len(),
-            });
-        }
-        let cpus: Vec<CpuLocation> = shard_cpu_order(&cpus)
-            .into_iter()
-            .take(config.shards)
-            .collect();
+        let cpus = placement(config.shards)?;
 
         let mut senders = Vec::new();
         let mut receivers = Vec::new();
@@ -508,6 +498,24 @@ fn validate(c: &ShardConfig) -> Result<(), StartError> {
 }
 
 /// Online CPUs that this process's affinity mask allows (containers, `taskset`).
+/// The CPU each of `shards` shards is pinned to, in shard order (see [`shard_cpu_order`]).
+fn placement(shards: usize) -> Result<Vec<CpuLocation>, StartError> {
+    let cpus = usable_cpus()?;
+    if shards > cpus.len() {
+        return Err(StartError::TooManyShards {
+            requested: shards,
+            usable: cpus.len(),
+        });
+    }
+    Ok(shard_cpu_order(&cpus).into_iter().take(shards).collect())
+}
+
+/// The NUMA node each of `shards` shards will run on, as [`Shards::start`] places them (for
+/// sizing per-node hugepage reservations before the shards start).
+pub fn shard_numa_nodes(shards: usize) -> Result<Vec<usize>, StartError> {
+    Ok(placement(shards)?.iter().map(|c| c.numa_node).collect())
+}
+
 fn usable_cpus() -> Result<Vec<CpuLocation>, StartError> {
     let online = CpuSet::online().map_err(|e| StartError::Topology(e.to_string()))?;
     let allowed = affinity();

@@ -1,17 +1,19 @@
 //! `--hugepages reserve`: a farm node need not keep hugepages reserved between jobs. At start
 //! (as root) we add the 2 MiB pages the shards' pools need to the kernel's pool, on the NUMA
-//! node each shard runs on (shards go round-robin over the nodes with CPUs, as the executors
-//! place them), then allocate like `auto`; [`Reservation`]'s drop takes back what we added.
+//! node each shard will run on (asked of the executors, which place them), then allocate like
+//! `auto`; [`Reservation`]'s drop takes back what we added.
 //! Without root, or if the kernel refuses, one line and plain `auto`. Two mounts reserving at
 //! the same moment may race on the read-modify-write of the counter; a `kill -9` leaves the
 //! pages reserved.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+use mount_vfs_executors::{shard_numa_nodes, HUGE_PAGE};
 
 /// The global counter, used on single-node machines.
 const GLOBAL: &str = "/proc/sys/vm/nr_hugepages";
 const NODES: &str = "/sys/devices/system/node";
-const HUGE_PAGE: u64 = 2 << 20;
 
 /// Pages we added to each counter; given back on drop.
 #[derive(Debug)]
@@ -26,46 +28,40 @@ fn read(path: &Path) -> std::io::Result<u64> {
         .map_err(std::io::Error::other)
 }
 
-/// The per-node counters of the nodes that have CPUs, in node order; empty on a single node.
-fn node_counters() -> Vec<PathBuf> {
-    let mut nodes: Vec<(u32, PathBuf)> = std::fs::read_dir(NODES)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| {
-            let id = entry
-                .file_name()
-                .to_str()?
-                .strip_prefix("node")?
-                .parse()
-                .ok()?;
-            let cpus = std::fs::read_to_string(entry.path().join("cpulist")).ok()?;
-            let counter = entry.path().join("hugepages/hugepages-2048kB/nr_hugepages");
-            (!cpus.trim().is_empty() && counter.exists()).then_some((id, counter))
-        })
-        .collect();
-    nodes.sort();
-    if nodes.len() < 2 {
-        return Vec::new();
-    }
-    nodes.into_iter().map(|(_, counter)| counter).collect()
+/// Node `node`'s own counter of 2 MiB pages.
+fn node_counter(node: usize) -> PathBuf {
+    Path::new(NODES).join(format!(
+        "node{node}/hugepages/hugepages-2048kB/nr_hugepages"
+    ))
+}
+
+/// Whether the machine has more than one NUMA node (else the global counter is the one).
+fn several_nodes() -> bool {
+    let nodes = std::fs::read_dir(NODES).into_iter().flatten().flatten();
+    nodes
+        .filter(|e| e.file_name().to_string_lossy().starts_with("node"))
+        .count()
+        > 1
 }
 
 /// Reserves the pages for `shards` pools of `pool_per_shard` bytes and logs one line; `None`
 /// (also logged) when nothing could be reserved.
 pub fn reserve(shards: usize, pool_per_shard: u64) -> Option<Reservation> {
-    let per_shard = pool_per_shard.div_ceil(HUGE_PAGE);
-    let nodes = node_counters();
-    let wanted: Vec<(PathBuf, u64)> = if nodes.is_empty() {
-        vec![(PathBuf::from(GLOBAL), per_shard * shards as u64)]
-    } else {
-        let mut wanted: Vec<(PathBuf, u64)> = nodes.into_iter().map(|n| (n, 0)).collect();
-        let count = wanted.len();
-        for shard in 0..shards {
-            wanted[shard % count].1 += per_shard;
+    let per_shard = pool_per_shard.div_ceil(HUGE_PAGE as u64);
+    let placed = several_nodes()
+        .then(|| shard_numa_nodes(shards).ok())
+        .flatten();
+    let wanted: Vec<(PathBuf, u64)> = match placed {
+        Some(nodes) => {
+            let mut per_node: BTreeMap<usize, u64> = BTreeMap::new();
+            for node in nodes {
+                *per_node.entry(node).or_default() += per_shard;
+            }
+            (per_node.into_iter())
+                .map(|(node, pages)| (node_counter(node), pages))
+                .collect()
         }
-        wanted.retain(|(_, pages)| *pages > 0);
-        wanted
+        None => vec![(PathBuf::from(GLOBAL), per_shard * shards as u64)],
     };
     let asked: u64 = wanted.iter().map(|(_, pages)| pages).sum();
     let mut reservation = Reservation { added: Vec::new() };
