@@ -123,18 +123,7 @@ impl BarChart {
         let rows = self.bars.len().max(1);
         let height = 90 + 34 * rows as u32;
         let root = SVGBackend::new(path, (1000, height)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let (title, body) = root.split_vertically(44);
-        title.draw(&Text::new(
-            self.title.clone(),
-            (10, 8),
-            ("sans-serif", 18).into_font(),
-        ))?;
-        title.draw(&Text::new(
-            self.machine.clone(),
-            (10, 28),
-            ("sans-serif", 11).into_font().color(&RGBColor(90, 90, 90)),
-        ))?;
+        let body = draw_header(&root, &self.title, &self.machine)?;
         let max = self
             .bars
             .iter()
@@ -224,6 +213,24 @@ const LINE_COLOURS: [RGBColor; 6] = [
     RGBColor(0, 0, 0),
 ];
 
+/// Clears the canvas, writes the chart's title and the machine it ran on at the top, and
+/// returns the area below for the chart itself.
+fn draw_header<'a>(
+    root: &DrawingArea<SVGBackend<'a>, plotters::coord::Shift>,
+    title: &str,
+    machine: &str,
+) -> Result<DrawingArea<SVGBackend<'a>, plotters::coord::Shift>, Box<dyn std::error::Error>> {
+    root.fill(&WHITE)?;
+    let (header, body) = root.split_vertically(44);
+    header.draw(&Text::new(title, (10, 8), ("sans-serif", 18).into_font()))?;
+    header.draw(&Text::new(
+        machine,
+        (10, 28),
+        ("sans-serif", 11).into_font().color(&RGBColor(90, 90, 90)),
+    ))?;
+    Ok(body)
+}
+
 fn value(v: f64, unit: &str) -> String {
     if v >= 100.0 {
         format!("{v:.0} {unit}")
@@ -280,18 +287,7 @@ impl LineChart {
 
     fn draw(&self, path: &Path) -> Result<(), Box<dyn std::error::Error>> {
         let root = SVGBackend::new(path, (900, 560)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let (title, body) = root.split_vertically(44);
-        title.draw(&Text::new(
-            self.title.clone(),
-            (10, 8),
-            ("sans-serif", 18).into_font(),
-        ))?;
-        title.draw(&Text::new(
-            self.machine.clone(),
-            (10, 28),
-            ("sans-serif", 11).into_font().color(&RGBColor(90, 90, 90)),
-        ))?;
+        let body = draw_header(&root, &self.title, &self.machine)?;
         // The x values (shard counts) as evenly spaced categories: 1, 2, 4, 8, 16 read better
         // than on a linear axis.
         let mut xs: Vec<f64> = self
