@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod chart;
+pub mod mountpoint_s3;
 
 use std::ffi::OsStr;
 use std::fs;

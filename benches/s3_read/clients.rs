@@ -20,7 +20,7 @@ use crate::readers::{layout, MIB};
 use crate::server::{BUCKET, KEY, REGION, SECRET};
 
 /// Each raw stream reads in ranged GETs of this size, [`RAW_IN_FLIGHT`] of them in flight.
-const RAW_GET: usize = 8 * MIB;
+pub const RAW_GET: usize = 8 * MIB;
 pub const RAW_IN_FLIGHT: usize = 4;
 
 /// Our store's settings for the bench bucket, objects under `root`: the fixed key, and a
@@ -174,7 +174,7 @@ fn span_rate(results: &[(Instant, Instant, u64)]) -> f64 {
 }
 
 /// Signs a ranged GET with `aws-sigv4` for the hyper client.
-fn sign_get(url: &str, range: &str) -> Vec<(&'static str, String)> {
+pub fn sign_get(url: &str, range: &str) -> Vec<(&'static str, String)> {
     sign_request(
         "GET",
         url,

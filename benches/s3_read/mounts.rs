@@ -213,85 +213,59 @@ impl Mount {
         env: &Env,
     ) -> Result<Mount, String> {
         let mnt = env.base.join("mnt");
-        fs::create_dir_all(&mnt).unwrap();
-        if is_mounted(&mnt) {
-            lazy_umount(&mnt);
-        }
         let endpoint = server.endpoint();
-        let mut command = match contender {
+        let command = match contender {
             Contender::MountVfs {
                 shards,
                 cache,
                 chunked,
                 build,
             } => {
-                let mut c = Command::new(build.bin());
-                if cache {
-                    c.arg("--cache-dir").arg(&env.cache_dir);
-                }
-                c.arg(if chunked {
+                let manifest = if chunked {
                     &env.manifest_v2025
                 } else {
                     &env.manifest
-                })
-                .arg(&mnt)
-                .args(["--s3", &format!("s3://{BUCKET}/root")])
-                .args(["--endpoint-url", &endpoint])
-                .args(["--shards", &shards.to_string(), "--memory-limit", "4G"])
-                .env("AWS_ACCESS_KEY_ID", KEY)
-                .env("AWS_SECRET_ACCESS_KEY", SECRET)
-                .env("AWS_REGION", REGION)
-                .env_remove("AWS_PROFILE")
-                .env_remove("AWS_ENDPOINT_URL_S3")
-                .env_remove("AWS_ENDPOINT_URL");
+                };
+                let mut c = mount_vfs_command(&build.bin(), manifest, &mnt, &endpoint);
+                if cache {
+                    c.arg("--cache-dir").arg(&env.cache_dir);
+                }
+                c.args(["--shards", &shards.to_string(), "--memory-limit", "4G"]);
                 c
             }
-            Contender::S3fs => {
-                let mut c = Command::new("s3fs");
-                c.arg(BUCKET).arg(&mnt).arg("-f").arg("-o").arg(format!(
-                    "passwd_file={},url={endpoint},use_path_request_style,endpoint={REGION},ro",
-                    env.passwd.display()
-                ));
-                c
-            }
-            Contender::Rclone => {
-                let mut c = Command::new("rclone");
-                c.args(["mount", &format!("bench:{BUCKET}")])
-                    .arg(&mnt)
-                    .args(["--read-only", "--vfs-cache-mode", "off"])
-                    .args(if peer_defaults() {
-                        &[][..]
-                    } else {
-                        RCLONE_THROUGHPUT
-                    })
-                    .env_remove("AWS_CA_BUNDLE")
-                    .env("RCLONE_CONFIG_BENCH_TYPE", "s3")
-                    .env("RCLONE_CONFIG_BENCH_PROVIDER", "Other")
-                    .env("RCLONE_CONFIG_BENCH_ENDPOINT", &endpoint)
-                    .env("RCLONE_CONFIG_BENCH_ACCESS_KEY_ID", KEY)
-                    .env("RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY", SECRET)
-                    .env("RCLONE_CONFIG_BENCH_REGION", REGION)
-                    .env("RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE", "true")
-                    .env("RCLONE_CONFIG", env.base.join("rclone.conf"));
-                c
-            }
+            Contender::S3fs => s3fs_command(&mnt, &endpoint, &env.passwd),
+            Contender::Rclone => rclone_command(&mnt, &endpoint, &env.base),
         };
+        let files = if contender.is_peer() {
+            mnt.join("plain")
+        } else {
+            mnt.clone()
+        };
+        Mount::spawn(&contender.name(), command, mnt, files, Path::new("a.bin"))
+    }
+
+    /// Starts `command`, a FUSE daemon in the foreground that mounts `mnt`, and returns once
+    /// `files/ready` exists (where the daemon shows the bench's files), with what it logged
+    /// when it exits or does not mount within 60 s. The daemon is `name` in messages.
+    pub fn spawn(
+        name: &str,
+        mut command: Command,
+        mnt: PathBuf,
+        files: PathBuf,
+        ready: &Path,
+    ) -> Result<Mount, String> {
+        fs::create_dir_all(&mnt).unwrap();
+        if is_mounted(&mnt) {
+            lazy_umount(&mnt);
+        }
         let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", contender.name()))?;
+            .map_err(|e| format!("cannot start {name}: {e}"))?;
         ACTIVE.lock().unwrap().push(mnt.clone());
-        let mut mount = Mount {
-            child,
-            files: if contender.is_peer() {
-                mnt.join("plain")
-            } else {
-                mnt.clone()
-            },
-            mnt,
-        };
+        let mut mount = Mount { child, files, mnt };
         // Drain the daemon's output so it never blocks on a full pipe; keep the last lines.
         let tail = Arc::new(Mutex::new(Vec::<String>::new()));
         for pipe in [
@@ -322,20 +296,18 @@ impl Mount {
         }
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            if is_mounted(&mount.mnt) && mount.files.join("a.bin").exists() {
+            if is_mounted(&mount.mnt) && mount.files.join(ready).exists() {
                 return Ok(mount);
             }
             if let Ok(Some(status)) = mount.child.try_wait() {
                 return Err(format!(
-                    "{} exited ({status}) before mounting: {}",
-                    contender.name(),
+                    "{name} exited ({status}) before mounting: {}",
                     tail.lock().unwrap().join(" | ")
                 ));
             }
             if Instant::now() > deadline {
                 return Err(format!(
-                    "{} did not mount in 60 s: {}",
-                    contender.name(),
+                    "{name} did not mount in 60 s: {}",
                     tail.lock().unwrap().join(" | ")
                 ));
             }
@@ -368,6 +340,59 @@ impl Drop for Mount {
         }
         ACTIVE.lock().unwrap().retain(|m| m != &self.mnt);
     }
+}
+
+/// mount_vfs (`bin`) mounting `manifest` on `mnt` from the CAS under `root/` of the bench
+/// bucket at `endpoint`, with the bench's key and nothing from the caller's AWS environment;
+/// the caller adds its performance and cache options.
+pub fn mount_vfs_command(bin: &Path, manifest: &Path, mnt: &Path, endpoint: &str) -> Command {
+    let mut c = Command::new(bin);
+    c.arg(manifest)
+        .arg(mnt)
+        .args(["--s3", &format!("s3://{BUCKET}/root")])
+        .args(["--endpoint-url", endpoint])
+        .env("AWS_ACCESS_KEY_ID", KEY)
+        .env("AWS_SECRET_ACCESS_KEY", SECRET)
+        .env("AWS_REGION", REGION)
+        .env_remove("AWS_PROFILE")
+        .env_remove("AWS_ENDPOINT_URL_S3")
+        .env_remove("AWS_ENDPOINT_URL");
+    c
+}
+
+/// s3fs mounting the whole bucket on `mnt` read-only, in the foreground, with its defaults (see
+/// [`RCLONE_THROUGHPUT`] for why), credentials from `passwd` (`KEY:SECRET`, mode 600).
+pub fn s3fs_command(mnt: &Path, endpoint: &str, passwd: &Path) -> Command {
+    let mut c = Command::new("s3fs");
+    c.arg(BUCKET).arg(mnt).arg("-f").arg("-o").arg(format!(
+        "passwd_file={},url={endpoint},use_path_request_style,endpoint={REGION},ro",
+        passwd.display()
+    ));
+    c
+}
+
+/// rclone mounting the whole bucket on `mnt` read-only with its cache off and
+/// [`RCLONE_THROUGHPUT`] (unless `BENCH_PEER_DEFAULTS=1`); its (empty) config file in `base`.
+pub fn rclone_command(mnt: &Path, endpoint: &str, base: &Path) -> Command {
+    let mut c = Command::new("rclone");
+    c.args(["mount", &format!("bench:{BUCKET}")])
+        .arg(mnt)
+        .args(["--read-only", "--vfs-cache-mode", "off"])
+        .args(if peer_defaults() {
+            &[][..]
+        } else {
+            RCLONE_THROUGHPUT
+        })
+        .env_remove("AWS_CA_BUNDLE")
+        .env("RCLONE_CONFIG_BENCH_TYPE", "s3")
+        .env("RCLONE_CONFIG_BENCH_PROVIDER", "Other")
+        .env("RCLONE_CONFIG_BENCH_ENDPOINT", endpoint)
+        .env("RCLONE_CONFIG_BENCH_ACCESS_KEY_ID", KEY)
+        .env("RCLONE_CONFIG_BENCH_SECRET_ACCESS_KEY", SECRET)
+        .env("RCLONE_CONFIG_BENCH_REGION", REGION)
+        .env("RCLONE_CONFIG_BENCH_FORCE_PATH_STYLE", "true")
+        .env("RCLONE_CONFIG", base.join("rclone.conf"));
+    c
 }
 
 /// What every mount needs besides the server: where to mount, the manifests, the peers'

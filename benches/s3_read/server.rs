@@ -292,6 +292,7 @@ impl S3 for MemS3 {
 /// The server: its own multi-threaded tokio runtime; shut down on drop.
 pub struct Server {
     pub port: u16,
+    s3: MemS3,
     served: Arc<AtomicU64>,
     runtime: Option<tokio::runtime::Runtime>,
 }
@@ -315,7 +316,7 @@ impl Server {
         let port = listener.local_addr().unwrap().port();
         let s3 = MemS3::default();
         let served = s3.served.clone();
-        let mut builder = s3s::service::S3ServiceBuilder::new(s3);
+        let mut builder = s3s::service::S3ServiceBuilder::new(s3.clone());
         builder.set_auth(s3s::auth::SimpleAuth::from_single(KEY, SECRET));
         let service = builder.build();
         runtime.spawn(async move {
@@ -334,9 +335,33 @@ impl Server {
         });
         Server {
             port,
+            s3,
             served,
             runtime: Some(runtime),
         }
+    }
+
+    /// Stores `data` as `key` in the bench bucket (created if missing) without a PUT, so that
+    /// objects of a generated scene share one buffer under several keys; returns the ETag the
+    /// server will send, quotes included. Only benches/job.rs generates its data in memory.
+    #[allow(dead_code)]
+    pub fn insert(&self, key: &str, data: Bytes) -> String {
+        let etag = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(&data));
+        self.s3
+            .buckets
+            .write()
+            .unwrap()
+            .entry(BUCKET.to_string())
+            .or_default()
+            .insert(
+                key.to_string(),
+                Stored {
+                    data,
+                    etag: etag.clone(),
+                    modified: SystemTime::now(),
+                },
+            );
+        format!("\"{etag}\"")
     }
 
     pub fn endpoint(&self) -> String {
