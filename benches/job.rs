@@ -305,15 +305,7 @@ fn task_on_files(dir: &Path, scene: &Scene) -> Result<f64, String> {
 /// bytes as ranged GETs of `RAW_GET`, `RAW_IN_FLIGHT` in flight, hashed in order and checked.
 fn task_raw(endpoint: &str, scene: &Scene) -> Result<f64, String> {
     use http_body_util::BodyExt;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_max_idle_per_host(32)
-            .build_http();
+    let (runtime, client) = clients::hyper_client();
     let jobs: Arc<Vec<(String, u64, u128)>> = Arc::new(
         scene
             .order

@@ -220,19 +220,30 @@ fn sign_request(
         .collect()
 }
 
-/// An independent baseline: hyper's pooled HTTP/1.1 client on a 2-thread tokio runtime,
-/// `RAW_IN_FLIGHT` 8 MiB ranged GETs in flight per stream, bodies counted as they arrive.
-pub fn raw_hyper(endpoint: &str, keys: [String; 2], readers: usize, size: u64) -> f64 {
-    use http_body_util::BodyExt;
+/// The raw baselines' HTTP client: hyper's pooled HTTP/1.1 client on a 2-thread tokio runtime.
+pub fn hyper_client() -> (
+    tokio::runtime::Runtime,
+    hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Empty<Bytes>,
+    >,
+) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .pool_max_idle_per_host(32)
-            .build_http();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .pool_max_idle_per_host(32)
+        .build_http();
+    (runtime, client)
+}
+
+/// An independent baseline: hyper's pooled HTTP/1.1 client on a 2-thread tokio runtime,
+/// `RAW_IN_FLIGHT` 8 MiB ranged GETs in flight per stream, bodies counted as they arrive.
+pub fn raw_hyper(endpoint: &str, keys: [String; 2], readers: usize, size: u64) -> f64 {
+    use http_body_util::BodyExt;
+    let (runtime, client) = hyper_client();
     let streams = raw_streams(readers, size);
     let endpoint = endpoint.to_string();
     runtime.block_on(async move {
