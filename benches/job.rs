@@ -36,7 +36,6 @@
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -426,11 +425,7 @@ fn contenders() -> Vec<Contender> {
         }
     }
     for (peer, bin) in [(Contender::S3fs, "s3fs"), (Contender::Rclone, "rclone")] {
-        let present = Command::new("sh")
-            .args(["-c", &format!("command -v {bin}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
+        let present = common::on_path(bin);
         if present {
             all.push(peer);
         } else {
@@ -548,15 +543,6 @@ impl Bench {
     }
 }
 
-fn load() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
 fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
@@ -598,9 +584,9 @@ fn main() {
     };
     let contenders = contenders();
     let mut samples: Vec<Samples> = contenders.iter().map(|_| Samples::default()).collect();
-    println!("# load average before: {}", load());
+    println!("# load average before: {}", common::load_average());
     for run in 0..runs {
-        eprintln!("# run {}/{runs} (load {})", run + 1, load());
+        eprintln!("# run {}/{runs} (load {})", run + 1, common::load_average());
         for (c, s) in contenders.iter().zip(&mut samples) {
             step_deadline();
             match bench.measure(*c) {
@@ -617,7 +603,7 @@ fn main() {
         }
     }
     steps_done();
-    println!("# load average after: {}", load());
+    println!("# load average after: {}", common::load_average());
 
     assert!(
         !samples[0].secs.is_empty(),

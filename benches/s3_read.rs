@@ -36,7 +36,6 @@
 
 use std::fs;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 mod common;
@@ -99,11 +98,7 @@ fn contenders() -> Vec<Contender> {
         }
     }
     for (peer, bin) in [(Contender::S3fs, "s3fs"), (Contender::Rclone, "rclone")] {
-        let present = Command::new("sh")
-            .args(["-c", &format!("command -v {bin}")])
-            .stdout(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
+        let present = common::on_path(bin);
         if !with_peers {
             continue;
         }

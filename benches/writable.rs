@@ -311,14 +311,7 @@ fn main() {
         new_files,
     };
 
-    let load = || {
-        fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
-    };
+    let load = common::load_average;
     println!(
         "# writable: {FILES} x {file_mib} MiB, 1 MiB write()/read() calls, buffered, {runs} runs, \
          --shards {shards}; page cache dropped before every write phase and every cold read \

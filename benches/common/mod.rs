@@ -580,3 +580,22 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// The 1, 5 and 15 minute load averages, so a result can say what else ran meanwhile.
+pub fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Whether a peer's command is installed (on `PATH`).
+pub fn on_path(bin: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {bin}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
