@@ -42,7 +42,7 @@ mod server;
 
 use common::chart::{BarChart, LineChart};
 use common::{drop_caches, env_usize, fill, Daemon};
-use server::{Server, BUCKET, KEY, REGION, SECRET};
+use server::Server;
 
 const MIB: usize = 1 << 20;
 const GIB: f64 = (1u64 << 30) as f64;
@@ -302,17 +302,7 @@ fn mount(
         Store::Cas => {
             command.arg("--cas").arg(cas);
         }
-        Store::S3 => {
-            command
-                .args(["--s3", &format!("s3://{BUCKET}/root")])
-                .args(["--endpoint-url", endpoint])
-                .env("AWS_ACCESS_KEY_ID", KEY)
-                .env("AWS_SECRET_ACCESS_KEY", SECRET)
-                .env("AWS_REGION", REGION)
-                .env_remove("AWS_PROFILE")
-                .env_remove("AWS_ENDPOINT_URL_S3")
-                .env_remove("AWS_ENDPOINT_URL");
-        }
+        Store::S3 => mounts::bench_s3_store(&mut command, endpoint),
     }
     Daemon::start(command, mnt, &mnt.with_extension("log")).unwrap_or_else(|e| panic!("{e}"))
 }

@@ -347,9 +347,15 @@ impl Drop for Mount {
 /// the caller adds its performance and cache options.
 pub fn mount_vfs_command(bin: &Path, manifest: &Path, mnt: &Path, endpoint: &str) -> Command {
     let mut c = Command::new(bin);
-    c.arg(manifest)
-        .arg(mnt)
-        .args(["--s3", &format!("s3://{BUCKET}/root")])
+    c.arg(manifest).arg(mnt);
+    bench_s3_store(&mut c, endpoint);
+    c
+}
+
+/// Points a mount_vfs command at the CAS under `root/` of the bench bucket at `endpoint`, with
+/// the bench's key and nothing from the caller's AWS environment.
+pub fn bench_s3_store(c: &mut Command, endpoint: &str) {
+    c.args(["--s3", &format!("s3://{BUCKET}/root")])
         .args(["--endpoint-url", endpoint])
         .env("AWS_ACCESS_KEY_ID", KEY)
         .env("AWS_SECRET_ACCESS_KEY", SECRET)
@@ -357,7 +363,6 @@ pub fn mount_vfs_command(bin: &Path, manifest: &Path, mnt: &Path, endpoint: &str
         .env_remove("AWS_PROFILE")
         .env_remove("AWS_ENDPOINT_URL_S3")
         .env_remove("AWS_ENDPOINT_URL");
-    c
 }
 
 /// s3fs mounting the whole bucket on `mnt` read-only, in the foreground, with its defaults (see
