@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use io_uring::{cqueue, squeue, IoUring};
 
 mod common;
 use common::chart::BarChart;
@@ -36,75 +36,8 @@ const FILE_SIZE: u64 = 64 << 20;
 const MAX_WRITE: u32 = 1 << 20;
 const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 
-/// The parts of the FUSE wire protocol (`<linux/fuse.h>`, 7.45) this server speaks.
-mod wire {
-    pub const LOOKUP: u32 = 1;
-    pub const FORGET: u32 = 2;
-    pub const GETATTR: u32 = 3;
-    pub const OPEN: u32 = 14;
-    pub const READ: u32 = 15;
-    pub const STATFS: u32 = 17;
-    pub const RELEASE: u32 = 18;
-    pub const FLUSH: u32 = 25;
-    pub const INIT: u32 = 26;
-    pub const OPENDIR: u32 = 27;
-    pub const RELEASEDIR: u32 = 29;
-    pub const INTERRUPT: u32 = 36;
-    pub const DESTROY: u32 = 38;
-    pub const BATCH_FORGET: u32 = 42;
-
-    pub const IN_HEADER: usize = 40;
-    pub const OUT_HEADER: usize = 16;
-
-    pub const FUSE_ASYNC_READ: u64 = 1;
-    pub const FUSE_BIG_WRITES: u64 = 1 << 5;
-    pub const FUSE_MAX_PAGES: u64 = 1 << 22;
-    pub const FUSE_INIT_EXT: u64 = 1 << 30;
-    pub const FUSE_OVER_IO_URING: u64 = 1 << 41;
-    pub const FOPEN_DIRECT_IO: u32 = 1;
-
-    /// `FUSE_DEV_IOC_CLONE`: `_IOR(229, 0, uint32_t)`.
-    pub const DEV_IOC_CLONE: u64 = 0x8004_e500;
-
-    /// `enum fuse_uring_cmd`.
-    pub const URING_CMD_REGISTER: u32 = 1;
-    pub const URING_CMD_COMMIT_AND_FETCH: u32 = 2;
-    /// `struct fuse_uring_req_header`: in_out[128], op_in[128], then `fuse_uring_ent_in_out`
-    /// {flags u64, commit_id u64, payload_sz u32, padding u32, reserved u64}.
-    pub const URING_OP_IN: usize = 128;
-    pub const URING_ENT_IN_OUT: usize = 256;
-    pub const URING_HEADER_SIZE: usize = 288;
-
-    pub fn u32_at(b: &[u8], at: usize) -> u32 {
-        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
-    }
-
-    pub fn u64_at(b: &[u8], at: usize) -> u64 {
-        u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
-    }
-
-    pub struct InHeader {
-        pub opcode: u32,
-        pub unique: u64,
-        pub nodeid: u64,
-    }
-
-    pub fn in_header(b: &[u8]) -> InHeader {
-        InHeader {
-            opcode: u32_at(b, 4),
-            unique: u64_at(b, 8),
-            nodeid: u64_at(b, 16),
-        }
-    }
-
-    pub fn out_header(body_len: usize, error: i32, unique: u64) -> [u8; OUT_HEADER] {
-        let mut out = [0u8; OUT_HEADER];
-        out[0..4].copy_from_slice(&((OUT_HEADER + body_len) as u32).to_le_bytes());
-        out[4..8].copy_from_slice(&error.to_le_bytes());
-        out[8..16].copy_from_slice(&unique.to_le_bytes());
-        out
-    }
-}
+use mount_vfs::transport::uring::abi as wire;
+use mount_vfs::transport::uring::queue::uring_cmd;
 
 /// The do-nothing filesystem: answers one request into `out`; `None` for requests that take no
 /// reply, else the (negative) errno.
@@ -356,31 +289,6 @@ struct RingEntry {
     iov: [libc::iovec; 2],
 }
 
-fn ring_command(
-    fd: RawFd,
-    command: u32,
-    qid: u16,
-    commit_id: u64,
-    entry: &RingEntry,
-    tag: u64,
-) -> squeue::Entry128 {
-    // struct fuse_uring_cmd_req { flags u64, commit_id u64, qid u16, padding[6] } in the
-    // SQE's 80-byte command area.
-    let mut cmd = [0u8; 80];
-    cmd[8..16].copy_from_slice(&commit_id.to_le_bytes());
-    cmd[16..18].copy_from_slice(&qid.to_le_bytes());
-    let sqe = opcode::UringCmd80::new(types::Fd(fd), command)
-        .cmd(cmd)
-        .addr(Some(entry.iov.as_ptr() as u64))
-        .build()
-        .user_data(tag);
-    // The kernel takes the iovec count from sqe->len (offset 24), which io-uring 0.7 cannot
-    // set for URING_CMD; Entry128 is repr(C) over the 128-byte SQE.
-    let mut raw: [u8; 128] = unsafe { std::mem::transmute(sqe) };
-    raw[24..28].copy_from_slice(&2u32.to_le_bytes());
-    unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
-}
-
 /// Serves queue `qid` on a ring of its own until the connection goes away.
 fn serve_ring(
     fd: RawFd,
@@ -414,7 +322,14 @@ fn serve_ring(
         })
         .collect();
     for (tag, entry) in entries.iter().enumerate() {
-        let sqe = ring_command(fd, wire::URING_CMD_REGISTER, qid, 0, entry, tag as u64);
+        let sqe = uring_cmd(
+            fd,
+            wire::URING_CMD_REGISTER,
+            qid,
+            0,
+            entry.iov.as_ptr(),
+            tag as u64,
+        );
         unsafe { ring.submission().push(&sqe).unwrap() };
     }
     ring.submit().expect("REGISTER");
@@ -444,12 +359,12 @@ fn serve_ring(
                 .copy_from_slice(&wire::out_header(body, error, h.unique));
             let at = wire::URING_ENT_IN_OUT + 16;
             entry.header[at..at + 4].copy_from_slice(&(body as u32).to_le_bytes());
-            let sqe = ring_command(
+            let sqe = uring_cmd(
                 fd,
                 wire::URING_CMD_COMMIT_AND_FETCH,
                 qid,
                 commit_id,
-                entry,
+                entry.iov.as_ptr(),
                 tag,
             );
             unsafe { ring.submission().push(&sqe).unwrap() };

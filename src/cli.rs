@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::manifest::Format;
+use crate::transport::TransportChoice;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -225,6 +226,11 @@ pub struct MountArgs {
     /// Back the buffer pools with hugepages.
     #[arg(long, value_enum, default_value_t = HugepageMode::Auto, help_heading = "Performance")]
     pub hugepages: HugepageMode,
+    /// How FUSE requests arrive: fuser on /dev/fuse (`dev`), FUSE over io_uring (`uring`: Linux
+    /// 6.14+ with /sys/module/fuse/parameters/enable_uring = Y, root, read-only mounts), or
+    /// `auto`: the ring when available, else /dev/fuse with one line saying why.
+    #[arg(long, value_enum, default_value_t = TransportChoice::Dev, help_heading = "Performance")]
+    pub transport: TransportChoice,
 
     /// Local CAS directory holding Data/{hash}.xxh128 objects.
     #[arg(long, value_name = "DIR", help_heading = "Content store", conflicts_with_all = ["s3", "bucket"])]

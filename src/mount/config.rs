@@ -68,6 +68,8 @@ pub struct MountConfig {
     /// `--metrics-addr`: where to serve `/metrics`.
     pub metrics_addr: Option<std::net::SocketAddr>,
     pub stats: bool,
+    /// `--transport`: how FUSE requests arrive.
+    pub transport: crate::transport::TransportChoice,
 }
 
 /// `--export-on-unmount FILE --export-format F`.
@@ -165,6 +167,7 @@ impl TryFrom<MountArgs> for MountConfig {
             allow_non_empty: args.allow_non_empty,
             stats: args.stats,
             metrics_addr: args.metrics_addr,
+            transport: args.transport,
         })
     }
 }

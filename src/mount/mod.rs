@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use mount_vfs_executors::{ShardConfig, Shards};
 
 pub use self::config::{ExportOnUnmount, MountConfig, StoreChoice};
-pub use crate::transport::fuser::SessionError;
+pub use crate::transport::SessionError;
 
 use self::mountpoint::{MountpointLock, Unmounted};
 use crate::fs::shard::{run_shard, CounterSnapshot, ServiceConfig, ShardCounters, VerifyPolicy};
@@ -43,7 +43,7 @@ use crate::store::{
     StoreConfig, VerificationLog,
 };
 use crate::trace::trace_path;
-use crate::transport::fuser::{self as transport, FuseSession, SessionOptions};
+use crate::transport::{self, Session as FuseSession, SessionOptions};
 
 /// A failure that ends `mount_vfs` with a message and an exit status.
 #[derive(Debug, thiserror::Error)]
@@ -345,7 +345,13 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         threads: shards,
         writable: overlay.is_some(),
     };
-    let session = transport::start(dispatcher, passthrough, mountpoint, options)?;
+    let session = transport::start(
+        config.transport,
+        dispatcher,
+        passthrough,
+        mountpoint,
+        options,
+    )?;
     verify.drop_cached_pages_with(session.page_cache_dropper());
     raise_readahead(mountpoint);
 

@@ -1,5 +1,120 @@
 //! Transports: how requests reach the filesystem core (`crate::fs`) and replies leave it. Each
-//! converts its wire types into `fs::request` types and nothing else; fuser is the first, FUSE
-//! over io_uring the next.
+//! converts its wire types into `fs::request` types and nothing else: fuser over `/dev/fuse`,
+//! and FUSE over io_uring (`uring`). [`start`] picks one (`--transport`).
 
 pub mod fuser;
+pub mod uring;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use crate::fs::Dispatcher;
+
+/// `--transport`: how FUSE requests reach the filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TransportChoice {
+    /// FUSE over io_uring when the kernel offers it, else /dev/fuse (with one line saying why).
+    Auto,
+    /// FUSE over io_uring (Linux 6.14+, enable_uring=Y, root, read-only mounts); fail otherwise.
+    Uring,
+    /// fuser's read/writev on /dev/fuse.
+    Dev,
+}
+
+/// How the session is mounted and served.
+#[derive(Clone, Copy, Debug)]
+pub struct SessionOptions {
+    /// Let users other than the mounting one in (`allow_other`, and no owner-only ACL).
+    pub allow_other: bool,
+    /// Worker threads, each reading its own clone of the /dev/fuse descriptor (fuser).
+    pub threads: usize,
+    /// Mount read-write (the dispatcher has an overlay).
+    pub writable: bool,
+}
+
+/// Why the session did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("cannot mount on {}: {source}", .mountpoint.display())]
+    Mount {
+        mountpoint: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot start the FUSE session: {0}")]
+    Spawn(#[source] std::io::Error),
+    #[error("--transport uring: {0}")]
+    Uring(#[source] uring::UringError),
+}
+
+/// A mounted, running session of either transport.
+pub enum Session {
+    Dev(fuser::FuseSession),
+    Uring(uring::UringSession),
+}
+
+/// Mounts `dispatcher` on `mountpoint` over the chosen transport. `passthrough`: see
+/// [`fuser::start`]; the ring does not register backing files yet, so under it passthrough
+/// stays off (logged).
+pub fn start(
+    choice: TransportChoice,
+    dispatcher: Dispatcher,
+    passthrough: Option<Arc<AtomicBool>>,
+    mountpoint: &Path,
+    options: SessionOptions,
+) -> Result<Session, SessionError> {
+    let dispatcher = match choice {
+        TransportChoice::Dev => dispatcher,
+        TransportChoice::Uring | TransportChoice::Auto => {
+            match uring::start(dispatcher, mountpoint, &options) {
+                Ok(session) => {
+                    if passthrough.is_some() {
+                        tracing::info!(
+                            "FUSE passthrough off under FUSE over io_uring (backing files are \
+                             not registered by this transport yet); cached files are read \
+                             through the shards"
+                        );
+                    }
+                    return Ok(Session::Uring(session));
+                }
+                Err((e, _)) if choice == TransportChoice::Uring => {
+                    return Err(SessionError::Uring(e))
+                }
+                Err((e, Some(dispatcher))) => {
+                    tracing::info!("serving through /dev/fuse: {e}");
+                    *dispatcher
+                }
+                Err((e, None)) => return Err(SessionError::Uring(e)),
+            }
+        }
+    };
+    fuser::start(dispatcher, passthrough, mountpoint, options).map(Session::Dev)
+}
+
+impl Session {
+    /// A function that makes the kernel drop its cached pages of an inode, callable from any
+    /// thread.
+    pub fn page_cache_dropper(&self) -> Box<dyn Fn(u64) + Send + Sync> {
+        match self {
+            Session::Dev(s) => s.page_cache_dropper(),
+            Session::Uring(s) => s.page_cache_dropper(),
+        }
+    }
+
+    /// Whether the kernel has ended the session.
+    pub fn is_finished(&self) -> bool {
+        match self {
+            Session::Dev(s) => s.is_finished(),
+            Session::Uring(s) => s.is_finished(),
+        }
+    }
+
+    /// Lets go of the session without unmounting by path again (see `FuseSession::let_go`).
+    pub fn let_go(self) {
+        match self {
+            Session::Dev(s) => s.let_go(),
+            // Its threads end with the connection; nothing unmounts by path.
+            Session::Uring(s) => std::mem::forget(s),
+        }
+    }
+}

@@ -4,7 +4,7 @@
 
 mod filesystem;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -12,29 +12,7 @@ use fuser::{BackgroundSession, Config, INodeNo, MountOption, SessionACL};
 
 use self::filesystem::FuserFilesystem;
 use crate::fs::Dispatcher;
-
-/// How the session is mounted and served.
-#[derive(Clone, Copy, Debug)]
-pub struct SessionOptions {
-    /// Let users other than the mounting one in (`allow_other`, and no owner-only ACL).
-    pub allow_other: bool,
-    /// Worker threads, each reading its own clone of the /dev/fuse descriptor.
-    pub threads: usize,
-    /// Mount read-write (the dispatcher has an overlay).
-    pub writable: bool,
-}
-
-/// Why the session did not start.
-#[derive(Debug, thiserror::Error)]
-pub enum SessionError {
-    #[error("cannot mount on {}: {source}", .mountpoint.display())]
-    Mount {
-        mountpoint: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("cannot start the FUSE session: {0}")]
-    Spawn(#[source] std::io::Error),
-}
+use crate::transport::{SessionError, SessionOptions};
 
 /// A mounted, running session. Dropping it would unmount by path; see [`let_go`](Self::let_go).
 pub struct FuseSession {

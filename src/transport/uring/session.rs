@@ -1,0 +1,362 @@
+//! A FUSE session served over io_uring: mount with mount(2) on a `/dev/fuse` descriptor of our
+//! own, answer INIT asking for `FUSE_OVER_IO_URING`, then one thread per ring queue (one queue
+//! per possible CPU, as the kernel wants) plus one `/dev/fuse` reader for what the ring does not
+//! carry (FORGET, INTERRUPT) and what arrives before every queue is armed.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use super::abi::{self, Put};
+use super::decode::{decode, Decoded};
+use super::queue::{self, Counts};
+use super::reply::{Answer, Sink};
+use crate::fs::{Dispatcher, PREFERRED_IO_SIZE};
+use crate::transport::SessionOptions;
+
+/// The module parameter that lets the kernel offer FUSE over io_uring (read at INIT).
+pub const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+/// Largest WRITE and READ the kernel sends; a ring entry's payload buffer holds one.
+const MAX_IO: u32 = 1 << 20;
+
+/// Highest protocol minor whose structures `abi` and `reply` write.
+const MINOR: u32 = 45;
+
+/// Why the ring could not be used; the caller falls back to `/dev/fuse` or reports it.
+#[derive(Debug, thiserror::Error)]
+pub enum UringError {
+    /// Nothing was mounted.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Mounted, then a later step failed; the mount is gone again.
+    #[error("{what}: {source}")]
+    Setup {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// Whether this kernel and this process can serve a ring: `Err` says why not (and how to
+/// change it) without touching anything.
+pub fn available(options: &SessionOptions) -> Result<(), UringError> {
+    if options.writable {
+        return Err(UringError::Unavailable(
+            "FUSE over io_uring serves read-only mounts so far (--writable needs --transport dev)"
+                .into(),
+        ));
+    }
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(UringError::Unavailable(
+            "FUSE over io_uring mounts with mount(2), which needs root".into(),
+        ));
+    }
+    match std::fs::read_to_string(ENABLE_URING) {
+        Ok(v) if v.trim() == "Y" => Ok(()),
+        Ok(_) => Err(UringError::Unavailable(format!(
+            "the kernel's FUSE over io_uring is off ({ENABLE_URING} is N); as root, \
+             `echo Y > {ENABLE_URING}` turns it on for later mounts"
+        ))),
+        Err(_) => Err(UringError::Unavailable(format!(
+            "this kernel has no FUSE over io_uring (no {ENABLE_URING}: needs Linux 6.14+ \
+             with CONFIG_FUSE_IO_URING)"
+        ))),
+    }
+}
+
+/// A mounted session served over io_uring.
+pub struct UringSession {
+    fd: Arc<OwnedFd>,
+    finished: Arc<AtomicBool>,
+}
+
+/// Mounts `dispatcher` on `mountpoint` and serves it over the ring. On failure the mount is
+/// undone and the dispatcher handed back (when no thread kept it), so the caller can fall back.
+pub fn start(
+    dispatcher: Dispatcher,
+    mountpoint: &Path,
+    options: &SessionOptions,
+) -> Result<UringSession, (UringError, Option<Box<Dispatcher>>)> {
+    if let Err(e) = available(options) {
+        return Err((e, Some(Box::new(dispatcher))));
+    }
+    let fd = match mount(mountpoint, options) {
+        Ok(fd) => Arc::new(fd),
+        Err(e) => return Err((e, Some(Box::new(dispatcher)))),
+    };
+    let setup =
+        |what: &'static str| move |source: std::io::Error| UringError::Setup { what, source };
+    if let Err(e) = init(fd.as_raw_fd()).map_err(setup("FUSE INIT")) {
+        unmount(mountpoint);
+        return Err((e, Some(Box::new(dispatcher))));
+    }
+    let dispatcher = Arc::new(dispatcher);
+    let counts = Arc::new(Counts::default());
+    let mut queues: Vec<JoinHandle<()>> = Vec::new();
+    let mut failure = None;
+    for cpu in 0..possible_cpus() {
+        let (ready, registered) = std::sync::mpsc::channel();
+        let (raw, dispatcher, counts) = (fd.as_raw_fd(), dispatcher.clone(), counts.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("mount_vfs-ring{cpu}"))
+            .spawn(move || {
+                pin(cpu);
+                let payload = MAX_IO as usize + 4096;
+                queue::serve(raw, cpu as u16, payload, &dispatcher, &counts, ready);
+            });
+        let result = match spawned {
+            Ok(handle) => {
+                queues.push(handle);
+                registered
+                    .recv()
+                    .unwrap_or_else(|_| Err(std::io::Error::other("ring thread ended")))
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            failure = Some(setup("FUSE ring registration")(e));
+            break;
+        }
+    }
+    if let Some(e) = failure {
+        // The unmount ends the connection; every queue thread returns.
+        unmount(mountpoint);
+        queues.into_iter().for_each(|q| drop(q.join()));
+        return Err((e, Arc::into_inner(dispatcher).map(Box::new)));
+    }
+    let finished = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (fd, finished, dispatcher, counts) =
+            (fd.clone(), finished.clone(), dispatcher, counts.clone());
+        std::thread::Builder::new()
+            .name("mount_vfs-fuse".into())
+            .spawn(move || {
+                serve_dev(&fd, &dispatcher, &counts);
+                // The connection is gone; the queue threads see it too.
+                queues.into_iter().for_each(|q| drop(q.join()));
+                tracing::info!(
+                    "FUSE over io_uring: {} requests served over the ring, {} over /dev/fuse",
+                    counts.ring.load(Ordering::Relaxed),
+                    counts.dev.load(Ordering::Relaxed)
+                );
+                finished.store(true, Ordering::Release);
+            })
+    };
+    if let Err(e) = reader {
+        unmount(mountpoint);
+        return Err((setup("the /dev/fuse reader")(e), None));
+    }
+    tracing::info!(
+        "FUSE over io_uring: {} queues of {} entries",
+        possible_cpus(),
+        queue::DEPTH
+    );
+    Ok(UringSession { fd, finished })
+}
+
+impl UringSession {
+    /// See `FuseSession::page_cache_dropper`: the same notification, written to `/dev/fuse`.
+    pub fn page_cache_dropper(&self) -> Box<dyn Fn(u64) + Send + Sync> {
+        let fd = self.fd.clone();
+        Box::new(move |ino| {
+            let fd = fd.clone();
+            let _ = std::thread::Builder::new()
+                .name("mount_vfs-inval".into())
+                .spawn(move || {
+                    let mut body = Vec::with_capacity(24);
+                    body.u64(ino).u64(0).u64(0);
+                    let mut message =
+                        abi::out_header(body.len(), abi::NOTIFY_INVAL_INODE, 0).to_vec();
+                    message.extend_from_slice(&body);
+                    // SAFETY: writes a live buffer to our /dev/fuse descriptor.
+                    let n = unsafe {
+                        libc::write(fd.as_raw_fd(), message.as_ptr().cast(), message.len())
+                    };
+                    if n < 0 {
+                        let e = std::io::Error::last_os_error();
+                        tracing::warn!("cannot drop the kernel's cached pages of inode {ino}: {e}");
+                    }
+                });
+        })
+    }
+
+    /// Whether the kernel has ended the session (and every serving thread has returned).
+    pub fn is_finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+}
+
+/// Opens `/dev/fuse` and mounts it on `mountpoint`.
+fn mount(mountpoint: &Path, options: &SessionOptions) -> Result<OwnedFd, UringError> {
+    let setup = |what| move |source| UringError::Setup { what, source };
+    // SAFETY: a constant path; the result is checked.
+    let raw = unsafe { libc::open(c"/dev/fuse".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    if raw < 0 {
+        return Err(setup("/dev/fuse")(std::io::Error::last_os_error()));
+    }
+    // SAFETY: a fresh descriptor owned once, here.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut data =
+        format!("fd={raw},rootmode=40000,user_id={uid},group_id={gid},default_permissions");
+    if options.allow_other {
+        data.push_str(",allow_other");
+    }
+    let mut flags = libc::MS_NOSUID | libc::MS_NODEV;
+    if !options.writable {
+        flags |= libc::MS_RDONLY;
+    }
+    let bad_path = || setup("mountpoint")(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    let target = CString::new(mountpoint.as_os_str().as_encoded_bytes()).map_err(|_| bad_path())?;
+    let data = CString::new(data).map_err(|_| bad_path())?;
+    // SAFETY: valid C strings; mount(2) copies them.
+    let rc = unsafe {
+        libc::mount(
+            c"mount_vfs".as_ptr(),
+            target.as_ptr(),
+            c"fuse.mount_vfs".as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(setup("mount(2)")(std::io::Error::last_os_error()));
+    }
+    Ok(fd)
+}
+
+fn unmount(mountpoint: &Path) {
+    if let Ok(target) = CString::new(mountpoint.as_os_str().as_encoded_bytes()) {
+        // SAFETY: a valid C string.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// Answers FUSE_INIT, taking the ring; fails if the kernel does not offer it.
+fn init(fd: RawFd) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 8192];
+    let n = loop {
+        // SAFETY: reads into a live buffer of its length.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n >= 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break n;
+        }
+    };
+    if n < abi::IN_HEADER as isize + 16 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let h = abi::in_header(&buf);
+    if h.opcode != abi::INIT {
+        return Err(std::io::Error::other(format!(
+            "the kernel's first request is {}, not INIT",
+            h.opcode
+        )));
+    }
+    let args = &buf[abi::IN_HEADER..n as usize];
+    let minor = abi::u32_at(args, 4).min(MINOR);
+    let max_readahead = abi::u32_at(args, 8).min(PREFERRED_IO_SIZE);
+    let offered = abi::u32_at(args, 12) as u64 | (abi::u32_at(args, 16) as u64) << 32;
+    let refuse = |why: String| {
+        // A failed INIT ends the connection; the caller unmounts.
+        let header = abi::out_header(0, -libc::EPROTO, h.unique);
+        // SAFETY: writes a live buffer to our descriptor.
+        unsafe { libc::write(fd, header.as_ptr().cast(), header.len()) };
+        Err(std::io::Error::other(why))
+    };
+    if offered & abi::FUSE_OVER_IO_URING == 0 {
+        return refuse("the kernel does not offer FUSE_OVER_IO_URING".into());
+    }
+    let wanted = abi::FUSE_ASYNC_READ
+        | abi::FUSE_BIG_WRITES
+        | abi::FUSE_PARALLEL_DIROPS
+        | abi::FUSE_DO_READDIRPLUS
+        | abi::FUSE_READDIRPLUS_AUTO
+        | abi::FUSE_MAX_PAGES
+        | abi::FUSE_INIT_EXT
+        | abi::FUSE_OVER_IO_URING;
+    let flags = wanted & offered;
+    let mut body = Vec::with_capacity(64);
+    body.u32(7).u32(minor).u32(max_readahead).u32(flags as u32);
+    body.extend_from_slice(&64u16.to_le_bytes()); // max_background
+    body.extend_from_slice(&48u16.to_le_bytes()); // congestion_threshold
+    body.u32(MAX_IO).u32(1); // max_write, time_gran
+    body.extend_from_slice(&((MAX_IO / 4096) as u16).to_le_bytes()); // max_pages
+    body.extend_from_slice(&0u16.to_le_bytes()); // map_alignment
+    body.u32((flags >> 32) as u32);
+    body.resize(64, 0);
+    let mut message = abi::out_header(body.len(), 0, h.unique).to_vec();
+    message.extend_from_slice(&body);
+    // SAFETY: writes a live buffer to our descriptor.
+    let written = unsafe { libc::write(fd, message.as_ptr().cast(), message.len()) };
+    if written as usize != message.len() {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Serves what comes through `/dev/fuse` until the connection ends.
+fn serve_dev(fd: &Arc<OwnedFd>, dispatcher: &Dispatcher, counts: &Counts) {
+    let mut buf = vec![0u8; MAX_IO as usize + 8192];
+    loop {
+        // SAFETY: reads into a live buffer of its length.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR | libc::ENOENT | libc::EAGAIN) => continue,
+                _ => return, // ENODEV: unmounted.
+            }
+        }
+        let request = &buf[..n as usize];
+        if request.len() < abi::IN_HEADER {
+            continue;
+        }
+        counts.dev.fetch_add(1, Ordering::Relaxed);
+        let h = abi::in_header(request);
+        let args = &request[abi::IN_HEADER..];
+        let answer = Answer::new(Sink::Dev(fd.clone()), h.unique);
+        let fixed = abi::op_in_size(h.opcode);
+        if args.len() < fixed {
+            let mut answer = answer;
+            answer.send(libc::EINVAL, &[]);
+            continue;
+        }
+        let (op_in, payload) = args.split_at(fixed);
+        if let Decoded::Request(request) = decode(&h, op_in, payload, answer) {
+            dispatcher.dispatch(request);
+        }
+    }
+}
+
+/// One ring queue per possible CPU: the kernel only switches to the ring once each has an entry.
+fn possible_cpus() -> usize {
+    std::fs::read_to_string("/sys/devices/system/cpu/possible")
+        .ok()
+        .and_then(|text| {
+            let last = text
+                .trim()
+                .rsplit(['-', ','])
+                .next()?
+                .parse::<usize>()
+                .ok()?;
+            Some(last + 1)
+        })
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Runs the calling thread on `cpu`, whose queue it serves (best effort).
+fn pin(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays within it for cpu < CPU_SETSIZE.
+    unsafe {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            return;
+        }
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}

@@ -1,0 +1,232 @@
+//! `--transport uring|auto`: a real mount served over FUSE over io_uring (Linux 6.14+,
+//! `CONFIG_FUSE_IO_URING`) reads exactly what the tree holds, its requests really come over the
+//! ring, it unmounts cleanly with reads in flight; and with the kernel's ring switched off,
+//! `auto` falls back to `/dev/fuse` with one line saying how to switch it on, and `uring` fails
+//! with that line.
+//!
+//! The test sets `/sys/module/fuse/parameters/enable_uring` (root) and restores it, also when it
+//! fails. Everything that changes the parameter is in one test function, so nothing here runs
+//! concurrently with another setting of it; the other test files mount with the default
+//! transport (`dev`), which the parameter does not affect.
+
+mod common;
+
+use std::fs;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{job, pattern, read_all, read_direct, AlignedBuf, Mount, MountOptions, BIN};
+
+const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+const HOW_TO_ENABLE: &str = "echo Y > /sys/module/fuse/parameters/enable_uring";
+
+/// Sets `enable_uring` and puts the earlier value back when dropped (also on panic).
+struct UringParameter(String);
+
+impl UringParameter {
+    fn set(value: &str) -> UringParameter {
+        let earlier = fs::read_to_string(ENABLE_URING).expect("read enable_uring");
+        fs::write(ENABLE_URING, value).expect("set enable_uring (root?)");
+        UringParameter(earlier.trim().to_string())
+    }
+}
+
+impl Drop for UringParameter {
+    fn drop(&mut self) {
+        fs::write(ENABLE_URING, &self.0).ok();
+    }
+}
+
+const BIG: usize = (12 << 20) + 4097;
+
+fn files() -> Vec<(&'static str, Vec<u8>)> {
+    vec![
+        ("hello.txt", b"hello ring".to_vec()),
+        ("empty.bin", Vec::new()),
+        ("scene/shot/big.exr", pattern(1, BIG)),
+        ("scene/tex/ü.tif", pattern(2, 1 << 20)),
+        ("deep/a/b/c/leaf.txt", pattern(3, 100)),
+    ]
+}
+
+/// Stat, listings, whole reads (buffered and O_DIRECT) and random reads, all byte-exact.
+/// Returns the number of READ requests the random O_DIRECT reads alone made.
+fn check_content(dir: &Path, files: &[(&str, Vec<u8>)]) -> u64 {
+    for (path, bytes) in files {
+        let path = dir.join(path);
+        assert_eq!(
+            fs::metadata(&path).unwrap().len(),
+            bytes.len() as u64,
+            "{path:?}"
+        );
+        assert!(
+            read_all(&path).unwrap() == *bytes,
+            "buffered read of {path:?}"
+        );
+    }
+    let mut top: Vec<String> = fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    top.sort();
+    assert_eq!(top, ["deep", "empty.bin", "hello.txt", "scene"]);
+    let tex: Vec<_> = fs::read_dir(dir.join("scene/tex")).unwrap().collect();
+    assert_eq!(tex.len(), 1);
+    let big = &files[2].1;
+    let big_path = dir.join(files[2].0);
+    assert!(read_direct(&big_path).unwrap() == *big, "O_DIRECT read");
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&big_path)
+        .unwrap();
+    let mut buf = AlignedBuf::new(4096);
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let reads = 300;
+    for _ in 0..reads {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        let offset = (rng % (BIG as u64 / 4096)) * 4096;
+        let n = file.read_at(buf.as_mut(), offset).unwrap();
+        let end = (offset as usize + n).min(BIG);
+        assert_eq!(n, end - offset as usize);
+        assert!(
+            buf.as_mut()[..n] == big[offset as usize..end],
+            "4 KiB at {offset}"
+        );
+    }
+    reads
+}
+
+/// The count in the session's last line, "N requests served over the ring, M over /dev/fuse".
+fn ring_counts(stderr: &str) -> Option<(u64, u64)> {
+    let line = stderr
+        .lines()
+        .find(|l| l.contains("requests served over the ring"))?;
+    let after = line.split("FUSE over io_uring: ").nth(1)?;
+    let ring = after.split(' ').next()?.parse().ok()?;
+    let dev = after.split(", ").nth(1)?.split(' ').next()?.parse().ok()?;
+    Some((ring, dev))
+}
+
+#[test]
+fn uring_transport_serves_and_auto_falls_back() {
+    if fs::metadata(ENABLE_URING).is_err() {
+        eprintln!("skipped: this kernel has no {ENABLE_URING} (CONFIG_FUSE_IO_URING)");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let files = files();
+    let borrowed: Vec<(&str, &[u8])> = files.iter().map(|(p, b)| (*p, b.as_slice())).collect();
+    let (manifest, cas) = job(tmp.path(), &borrowed, "2023-03-03");
+    let dir = tmp.path().join("mnt");
+
+    {
+        let _on = UringParameter::set("Y");
+        let transport = ["--transport", "uring"];
+        let mut mount = Mount::start(
+            &manifest,
+            &cas,
+            &dir,
+            MountOptions {
+                shards: 2,
+                extra: &transport,
+            },
+        );
+        let random_reads = check_content(&dir, &files);
+        let link = fs::read_link(dir.join("hello.txt"));
+        assert!(link.is_err(), "a file is no symlink");
+        // GETXATTR over the ring: the stats snapshot.
+        let stats = Command::new(BIN).arg("stats").arg(&dir).output().unwrap();
+        assert!(stats.status.success(), "{stats:?}");
+        let status = mount.stop();
+        let stderr = mount.stderr();
+        assert!(status.is_some_and(|s| s.success()), "{status:?}\n{stderr}");
+        let (ring, dev) = ring_counts(&stderr).unwrap_or_else(|| panic!("no counts:\n{stderr}"));
+        assert!(
+            ring >= random_reads && dev < ring / 10,
+            "{ring} requests over the ring, {dev} over /dev/fuse"
+        );
+        assert!(!common::is_mounted(&dir));
+
+        // Unmount with reads in flight: the process exits cleanly, the readers get errors.
+        let extra = ["--transport", "uring", "--stop-grace", "1"];
+        let mut mount = Mount::start(
+            &manifest,
+            &cas,
+            &dir,
+            MountOptions {
+                shards: 2,
+                extra: &extra,
+            },
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers: Vec<_> = (0..4)
+            .map(|i| {
+                let (path, stop) = (dir.join(files[2].0), stop.clone());
+                let expected = files[2].1.clone();
+                std::thread::spawn(move || {
+                    let file = fs::File::open(path).unwrap();
+                    let mut buf = vec![0u8; 1 << 20];
+                    let mut offset = (i as u64) << 20;
+                    while !stop.load(Ordering::Relaxed) {
+                        match file.read_at(&mut buf, offset % BIG as u64) {
+                            Ok(n) => {
+                                let at = (offset % BIG as u64) as usize;
+                                assert!(buf[..n] == expected[at..at + n], "bytes at {at}");
+                                offset += 1 << 20;
+                            }
+                            Err(_) => return,
+                        }
+                    }
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(300));
+        let status = mount.stop();
+        stop.store(true, Ordering::Relaxed);
+        for reader in readers {
+            reader.join().expect("reader saw wrong bytes");
+        }
+        let stderr = mount.stderr();
+        assert!(status.is_some_and(|s| s.success()), "{status:?}\n{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(!common::is_mounted(&dir));
+    }
+
+    let _off = UringParameter::set("N");
+    // `uring` refuses, saying how to switch the kernel's ring on.
+    let refused = Command::new(BIN)
+        .arg(&manifest)
+        .arg(&dir)
+        .args(["--cas", cas.to_str().unwrap(), "--transport", "uring"])
+        .output()
+        .unwrap();
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{message}");
+    assert!(message.contains(HOW_TO_ENABLE), "{message}");
+    assert!(!common::is_mounted(&dir));
+
+    // `auto` falls back to /dev/fuse with one line, and serves the same bytes.
+    let transport = ["--transport", "auto"];
+    let mut mount = Mount::start(
+        &manifest,
+        &cas,
+        &dir,
+        MountOptions {
+            shards: 2,
+            extra: &transport,
+        },
+    );
+    check_content(&dir, &files);
+    let status = mount.stop();
+    let stderr = mount.stderr();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{stderr}");
+    assert_eq!(stderr.matches(HOW_TO_ENABLE).count(), 1, "{stderr}");
+    assert!(ring_counts(&stderr).is_none(), "{stderr}");
+}
