@@ -142,7 +142,11 @@ fn uring_transport_serves_and_auto_falls_back() {
         let link = fs::read_link(dir.join("hello.txt"));
         assert!(link.is_err(), "a file is no symlink");
         // GETXATTR over the ring: the stats snapshot.
-        let stats = Command::new(BIN).arg("stats").arg(&dir).output().unwrap();
+        let stats = Command::new(BIN)
+            .args(["stats", "--once"])
+            .arg(&dir)
+            .output()
+            .unwrap();
         assert!(stats.status.success(), "{stats:?}");
         let status = mount.stop();
         let stderr = mount.stderr();
