@@ -16,6 +16,13 @@
 //! io_uring rows and restores the earlier value. `BENCH_OPS` sets the calls per row (default
 //! 20000), `BENCH_RUNS` the runs (default 3; medians of them are printed, and charted per
 //! workload as `fuse_transport_{stat,read4k,read1m}.{json,svg}`, see `common/chart.rs`).
+//!
+//! In the same runs, mount_vfs itself serves the same file (a local CAS, `--transport dev` and
+//! `--transport uring`), warm: the file is read through once after mounting, so every block is
+//! in the shards' pools and each row measures the request path, not the store. All clients read
+//! with `O_DIRECT` so that every read reaches the server (the do-nothing server also sets
+//! `FOPEN_DIRECT_IO`; mount_vfs lets the kernel cache pages otherwise). `BENCH_VFS=0` leaves the
+//! mount_vfs rows out.
 
 use std::ffi::CString;
 use std::fs;
@@ -30,7 +37,7 @@ use io_uring::{cqueue, squeue, IoUring};
 
 mod common;
 use common::chart::BarChart;
-use common::{env_usize, median};
+use common::{env_usize, median, Daemon};
 
 const FILE_SIZE: u64 = 64 << 20;
 const MAX_WRITE: u32 = 1 << 20;
@@ -107,6 +114,83 @@ fn answer(h: &wire::InHeader, op_in: &[u8], payload: &[u8], out: &mut Vec<u8>) -
 enum Transport {
     Dev,
     Uring,
+}
+
+impl Transport {
+    /// mount_vfs's `--transport` value.
+    fn flag(self) -> &'static str {
+        match self {
+            Transport::Dev => "dev",
+            Transport::Uring => "uring",
+        }
+    }
+}
+
+/// What serves a row: our do-nothing server or mount_vfs (warm), over one transport.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Contender {
+    Null(Transport),
+    MountVfs(Transport),
+}
+
+impl Contender {
+    fn label(self) -> String {
+        match self {
+            Contender::Null(t) => format!("null {t:?}"),
+            Contender::MountVfs(t) => format!("mount_vfs {t:?}"),
+        }
+    }
+}
+
+/// A mounted contender; unmounts when dropped.
+enum Mounted {
+    Null(Server),
+    MountVfs(Daemon),
+}
+
+/// The manifest and local CAS mount_vfs serves: one file `f` with the bytes the clients check.
+struct VfsFixture {
+    manifest: PathBuf,
+    cas: PathBuf,
+}
+
+impl VfsFixture {
+    fn build() -> VfsFixture {
+        let base = common::bench_dir("fuse_transport");
+        let (tree, cas, manifest) = (base.join("tree"), base.join("cas"), base.join("manifest"));
+        fs::create_dir_all(&tree).unwrap();
+        let bytes: Vec<u8> = (0..FILE_SIZE).map(|i| (i % 251) as u8).collect();
+        fs::write(tree.join("f"), bytes).unwrap();
+        common::snapshot(&tree, &cas, &manifest, "2023-03-03");
+        VfsFixture { manifest, cas }
+    }
+
+    /// Mounts it over `transport` and reads `f` through once, so every block is in the pools.
+    fn mount_warm(&self, mnt: &Path, transport: Transport) -> Daemon {
+        let mut command = std::process::Command::new(common::bin());
+        command
+            .arg(&self.manifest)
+            .arg(mnt)
+            .arg("--cas")
+            .arg(&self.cas)
+            .args(["--transport", transport.flag(), "--memory-limit", "1G"]);
+        let daemon = Daemon::start(command, mnt, &mnt.with_extension("log"))
+            .unwrap_or_else(|e| panic!("mount_vfs --transport {}: {e}", transport.flag()));
+        let read = fs::read(mnt.join("f")).expect("warm-up read through mount_vfs");
+        assert_eq!(read.len() as u64, FILE_SIZE);
+        daemon
+    }
+}
+
+impl Contender {
+    fn mount(self, mnt: &Path, vfs: Option<&VfsFixture>) -> Mounted {
+        match self {
+            Contender::Null(t) => Mounted::Null(Server::mount(mnt, t)),
+            Contender::MountVfs(t) => {
+                Mounted::MountVfs(vfs.expect("mount_vfs fixture").mount_warm(mnt, t))
+            }
+        }
+    }
 }
 
 /// A mounted do-nothing server; unmounts and joins its threads when dropped.
@@ -424,13 +508,16 @@ fn run(mnt: &Path, workload: Workload, readers: usize, ops: usize) -> (f64, Vec<
                 let mut latencies = Vec::with_capacity(ops);
                 let root = CString::new(mnt.as_os_str().as_encoded_bytes()).unwrap();
                 let file = CString::new(mnt.join("f").as_os_str().as_encoded_bytes()).unwrap();
-                let fd = unsafe { libc::open(file.as_ptr(), libc::O_RDONLY) };
+                let fd = unsafe { libc::open(file.as_ptr(), libc::O_RDONLY | libc::O_DIRECT) };
                 assert!(fd >= 0, "open: {}", std::io::Error::last_os_error());
                 let size = match workload {
                     Workload::Read1M => 1 << 20,
                     _ => 4096,
                 };
-                let mut buf = vec![0u8; size];
+                // O_DIRECT wants a page-aligned buffer.
+                let mut raw = vec![0u8; size + 4096];
+                let align = raw.as_ptr().align_offset(4096);
+                let buf = &mut raw[align..align + size];
                 let mut stat: libc::stat = unsafe { std::mem::zeroed() };
                 let mut rng = fastrand::Rng::with_seed(reader as u64);
                 for _ in 0..ops {
@@ -472,14 +559,17 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p) as usize].as_secs_f64() * 1e6
 }
 
-/// One transport's runs of one workload: calls per second, p50 and p99 in µs, and how many
-/// requests the server took from its rings.
+/// One contender's runs of one workload: calls per second, p50 and p99 in µs, and how many
+/// requests the do-nothing server took from its rings and from /dev/fuse (last run).
 #[derive(Clone, Default)]
 struct Row {
     rates: Vec<f64>,
     p50: Vec<f64>,
     p99: Vec<f64>,
     via_ring: u64,
+    via_dev: u64,
+    /// mount_vfs's CPU (all its threads) per call, µs.
+    cpu_per_call: Vec<f64>,
 }
 
 fn main() {
@@ -492,62 +582,101 @@ fn main() {
     if !uring_available {
         println!("io_uring rows skipped: this kernel has no {ENABLE_URING} (CONFIG_FUSE_IO_URING)");
     }
+    let transports: &[Transport] = if uring_available {
+        &[Transport::Dev, Transport::Uring]
+    } else {
+        &[Transport::Dev]
+    };
+    let vfs = (env_usize("BENCH_VFS", 1) != 0).then(VfsFixture::build);
+    let contenders: Vec<Contender> = transports
+        .iter()
+        .map(|&t| Contender::Null(t))
+        .chain(
+            vfs.iter()
+                .flat_map(|_| transports.iter().map(|&t| Contender::MountVfs(t))),
+        )
+        .collect();
     let _parameter = UringParameter::enable();
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("mnt");
     let cpus = possible_cpus();
-    println!("do-nothing FUSE server, {cpus} CPUs, {ops} calls per row, medians of {runs} runs (alternating transports)");
+    println!("{cpus} CPUs, {ops} calls per row (1 MiB: a 20th), O_DIRECT, medians of {runs} runs (contenders alternating)");
     println!(
-        "{:<9} {:<8} {:>7} {:>12} {:>9} {:>9} {:>10}",
-        "workload", "transport", "readers", "calls/s", "p50 us", "p99 us", "via ring"
+        "{:<9} {:<15} {:>7} {:>12} {:>9} {:>9} {:>10}",
+        "workload", "contender", "readers", "calls/s", "p50 us", "p99 us", "ring/dev|cpu"
     );
     for workload in [Workload::Stat, Workload::Read4K, Workload::Read1M] {
         // One chart per workload: their call rates differ by orders of magnitude.
         let mut chart = BarChart::new(
             &format!("fuse_transport_{}", format!("{workload:?}").to_lowercase()),
-            &format!("do-nothing FUSE server, {workload:?}: /dev/fuse and io_uring"),
+            &format!(
+                "{workload:?}: do-nothing server and mount_vfs (warm), /dev/fuse and io_uring"
+            ),
             "calls/s",
         );
         for readers in [1, cpus] {
-            let transports: &[Transport] = if uring_available {
-                &[Transport::Dev, Transport::Uring]
-            } else {
-                &[Transport::Dev]
-            };
-            let mut rows: Vec<Row> = vec![Row::default(); transports.len()];
+            let mut rows: Vec<Row> = vec![Row::default(); contenders.len()];
             for _ in 0..runs {
-                for (row, &transport) in rows.iter_mut().zip(transports) {
-                    let server = Server::mount(&mnt, transport);
+                for (row, &contender) in rows.iter_mut().zip(&contenders) {
+                    let mounted = contender.mount(&mnt, vfs.as_ref());
                     let ops = if matches!(workload, Workload::Read1M) {
                         ops / 20
                     } else {
                         ops
                     };
+                    let daemon_cpu = || match &mounted {
+                        Mounted::MountVfs(daemon) => common::faults_and_cpu(daemon.child.id()).1,
+                        Mounted::Null(_) => 0.0,
+                    };
+                    let cpu_before = daemon_cpu();
                     let (rate, latencies) = run(&mnt, workload, readers, ops);
+                    row.cpu_per_call
+                        .push((daemon_cpu() - cpu_before) * 1e6 / latencies.len() as f64);
                     row.rates.push(rate);
                     row.p50.push(percentile(&latencies, 0.50));
                     row.p99.push(percentile(&latencies, 0.99));
-                    row.via_ring = server.via_ring.load(Ordering::Relaxed);
-                    let _ = server.via_dev.load(Ordering::Relaxed);
+                    if let Mounted::Null(server) = &mounted {
+                        row.via_ring = server.via_ring.load(Ordering::Relaxed);
+                        row.via_dev = server.via_dev.load(Ordering::Relaxed);
+                    }
+                    drop(mounted);
                 }
             }
-            for (row, transport) in rows.into_iter().zip(transports) {
-                let label = format!("{transport:?}, {readers} reader(s)");
-                match transport {
-                    Transport::Dev => chart.bar(&label, &row.rates),
-                    Transport::Uring => {
-                        chart.bar_vs(&label, &row.rates, &format!("Dev, {readers} reader(s)"))
-                    }
+            for (row, contender) in rows.into_iter().zip(&contenders) {
+                let label = format!("{}, {readers} reader(s)", contender.label());
+                // io_uring rows are compared with the same server over /dev/fuse.
+                match contender {
+                    Contender::Null(Transport::Uring) => chart.bar_vs(
+                        &label,
+                        &row.rates,
+                        &format!(
+                            "{}, {readers} reader(s)",
+                            Contender::Null(Transport::Dev).label()
+                        ),
+                    ),
+                    Contender::MountVfs(Transport::Uring) => chart.bar_vs(
+                        &label,
+                        &row.rates,
+                        &format!(
+                            "{}, {readers} reader(s)",
+                            Contender::MountVfs(Transport::Dev).label()
+                        ),
+                    ),
+                    _ => chart.bar(&label, &row.rates),
                 }
                 println!(
-                    "{:<9} {:<8} {:>7} {:>12.0} {:>9.1} {:>9.1} {:>10}",
+                    "{:<9} {:<15} {:>7} {:>12.0} {:>9.1} {:>9.1} {:>10}",
                     format!("{workload:?}"),
-                    format!("{transport:?}"),
+                    contender.label(),
                     readers,
                     median(row.rates),
                     median(row.p50),
                     median(row.p99),
-                    row.via_ring
+                    match contender {
+                        Contender::Null(_) => format!("{}/{}", row.via_ring, row.via_dev),
+                        Contender::MountVfs(_) =>
+                            format!("cpu {:.1} us/call", median(row.cpu_per_call)),
+                    }
                 );
             }
         }
