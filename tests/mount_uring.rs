@@ -24,6 +24,10 @@ use common::{job, pattern, read_all, read_direct, AlignedBuf, Mount, MountOption
 const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 const HOW_TO_ENABLE: &str = "echo Y > /sys/module/fuse/parameters/enable_uring";
 
+/// Held by each test for its whole run: the module parameter is one for the machine, and one
+/// test switches it off on purpose.
+static PARAMETER_USERS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Sets `enable_uring` and puts the earlier value back when dropped (also on panic).
 struct UringParameter(String);
 
@@ -120,6 +124,7 @@ fn uring_transport_serves_and_auto_falls_back() {
         eprintln!("skipped: this kernel has no {ENABLE_URING} (CONFIG_FUSE_IO_URING)");
         return;
     }
+    let _serial = PARAMETER_USERS.lock().unwrap_or_else(|e| e.into_inner());
     let tmp = tempfile::tempdir().unwrap();
     let files = files();
     let borrowed: Vec<(&str, &[u8])> = files.iter().map(|(p, b)| (*p, b.as_slice())).collect();
@@ -233,4 +238,63 @@ fn uring_transport_serves_and_auto_falls_back() {
     assert!(status.is_some_and(|s| s.success()), "{status:?}\n{stderr}");
     assert_eq!(stderr.matches(HOW_TO_ENABLE).count(), 1, "{stderr}");
     assert!(ring_counts(&stderr).is_none(), "{stderr}");
+}
+
+/// Passthrough opens work over the ring: with `--cache-dir`, a buffered open of a verified
+/// cached file hands the kernel the cache file (a backing id registered on the session's
+/// `/dev/fuse` descriptor, the open answered through a ring entry) and its reads never reach
+/// the daemon; the bytes are the file's.
+#[test]
+fn uring_transport_passes_cached_files_through() {
+    if fs::metadata(ENABLE_URING).is_err() {
+        eprintln!("skipped: this kernel has no {ENABLE_URING} (CONFIG_FUSE_IO_URING)");
+        return;
+    }
+    let _serial = PARAMETER_USERS.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let files = files();
+    let borrowed: Vec<(&str, &[u8])> = files.iter().map(|(p, b)| (*p, b.as_slice())).collect();
+    let (manifest, cas) = job(tmp.path(), &borrowed, "2023-03-03");
+    let dir = tmp.path().join("mnt");
+    let cache = tmp.path().join("cache");
+    let _on = UringParameter::set("Y");
+    let extra = [
+        "--transport",
+        "uring",
+        "--cache-dir",
+        cache.to_str().unwrap(),
+        "--stats",
+    ];
+    let mut mount = Mount::start(
+        &manifest,
+        &cas,
+        &dir,
+        MountOptions {
+            shards: 2,
+            extra: &extra,
+        },
+    );
+    let (name, bytes) = &files[2];
+    // The first open verifies the object into the cache; later buffered opens pass through.
+    for _ in 0..3 {
+        assert!(
+            read_all(&dir.join(name)).unwrap() == *bytes,
+            "bytes of {name}"
+        );
+    }
+    mount.stop();
+    let stderr = mount.stderr();
+    assert!(stderr.contains("FUSE passthrough on"), "{stderr}");
+    let total = &mount.stats("final").expect("final stats line")["total"];
+    let passthrough_opens = total["passthrough_opens"].as_u64().unwrap();
+    assert!(passthrough_opens >= 2, "passthrough opens: {total}");
+    assert_eq!(total["errors"].as_u64(), Some(0), "{total}");
+    // Reads of passed-through opens went to the kernel: the daemon served at most the first.
+    let served = total["bytes_served"].as_u64().unwrap();
+    assert!(
+        served <= bytes.len() as u64,
+        "served {served} bytes of {}",
+        bytes.len()
+    );
+    assert!(!common::is_mounted(&dir));
 }

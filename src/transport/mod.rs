@@ -53,9 +53,9 @@ pub enum Session {
     Uring(uring::UringSession),
 }
 
-/// Mounts `dispatcher` on `mountpoint` over the chosen transport. `passthrough`: see
-/// [`fuser::start`]; the ring does not register backing files yet, so under it passthrough
-/// stays off (logged).
+/// Mounts `dispatcher` on `mountpoint` over the chosen transport. `passthrough`: where the
+/// transport records whether the kernel agreed to FUSE passthrough at INIT (see
+/// [`fuser::start`]); both transports register backing files.
 pub fn start(
     choice: TransportChoice,
     dispatcher: Dispatcher,
@@ -66,17 +66,8 @@ pub fn start(
     let dispatcher = match choice {
         TransportChoice::Dev => dispatcher,
         TransportChoice::Uring | TransportChoice::Auto => {
-            match uring::start(dispatcher, mountpoint, &options) {
-                Ok(session) => {
-                    if passthrough.is_some() {
-                        tracing::info!(
-                            "FUSE passthrough off under FUSE over io_uring (backing files are \
-                             not registered by this transport yet); cached files are read \
-                             through the shards"
-                        );
-                    }
-                    return Ok(Session::Uring(session));
-                }
+            match uring::start(dispatcher, passthrough.as_deref(), mountpoint, &options) {
+                Ok(session) => return Ok(Session::Uring(session)),
                 Err((e, _)) if choice == TransportChoice::Uring => {
                     return Err(SessionError::Uring(e))
                 }

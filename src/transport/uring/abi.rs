@@ -37,17 +37,24 @@ pub const FUSE_READDIRPLUS_AUTO: u64 = 1 << 14;
 pub const FUSE_PARALLEL_DIROPS: u64 = 1 << 18;
 pub const FUSE_MAX_PAGES: u64 = 1 << 22;
 pub const FUSE_INIT_EXT: u64 = 1 << 30;
+pub const FUSE_PASSTHROUGH: u64 = 1 << 37;
 pub const FUSE_OVER_IO_URING: u64 = 1 << 41;
 
 pub const FOPEN_DIRECT_IO: u32 = 1;
 pub const FOPEN_KEEP_CACHE: u32 = 1 << 1;
 pub const FOPEN_CACHE_DIR: u32 = 1 << 3;
+pub const FOPEN_PASSTHROUGH: u32 = 1 << 7;
 
 /// `FUSE_NOTIFY_INVAL_INODE`, sent as the out header's `error` with `unique` 0.
 pub const NOTIFY_INVAL_INODE: i32 = 2;
 
 /// `FUSE_DEV_IOC_CLONE`: `_IOR(229, 0, uint32_t)`.
 pub const DEV_IOC_CLONE: u64 = 0x8004_e500;
+/// `FUSE_DEV_IOC_BACKING_OPEN`: `_IOW(229, 1, struct fuse_backing_map)` (16 bytes: fd i32,
+/// flags u32, padding u64); returns the backing id.
+pub const DEV_IOC_BACKING_OPEN: u64 = 0x4010_e501;
+/// `FUSE_DEV_IOC_BACKING_CLOSE`: `_IOW(229, 2, uint32_t)`, the backing id.
+pub const DEV_IOC_BACKING_CLOSE: u64 = 0x4004_e502;
 
 /// `enum fuse_uring_cmd`.
 pub const URING_CMD_REGISTER: u32 = 1;

@@ -78,6 +78,8 @@ pub(super) struct Commits {
     wake: OwnedFd,
     /// The queue's thread, which commits what it answered itself without a wake-up.
     owner: ThreadId,
+    /// The session's `/dev/fuse` descriptor: passthrough backing files are registered on it.
+    pub(super) session: Arc<OwnedFd>,
 }
 
 impl Commits {
@@ -135,13 +137,14 @@ pub fn uring_cmd(
 
 /// Serves queue `qid` until the connection ends. `ready` learns whether registration worked.
 pub(super) fn serve(
-    fd: RawFd,
+    session: Arc<OwnedFd>,
     qid: u16,
     payload_size: usize,
     dispatcher: &Dispatcher,
     counts: &Counts,
     ready: std::sync::mpsc::Sender<std::io::Result<()>>,
 ) {
+    let fd = session.as_raw_fd();
     let mut ring: IoUring<squeue::Entry128, cqueue::Entry> =
         match IoUring::builder().build((2 * DEPTH as u32 + 2).next_power_of_two()) {
             Ok(ring) => ring,
@@ -163,6 +166,7 @@ pub(super) fn serve(
         tags: Mutex::new(Vec::new()),
         wake,
         owner: std::thread::current().id(),
+        session,
     });
     // Read by the kernel whenever the eventfd read completes, even after this thread gave up
     // on the ring: it lives as long as the process.

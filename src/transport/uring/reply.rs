@@ -234,23 +234,85 @@ impl request::EmptyReply for Answer {
 }
 
 /// `struct fuse_open_out`.
-fn open_out(fh: u64, flags: u32) -> Vec<u8> {
+fn open_out(fh: u64, flags: u32, backing_id: u32) -> Vec<u8> {
     let mut body = Vec::with_capacity(16);
-    body.u64(fh).u32(flags).u32(0);
+    body.u64(fh).u32(flags).u32(backing_id);
     body
 }
 
+/// A file registered with the kernel as a passthrough backing file (`FUSE_DEV_IOC_BACKING_OPEN`
+/// on the session's `/dev/fuse` descriptor); its id is released when this is dropped, while
+/// files the kernel opened with it keep their own reference.
+struct BackingId {
+    session: Arc<OwnedFd>,
+    id: u32,
+}
+
+impl BackingId {
+    fn register(session: &Arc<OwnedFd>, file: &File) -> std::io::Result<BackingId> {
+        /// `struct fuse_backing_map`.
+        #[repr(C)]
+        struct BackingMap {
+            fd: i32,
+            flags: u32,
+            padding: u64,
+        }
+        let map = BackingMap {
+            fd: file.as_raw_fd(),
+            flags: 0,
+            padding: 0,
+        };
+        // SAFETY: the ioctl reads one `fuse_backing_map` from a live value.
+        let id = unsafe {
+            libc::ioctl(
+                session.as_raw_fd(),
+                abi::DEV_IOC_BACKING_OPEN as _,
+                &map as *const BackingMap,
+            )
+        };
+        if id < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(BackingId {
+            session: session.clone(),
+            id: id as u32,
+        })
+    }
+}
+
+impl Drop for BackingId {
+    fn drop(&mut self) {
+        // SAFETY: the ioctl reads one u32 from a live value. A failure (the connection is
+        // gone) leaves nothing to release.
+        unsafe {
+            libc::ioctl(
+                self.session.as_raw_fd(),
+                abi::DEV_IOC_BACKING_CLOSE as _,
+                &self.id as *const u32,
+            )
+        };
+    }
+}
+
 impl request::OpenReply for Answer {
-    /// Passthrough is not negotiated under the ring (see `session`), so the core never asks.
-    fn backing_file(&self, _file: &File) -> std::io::Result<BackingFile> {
-        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    fn backing_file(&self, file: &File) -> std::io::Result<BackingFile> {
+        let session = match &self.sink {
+            Some(Sink::Dev(fd)) => fd,
+            Some(Sink::Ring { commits, .. }) => &commits.session,
+            None => return Err(std::io::Error::from(std::io::ErrorKind::NotConnected)),
+        };
+        Ok(BackingFile(Box::new(BackingId::register(session, file)?)))
     }
 
     fn opened(mut self: Box<Self>, fh: u64, how: Opened<'_>) {
         match how {
-            Opened::KeepCache => self.send(0, &[&open_out(fh, abi::FOPEN_KEEP_CACHE)]),
-            Opened::Uncached => self.send(0, &[&open_out(fh, 0)]),
-            Opened::Passthrough(_) => self.send(libc::EIO, &[]),
+            Opened::KeepCache => self.send(0, &[&open_out(fh, abi::FOPEN_KEEP_CACHE, 0)]),
+            Opened::Uncached => self.send(0, &[&open_out(fh, 0, 0)]),
+            Opened::Passthrough(backing) => match backing.0.downcast_ref::<BackingId>() {
+                Some(b) => self.send(0, &[&open_out(fh, abi::FOPEN_PASSTHROUGH, b.id)]),
+                // Only this transport makes backing files for its replies.
+                None => self.send(libc::EIO, &[]),
+            },
         }
     }
 }
@@ -262,7 +324,7 @@ impl request::OpenDirReply for Answer {
         } else {
             0
         };
-        self.send(0, &[&open_out(fh, flags)]);
+        self.send(0, &[&open_out(fh, flags, 0)]);
     }
 }
 

@@ -78,6 +78,7 @@ pub struct UringSession {
 /// undone and the dispatcher handed back (when no thread kept it), so the caller can fall back.
 pub fn start(
     dispatcher: Dispatcher,
+    passthrough: Option<&AtomicBool>,
     mountpoint: &Path,
     options: &SessionOptions,
 ) -> Result<UringSession, (UringError, Option<Box<Dispatcher>>)> {
@@ -90,7 +91,7 @@ pub fn start(
     };
     let setup =
         |what: &'static str| move |source: std::io::Error| UringError::Setup { what, source };
-    if let Err(e) = init(fd.as_raw_fd()).map_err(setup("FUSE INIT")) {
+    if let Err(e) = init(fd.as_raw_fd(), passthrough).map_err(setup("FUSE INIT")) {
         unmount(mountpoint);
         return Err((e, Some(Box::new(dispatcher))));
     }
@@ -100,13 +101,13 @@ pub fn start(
     let mut failure = None;
     for cpu in 0..possible_cpus() {
         let (ready, registered) = std::sync::mpsc::channel();
-        let (raw, dispatcher, counts) = (fd.as_raw_fd(), dispatcher.clone(), counts.clone());
+        let (session, dispatcher, counts) = (fd.clone(), dispatcher.clone(), counts.clone());
         let spawned = std::thread::Builder::new()
             .name(format!("mount_vfs-ring{cpu}"))
             .spawn(move || {
                 pin(cpu);
                 let payload = MAX_IO as usize + 4096;
-                queue::serve(raw, cpu as u16, payload, &dispatcher, &counts, ready);
+                queue::serve(session, cpu as u16, payload, &dispatcher, &counts, ready);
             });
         let result = match spawned {
             Ok(handle) => {
@@ -237,8 +238,9 @@ fn unmount(mountpoint: &Path) {
     }
 }
 
-/// Answers FUSE_INIT, taking the ring; fails if the kernel does not offer it.
-fn init(fd: RawFd) -> std::io::Result<()> {
+/// Answers FUSE_INIT, taking the ring; fails if the kernel does not offer it. With
+/// `passthrough`, also asks for FUSE passthrough and records whether it was granted.
+fn init(fd: RawFd, passthrough: Option<&AtomicBool>) -> std::io::Result<()> {
     let mut buf = vec![0u8; 8192];
     let n = loop {
         // SAFETY: reads into a live buffer of its length.
@@ -279,7 +281,12 @@ fn init(fd: RawFd) -> std::io::Result<()> {
         | abi::FUSE_MAX_PAGES
         | abi::FUSE_INIT_EXT
         | abi::FUSE_OVER_IO_URING;
-    let flags = wanted & offered;
+    let passthrough_wanted = if passthrough.is_some() {
+        abi::FUSE_PASSTHROUGH
+    } else {
+        0
+    };
+    let flags = (wanted | passthrough_wanted) & offered;
     let mut body = Vec::with_capacity(64);
     body.u32(7).u32(minor).u32(max_readahead).u32(flags as u32);
     body.extend_from_slice(&64u16.to_le_bytes()); // max_background
@@ -288,6 +295,8 @@ fn init(fd: RawFd) -> std::io::Result<()> {
     body.extend_from_slice(&((MAX_IO / 4096) as u16).to_le_bytes()); // max_pages
     body.extend_from_slice(&0u16.to_le_bytes()); // map_alignment
     body.u32((flags >> 32) as u32);
+    // max_stack_depth 1: backing files on a plain local filesystem, as the cache dir is.
+    body.u32(u32::from(flags & abi::FUSE_PASSTHROUGH != 0));
     body.resize(64, 0);
     let mut message = abi::out_header(body.len(), 0, h.unique).to_vec();
     message.extend_from_slice(&body);
@@ -295,6 +304,17 @@ fn init(fd: RawFd) -> std::io::Result<()> {
     let written = unsafe { libc::write(fd, message.as_ptr().cast(), message.len()) };
     if written as usize != message.len() {
         return Err(std::io::Error::last_os_error());
+    }
+    if let Some(granted) = passthrough {
+        if flags & abi::FUSE_PASSTHROUGH != 0 {
+            granted.store(true, Ordering::Relaxed);
+            tracing::info!("FUSE passthrough on: verified cached files are read by the kernel");
+        } else {
+            tracing::info!(
+                "this kernel offers no FUSE passthrough (needs Linux 6.9+); every read goes \
+                 through the shards"
+            );
+        }
     }
     Ok(())
 }
