@@ -538,14 +538,14 @@ impl S3Store {
                 Payload::Empty,
                 None,
                 |response| match response {
-                    // A listing too large to hold (or chunked) arrives without its body.
+                    // A listing too large to hold arrives without its body.
                     Ok(r) if (200..300).contains(&r.head.status) && r.body.is_empty() => {
                         match r.head.content_length {
                             Some(0) => Outcome::Done(Vec::new()),
                             _ => Outcome::Fail(StoreError::Io {
                                 location: location.clone(),
                                 source: std::io::Error::other(
-                                    "the listing came chunked or over 1 MiB; not read",
+                                    "the listing is over 1 MiB; not read",
                                 ),
                             }),
                         }
