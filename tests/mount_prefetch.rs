@@ -426,10 +426,11 @@ fn share_traces_is_refused_without_an_s3_store_or_a_cache_dir() {
     }
 }
 
-/// SeaweedFS with credentials that may read objects but not list or write: the mount starts,
-/// serves, and unmounts cleanly; each refused request costs one warning.
+/// On SeaweedFS (a Go server checking signatures): a trace shared by one mount makes another
+/// prefetch; and credentials that may read objects but not list or write still mount, serve
+/// and unmount cleanly, each refused request costing one warning.
 #[test]
-fn credentials_that_cannot_list_or_write_traces_still_mount() {
+fn shared_traces_on_seaweedfs_and_credentials_that_cannot_list_or_write_them() {
     let seaweed = Seaweed::start();
     let endpoint = seaweed.endpoint();
     create_bucket_signed(&endpoint, "cas", SEAWEED_KEY, SEAWEED_SECRET);
@@ -438,35 +439,69 @@ fn credentials_that_cannot_list_or_write_traces_still_mount() {
     let s3 = config(&endpoint, "cas", "root", SEAWEED_KEY, SEAWEED_SECRET);
     let manifest = work.path().join("m.manifest");
     std::fs::write(&manifest, upload_job(&s3, &[("x.bin", &content)])).unwrap();
-    let cache = work.path().join("cache");
-    std::fs::create_dir_all(&cache).unwrap();
-    let env = [
-        ("AWS_ACCESS_KEY_ID", SEAWEED_READ_KEY),
-        ("AWS_SECRET_ACCESS_KEY", SEAWEED_READ_SECRET),
-        ("AWS_EC2_METADATA_DISABLED", "true"),
-        ("AWS_REGION", "us-east-1"),
-    ];
-    let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
-    let flags = ["--cache-dir", cache.to_str().unwrap(), "--share-traces"];
-    let mut mount = Mount::start_with_store(
-        &manifest,
-        &store,
-        &env,
-        &work.path().join("mnt"),
-        MountOptions::with(&flags),
-    );
-    assert!(read_all(&mount.dir.join("x.bin")).unwrap() == content);
-    let status = mount.stop();
-    let log = mount.stderr();
+    let env = |key, secret| {
+        [
+            ("AWS_ACCESS_KEY_ID", key),
+            ("AWS_SECRET_ACCESS_KEY", secret),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+            ("AWS_REGION", "us-east-1"),
+        ]
+    };
+    let mount = |name: &str, env: &[(&str, &str)]| {
+        let cache = work.path().join(name);
+        std::fs::create_dir_all(&cache).unwrap();
+        let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
+        let flags = [
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--share-traces",
+            "--stats",
+            "--part-size",
+            "1M",
+        ];
+        let mount = Mount::start_with_store(
+            &manifest,
+            &store,
+            env,
+            &work.path().join(format!("mnt-{name}")),
+            MountOptions::with(&flags),
+        );
+        (mount, cache)
+    };
+
+    // Writes its trace to the bucket.
+    let (mut first, _) = mount("first", &env(SEAWEED_KEY, SEAWEED_SECRET));
+    assert!(read_all(&first.dir.join("x.bin")).unwrap() == content);
+    let status = first.stop();
+    let log = first.stderr();
     assert!(status.is_some_and(|s| s.success()), "{log}");
-    assert!(
-        log.contains("shared traces") && log.contains("not read"),
-        "{log}"
-    );
+    assert!(complaints(&log).is_empty(), "{log}");
+
+    // May neither list nor write: serves all the same.
+    let (mut reader, cache) = mount("reader", &env(SEAWEED_READ_KEY, SEAWEED_READ_SECRET));
+    assert!(read_all(&reader.dir.join("x.bin")).unwrap() == content);
+    let status = reader.stop();
+    let log = reader.stderr();
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert!(log.contains("shared traces not read"), "{log}");
     assert!(log.contains("not uploaded"), "{log}");
     // The probe's listing warning, the trace listing, the upload: nothing more.
-    assert!(complaints(&log).len() <= 3, "{log}");
+    assert_eq!(complaints(&log).len(), 3, "{log}");
+    assert_eq!(total(&mut reader, "final", "prefetched_bytes"), 0);
     // The local trace is written all the same.
     let local = trace_path(&cache, &std::fs::read(&manifest).unwrap());
     assert!(local.exists(), "{log}");
+
+    // Another node with full rights and an empty cache prefetches what the first one read.
+    let (mut third, _) = mount("third", &env(SEAWEED_KEY, SEAWEED_SECRET));
+    wait_for_prefetch(&mut third, content.len() as u64);
+    assert!(read_all(&third.dir.join("x.bin")).unwrap() == content);
+    let status = third.stop();
+    let log = third.stderr();
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert!(complaints(&log).is_empty(), "{log}");
+    assert_eq!(
+        total(&mut third, "final", "prefetch_hit_bytes"),
+        content.len() as u64
+    );
 }
