@@ -283,9 +283,9 @@ pub struct MountArgs {
     /// Fetch objects into the disk cache before they are read, verified as always and behind
     /// the readers (reads go first; at most 2 objects per shard at a time): `trace` takes the
     /// objects an earlier mount of this manifest read, in its order (every mount with
-    /// --cache-dir records one in DIR/Traces/); `all` the whole manifest, smallest first;
-    /// `off` nothing. Never more than fits --cache-size (or the free space). Without
-    /// --cache-dir nothing is recorded or prefetched.
+    /// --cache-dir records one in DIR/Traces/; --share-traces adds those of other nodes);
+    /// `all` the whole manifest, smallest first; `off` nothing. Never more than fits
+    /// --cache-size (or the free space). Without --cache-dir nothing is recorded or prefetched.
     #[arg(long, value_enum, default_value_t = PrefetchMode::Trace, help_heading = "Content store")]
     pub prefetch: PrefetchMode,
     /// Share traces through the S3 bucket, so that a mount on one node prefetches what mounts
