@@ -283,11 +283,21 @@ pub struct MountArgs {
     /// Fetch objects into the disk cache before they are read, verified as always and behind
     /// the readers (reads go first; at most 2 objects per shard at a time): `trace` takes the
     /// objects an earlier mount of this manifest read, in its order (every mount with
-    /// --cache-dir records one in DIR/Traces/); `all` the whole manifest, smallest first;
-    /// `off` nothing. Never more than fits --cache-size (or the free space). Without
-    /// --cache-dir nothing is recorded or prefetched.
+    /// --cache-dir records one in DIR/Traces/; --share-traces adds those of other nodes);
+    /// `all` the whole manifest, smallest first; `off` nothing. Never more than fits
+    /// --cache-size (or the free space). Without --cache-dir nothing is recorded or prefetched.
     #[arg(long, value_enum, default_value_t = PrefetchMode::Trace, help_heading = "Content store")]
     pub prefetch: PrefetchMode,
+    /// Share traces through the S3 bucket, so that a mount on one node prefetches what mounts
+    /// of the same manifest on other nodes read: at start-up, list
+    /// ROOT_PREFIX/Traces/{manifest-id}/ and read its 8 newest objects (one LIST and up to 8
+    /// GETs), behind the local trace; while mounted (every 60 s while it changes) and at
+    /// unmount, upload this mount's trace as one object of at most 8 MiB (a few KiB for a
+    /// typical job) under that prefix: one new object per mount, which the bucket keeps until a
+    /// lifecycle rule or someone removes it. S3 failures cost a log line, never the mount. Needs
+    /// an S3 store and --cache-dir.
+    #[arg(long, help_heading = "Content store")]
+    pub share_traces: bool,
 
     /// Let the job write: a copy-on-write overlay kept in --cache-dir (DIR/Overlay/), which
     /// survives a crash and is given back by the next mount of the same manifest with the same

@@ -30,6 +30,9 @@ const FORMAT: &str = "mount_vfs-trace";
 const VERSION: u32 = 1;
 /// How often a mount rewrites its trace while it runs (only when it changed).
 pub const WRITE_INTERVAL: Duration = Duration::from_secs(10);
+/// How often a mount publishes its trace while it runs (only when it changed): each time is
+/// one request to a remote store.
+pub const PUBLISH_INTERVAL: Duration = Duration::from_secs(60);
 /// Most objects one trace keeps (about 80 bytes each on disk).
 pub const MAX_ENTRIES: usize = 1_000_000;
 /// Larger files are not read: no trace of [`MAX_ENTRIES`] objects comes near it.
@@ -38,10 +41,15 @@ const MAX_FILE_BYTES: u64 = 512 << 20;
 /// reads the mount never sees).
 pub const WHOLE_OBJECT: u32 = u32::MAX;
 
+/// The name traces of the manifest whose bytes are `manifest_bytes` go by: the xxh128 of
+/// those bytes, in hex.
+pub fn manifest_id(manifest_bytes: &[u8]) -> String {
+    format!("{:032x}", xxhash_rust::xxh3::xxh3_128(manifest_bytes))
+}
+
 /// Where the trace of the manifest whose bytes are `manifest_bytes` lives in `cache_dir`.
 pub fn trace_path(cache_dir: &Path, manifest_bytes: &[u8]) -> PathBuf {
-    let id = xxhash_rust::xxh3::xxh3_128(manifest_bytes);
-    cache_dir.join("Traces").join(format!("{id:032x}"))
+    cache_dir.join("Traces").join(manifest_id(manifest_bytes))
 }
 
 /// One object of a trace: its hash, length, and the byte ranges readers read (sorted, merged).
@@ -169,7 +177,8 @@ impl Trace {
         Trace::decode(&bytes).map(Some)
     }
 
-    fn decode(bytes: &[u8]) -> Result<Trace, TraceError> {
+    /// Parses a trace file's bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Trace, TraceError> {
         let file: TraceFile =
             serde_json::from_slice(bytes).map_err(|e| TraceError::Garbage(e.to_string()))?;
         if file.format != FORMAT || file.version != VERSION {
@@ -194,17 +203,30 @@ impl Trace {
     }
 
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(64 + self.entries.len() * 80);
+        self.encode_within(usize::MAX)
+    }
+
+    /// The file form of the longest prefix of this trace that takes at most `limit` bytes (the
+    /// first-read objects matter most); at least the header.
+    pub fn encode_within(&self, limit: usize) -> Vec<u8> {
+        const END: &[u8] = b"\n]}\n";
+        let mut out = Vec::with_capacity((64 + self.entries.len() * 80).min(limit));
         let _ = write!(
             out,
             "{{\"format\":\"{FORMAT}\",\"version\":{VERSION},\"objects\":["
         );
+        let mut line = Vec::with_capacity(128);
         for (i, entry) in self.entries.iter().enumerate() {
+            line.clear();
             let ranges = serde_json::to_string(&entry.ranges).unwrap_or_else(|_| "[]".into());
-            let comma = if i + 1 < self.entries.len() { "," } else { "" };
-            let _ = write!(out, "\n[\"{}\",{},{ranges}]{comma}", entry.hash, entry.len);
+            let comma = if i == 0 { "" } else { "," };
+            let _ = write!(line, "{comma}\n[\"{}\",{},{ranges}]", entry.hash, entry.len);
+            if out.len() + line.len() + END.len() > limit {
+                break;
+            }
+            out.extend_from_slice(&line);
         }
-        out.extend_from_slice(b"\n]}\n");
+        out.extend_from_slice(END);
         out
     }
 
@@ -289,8 +311,17 @@ impl TraceRecorder {
     }
 }
 
+/// Somewhere besides the file that this mount's own trace goes (`--share-traces`: the S3
+/// bucket), from the writer's thread.
+pub trait PublishTrace: Send {
+    /// Publishes `mine`, this mount's trace so far (not the union with what it found, which
+    /// others already published); false when it failed and should be tried again later.
+    fn publish(&mut self, mine: &Trace) -> bool;
+}
+
 /// The control side of recording: a thread that writes the mount's trace every
-/// [`WRITE_INTERVAL`] while it changed, and once more when dropped (after the shards stopped).
+/// [`WRITE_INTERVAL`] while it changed, and once more when dropped (after the shards stopped);
+/// and publishes it, when asked to, every [`PUBLISH_INTERVAL`] while it changed and at the end.
 pub struct TraceWriter {
     stop: Option<mpsc::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -298,11 +329,13 @@ pub struct TraceWriter {
 
 impl TraceWriter {
     /// Starts writing what `recorder` gathers to `path`, as the union with `found` (the trace
-    /// this mount found there, already limited to the manifest's objects).
+    /// this mount found, already limited to the manifest's objects), and publishing this
+    /// mount's own part of it to `publisher`.
     pub fn start(
         recorder: Arc<TraceRecorder>,
         path: PathBuf,
         found: Trace,
+        mut publisher: Option<Box<dyn PublishTrace>>,
     ) -> std::io::Result<TraceWriter> {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
@@ -310,12 +343,16 @@ impl TraceWriter {
             .spawn(move || {
                 let mut mine = Trace::default();
                 let mut failed = false;
+                let mut unpublished = false;
+                let mut published_at = std::time::Instant::now();
                 loop {
                     let last = !matches!(
                         stopped.recv_timeout(WRITE_INTERVAL),
                         Err(mpsc::RecvTimeoutError::Timeout)
                     );
-                    if recorder.drain_into(&mut mine) {
+                    let changed = recorder.drain_into(&mut mine);
+                    unpublished |= changed;
+                    if changed {
                         match mine.union(&found).write(&path) {
                             Ok(()) => failed = false,
                             // One line per run of failures, not one per interval.
@@ -328,6 +365,13 @@ impl TraceWriter {
                                 );
                             }
                             Err(_) => {}
+                        }
+                    }
+                    // After the local write: that one is cheap, this one a remote request.
+                    if let Some(publisher) = publisher.as_mut() {
+                        if unpublished && (last || published_at.elapsed() >= PUBLISH_INTERVAL) {
+                            published_at = std::time::Instant::now();
+                            unpublished = !publisher.publish(&mine);
                         }
                     }
                     if last {
@@ -391,6 +435,66 @@ mod tests {
         assert!(Trace::decode(&bytes[..bytes.len() / 2]).is_err());
         assert!(Trace::decode(b"\x00\x01garbage").is_err());
         assert!(Trace::decode(br#"{"format":"other","version":1,"objects":[]}"#).is_err());
+    }
+
+    #[test]
+    fn a_bounded_encoding_keeps_the_first_read_objects() {
+        let mut trace = Trace::default();
+        for n in 0..1000 {
+            trace.add(h(n), 4096, 0, 4096);
+        }
+        let whole = trace.encode();
+        let cut = trace.encode_within(whole.len() / 3);
+        assert!(cut.len() <= whole.len() / 3);
+        let decoded = Trace::decode(&cut).unwrap();
+        assert!(
+            decoded.len() > 200 && decoded.len() < 1000,
+            "{}",
+            decoded.len()
+        );
+        assert_eq!(decoded.entries(), &trace.entries()[..decoded.len()]);
+        assert!(Trace::decode(&trace.encode_within(0)).unwrap().is_empty());
+    }
+
+    /// Hands every published trace to the test.
+    struct Collect(mpsc::Sender<Trace>);
+
+    impl PublishTrace for Collect {
+        fn publish(&mut self, mine: &Trace) -> bool {
+            self.0.send(mine.clone()).is_ok()
+        }
+    }
+
+    #[test]
+    fn the_writer_publishes_its_own_trace_at_the_end_and_nothing_when_nothing_was_read() {
+        let dir = std::env::temp_dir().join(format!("trace-publish-{}", std::process::id()));
+        let mut found = Trace::default();
+        found.add(h(1), 10, 0, 10);
+        for read in [false, true] {
+            let recorder = TraceRecorder::new(1, 4);
+            let (sent, published) = mpsc::channel();
+            let writer = TraceWriter::start(
+                recorder.clone(),
+                dir.join("t"),
+                found.clone(),
+                Some(Box::new(Collect(sent))),
+            )
+            .unwrap();
+            if read {
+                recorder.record(0, h(2), 8, 0);
+            }
+            drop(writer);
+            let published: Vec<Trace> = published.try_iter().collect();
+            if read {
+                // Only this mount's part: not the trace it found.
+                assert_eq!(published.len(), 1);
+                let order: Vec<Hash> = published[0].entries().iter().map(|e| e.hash).collect();
+                assert_eq!(order, vec![h(2)]);
+            } else {
+                assert!(published.is_empty());
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub struct MountConfig {
     pub verify: VerifyMode,
     /// What to fetch into the disk cache before it is read (`--prefetch`).
     pub prefetch: cli::PrefetchMode,
+    /// `--share-traces`: read and upload traces under `{rootPrefix}/Traces/` (S3 store and
+    /// `cache_dir` only).
+    pub share_traces: bool,
     /// Shards (pinned executor threads); `None`: one per CPU, no more than files. `Some(0)` is
     /// refused.
     pub shards: Option<usize>,
@@ -112,6 +115,23 @@ impl TryFrom<MountArgs> for MountConfig {
             ));
         }
         let store = store_choice(&args)?;
+        if args.share_traces {
+            if !matches!(store, StoreChoice::S3(_)) {
+                return Err(MountError::Usage(
+                    "--share-traces keeps traces in the S3 bucket next to the data: it needs an \
+                     S3 store (--s3 or --bucket); with --cas, copy --cache-dir's Traces/ \
+                     between nodes instead"
+                        .into(),
+                ));
+            }
+            if args.cache_dir.is_none() {
+                return Err(MountError::Usage(
+                    "--share-traces needs --cache-dir DIR: traces are recorded, and prefetched \
+                     objects kept, in the disk cache"
+                        .into(),
+                ));
+            }
+        }
         if args.export_on_unmount.is_some() {
             if !args.writable {
                 return Err(MountError::Usage(
@@ -150,6 +170,7 @@ impl TryFrom<MountArgs> for MountConfig {
                 cli::VerifyMode::Stream => VerifyMode::Stream,
             },
             prefetch: args.prefetch,
+            share_traces: args.share_traces,
             shards: args.shards,
             max_default_shards: None,
             memory_limit: args.memory_limit,

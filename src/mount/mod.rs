@@ -6,7 +6,9 @@
 //! - [`helper`]: `/sbin/mount.fuse.mount_vfs`, mount(8)'s and /etc/fstab's way in;
 //! - [`notify`]: systemd readiness (`sd_notify`) for `Type=notify` units;
 //! - [`hugepages`]: `--hugepages reserve`, hugepages added for the pools and given back;
-//! - [`mountpoint`]: the one-mount lock, the checks before mounting, unmounting.
+//! - [`mountpoint`]: the one-mount lock, the checks before mounting, unmounting;
+//! - [`prefetch`]: the trace found, the prefetch plan and the trace writer;
+//! - [`share_traces`]: `--share-traces`, traces read from and uploaded to the S3 bucket.
 //!
 //! The FUSE session itself is `crate::transport::fuser`.
 
@@ -17,6 +19,7 @@ mod hugepages;
 pub mod mountpoint;
 mod notify;
 mod prefetch;
+mod share_traces;
 
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -30,6 +33,7 @@ pub use self::config::{ExportOnUnmount, MountConfig, StoreChoice};
 pub use crate::transport::SessionError;
 
 use self::mountpoint::{MountpointLock, Unmounted};
+use self::share_traces::SharedTraces;
 use crate::fs::shard::{run_shard, CounterSnapshot, ServiceConfig, ShardCounters, VerifyPolicy};
 use crate::fs::Dispatcher;
 use crate::manifest::Manifest;
@@ -42,7 +46,7 @@ use crate::store::{
     CacheDirError, CacheJanitor, DiskCache, DiskCacheConfig, JanitorStartError, S3Target,
     StoreConfig, VerificationLog,
 };
-use crate::trace::trace_path;
+use crate::trace::{manifest_id, trace_path};
 use crate::transport::{self, Session as FuseSession, SessionOptions};
 
 /// A failure that ends `mount_vfs` with a message and an exit status.
@@ -237,6 +241,13 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         _ => None,
     };
     let trace_file = (config.cache_dir.as_deref()).map(|dir| trace_path(dir, &manifest_bytes));
+    let shared_traces = match &store {
+        StoreConfig::S3(target) if config.share_traces => Some(SharedTraces::new(
+            target.clone(),
+            &manifest_id(&manifest_bytes),
+        )),
+        _ => None,
+    };
     drop(manifest_bytes);
     if let StoreConfig::S3(target) = &store {
         if let Some(warning) = target.check_objects(sample_objects(&namespace, 3))? {
@@ -260,6 +271,7 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         config.cache_dir.as_deref(),
         config.cache_size,
         trace_file,
+        shared_traces,
         &namespace,
         shards,
         config.part_size,

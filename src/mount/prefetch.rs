@@ -2,6 +2,8 @@
 //! before the shards start: the trace found for the manifest is read once, limited to the
 //! manifest's objects, cut to what fits the disk cache, and split by owner shard; this mount's
 //! own trace is written by a [`TraceWriter`] until [`Traces`] is dropped (after the shards).
+//! With `--share-traces` the traces in the bucket are read too (behind the local one) and this
+//! mount's trace is uploaded by the same writer.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -12,8 +14,9 @@ use crate::fs::shard::{PrefetchItem, PrefetchPlan};
 use crate::manifest::{Hash, CHUNK_SIZE};
 use crate::namespace::{owner, Ino, Namespace};
 use crate::store::cache_room;
-use crate::trace::{Trace, TraceRecorder, TraceWriter};
+use crate::trace::{PublishTrace, Trace, TraceRecorder, TraceWriter};
 
+use super::share_traces::{Publisher, SharedTraces};
 use super::MountError;
 
 /// What the shards record into and prefetch, and the writer of this mount's trace.
@@ -25,13 +28,15 @@ pub(super) struct Traces {
     pub writer: Option<TraceWriter>,
 }
 
-/// Sets up recording to `trace_path` (in `cache_dir`; none without one) and the prefetch plan
-/// for `mode`.
+/// Sets up recording to `trace_path` (in `cache_dir`; none without one) and to `shared`, and
+/// the prefetch plan for `mode`.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn start(
     mode: PrefetchMode,
     cache_dir: Option<&Path>,
     cache_size: Option<u64>,
     trace_path: Option<PathBuf>,
+    shared: Option<SharedTraces>,
     namespace: &Namespace,
     shards: usize,
     block_size: u64,
@@ -40,10 +45,15 @@ pub(super) fn start(
         return Ok(Traces::default());
     };
     let objects = manifest_objects(namespace);
-    let mut found = match Trace::load(&path) {
+    // Only `--prefetch trace` uses what others read; the local file keeps it for later mounts.
+    let (remote, remote_count) = match &shared {
+        Some(shared) if mode == PrefetchMode::Trace => shared.fetch(),
+        _ => (Trace::default(), 0),
+    };
+    let local = match Trace::load(&path) {
         Ok(Some(trace)) => trace,
         Ok(None) => {
-            if mode == PrefetchMode::Trace {
+            if mode == PrefetchMode::Trace && remote_count == 0 {
                 tracing::info!(
                     "no trace of this manifest in {} yet: nothing to prefetch; this mount \
                      records one",
@@ -60,6 +70,7 @@ pub(super) fn start(
             Trace::default()
         }
     };
+    let mut found = local.union(&remote);
     let named = found.len();
     found.retain(|entry| objects.contains_key(&entry.hash));
     let foreign = named - found.len();
@@ -97,6 +108,9 @@ pub(super) fn start(
     if mode != PrefetchMode::Off && !candidates.is_empty() {
         let source = match mode {
             PrefetchMode::All => "the manifest".to_string(),
+            _ if remote_count > 0 => {
+                format!("trace {} and {remote_count} shared traces", path.display())
+            }
             _ => format!("trace {}", path.display()),
         };
         let mut line = format!("prefetch: {planned} objects, {planned_bytes} bytes of {source}");
@@ -113,7 +127,8 @@ pub(super) fn start(
     }
 
     let recorder = TraceRecorder::new(shards, block_size);
-    let writer = TraceWriter::start(recorder.clone(), path, found)
+    let publisher = shared.map(|shared| Box::new(Publisher::new(shared)) as Box<dyn PublishTrace>);
+    let writer = TraceWriter::start(recorder.clone(), path, found, publisher)
         .map_err(|e| MountError::Runtime(format!("cannot start the trace thread: {e}")))?;
     Ok(Traces {
         recorder: Some(recorder),

@@ -268,9 +268,12 @@ impl Drop for Moto {
 
 pub const SEAWEED_KEY: &str = "testkey";
 pub const SEAWEED_SECRET: &str = "testsecret";
+/// An identity that may only read objects (no listing, no writing).
+pub const SEAWEED_READ_KEY: &str = "readkey";
+pub const SEAWEED_READ_SECRET: &str = "readsecret";
 
-/// A single-process SeaweedFS (master, volume, filer, S3 gateway) checking SigV4 against one
-/// identity; SIGKILLed on drop (it ignores SIGTERM), its data and sockets removed.
+/// A single-process SeaweedFS (master, volume, filer, S3 gateway) checking SigV4 against two
+/// identities (an admin, [`SEAWEED_KEY`], and a reader, [`SEAWEED_READ_KEY`]); SIGKILLed on drop (it ignores SIGTERM), its data and sockets removed.
 pub struct Seaweed {
     pub port: u16,
     child: Child,
@@ -293,7 +296,7 @@ impl Seaweed {
         std::fs::write(
             &config,
             format!(
-                r#"{{"identities":[{{"name":"test","credentials":[{{"accessKey":"{SEAWEED_KEY}","secretKey":"{SEAWEED_SECRET}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
+                r#"{{"identities":[{{"name":"test","credentials":[{{"accessKey":"{SEAWEED_KEY}","secretKey":"{SEAWEED_SECRET}"}}],"actions":["Admin","Read","Write","List","Tagging"]}},{{"name":"reader","credentials":[{{"accessKey":"{SEAWEED_READ_KEY}","secretKey":"{SEAWEED_READ_SECRET}"}}],"actions":["Read"]}}]}}"#
             ),
         )
         .unwrap();

@@ -352,19 +352,22 @@ async fn exchange(
     }
     let success = (200..300).contains(&head.status);
     if head.chunked {
-        // S3 never chunks GET bodies; for anything else we skip the body and the connection.
+        // S3 never chunks object bodies; listings and error documents may come chunked (AWS
+        // sends ListObjectsV2 answers so): read those when small, else skip the connection.
         if success && direct.is_some() {
             return Err(protocol(
                 "chunked body where a sized object body was expected",
             ));
         }
+        let body = read_chunked(stream, early, MAX_SMALL_BODY as usize).await?;
+        let reusable = reusable && body.is_some();
         return Ok((
             Response {
                 head,
-                body: Vec::new(),
+                body: body.unwrap_or_default(),
                 filled: false,
             },
-            false,
+            reusable,
         ));
     }
     match (direct, head.content_length) {
@@ -429,6 +432,90 @@ async fn read_body(stream: &mut Stream, early: &[u8], dest: &mut [u8]) -> Result
         got += n;
     }
     Ok(())
+}
+
+/// Reads a chunked body (`early`: its bytes that came in with the head), trailers included;
+/// `None` once it passes `limit` bytes (the rest is left unread: drop the connection).
+async fn read_chunked<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    early: &[u8],
+    limit: usize,
+) -> Result<Option<Vec<u8>>, Failure> {
+    let mut raw = Chunked {
+        stream,
+        buffer: early.to_vec(),
+        at: 0,
+    };
+    let mut body = Vec::new();
+    loop {
+        let line = raw.line().await?;
+        let size = line.split(|&b| b == b';').next().unwrap_or_default();
+        let size = std::str::from_utf8(size)
+            .ok()
+            .and_then(|size| usize::from_str_radix(size.trim(), 16).ok())
+            .ok_or_else(|| protocol("bad chunk size line"))?;
+        if size == 0 {
+            // Trailers, up to the empty line.
+            while !raw.line().await?.is_empty() {}
+            return Ok(Some(body));
+        }
+        if body.len() + size > limit {
+            return Ok(None);
+        }
+        raw.fill(size + 2).await?;
+        body.extend_from_slice(&raw.buffer[raw.at..raw.at + size]);
+        if &raw.buffer[raw.at + size..raw.at + size + 2] != b"\r\n" {
+            return Err(protocol("chunk not followed by CRLF"));
+        }
+        raw.at += size + 2;
+    }
+}
+
+/// The raw bytes of a chunked body being read: what has arrived, and how far it is parsed.
+struct Chunked<'a, S> {
+    stream: &'a mut S,
+    buffer: Vec<u8>,
+    at: usize,
+}
+
+impl<S: AsyncRead + Unpin> Chunked<'_, S> {
+    /// Reads until `need` unparsed bytes are there.
+    async fn fill(&mut self, need: usize) -> Result<(), Failure> {
+        if self.at > 0 {
+            self.buffer.drain(..self.at);
+            self.at = 0;
+        }
+        let mut read = [0u8; 8192];
+        while self.buffer.len() < need {
+            let n = self
+                .stream
+                .read(&mut read)
+                .await
+                .map_err(|e| broken(e, false))?;
+            if n == 0 {
+                return Err(protocol("the connection closed inside a chunked body"));
+            }
+            self.buffer.extend_from_slice(&read[..n]);
+        }
+        Ok(())
+    }
+
+    /// The next line, without its CRLF (a chunk size or a trailer).
+    async fn line(&mut self) -> Result<Vec<u8>, Failure> {
+        loop {
+            let unparsed = &self.buffer[self.at..];
+            if let Some(end) = unparsed.windows(2).position(|w| w == b"\r\n") {
+                let line = unparsed[..end].to_vec();
+                self.at += end + 2;
+                return Ok(line);
+            }
+            if unparsed.len() > 4096 {
+                return Err(protocol("chunk size line over 4 KiB"));
+            }
+            let have = unparsed.len();
+            self.fill(have + 1).await?;
+        }
+    }
 }
 
 /// Parses a complete head, or `None` while it is incomplete.
@@ -504,6 +591,27 @@ pub fn parse_content_range(value: &str) -> Option<ContentRange> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunked_bodies_are_read_whole_or_not_at_all() {
+        let read = |early: &[u8], rest: &[u8], limit: usize| {
+            let mut stream = futures::io::Cursor::new(rest.to_vec());
+            futures::executor::block_on(read_chunked(&mut stream, early, limit))
+                .map_err(|f| f.error.to_string())
+        };
+        let wire = b"5\r\nhello\r\n7;ext=1\r\n, world\r\n0\r\nx-trailer: 1\r\n\r\n";
+        for split in [0, 1, 4, 9, 20, wire.len()] {
+            let (early, rest) = wire.split_at(split);
+            assert_eq!(
+                read(early, rest, 1 << 20).unwrap().as_deref(),
+                Some(&b"hello, world"[..])
+            );
+        }
+        assert_eq!(read(b"", wire, 8).unwrap(), None);
+        assert!(read(b"", b"zz\r\nhello\r\n0\r\n\r\n", 100).is_err());
+        assert!(read(b"", b"5\r\nhel", 100).is_err());
+        assert!(read(b"", b"5\r\nhelloXX0\r\n\r\n", 100).is_err());
+    }
 
     #[test]
     fn content_ranges_parse() {

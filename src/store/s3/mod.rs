@@ -237,7 +237,7 @@ impl S3Target {
     /// thread with the same client the shards use. `Ok(Some(warning))`: usable, with a caveat
     /// to log. Fails with [`S3StartError::Probe`] when the answer rules the store out.
     pub fn probe(self: &Arc<Self>) -> Result<Option<String>, S3StartError> {
-        Ok(self.on_probe_thread(|store| async move { store.probe().await })??)
+        Ok(self.on_own_thread(|store| async move { store.probe().await })??)
     }
 
     /// Checks that the manifest's objects are where the mount will look (`hashes`: a few of
@@ -248,7 +248,7 @@ impl S3Target {
         hashes: Vec<Hash>,
     ) -> Result<Option<String>, S3StartError> {
         let where_ = self.describe();
-        self.on_probe_thread(move |store| async move {
+        self.on_own_thread(move |store| async move {
             let mut missing = Vec::new();
             for &hash in &hashes {
                 if store.exists(hash).await == Some(false) {
@@ -273,9 +273,10 @@ impl S3Target {
         })?
     }
 
-    /// Runs `job` with a store of its own on a short-lived glommio thread (start-up checks);
-    /// fails only if that thread cannot run it.
-    fn on_probe_thread<T, F, Fut>(self: &Arc<Self>, job: F) -> Result<T, S3StartError>
+    /// Runs `job` with a store of its own on a short-lived glommio thread, for requests made
+    /// outside the shards (start-up checks, shared traces); fails only if that thread cannot
+    /// run it.
+    pub fn on_own_thread<T, F, Fut>(self: &Arc<Self>, job: F) -> Result<T, S3StartError>
     where
         T: Send + 'static,
         F: FnOnce(S3Store) -> Fut + Send + 'static,
@@ -514,6 +515,112 @@ impl S3Store {
         })
     }
 
+    /// Up to `max_keys` objects under `{rootPrefix}/{prefix}`: one ListObjectsV2 page, keys in
+    /// the store's (lexicographic) order, relative to the root prefix.
+    pub async fn list_objects(
+        &self,
+        prefix: &str,
+        max_keys: usize,
+    ) -> Result<Vec<ListedObject>, StoreError> {
+        let full_prefix = format!("{}{prefix}", self.target_prefix());
+        let path = format!(
+            "{}/?list-type=2&max-keys={max_keys}&prefix={}",
+            self.bucket_path(),
+            encode_query(&full_prefix)
+        );
+        let location = PathBuf::from(self.url_of(prefix));
+        let body = self
+            .with_retries(
+                &location,
+                "GET",
+                &path,
+                &[],
+                Payload::Empty,
+                None,
+                |response| match response {
+                    // A listing too large to hold arrives without its body.
+                    Ok(r) if (200..300).contains(&r.head.status) && r.body.is_empty() => {
+                        match r.head.content_length {
+                            Some(0) => Outcome::Done(Vec::new()),
+                            _ => Outcome::Fail(StoreError::Io {
+                                location: location.clone(),
+                                source: std::io::Error::other(
+                                    "the listing is over 1 MiB; not read",
+                                ),
+                            }),
+                        }
+                    }
+                    Ok(r) if (200..300).contains(&r.head.status) => Outcome::Done(r.body),
+                    Ok(r) => match classify_failure(&r, &location) {
+                        Ok((cause, why)) => Outcome::Retry(cause, why),
+                        Err(e) => Outcome::Fail(e),
+                    },
+                    Err(e) => Outcome::Retry(e.retry_cause(), e.to_string()),
+                },
+            )
+            .await
+            .map_err(|e| match e {
+                RetryError::Fail(e) | RetryError::Exhausted(e) => e,
+            })?;
+        let root = self.target_prefix();
+        Ok(parse_listing(&body)
+            .into_iter()
+            .filter_map(|mut object| {
+                object.key = object.key.strip_prefix(&root)?.to_string();
+                Some(object)
+            })
+            .collect())
+    }
+
+    /// The whole object `{rootPrefix}/{key}`, which a listing said is `len` bytes long (one GET
+    /// into a buffer of that size; an object of another size now is an error).
+    pub async fn get_object(&self, key: &str, len: u64) -> Result<Vec<u8>, StoreError> {
+        let location = PathBuf::from(self.url_of(key));
+        if len == 0 {
+            return Ok(Vec::new());
+        }
+        let path = format!("{}{}", self.root_path, encode_key(key));
+        let mut body = vec![0; len as usize];
+        self.with_retries(
+            &location,
+            "GET",
+            &path,
+            &[],
+            Payload::Empty,
+            Some(&mut body[..]),
+            |response| match response {
+                Ok(r) if r.filled => Outcome::Done(()),
+                Ok(r) if (200..300).contains(&r.head.status) => {
+                    Outcome::Fail(StoreError::WrongSize {
+                        location: location.clone(),
+                        expected: len,
+                        actual: r.head.content_length.unwrap_or(0),
+                    })
+                }
+                Ok(r) => match classify_failure(&r, &location) {
+                    Ok((cause, why)) => Outcome::Retry(cause, why),
+                    Err(e) => Outcome::Fail(e),
+                },
+                Err(e) => Outcome::Retry(e.retry_cause(), e.to_string()),
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            RetryError::Fail(e) | RetryError::Exhausted(e) => e,
+        })?;
+        Ok(body)
+    }
+
+    /// `/bucket` for path-style endpoints, empty for virtual-hosted ones: where bucket-level
+    /// requests (listings) go.
+    fn bucket_path(&self) -> String {
+        if self.target.endpoint.path_style {
+            format!("/{}", encode_key(&self.target.bucket))
+        } else {
+            String::new()
+        }
+    }
+
     async fn get_range(
         &self,
         key: &str,
@@ -598,13 +705,9 @@ impl S3Store {
     /// `Ok(Some(warning))`: usable, but the credentials may not list the bucket.
     async fn probe(&self) -> Result<Option<String>, ProbeError> {
         let prefix = format!("{}Data/", self.target_prefix());
-        let bucket_path = if self.target.endpoint.path_style {
-            format!("/{}", encode_key(&self.target.bucket))
-        } else {
-            String::new()
-        };
         let path = format!(
-            "{bucket_path}/?list-type=2&max-keys=1&prefix={}",
+            "{}/?list-type=2&max-keys=1&prefix={}",
+            self.bucket_path(),
             encode_query(&prefix)
         );
         let location = PathBuf::from(format!("s3://{}/{prefix}", self.target.bucket));
@@ -960,6 +1063,42 @@ fn xml_field(body: &[u8], name: &str) -> Option<String> {
     Some(text[start..end].trim().to_string())
 }
 
+/// One object of a listing ([`S3Store::list_objects`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedObject {
+    /// Relative to the root prefix.
+    pub key: String,
+    pub size: u64,
+    /// ISO 8601 as the server wrote it (`2026-12-02T13:30:14.000Z`): sorts by time as text.
+    pub last_modified: String,
+}
+
+/// The `<Contents>` of a ListObjectsV2 answer, with full keys; entries without a key or a size
+/// are skipped.
+fn parse_listing(body: &[u8]) -> Vec<ListedObject> {
+    let text = String::from_utf8_lossy(body);
+    text.split("<Contents>")
+        .skip(1)
+        .filter_map(|contents| {
+            let contents = contents.split("</Contents>").next()?.as_bytes();
+            Some(ListedObject {
+                key: xml_unescape(&xml_field(contents, "Key")?),
+                size: xml_field(contents, "Size")?.parse().ok()?,
+                last_modified: xml_field(contents, "LastModified").unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// Undoes XML's five predefined entities (keys may hold `&`, `<`, `>`, quotes).
+fn xml_unescape(text: &str) -> String {
+    text.replace("&lt;", "<")
+        .replace("&gt;", ">")
+        .replace("&quot;", "\"")
+        .replace("&apos;", "'")
+        .replace("&amp;", "&")
+}
+
 /// Percent-encodes a query value (also `/`).
 fn encode_query(value: &str) -> String {
     encode_key(value).replace('/', "%2F")
@@ -984,6 +1123,32 @@ mod tests {
             xml_field(b"<Region>eu-west-1</Region>", "Region").as_deref(),
             Some("eu-west-1")
         );
+    }
+
+    #[test]
+    fn listings_parse() {
+        let body = br#"<?xml version="1.0" encoding="UTF-8"?>
+<ListBucketResult><Name>b</Name><Prefix>r/Traces/x/</Prefix><KeyCount>2</KeyCount>
+<Contents><Key>r/Traces/x/a&amp;b.json</Key><LastModified>2026-12-02T13:30:14.000Z</LastModified><ETag>"e"</ETag><Size>120</Size></Contents>
+<Contents><Key>r/Traces/x/c.json</Key><Size>7</Size></Contents><Contents><Key>no-size</Key></Contents>
+</ListBucketResult>"#;
+        let listed = parse_listing(body);
+        assert_eq!(
+            listed,
+            vec![
+                ListedObject {
+                    key: "r/Traces/x/a&b.json".into(),
+                    size: 120,
+                    last_modified: "2026-12-02T13:30:14.000Z".into(),
+                },
+                ListedObject {
+                    key: "r/Traces/x/c.json".into(),
+                    size: 7,
+                    last_modified: String::new(),
+                },
+            ]
+        );
+        assert!(parse_listing(b"<Error><Code>AccessDenied</Code></Error>").is_empty());
     }
 
     /// The start-up messages, word for word as before they were typed (tests elsewhere and
