@@ -13,7 +13,7 @@ use crate::cli::PrefetchMode;
 use crate::fs::shard::{PrefetchItem, PrefetchPlan};
 use crate::manifest::{Hash, CHUNK_SIZE};
 use crate::namespace::{owner, Ino, Namespace};
-use crate::store::cache_room;
+use crate::store::{cache_room, object_key};
 use crate::trace::{PublishTrace, Trace, TraceRecorder, TraceWriter};
 
 use super::share_traces::{Publisher, SharedTraces};
@@ -95,14 +95,15 @@ pub(super) fn start(
     let mut plan = PrefetchPlan {
         shards: vec![Vec::new(); shards],
     };
-    let (mut planned, mut planned_bytes) = (0usize, 0u64);
-    for &(hash, ino, len) in &candidates {
-        // The longest prefix that fits: later objects are needed later.
-        if planned_bytes + len > room {
-            break;
-        }
-        planned += 1;
-        planned_bytes += len;
+    // Without --cache-size the room is the filesystem's free space, which objects already in
+    // the cache do not take again; with it, every object of the plan occupies the cache.
+    let is_cached = |hash: Hash, len: u64| {
+        cache_size.is_none()
+            && std::fs::metadata(cache_dir.join(object_key(hash)))
+                .is_ok_and(|m| m.is_file() && m.len() == len)
+    };
+    let (planned, planned_bytes) = fitting_prefix(&candidates, room, is_cached);
+    for &(hash, ino, len) in &candidates[..planned] {
         plan.shards[owner(ino, shards)].push(PrefetchItem { ino, hash, len });
     }
     if mode != PrefetchMode::Off && !candidates.is_empty() {
@@ -113,7 +114,9 @@ pub(super) fn start(
             }
             _ => format!("trace {}", path.display()),
         };
-        let mut line = format!("prefetch: {planned} objects, {planned_bytes} bytes of {source}");
+        let mut line = format!(
+            "prefetch: {planned} objects of {source}, {planned_bytes} bytes not yet cached"
+        );
         if foreign > 0 {
             line += &format!("; {foreign} trace entries name no object of this manifest (ignored)");
         }
@@ -137,6 +140,25 @@ pub(super) fn start(
     })
 }
 
+/// How many candidates, from the first, fit in `room` bytes (later objects are needed later,
+/// so the plan is a prefix), and the bytes they add; `free` objects (already on disk) cost
+/// nothing.
+fn fitting_prefix(
+    candidates: &[(Hash, Ino, u64)],
+    room: u64,
+    free: impl Fn(Hash, u64) -> bool,
+) -> (usize, u64) {
+    let mut added = 0u64;
+    for (planned, &(hash, _, len)) in candidates.iter().enumerate() {
+        let cost = if free(hash, len) { 0 } else { len };
+        if added + cost > room {
+            return (planned, added);
+        }
+        added += cost;
+    }
+    (candidates.len(), added)
+}
+
 /// Every object of the manifest's files, with the first inode holding it and its length.
 fn manifest_objects(namespace: &Namespace) -> HashMap<Hash, (Ino, u64)> {
     let mut objects = HashMap::new();
@@ -156,4 +178,22 @@ fn manifest_objects(namespace: &Namespace) -> HashMap<Hash, (Ino, u64)> {
         }
     }
     objects
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn objects_on_disk_do_not_use_up_the_room() {
+        let candidates: Vec<(Hash, Ino, u64)> =
+            (1..=4).map(|i| (Hash(i as u128), i + 1, 100)).collect();
+        assert_eq!(fitting_prefix(&candidates, 250, |_, _| false), (2, 200));
+        // The first two are cached: all four fit in the room of two.
+        let cached = |hash: Hash, _| hash.0 <= 2;
+        assert_eq!(fitting_prefix(&candidates, 250, cached), (4, 200));
+        // A prefix: once one does not fit, later ones are left out even if they would.
+        let big_second = [candidates[0], (Hash(9), 3, 1000), candidates[2]];
+        assert_eq!(fitting_prefix(&big_second, 250, |_, _| false), (1, 100));
+    }
 }
