@@ -2,7 +2,7 @@
 //! stopped here): stream mode serves exact bytes on sequential and random reads and fetches
 //! about what is read; a corrupt object is quarantined under stream mode once read through
 //! (EIO from then on, never cached, counted and logged once) and never served under object
-//! mode.
+//! mode. Through a logging proxy: the first GET of a streamed object is a small one.
 
 mod common;
 
@@ -10,6 +10,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::fault_proxy::{FaultProxy, LoggedGet};
 use common::s3_servers::{
     config, create_bucket_signed, free_port, upload, upload_job, Moto, Seaweed, MOUNT_ENV,
     SEAWEED_KEY, SEAWEED_SECRET,
@@ -310,4 +311,67 @@ fn a_corrupt_object_is_quarantined_under_stream_and_never_served_under_object() 
     let total = &mount.stats("final").unwrap()["total"];
     assert_eq!(total["verify_failures_after_serve"], 0, "{total}");
     assert!(total["verify_failures"].as_u64().unwrap() >= 2, "{total}");
+}
+
+/// The GETs of object `hash` in `log`, as byte ranges.
+fn ranges_of(log: &[LoggedGet], hash: Hash) -> Vec<std::ops::Range<u64>> {
+    let key = format!("Data/{hash}.xxh128");
+    log.iter()
+        .filter(|get| get.target.contains(&key))
+        .map(|get| {
+            get.byte_range()
+                .unwrap_or_else(|| panic!("a GET without a range: {get:?}"))
+        })
+        .collect()
+}
+
+/// The first read of a streamed 8 MiB-part object asks S3 for 1 MiB first, then for the rest of
+/// its block in windows that double (1, 2, 4 MiB), then part-size GETs; every byte of the
+/// object is fetched exactly once and served exactly.
+#[test]
+fn stream_mode_starts_an_object_with_a_1_mib_get_that_doubles_to_the_part_size() {
+    const PART: u64 = 8 << 20;
+    let big = pattern(27, 5 * PART as usize + 4321);
+    let (moto, work, manifest) = moto_job(&[("big.bin", &big)]);
+    let hash = Hash::of(&big);
+    let proxy = FaultProxy::start(moto.port);
+    let endpoint = proxy.endpoint();
+    let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
+    let extra = ["--verify", "stream", "--part-size", "8M", "--stats"];
+    let mut mount = Mount::start_with_store(
+        &manifest,
+        &store,
+        &MOUNT_ENV,
+        &work.path().join("mnt"),
+        MountOptions::with(&extra),
+    );
+    let path = mount.dir.join("big.bin");
+    let file = std::fs::File::open(&path).unwrap();
+    let mut head = vec![0u8; 4096];
+    file.read_exact_at(&mut head, 0).unwrap();
+    assert!(head == big[..4096], "the first bytes");
+    let first = ranges_of(&proxy.gets_log(), hash);
+    assert_eq!(
+        first.first(),
+        Some(&(0..MIB as u64)),
+        "GETs so far: {first:?}"
+    );
+    drop(file);
+    assert!(read_all(&path).unwrap() == big, "a sequential read");
+    mount.stop();
+
+    let mut ranges = ranges_of(&proxy.gets_log(), hash);
+    ranges.sort_by_key(|range| range.start);
+    let m = MIB as u64;
+    let mut expected = vec![0..m, m..2 * m, 2 * m..4 * m, 4 * m..PART];
+    let len = big.len() as u64;
+    expected.extend(
+        (PART..len)
+            .step_by(PART as usize)
+            .map(|at| at..(at + PART).min(len)),
+    );
+    assert_eq!(ranges, expected, "the object's GETs, by offset");
+    let total = &mount.stats("final").unwrap()["total"];
+    assert_eq!(total["bytes_fetched"].as_u64(), Some(len), "{total}");
+    assert_eq!(total["verify_failures"], 0, "{total}");
 }
