@@ -2,7 +2,8 @@
 //! stopped here): stream mode serves exact bytes on sequential and random reads and fetches
 //! about what is read; a corrupt object is quarantined under stream mode once read through
 //! (EIO from then on, never cached, counted and logged once) and never served under object
-//! mode. Through a logging proxy: the first GET of a streamed object is a small one.
+//! mode. Through a logging proxy: the first GET of a streamed object is a small one, and a
+//! sequential read with a disk cache fetches each byte from S3 once, in both modes.
 
 mod common;
 
@@ -374,4 +375,74 @@ fn stream_mode_starts_an_object_with_a_1_mib_get_that_doubles_to_the_part_size()
     let total = &mount.stats("final").unwrap()["total"];
     assert_eq!(total["bytes_fetched"].as_u64(), Some(len), "{total}");
     assert_eq!(total["verify_failures"], 0, "{total}");
+}
+
+/// A sequential whole read of a multi-part object with `--cache-dir` fetches each byte from S3
+/// about once (at most 1.05x the object, counted by the proxy and by the mount): under
+/// `--verify stream` the background completion and the reader share their block loads, and
+/// under the default `--verify object` the verification pass and the reads share theirs. Each
+/// mount's cache ends up holding the verified object.
+#[test]
+fn a_sequential_read_with_a_disk_cache_fetches_each_byte_once_in_both_modes() {
+    let big = pattern(28, 48 * MIB + 99);
+    let (moto, work, manifest) = moto_job(&[("big.bin", &big)]);
+    let hash = Hash::of(&big);
+    let proxy = FaultProxy::start(moto.port);
+    let endpoint = proxy.endpoint();
+    let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
+    for mode in ["stream", "object"] {
+        let cache = work.path().join(format!("cache-{mode}"));
+        let extra = [
+            "--verify",
+            mode,
+            "--part-size",
+            "4M",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--prefetch",
+            "off",
+            "--stats",
+        ];
+        let before = proxy.gets_log().len();
+        let mut mount = Mount::start_with_store(
+            &manifest,
+            &store,
+            &MOUNT_ENV,
+            &work.path().join(format!("mnt-{mode}")),
+            MountOptions::with(&extra),
+        );
+        assert!(
+            read_all(&mount.dir.join("big.bin")).unwrap() == big,
+            "{mode}: a sequential read"
+        );
+        // The stream mode's background completion may still be writing the cache file.
+        let cached = cache.join(format!("Data/{hash}.xxh128"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !cached.exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        mount.stop();
+        assert!(std::fs::read(&cached).unwrap() == big, "{mode}: cached");
+        let gets = &proxy.gets_log()[before..];
+        let proxied: u64 = gets
+            .iter()
+            .filter(|get| get.target.contains(&hash.to_string()))
+            .map(|get| get.body_bytes as u64)
+            .sum();
+        let total = &mount.stats("final").unwrap()["total"];
+        let fetched = total["bytes_fetched"].as_u64().unwrap();
+        let limit = big.len() as u64 * 105 / 100;
+        eprintln!(
+            "{mode}: {proxied} bytes through the proxy, {fetched} counted, for {} ({} GETs)",
+            big.len(),
+            gets.len()
+        );
+        assert!(
+            proxied <= limit && fetched <= limit,
+            "{mode}: {proxied} bytes through the proxy ({fetched} counted) for a {}-byte object: \
+             {:?}",
+            big.len(),
+            ranges_of(gets, hash)
+        );
+    }
 }

@@ -29,7 +29,7 @@ use futures::channel::oneshot;
 use futures::future::FutureExt;
 use futures::StreamExt;
 
-use super::cache::{BlockKey, Load};
+use super::cache::Load;
 use super::fetch::{Source, VERIFY_READS_IN_FLIGHT};
 use super::read::ObjectRef;
 use super::FileService;
@@ -201,9 +201,9 @@ impl FileService {
         Ok(block)
     }
 
-    /// The one load of streamed block `index` of `object` (every reader joins it): fetched
-    /// whole, or in windows after `head` when given, then published to the block cache and fed
-    /// to the hasher.
+    /// The one load of streamed block `index` of `object` (readers and the background
+    /// completion alike join it, so each block is fetched once): fetched whole, or in windows
+    /// after `head` when given, then published to the block cache and fed to the hasher.
     fn load_streamed(
         self: &Rc<Self>,
         ino: Ino,
@@ -494,9 +494,10 @@ impl FileService {
     }
 
     /// Completes `object` in the background, in order, so the disk cache gets a verified copy
-    /// of every object a reader touched: blocks the cache holds (or is loading) are taken from
-    /// it, the others fetched for the hasher only, so the completion does not evict what
-    /// readers use. One completion per object at a time.
+    /// of every object a reader touched: blocks the cache holds are taken from it, the others
+    /// loaded as a reader would load them (joining a load in flight, published to the cache),
+    /// so a reader that gets there later takes them from the cache instead of fetching them a
+    /// second time. One completion per object at a time.
     fn complete_in_background(self: &Rc<Self>, ino: Ino, object: ObjectRef) {
         {
             let mut streams = self.streams.0.borrow_mut();
@@ -520,14 +521,9 @@ impl FileService {
             let service = &service;
             let mut reads = futures::stream::iter(start..blocks)
                 .map(|index| async move {
-                    let key: BlockKey = (object.hash, index);
-                    let block = if service.cache.contains(key) {
-                        service.block(ino, object, index).await
-                    } else {
-                        service
-                            .fetch_streamed(ino, object, index)
-                            .await
-                            .map(Servable::Streamed)
+                    let block = match service.cache.peek((object.hash, index)) {
+                        Some(block) => Ok(block),
+                        None => service.load_streamed(ino, object, index, None).await,
                     };
                     (index, block)
                 })
