@@ -168,7 +168,7 @@ impl FileService {
         if self.policy.mode != VerifyMode::Stream {
             return false;
         }
-        if self.streams.0.borrow().contains_key(&object.hash) {
+        if self.is_streaming(object.hash) {
             return true;
         }
         let v = &self.verification;
@@ -230,6 +230,13 @@ impl FileService {
         })
     }
 
+    /// Whether object `hash` is being streamed on this shard: a reader started it, and with a
+    /// disk cache its background completion brings it there, so prefetch must not fetch it a
+    /// second time.
+    pub(super) fn is_streaming(&self, hash: Hash) -> bool {
+        self.streams.0.borrow().contains_key(&hash)
+    }
+
     /// Notes that a reader is being sent bytes of `block` of object `hash` (for the log line of
     /// a later mismatch).
     pub(super) fn note_served(&self, hash: Hash, block: &Servable) {
@@ -259,7 +266,7 @@ impl FileService {
         wanted: usize,
     ) -> Result<Option<ReadData>, FsError> {
         if self.policy.mode != VerifyMode::Stream
-            || self.streams.0.borrow().contains_key(&object.hash)
+            || self.is_streaming(object.hash)
             || self.cache.contains((object.hash, index))
             || self.policy.served_corrupt(object.hash)
             || !self.streams(object)
@@ -535,7 +542,7 @@ impl FileService {
                     // a later read starts over.
                     Err(_) => break,
                 }
-                if !service.streams.0.borrow().contains_key(&object.hash) {
+                if !service.is_streaming(object.hash) {
                     break;
                 }
             }

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use mount_vfs_executors::BufferPool;
 
-use super::{FileService, ServiceParts, ShardCounters, ShardRequest, VerifyMode, VerifyPolicy};
+use super::{
+    FileService, PrefetchItem, ServiceParts, ShardCounters, ShardRequest, VerifyMode, VerifyPolicy,
+};
 use crate::fs::request::{Open, Read, Release};
 use crate::fs::testing::{capture, namespace, on_shard, pattern};
 use crate::fs::FsError;
@@ -432,6 +434,39 @@ fn stream_mode_fetches_what_is_read_and_verifies_an_object_read_through() {
 /// `--verify stream`: a corrupt object is served until its hash is complete (here, when the
 /// block that completes the in-order prefix arrives), then quarantined: that read, every later
 /// read (cached blocks too) and every later open fail with EIO; counted once.
+/// Under `--verify stream` an object a reader is streaming is its stream's to fetch (and, with a
+/// disk cache, its background completion's): prefetch reaching it later must not verify it
+/// from the store a second time.
+#[test]
+fn prefetch_leaves_an_object_being_streamed_to_its_stream() {
+    let data = pattern(9, 8 * MIB);
+    let hash = Hash::of(&data);
+    let ns = namespace(&[("big", &data)]);
+    let objects: MemoryObjects = [(hash, Bytes::from(data.clone()))].into_iter().collect();
+    let big = ino(&ns, "big");
+    on_shard(64 << 20, move |pool| async move {
+        let store = Rc::new(MemoryStore::new(objects));
+        let s = service_verifying(pool, ns, store.clone(), VerifyMode::Stream);
+        let fh = open(&s, big, libc::O_RDONLY).await;
+        // Not at offset 0: no read-ahead, one block fetched.
+        assert_eq!(read(&s, big, fh, 10, 100).await.unwrap(), data[10..110]);
+        settle().await;
+        assert_eq!(store.reads_of(hash), 1);
+        s.start_prefetch(vec![PrefetchItem {
+            ino: big,
+            hash,
+            len: data.len() as u64,
+        }]);
+        settle().await;
+        assert_eq!(
+            store.reads_of(hash),
+            1,
+            "prefetch fetched an object being streamed"
+        );
+        s.stop_prefetch();
+    });
+}
+
 #[test]
 fn stream_mode_quarantines_an_object_found_corrupt_after_serving() {
     let claimed = pattern(14, 3 * MIB);
