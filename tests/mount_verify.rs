@@ -314,16 +314,19 @@ fn a_corrupt_object_is_quarantined_under_stream_and_never_served_under_object() 
     assert!(total["verify_failures"].as_u64().unwrap() >= 2, "{total}");
 }
 
-/// Waits until `proxy` has answered no GET for 2 s (at most 60 s): the background work of a
-/// mount (stream mode's completion) is done. Not for cache files: the janitor may evict them
-/// at once when the cache filesystem is nearly full.
+/// Waits until `proxy` has had no GET in flight and none new for 2 s (at most 60 s): the
+/// background work of a mount (stream mode's completion) is done. Not for cache files: the
+/// janitor may evict them at once when the cache filesystem is nearly full.
 fn wait_until_quiet(proxy: &FaultProxy) {
     let deadline = Instant::now() + Duration::from_secs(60);
-    let (mut gets, mut since) = (proxy.gets(), Instant::now());
-    while since.elapsed() < Duration::from_secs(2) && Instant::now() < deadline {
+    let (mut received, mut since) = (proxy.gets_received(), Instant::now());
+    while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
-        if proxy.gets() != gets {
-            (gets, since) = (proxy.gets(), Instant::now());
+        let now = proxy.gets_received();
+        if now != received || proxy.gets() != now {
+            (received, since) = (now, Instant::now());
+        } else if since.elapsed() >= Duration::from_secs(2) {
+            return;
         }
     }
 }

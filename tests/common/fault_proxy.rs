@@ -55,6 +55,7 @@ struct State {
     down: AtomicBool,
     stop: AtomicBool,
     gets: AtomicU64,
+    gets_received: AtomicU64,
     log: Mutex<Vec<LoggedGet>>,
 }
 
@@ -113,6 +114,11 @@ impl FaultProxy {
     /// GET requests seen so far.
     pub fn gets(&self) -> u64 {
         self.state.gets.load(Ordering::SeqCst)
+    }
+
+    /// GET requests received so far, answered or not.
+    pub fn gets_received(&self) -> u64 {
+        self.state.gets_received.load(Ordering::SeqCst)
     }
 
     /// Every GET answered so far, in the order the proxy had their responses from upstream
@@ -199,6 +205,9 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: Arc<State>) {
             return;
         }
         let is_get = head.starts_with(b"GET ");
+        if is_get {
+            state.gets_received.fetch_add(1, Ordering::SeqCst);
+        }
         let is_head = head.starts_with(b"HEAD ");
         // Relay to the upstream (reconnecting once if a kept connection died).
         let mut response = None;
