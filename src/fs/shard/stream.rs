@@ -18,7 +18,7 @@
 //! everything else (cache keys, hashing, the disk-cache file): the windows are assembled into the
 //! block before it is published.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::rc::Rc;
@@ -158,7 +158,13 @@ struct Streaming {
 
 /// The objects this shard is streaming.
 #[derive(Default)]
-pub(super) struct Streams(RefCell<HashMap<Hash, Streaming>>);
+pub(super) struct Streams {
+    objects: RefCell<HashMap<Hash, Streaming>>,
+    /// Blocks being fetched in windows ([`FileService::fetch_in_windows`]): each holds its
+    /// windows while it waits for the memory of the whole block, so their number is bounded
+    /// ([`FileService::max_first_windows`]) for loads to always progress.
+    first_windows: Cell<usize>,
+}
 
 impl FileService {
     /// Whether block reads of `object` are streamed (served before it is verified): in stream
@@ -234,14 +240,14 @@ impl FileService {
     /// disk cache its background completion brings it there, so prefetch must not fetch it a
     /// second time.
     pub(super) fn is_streaming(&self, hash: Hash) -> bool {
-        self.streams.0.borrow().contains_key(&hash)
+        self.streams.objects.borrow().contains_key(&hash)
     }
 
     /// Notes that a reader is being sent bytes of `block` of object `hash` (for the log line of
     /// a later mismatch).
     pub(super) fn note_served(&self, hash: Hash, block: &Servable) {
         if let Servable::Streamed(_) = block {
-            if let Some(stream) = self.streams.0.borrow_mut().get_mut(&hash) {
+            if let Some(stream) = self.streams.objects.borrow_mut().get_mut(&hash) {
                 stream.served = true;
             }
         }
@@ -251,7 +257,8 @@ impl FileService {
     /// small GET: when nothing holds or loads its block yet and `[start, start + wanted)` of the
     /// block lies in one [`FIRST_WINDOW`], the block's load fetches that window first and hands
     /// it to this read, then fetches the rest of the block in doubling windows and publishes the
-    /// whole block as [`FileService::stream_block`] would. `None`: the read takes the usual path.
+    /// whole block as [`FileService::stream_block`] would. `None`: the read takes the usual path
+    /// (also while [`FileService::max_first_windows`] blocks are already fetched in windows).
     ///
     /// Only the first block of a stream is split: later blocks are part-size GETs that
     /// read-ahead issues before the reader needs them, so their size costs no latency. The
@@ -277,6 +284,11 @@ impl FileService {
         let Some(window) = first_window(start as u64..(start + wanted) as u64, block_len) else {
             return Ok(None);
         };
+        let first_windows = &self.streams.first_windows;
+        if first_windows.get() >= self.max_first_windows() {
+            return Ok(None);
+        }
+        first_windows.set(first_windows.get() + 1);
         let c = &self.counters;
         c.add(&c.cache_misses, 1);
         self.start_stream(object);
@@ -307,7 +319,7 @@ impl FileService {
     }
 
     fn start_stream(&self, object: ObjectRef) {
-        let mut streams = self.streams.0.borrow_mut();
+        let mut streams = self.streams.objects.borrow_mut();
         if streams.contains_key(&object.hash) {
             return;
         }
@@ -402,7 +414,10 @@ impl FileService {
             }
             Ok::<_, StoreError>(Block::from_pool(whole, block.len))
         };
-        match fetched.await {
+        let fetched = fetched.await;
+        let first_windows = &self.streams.first_windows;
+        first_windows.set(first_windows.get() - 1);
+        match fetched {
             Ok(block) => Ok(StreamedBlock::ahead_of_verification(block)),
             Err(error) => {
                 self.quarantine(ino, object.hash, &error);
@@ -411,12 +426,19 @@ impl FileService {
         }
     }
 
+    /// How many blocks may be fetched in windows at once: together they hold at most a quarter
+    /// of the pool in windows (at least one; a pool holds at least 8 blocks), so however many
+    /// wait for their whole block's memory, evicting the cache can always give it to them.
+    fn max_first_windows(&self) -> usize {
+        (self.pool.capacity() / (4 * self.block_size as usize)).max(1)
+    }
+
     /// Hashes block `index` of `object` if it continues the hashed prefix, then every block
     /// after it that the cache holds; checks the object when the prefix reaches its end. A
     /// block past the prefix waits in the cache for the ones before it.
     fn feed(&self, ino: Ino, object: ObjectRef, index: u32, block: &[u8]) {
         let hash = object.hash;
-        let mut streams = self.streams.0.borrow_mut();
+        let mut streams = self.streams.objects.borrow_mut();
         let Some(stream) = streams.get_mut(&hash) else {
             return;
         };
@@ -507,7 +529,7 @@ impl FileService {
     /// second time. One completion per object at a time.
     fn complete_in_background(self: &Rc<Self>, ino: Ino, object: ObjectRef) {
         {
-            let mut streams = self.streams.0.borrow_mut();
+            let mut streams = self.streams.objects.borrow_mut();
             let Some(stream) = streams.get_mut(&object.hash) else {
                 return;
             };
@@ -520,7 +542,7 @@ impl FileService {
         glommio::spawn_local(async move {
             let start = service
                 .streams
-                .0
+                .objects
                 .borrow()
                 .get(&object.hash)
                 .map_or(0, |s| s.next);
@@ -546,7 +568,7 @@ impl FileService {
                     break;
                 }
             }
-            if let Some(stream) = service.streams.0.borrow_mut().get_mut(&object.hash) {
+            if let Some(stream) = service.streams.objects.borrow_mut().get_mut(&object.hash) {
                 stream.completing = false;
             }
         })
