@@ -2,7 +2,8 @@
 //! stopped here): stream mode serves exact bytes on sequential and random reads and fetches
 //! about what is read; a corrupt object is quarantined under stream mode once read through
 //! (EIO from then on, never cached, counted and logged once) and never served under object
-//! mode.
+//! mode. Through a logging proxy: the first GET of a streamed object is a small one, and a
+//! sequential read with a disk cache fetches each byte from S3 once, in both modes.
 
 mod common;
 
@@ -10,6 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use common::fault_proxy::{FaultProxy, LoggedGet};
 use common::s3_servers::{
     config, create_bucket_signed, free_port, upload, upload_job, Moto, Seaweed, MOUNT_ENV,
     SEAWEED_KEY, SEAWEED_SECRET,
@@ -310,4 +312,248 @@ fn a_corrupt_object_is_quarantined_under_stream_and_never_served_under_object() 
     let total = &mount.stats("final").unwrap()["total"];
     assert_eq!(total["verify_failures_after_serve"], 0, "{total}");
     assert!(total["verify_failures"].as_u64().unwrap() >= 2, "{total}");
+}
+
+/// Waits until `proxy` has had no GET in flight and none new for 2 s (at most 60 s): the
+/// background work of a mount (stream mode's completion) is done. Not for cache files: the
+/// janitor may evict them at once when the cache filesystem is nearly full.
+fn wait_until_quiet(proxy: &FaultProxy) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut received, mut since) = (proxy.gets_received(), Instant::now());
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = proxy.gets_received();
+        if now != received || proxy.gets() != now {
+            (received, since) = (now, Instant::now());
+        } else if since.elapsed() >= Duration::from_secs(2) {
+            return;
+        }
+    }
+}
+
+/// The GETs of object `hash` in `log`, as byte ranges.
+fn ranges_of(log: &[LoggedGet], hash: Hash) -> Vec<std::ops::Range<u64>> {
+    let key = format!("Data/{hash}.xxh128");
+    log.iter()
+        .filter(|get| get.target.contains(&key))
+        .map(|get| {
+            get.byte_range()
+                .unwrap_or_else(|| panic!("a GET without a range: {get:?}"))
+        })
+        .collect()
+}
+
+/// The first read of a streamed 8 MiB-part object asks S3 for 1 MiB first, then for the rest of
+/// its block in windows that double (1, 2, 4 MiB), then part-size GETs; every byte of the
+/// object is fetched exactly once and served exactly.
+#[test]
+fn stream_mode_starts_an_object_with_a_1_mib_get_that_doubles_to_the_part_size() {
+    const PART: u64 = 8 << 20;
+    let big = pattern(27, 5 * PART as usize + 4321);
+    let (moto, work, manifest) = moto_job(&[("big.bin", &big)]);
+    let hash = Hash::of(&big);
+    let proxy = FaultProxy::start(moto.port);
+    let endpoint = proxy.endpoint();
+    let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
+    let extra = ["--verify", "stream", "--part-size", "8M", "--stats"];
+    let mut mount = Mount::start_with_store(
+        &manifest,
+        &store,
+        &MOUNT_ENV,
+        &work.path().join("mnt"),
+        MountOptions::with(&extra),
+    );
+    let path = mount.dir.join("big.bin");
+    let file = std::fs::File::open(&path).unwrap();
+    let mut head = vec![0u8; 4096];
+    file.read_exact_at(&mut head, 0).unwrap();
+    assert!(head == big[..4096], "the first bytes");
+    let first = ranges_of(&proxy.gets_log(), hash);
+    assert_eq!(
+        first.first(),
+        Some(&(0..MIB as u64)),
+        "GETs so far: {first:?}"
+    );
+    drop(file);
+    assert!(read_all(&path).unwrap() == big, "a sequential read");
+    mount.stop();
+
+    let mut ranges = ranges_of(&proxy.gets_log(), hash);
+    ranges.sort_by_key(|range| range.start);
+    let m = MIB as u64;
+    let mut expected = vec![0..m, m..2 * m, 2 * m..4 * m, 4 * m..PART];
+    let len = big.len() as u64;
+    expected.extend(
+        (PART..len)
+            .step_by(PART as usize)
+            .map(|at| at..(at + PART).min(len)),
+    );
+    assert_eq!(ranges, expected, "the object's GETs, by offset");
+    let total = &mount.stats("final").unwrap()["total"];
+    assert_eq!(total["bytes_fetched"].as_u64(), Some(len), "{total}");
+    assert_eq!(total["verify_failures"], 0, "{total}");
+}
+
+/// A sequential whole read of a multi-part object with `--cache-dir` fetches each byte from S3
+/// about once (at most 1.05x the object, counted by the proxy and by the mount): under
+/// `--verify stream` the background completion and the reader share their block loads, and
+/// under the default `--verify object` the verification pass and the reads share theirs. Each
+/// mount committed the verified object to its cache.
+#[test]
+fn a_sequential_read_with_a_disk_cache_fetches_each_byte_once_in_both_modes() {
+    let big = pattern(28, 48 * MIB + 99);
+    let (moto, work, manifest) = moto_job(&[("big.bin", &big)]);
+    let hash = Hash::of(&big);
+    let proxy = FaultProxy::start(moto.port);
+    let endpoint = proxy.endpoint();
+    let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
+    for mode in ["stream", "object"] {
+        let cache = work.path().join(format!("cache-{mode}"));
+        let extra = [
+            "--verify",
+            mode,
+            "--part-size",
+            "4M",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+            "--prefetch",
+            "off",
+            "--stats",
+        ];
+        let before = proxy.gets_log().len();
+        let mut mount = Mount::start_with_store(
+            &manifest,
+            &store,
+            &MOUNT_ENV,
+            &work.path().join(format!("mnt-{mode}")),
+            MountOptions::with(&extra),
+        );
+        assert!(
+            read_all(&mount.dir.join("big.bin")).unwrap() == big,
+            "{mode}: a sequential read"
+        );
+        wait_until_quiet(&proxy);
+        mount.stop();
+        let gets = &proxy.gets_log()[before..];
+        let proxied: u64 = gets
+            .iter()
+            .filter(|get| get.target.contains(&hash.to_string()))
+            .map(|get| get.body_bytes as u64)
+            .sum();
+        let total = &mount.stats("final").unwrap()["total"];
+        assert_eq!(total["objects_cached"], 1, "{mode}: {total}");
+        let fetched = total["bytes_fetched"].as_u64().unwrap();
+        let limit = big.len() as u64 * 105 / 100;
+        eprintln!(
+            "{mode}: {proxied} bytes through the proxy, {fetched} counted, for {} ({} GETs)",
+            big.len(),
+            gets.len()
+        );
+        assert!(
+            proxied <= limit && fetched <= limit,
+            "{mode}: {proxied} bytes through the proxy ({fetched} counted) for a {}-byte object: \
+             {:?}",
+            big.len(),
+            ranges_of(gets, hash)
+        );
+    }
+}
+
+/// A job-shaped read (as benches/job.rs, smaller): 36 files of 4 KiB to 48 MiB, four reader
+/// threads over two shards, most files read whole in 1 MiB reads, some only their first 64 KiB,
+/// some never opened. With `--cache-dir` both modes fetch every opened object whole (object mode
+/// to verify it, stream mode to complete it into the cache) and nothing twice: S3 bytes are
+/// 1.00-1.05x the opened objects' sizes, in stream mode as in object mode.
+#[test]
+fn a_job_shaped_read_fetches_each_opened_object_once_in_both_modes() {
+    const HEADER: usize = 64 << 10;
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state as usize
+    };
+    // (name, bytes, bytes the task reads of it: all, a header, or none)
+    let files: Vec<(String, Vec<u8>, usize)> = (0..36u64)
+        .map(|i| {
+            let size = match i % 6 {
+                0..=2 => 4096 + next() % (512 << 10),
+                3 | 4 => MIB + next() % (8 * MIB),
+                _ => 12 * MIB + next() % (36 * MIB),
+            };
+            let read = match next() % 10 {
+                0..=6 => size,
+                7 | 8 => size.min(HEADER),
+                _ => 0,
+            };
+            (format!("f{i:02}.bin"), pattern(100 + i, size), read)
+        })
+        .collect();
+    let listed: Vec<(&str, &[u8])> = files.iter().map(|(n, d, _)| (n.as_str(), &d[..])).collect();
+    let (moto, work, manifest) = moto_job(&listed);
+    let opened: usize = files
+        .iter()
+        .filter(|(_, _, read)| *read > 0)
+        .map(|(_, data, _)| data.len())
+        .sum();
+    let proxy = FaultProxy::start(moto.port);
+    let endpoint = proxy.endpoint();
+    let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
+    let files = std::sync::Arc::new(files);
+    for mode in ["stream", "object"] {
+        let cache = work.path().join(format!("cache-{mode}"));
+        let extra = ["--verify", mode, "--cache-dir", cache.to_str().unwrap()];
+        let before = proxy.gets_log().len();
+        let mut mount = Mount::start_with_store(
+            &manifest,
+            &store,
+            &MOUNT_ENV,
+            &work.path().join(format!("mnt-{mode}")),
+            MountOptions {
+                shards: 2,
+                extra: &extra,
+            },
+        );
+        let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let readers: Vec<_> = (0..4)
+            .map(|_| {
+                let (files, taken, dir) = (files.clone(), taken.clone(), mount.dir.clone());
+                std::thread::spawn(move || loop {
+                    let i = taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let Some((name, data, read)) = files.get(i) else {
+                        return;
+                    };
+                    if *read == 0 {
+                        continue;
+                    }
+                    let file = std::fs::File::open(dir.join(name)).unwrap();
+                    let mut got = vec![0u8; *read];
+                    for (n, chunk) in got.chunks_mut(MIB).enumerate() {
+                        file.read_exact_at(chunk, (n * MIB) as u64).unwrap();
+                    }
+                    assert!(got[..] == data[..*read], "{mode}: {name}");
+                })
+            })
+            .collect();
+        for reader in readers {
+            reader.join().unwrap();
+        }
+        // Stream mode completes what was opened in the background.
+        wait_until_quiet(&proxy);
+        mount.stop();
+        let fetched: usize = proxy.gets_log()[before..]
+            .iter()
+            .filter(|get| get.target.contains("/Data/"))
+            .map(|get| get.body_bytes)
+            .sum();
+        eprintln!(
+            "{mode}: {fetched} bytes from S3 for {opened} bytes of opened objects ({:.3}x)",
+            fetched as f64 / opened as f64
+        );
+        assert!(
+            fetched >= opened && fetched <= opened * 105 / 100,
+            "{mode}: {fetched} bytes from S3 for {opened} bytes of opened objects"
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! A fault-injecting HTTP/1.1 proxy on 127.0.0.1 (std threads) between the S3 client and a real
 //! server. It relays each request to the upstream, then applies the next queued [`Fault`] to
-//! the response of a GET before passing it on. When [`FaultProxy::set_down`] is on it resets
-//! every connection, old and new, like a server that went away.
+//! the response of a GET before passing it on, and logs every GET it answered
+//! ([`FaultProxy::gets_log`]). When [`FaultProxy::set_down`] is on it resets every connection,
+//! old and new, like a server that went away.
 
 use std::collections::VecDeque;
 use std::io::{Read, Write};
@@ -26,12 +27,36 @@ pub enum Fault {
     Flip,
 }
 
+/// One GET the proxy answered: what it asked for and how many body bytes went back.
+#[derive(Clone, Debug)]
+pub struct LoggedGet {
+    /// The request target (path and query).
+    pub target: String,
+    /// The `Range` header's value (`bytes=0-1048575`), if any.
+    pub range: Option<String>,
+    pub body_bytes: usize,
+}
+
+impl LoggedGet {
+    /// The requested byte range as `start..end` (end exclusive), if it had one.
+    pub fn byte_range(&self) -> Option<std::ops::Range<u64>> {
+        let (start, last) = self
+            .range
+            .as_ref()?
+            .strip_prefix("bytes=")?
+            .split_once('-')?;
+        Some(start.parse().ok()?..last.parse::<u64>().ok()? + 1)
+    }
+}
+
 #[derive(Default)]
 struct State {
     faults: Mutex<VecDeque<Fault>>,
     down: AtomicBool,
     stop: AtomicBool,
     gets: AtomicU64,
+    gets_received: AtomicU64,
+    log: Mutex<Vec<LoggedGet>>,
 }
 
 /// The proxy; stops accepting on drop.
@@ -89,6 +114,17 @@ impl FaultProxy {
     /// GET requests seen so far.
     pub fn gets(&self) -> u64 {
         self.state.gets.load(Ordering::SeqCst)
+    }
+
+    /// GET requests received so far, answered or not.
+    pub fn gets_received(&self) -> u64 {
+        self.state.gets_received.load(Ordering::SeqCst)
+    }
+
+    /// Every GET answered so far, in the order the proxy had their responses from upstream
+    /// (a GET sent only after another one's response was received comes after it).
+    pub fn gets_log(&self) -> Vec<LoggedGet> {
+        self.state.log.lock().unwrap().clone()
     }
 
     /// Down: every connection is reset, including idle keep-alive ones at their next request.
@@ -169,6 +205,9 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: Arc<State>) {
             return;
         }
         let is_get = head.starts_with(b"GET ");
+        if is_get {
+            state.gets_received.fetch_add(1, Ordering::SeqCst);
+        }
         let is_head = head.starts_with(b"HEAD ");
         // Relay to the upstream (reconnecting once if a kept connection died).
         let mut response = None;
@@ -194,6 +233,11 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: Arc<State>) {
         }
         let fault = if is_get {
             state.gets.fetch_add(1, Ordering::SeqCst);
+            state
+                .log
+                .lock()
+                .unwrap()
+                .push(logged_get(&head, rbody.len()));
             state.faults.lock().unwrap().pop_front()
         } else {
             None
@@ -244,5 +288,25 @@ fn serve(mut client: TcpStream, upstream_port: u16, state: Arc<State>) {
                 }
             }
         }
+    }
+}
+
+fn logged_get(head: &[u8], body_bytes: usize) -> LoggedGet {
+    let text = String::from_utf8_lossy(head);
+    let mut lines = text.lines();
+    let target = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .unwrap_or_default()
+        .to_string();
+    let range = lines.find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("range")
+            .then(|| value.trim().to_string())
+    });
+    LoggedGet {
+        target,
+        range,
+        body_bytes,
     }
 }

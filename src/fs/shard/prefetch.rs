@@ -192,7 +192,11 @@ impl FileService {
                 return;
             }
             let v = &self.verification;
-            if v.is_verified(item.hash) || v.is_verifying(item.hash) || v.quarantined(item.hash) {
+            if v.is_verified(item.hash)
+                || v.is_verifying(item.hash)
+                || v.quarantined(item.hash)
+                || self.is_streaming(item.hash)
+            {
                 continue;
             }
             let p = &self.prefetch;

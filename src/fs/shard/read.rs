@@ -72,7 +72,6 @@ impl FileService {
         if offset >= end {
             return Ok(ReadData::empty());
         }
-        self.plan_readahead(ino, fh, &content, offset, end);
         let block_at = |pos: u64| {
             let (index, block, start) = locate(content.chunked, self.block_size, pos);
             let hash = *content.objects.get(index).ok_or(FsError::Corrupt)?;
@@ -83,9 +82,19 @@ impl FileService {
             Ok::<_, FsError>((object, block, start))
         };
         let (object, block, start) = block_at(offset)?;
+        let wanted = (end - offset) as usize;
+        // Returns at once unless this is the first read of a streamed object, which waits for
+        // one small GET: read-ahead is planned after it, so its part-size GETs do not compete
+        // with that one, and before every other read, so its loads overlap this one's.
+        let first_read = self
+            .stream_first_read(ino, object, block, start, wanted)
+            .await?;
+        self.plan_readahead(ino, fh, &content, offset, end);
+        if let Some(reply) = first_read {
+            return Ok(reply);
+        }
         let first = self.block(ino, object, block).await?;
         self.note_served(object.hash, &first);
-        let wanted = (end - offset) as usize;
         if start + wanted <= first.len() {
             return Ok(ReadData::slice(first, start..start + wanted));
         }

@@ -11,24 +11,42 @@
 //! file holding it fails with EIO, its cache copy is discarded, one error line is logged and
 //! `verify_failures_after_serve` counted. Objects a disk-cache file already holds are verified
 //! from that file as in object mode (a local pass, no store read) before it is used.
+//!
+//! The first read of an object starts with a small GET ([`FIRST_WINDOW`], see
+//! [`FileService::stream_first_read`]): its block is fetched in windows that double up to the
+//! block (part) size, and the read is answered from the first window. Blocks stay the unit of
+//! everything else (cache keys, hashing, the disk-cache file): the windows are assembled into the
+//! block before it is published.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
 
+use futures::channel::oneshot;
 use futures::future::FutureExt;
 use futures::StreamExt;
 
-use super::cache::BlockKey;
+use super::cache::Load;
 use super::fetch::{Source, VERIFY_READS_IN_FLIGHT};
 use super::read::ObjectRef;
 use super::FileService;
-use crate::fs::{FsError, ObjectHasher, Servable, StreamedBlock};
+use crate::fs::{FsError, ObjectHasher, ReadData, Servable, StreamedBlock};
 use crate::manifest::Hash;
 use crate::namespace::Ino;
-use crate::store::{CasWriter, ObjectRange};
+use crate::store::{Block, CasWriter, ObjectRange, StoreError};
+
+/// The first GET of an object streamed from the store: small, so the first byte a reader waits
+/// for costs about one small request rather than a whole part. The GETs after it double.
+const FIRST_WINDOW: u64 = 1 << 20;
+
+/// The first window of a block streamed for an object's first read, and where it goes.
+struct Head {
+    window: Range<u64>,
+    sender: oneshot::Sender<StreamedBlock>,
+}
 
 /// `--verify`: when the bytes of an object may be served.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -140,7 +158,13 @@ struct Streaming {
 
 /// The objects this shard is streaming.
 #[derive(Default)]
-pub(super) struct Streams(RefCell<HashMap<Hash, Streaming>>);
+pub(super) struct Streams {
+    objects: RefCell<HashMap<Hash, Streaming>>,
+    /// Blocks being fetched in windows ([`FileService::fetch_in_windows`]): each holds its
+    /// windows while it waits for the memory of the whole block, so their number is bounded
+    /// ([`FileService::max_first_windows`]) for loads to always progress.
+    first_windows: Cell<usize>,
+}
 
 impl FileService {
     /// Whether block reads of `object` are streamed (served before it is verified): in stream
@@ -150,7 +174,7 @@ impl FileService {
         if self.policy.mode != VerifyMode::Stream {
             return false;
         }
-        if self.streams.0.borrow().contains_key(&object.hash) {
+        if self.is_streaming(object.hash) {
             return true;
         }
         let v = &self.verification;
@@ -175,11 +199,32 @@ impl FileService {
         if self.disk_cache.is_some() {
             self.complete_in_background(ino, object);
         }
+        let block = self.load_streamed(ino, object, index, None).await?;
+        // Feeding this block may have completed the object, and found it corrupt.
+        if self.policy.served_corrupt(object.hash) {
+            return Err(FsError::Corrupt);
+        }
+        Ok(block)
+    }
+
+    /// The one load of streamed block `index` of `object` (readers and the background
+    /// completion alike join it, so each block is fetched once): fetched whole, or in windows
+    /// after `head` when given, then published to the block cache and fed to the hasher.
+    fn load_streamed(
+        self: &Rc<Self>,
+        ino: Ino,
+        object: ObjectRef,
+        index: u32,
+        head: Option<Head>,
+    ) -> Load {
         let key = (object.hash, index);
         let service = self.clone();
-        let load = self.cache.load_or_join(key, move || {
+        self.cache.load_or_join(key, move || {
             async move {
-                let result = service.fetch_streamed(ino, object, index).await;
+                let result = match head {
+                    None => service.fetch_streamed(ino, object, index).await,
+                    Some(head) => service.fetch_in_windows(ino, object, index, head).await,
+                };
                 if let Ok(block) = &result {
                     service.publish(key, Servable::Streamed(block.clone()));
                     service.feed(ino, object, index, block);
@@ -188,27 +233,93 @@ impl FileService {
                 result.map(Servable::Streamed)
             }
             .boxed_local()
-        });
-        let block = load.await?;
-        // Feeding this block may have completed the object, and found it corrupt.
-        if self.policy.served_corrupt(object.hash) {
-            return Err(FsError::Corrupt);
-        }
-        Ok(block)
+        })
+    }
+
+    /// Whether object `hash` is being streamed on this shard: a reader started it, and with a
+    /// disk cache its background completion brings it there, so prefetch must not fetch it a
+    /// second time.
+    pub(super) fn is_streaming(&self, hash: Hash) -> bool {
+        self.streams.objects.borrow().contains_key(&hash)
     }
 
     /// Notes that a reader is being sent bytes of `block` of object `hash` (for the log line of
     /// a later mismatch).
     pub(super) fn note_served(&self, hash: Hash, block: &Servable) {
         if let Servable::Streamed(_) = block {
-            if let Some(stream) = self.streams.0.borrow_mut().get_mut(&hash) {
+            if let Some(stream) = self.streams.objects.borrow_mut().get_mut(&hash) {
                 stream.served = true;
             }
         }
     }
 
+    /// Under `--verify stream`, the first read of an object (on this shard) answered after one
+    /// small GET: when nothing holds or loads its block yet and `[start, start + wanted)` of the
+    /// block lies in one [`FIRST_WINDOW`], the block's load fetches that window first and hands
+    /// it to this read, then fetches the rest of the block in doubling windows and publishes the
+    /// whole block as [`FileService::stream_block`] would. `None`: the read takes the usual path
+    /// (also while [`FileService::max_first_windows`] blocks are already fetched in windows).
+    ///
+    /// Only the first block of a stream is split: later blocks are part-size GETs that
+    /// read-ahead issues before the reader needs them, so their size costs no latency. The
+    /// background completion starts only once the first window arrived, so no part-size GET
+    /// of it competes with the small one.
+    pub(super) async fn stream_first_read(
+        self: &Rc<Self>,
+        ino: Ino,
+        object: ObjectRef,
+        index: u32,
+        start: usize,
+        wanted: usize,
+    ) -> Result<Option<ReadData>, FsError> {
+        if self.policy.mode != VerifyMode::Stream
+            || self.is_streaming(object.hash)
+            || self.cache.contains((object.hash, index))
+            || self.policy.served_corrupt(object.hash)
+            || !self.streams(object)
+        {
+            return Ok(None);
+        }
+        let block_len = self.range(object, index).len as u64;
+        let Some(window) = first_window(start as u64..(start + wanted) as u64, block_len) else {
+            return Ok(None);
+        };
+        let first_windows = &self.streams.first_windows;
+        if first_windows.get() >= self.max_first_windows() {
+            return Ok(None);
+        }
+        first_windows.set(first_windows.get() + 1);
+        let c = &self.counters;
+        c.add(&c.cache_misses, 1);
+        self.start_stream(object);
+        let (sender, receiver) = oneshot::channel();
+        let head = Head {
+            window: window.clone(),
+            sender,
+        };
+        let load = self.load_streamed(ino, object, index, Some(head));
+        // The rest of the block loads even if this reader goes away (interrupted).
+        glommio::spawn_local(load.clone()).detach();
+        let head = receiver.await;
+        if self.disk_cache.is_some() {
+            self.complete_in_background(ino, object);
+        }
+        let Ok(head) = head else {
+            // The first window failed: the load's error.
+            load.await?;
+            return Ok(None);
+        };
+        if self.policy.served_corrupt(object.hash) {
+            return Err(FsError::Corrupt);
+        }
+        let head = Servable::Streamed(head);
+        self.note_served(object.hash, &head);
+        let from = start - window.start as usize;
+        Ok(Some(ReadData::slice(head, from..from + wanted)))
+    }
+
     fn start_stream(&self, object: ObjectRef) {
-        let mut streams = self.streams.0.borrow_mut();
+        let mut streams = self.streams.objects.borrow_mut();
         if streams.contains_key(&object.hash) {
             return;
         }
@@ -264,12 +375,70 @@ impl FileService {
         }
     }
 
+    /// Block `index` of `object` fetched as `head.window` of it first (sent to `head.sender` as
+    /// soon as it arrives), then the rest of the block in windows that double (all in flight
+    /// at once), copied together into one block. A store error is the read's, as in
+    /// [`FileService::fetch_streamed`].
+    async fn fetch_in_windows(
+        &self,
+        ino: Ino,
+        object: ObjectRef,
+        index: u32,
+        head: Head,
+    ) -> Result<StreamedBlock, FsError> {
+        let block = self.range(object, index);
+        let fetch_window = |window: Range<u64>| async move {
+            let len = (window.end - window.start) as usize;
+            let range = ObjectRange {
+                offset: block.offset + window.start,
+                len,
+                ..block
+            };
+            let memory = self.grant(object.hash, len as u64).await?;
+            let bytes = self.fetch(memory, range, Source::Store).await?;
+            Ok::<_, StoreError>((window, bytes))
+        };
+        let fetched = async {
+            let (_, first) = fetch_window(head.window.clone()).await?;
+            let first = StreamedBlock::ahead_of_verification(first);
+            // The reader may be gone: the block is still loaded for the next one.
+            let _ = head.sender.send(first.clone());
+            let rest = rest_of_block(&head.window, block.len as u64);
+            let windows = futures::future::try_join_all(rest.map(fetch_window)).await?;
+            let memory = self.grant(object.hash, block.len as u64).await?;
+            let mut whole = self.pool.alloc_reserved(block.len, memory).await;
+            let place = |window: &Range<u64>| window.start as usize..window.end as usize;
+            whole[place(&head.window)].copy_from_slice(&first);
+            for (window, bytes) in &windows {
+                whole[place(window)].copy_from_slice(bytes);
+            }
+            Ok::<_, StoreError>(Block::from_pool(whole, block.len))
+        };
+        let fetched = fetched.await;
+        let first_windows = &self.streams.first_windows;
+        first_windows.set(first_windows.get() - 1);
+        match fetched {
+            Ok(block) => Ok(StreamedBlock::ahead_of_verification(block)),
+            Err(error) => {
+                self.quarantine(ino, object.hash, &error);
+                Err(FsError::from(&error))
+            }
+        }
+    }
+
+    /// How many blocks may be fetched in windows at once: together they hold at most a quarter
+    /// of the pool in windows (at least one; a pool holds at least 8 blocks), so however many
+    /// wait for their whole block's memory, evicting the cache can always give it to them.
+    fn max_first_windows(&self) -> usize {
+        (self.pool.capacity() / (4 * self.block_size as usize)).max(1)
+    }
+
     /// Hashes block `index` of `object` if it continues the hashed prefix, then every block
     /// after it that the cache holds; checks the object when the prefix reaches its end. A
     /// block past the prefix waits in the cache for the ones before it.
     fn feed(&self, ino: Ino, object: ObjectRef, index: u32, block: &[u8]) {
         let hash = object.hash;
-        let mut streams = self.streams.0.borrow_mut();
+        let mut streams = self.streams.objects.borrow_mut();
         let Some(stream) = streams.get_mut(&hash) else {
             return;
         };
@@ -354,12 +523,13 @@ impl FileService {
     }
 
     /// Completes `object` in the background, in order, so the disk cache gets a verified copy
-    /// of every object a reader touched: blocks the cache holds (or is loading) are taken from
-    /// it, the others fetched for the hasher only, so the completion does not evict what
-    /// readers use. One completion per object at a time.
+    /// of every object a reader touched: blocks the cache holds are taken from it, the others
+    /// loaded as a reader would load them (joining a load in flight, published to the cache),
+    /// so a reader that gets there later takes them from the cache instead of fetching them a
+    /// second time. One completion per object at a time.
     fn complete_in_background(self: &Rc<Self>, ino: Ino, object: ObjectRef) {
         {
-            let mut streams = self.streams.0.borrow_mut();
+            let mut streams = self.streams.objects.borrow_mut();
             let Some(stream) = streams.get_mut(&object.hash) else {
                 return;
             };
@@ -372,7 +542,7 @@ impl FileService {
         glommio::spawn_local(async move {
             let start = service
                 .streams
-                .0
+                .objects
                 .borrow()
                 .get(&object.hash)
                 .map_or(0, |s| s.next);
@@ -380,14 +550,9 @@ impl FileService {
             let service = &service;
             let mut reads = futures::stream::iter(start..blocks)
                 .map(|index| async move {
-                    let key: BlockKey = (object.hash, index);
-                    let block = if service.cache.contains(key) {
-                        service.block(ino, object, index).await
-                    } else {
-                        service
-                            .fetch_streamed(ino, object, index)
-                            .await
-                            .map(Servable::Streamed)
+                    let block = match service.cache.peek((object.hash, index)) {
+                        Some(block) => Ok(block),
+                        None => service.load_streamed(ino, object, index, None).await,
                     };
                     (index, block)
                 })
@@ -399,14 +564,91 @@ impl FileService {
                     // a later read starts over.
                     Err(_) => break,
                 }
-                if !service.streams.0.borrow().contains_key(&object.hash) {
+                if !service.is_streaming(object.hash) {
                     break;
                 }
             }
-            if let Some(stream) = service.streams.0.borrow_mut().get_mut(&object.hash) {
+            if let Some(stream) = service.streams.objects.borrow_mut().get_mut(&object.hash) {
                 stream.completing = false;
             }
         })
         .detach();
+    }
+}
+
+/// The first GET of a block streamed for the first read of an object: the [`FIRST_WINDOW`]-aligned
+/// window holding `read`, if the read fits in it and the block is larger.
+fn first_window(read: Range<u64>, block_len: u64) -> Option<Range<u64>> {
+    let start = read.start / FIRST_WINDOW * FIRST_WINDOW;
+    let end = (start + FIRST_WINDOW).min(block_len);
+    (block_len > FIRST_WINDOW && read.end <= end).then_some(start..end)
+}
+
+/// The GETs for the rest of a block after its first window `head`: windows that double from
+/// the head's length, after the head, then before it. For a head at the block's start each
+/// window is as long as everything before it: 1 MiB, then 1, 2, 4 MiB ... up to the block.
+fn rest_of_block(head: &Range<u64>, block_len: u64) -> impl Iterator<Item = Range<u64>> {
+    doubling_windows(head.end..block_len, head.end - head.start)
+        .into_iter()
+        .chain(doubling_windows(0..head.start, FIRST_WINDOW))
+}
+
+/// `span` cut into consecutive windows of `first` bytes, then twice as many each time (the last
+/// one what remains).
+fn doubling_windows(span: Range<u64>, first: u64) -> Vec<Range<u64>> {
+    let mut windows = Vec::new();
+    let (mut at, mut size) = (span.start, first);
+    while at < span.end {
+        let end = (at + size).min(span.end);
+        windows.push(at..end);
+        at = end;
+        size *= 2;
+    }
+    windows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{doubling_windows, first_window, rest_of_block, FIRST_WINDOW};
+
+    const MIB: u64 = 1 << 20;
+
+    #[test]
+    fn windows_double_and_cover_the_span_exactly() {
+        assert_eq!(doubling_windows(1..12, 2), vec![1..3, 3..7, 7..12]);
+        assert_eq!(doubling_windows(0..2, 2), vec![0..2]);
+        assert!(doubling_windows(5..5, 2).is_empty());
+    }
+
+    #[test]
+    fn a_block_read_from_its_start_is_fetched_in_1_1_2_4_mib_windows() {
+        assert_eq!(FIRST_WINDOW, MIB);
+        let head = first_window(0..4096, 8 * MIB).unwrap();
+        assert_eq!(head, 0..MIB);
+        let rest: Vec<_> = rest_of_block(&head, 8 * MIB).collect();
+        assert_eq!(rest, vec![MIB..2 * MIB, 2 * MIB..4 * MIB, 4 * MIB..8 * MIB]);
+    }
+
+    #[test]
+    fn the_first_window_holds_the_read_or_there_is_none() {
+        assert_eq!(
+            first_window(5 * MIB + 7..5 * MIB + 100, 8 * MIB),
+            Some(5 * MIB..6 * MIB)
+        );
+        let head = 5 * MIB..6 * MIB;
+        let rest: Vec<_> = rest_of_block(&head, 8 * MIB).collect();
+        assert_eq!(
+            rest,
+            vec![
+                6 * MIB..7 * MIB,
+                7 * MIB..8 * MIB,
+                0..MIB,
+                MIB..3 * MIB,
+                3 * MIB..5 * MIB
+            ]
+        );
+        // Straddling a window boundary, or a block no larger than one window.
+        assert_eq!(first_window(MIB - 1..MIB + 1, 8 * MIB), None);
+        assert_eq!(first_window(0..10, MIB), None);
     }
 }

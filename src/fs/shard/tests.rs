@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use mount_vfs_executors::BufferPool;
 
-use super::{FileService, ServiceParts, ShardCounters, ShardRequest, VerifyMode, VerifyPolicy};
+use super::{
+    FileService, PrefetchItem, ServiceParts, ShardCounters, ShardRequest, VerifyMode, VerifyPolicy,
+};
 use crate::fs::request::{Open, Read, Release};
 use crate::fs::testing::{capture, namespace, on_shard, pattern};
 use crate::fs::FsError;
@@ -35,10 +37,20 @@ fn service_verifying(
     store: Rc<dyn ObjectStore>,
     mode: VerifyMode,
 ) -> Rc<FileService> {
+    service_with_blocks(pool, namespace, store, mode, BLOCK)
+}
+
+fn service_with_blocks(
+    pool: BufferPool,
+    namespace: Arc<Namespace>,
+    store: Rc<dyn ObjectStore>,
+    mode: VerifyMode,
+    block_size: u64,
+) -> Rc<FileService> {
     FileService::new(ServiceParts {
         shard: 0,
         shards: 1,
-        block_size: BLOCK,
+        block_size,
         namespace,
         pool,
         store,
@@ -425,6 +437,92 @@ fn stream_mode_fetches_what_is_read_and_verifies_an_object_read_through() {
         assert!(
             matches!(s.cached((hash, 8)), Some(crate::fs::Servable::Verified(_))),
             "a streamed block of a verified object is confirmed against its digest"
+        );
+    });
+}
+
+/// Under `--verify stream` an object a reader is streaming is its stream's to fetch (and, with a
+/// disk cache, its background completion's): prefetch reaching it later must not verify it
+/// from the store a second time.
+#[test]
+fn prefetch_leaves_an_object_being_streamed_to_its_stream() {
+    let data = pattern(9, 8 * MIB);
+    let hash = Hash::of(&data);
+    let ns = namespace(&[("big", &data)]);
+    let objects: MemoryObjects = [(hash, Bytes::from(data.clone()))].into_iter().collect();
+    let big = ino(&ns, "big");
+    on_shard(64 << 20, move |pool| async move {
+        let store = Rc::new(MemoryStore::new(objects));
+        let s = service_verifying(pool, ns, store.clone(), VerifyMode::Stream);
+        let fh = open(&s, big, libc::O_RDONLY).await;
+        // Not at offset 0: no read-ahead, one block fetched.
+        assert_eq!(read(&s, big, fh, 10, 100).await.unwrap(), data[10..110]);
+        settle().await;
+        assert_eq!(store.reads_of(hash), 1);
+        s.start_prefetch(vec![PrefetchItem {
+            ino: big,
+            hash,
+            len: data.len() as u64,
+        }]);
+        settle().await;
+        assert_eq!(
+            store.reads_of(hash),
+            1,
+            "prefetch fetched an object being streamed"
+        );
+        s.stop_prefetch();
+    });
+}
+
+/// `--verify stream`: many first reads at once of different objects, each of whose first block
+/// would be fetched in windows, on a pool of only 8 blocks. Windowed loads hold their windows
+/// while they wait for the memory of the whole block; bounded in number, they all finish (12 of
+/// them unbounded hold more than the pool). Every read gets its bytes, each block is fetched
+/// once, and at least one object's first block came in windows.
+#[test]
+fn concurrent_first_reads_of_many_objects_finish_on_a_small_pool() {
+    const PART: u64 = 4 << 20;
+    let files: Vec<(String, Vec<u8>)> = (0..12)
+        .map(|i| (format!("f{i}"), pattern(40 + i, 2 * PART as usize)))
+        .collect();
+    let listed: Vec<(&str, &[u8])> = files.iter().map(|(n, d)| (n.as_str(), &d[..])).collect();
+    let ns = namespace(&listed);
+    let objects = MemoryObjects::of(files.iter().map(|(_, d)| d.clone()));
+    let inos: Vec<Ino> = files.iter().map(|(n, _)| ino(&ns, n)).collect();
+    on_shard(8 * PART as usize, move |pool| async move {
+        let store = Rc::new(MemoryStore::new(objects));
+        // Reads that take a while, as S3's do, so the loads interleave.
+        let slow = Rc::new(FaultStore::new(store.clone()));
+        slow.inject(When::Always, Fault::Delay(Duration::from_millis(20)));
+        let s = service_with_blocks(pool, ns, slow, VerifyMode::Stream, PART);
+        let reads = inos.iter().zip(&files).map(|(&ino, (_, data))| {
+            let (s, data) = (s.clone(), data.clone());
+            async move {
+                let fh = open(&s, ino, libc::O_RDONLY).await;
+                let head = read(&s, ino, fh, 0, 4096).await.unwrap();
+                assert!(head == data[..4096]);
+                let rest = read(&s, ino, fh, 4096, MIB).await.unwrap();
+                assert!(rest == data[4096..4096 + MIB]);
+            }
+        });
+        let all = futures::future::join_all(reads.map(glommio::spawn_local));
+        let limit = glommio::timer::sleep(Duration::from_secs(20));
+        futures::pin_mut!(all, limit);
+        match futures::future::select(all, limit).await {
+            futures::future::Either::Left(_) => {}
+            futures::future::Either::Right(_) => panic!("first reads stuck waiting for memory"),
+        }
+        settle().await;
+        // Per object: block 0 in three windows (1, 1, 2 MiB) or one GET, and block 1 once if
+        // read-ahead had room for it.
+        let reads: Vec<u64> = files
+            .iter()
+            .map(|(_, data)| store.reads_of(Hash::of(data)))
+            .collect();
+        assert!(reads.iter().all(|&n| (1..=4).contains(&n)), "{reads:?}");
+        assert!(
+            reads.iter().any(|&n| n >= 3),
+            "no first block was fetched in windows: {reads:?}"
         );
     });
 }
