@@ -198,6 +198,9 @@ fn wait_for_prefetch(mount: &mut Mount, want: u64) {
 fn complaints(log: &str) -> Vec<&str> {
     log.lines()
         .filter(|line| line.contains("WARN") || line.contains("ERROR"))
+        // fuser's line for a late reply to a request the kernel dropped while unmounting (a
+        // RELEASE racing the stop): ENOENT from /dev/fuse, nothing lost, not this test's subject.
+        .filter(|line| !line.contains("Failed to send FUSE reply: No such file or directory"))
         .collect()
 }
 
