@@ -51,8 +51,8 @@ pub use pool::{
 pub use probe::{smaps_entry, SmapsEntry};
 pub use procstat::minor_faults_and_cpu_time;
 pub use shards::{
-    run_on_one_shard, shard_numa_nodes, Mailbox, RunOneError, SendError, ShardConfig, ShardContext,
-    ShardFailure, ShardFailureCause, ShardSender, Shards, ShutdownError, StartError, MAX_IO_MEMORY,
-    MIN_IO_MEMORY,
+    run_on_one_shard, shard_numa_nodes, spawn_park_guard, Mailbox, RunOneError, SendError,
+    ShardConfig, ShardContext, ShardFailure, ShardFailureCause, ShardSender, Shards, ShutdownError,
+    StartError, MAX_IO_MEMORY, MIN_IO_MEMORY,
 };
 pub use topology::shard_cpu_order;

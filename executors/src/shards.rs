@@ -554,6 +554,30 @@ struct ShardSetup<M> {
     go: flume::Receiver<bool>,
 }
 
+/// Longest a shard sleeps with no timer of its own due: see [`spawn_park_guard`].
+pub const PARK_GUARD_TICK: Duration = Duration::from_millis(20);
+
+/// Keeps a timer due every [`PARK_GUARD_TICK`] on the current executor, so that it never sleeps
+/// without a deadline.
+///
+/// Why: glommio 0.9's run loop parks whenever `run_task_queues` returns false, and it also
+/// returns false when the preemption timer has already fired before it ran anything: a thread
+/// descheduled for longer than the timer (100 ms) between installing it and running its queues,
+/// which happens on a loaded node. Parked like that with runnable tasks and no I/O or timer
+/// pending, the shard sleeps until some other thread happens to wake it; a FUSE request waiting
+/// on it hangs until then (seen as a 60 s stall in tests/writable_model.rs under load, and in
+/// `executors::shards` tests with a 20 µs preemption timer). Fixed upstream in glommio/glommio#53,
+/// not in a release; with a timer pending the park ends within a tick and the loop runs the
+/// queues. Cost: one timer wake-up per tick on an idle shard.
+pub fn spawn_park_guard() {
+    glommio::spawn_local(async {
+        loop {
+            glommio::timer::sleep(PARK_GUARD_TICK).await;
+        }
+    })
+    .detach();
+}
+
 fn shard_main<M, F, Fut>(setup: ShardSetup<M>, rx: flume::Receiver<Envelope<M>>, body: Arc<F>)
 where
     M: Send + 'static,
@@ -582,6 +606,7 @@ where
         }
     };
     ex.run(async move {
+        spawn_park_guard();
         let arena = inspect_arena(&setup, outcome);
         if hugepages == HugepageMode::Require && arena.kind != MemoryKind::Hugetlb {
             let detail = match outcome {
@@ -774,5 +799,55 @@ fn inspect_arena<M>(setup: &ShardSetup<M>, outcome: ArenaOutcome) -> ArenaInfo {
         kind,
         registered: glommio_fixed,
         prefault,
+    }
+}
+
+#[cfg(test)]
+mod park_guard_tests {
+    use super::*;
+
+    /// Runs cross-thread wake-ups on an executor whose preemption timer fires almost at once
+    /// (so glommio's run loop often finds it fired before running anything), and says whether
+    /// all of them completed within `limit`.
+    fn cross_thread_wakes_complete(guard: bool, limit: Duration) -> bool {
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let ex = LocalExecutorBuilder::new(Placement::Unbound)
+                .preempt_timer(Duration::from_micros(20))
+                .spin_before_park(Duration::ZERO)
+                .make()
+                .unwrap();
+            ex.run(async move {
+                if guard {
+                    spawn_park_guard();
+                }
+                for _ in 0..200 {
+                    let (tx, rx) = flume::bounded::<()>(1);
+                    std::thread::spawn(move || tx.send(()).ok());
+                    let task = glommio::spawn_local(async move {
+                        rx.recv_async().await.ok();
+                        for _ in 0..3 {
+                            glommio::yield_if_needed().await;
+                        }
+                    });
+                    task.await;
+                }
+            });
+            done.send(()).ok();
+        });
+        // Without the guard the executor thread may sleep for good: it is left behind.
+        finished.recv_timeout(limit).is_ok()
+    }
+
+    #[test]
+    fn a_shard_never_sleeps_for_good_with_runnable_tasks() {
+        assert!(cross_thread_wakes_complete(true, Duration::from_secs(30)));
+    }
+
+    /// The hang the guard exists for, so the test above cannot pass for want of it: when this
+    /// starts failing, glommio fixed its run loop and the guard may go.
+    #[test]
+    fn without_the_guard_glommio_sleeps_with_runnable_tasks() {
+        assert!(!cross_thread_wakes_complete(false, Duration::from_secs(5)));
     }
 }

@@ -290,7 +290,10 @@ impl S3Target {
                     .io_memory(2 << 20)
                     .make()
                     .map_err(|e| S3StartError::ProbeExecutor(e.to_string()))?;
-                Ok(executor.run(async move { job(S3Store::new(target)).await }))
+                Ok(executor.run(async move {
+                    mount_vfs_executors::spawn_park_guard();
+                    job(S3Store::new(target)).await
+                }))
             })
             .map_err(S3StartError::ProbeThread)?
             .join()
