@@ -233,24 +233,74 @@ impl request::EmptyReply for Answer {
     }
 }
 
-/// `struct fuse_open_out`.
-fn open_out(fh: u64, flags: u32) -> Vec<u8> {
+/// `struct fuse_open_out` of an open answered `how`; `None` for passthrough, which this
+/// transport does not negotiate (see `session`), so the core never asks for it.
+fn open_out(fh: u64, how: Opened<'_>) -> Option<Vec<u8>> {
+    let flags = match how {
+        Opened::KeepCache => abi::FOPEN_KEEP_CACHE,
+        Opened::Uncached => 0,
+        Opened::Passthrough(_) => return None,
+    };
     let mut body = Vec::with_capacity(16);
     body.u64(fh).u32(flags).u32(0);
-    body
+    Some(body)
 }
 
 impl request::OpenReply for Answer {
-    /// Passthrough is not negotiated under the ring (see `session`), so the core never asks.
     fn backing_file(&self, _file: &File) -> std::io::Result<BackingFile> {
         Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
     }
 
     fn opened(mut self: Box<Self>, fh: u64, how: Opened<'_>) {
-        match how {
-            Opened::KeepCache => self.send(0, &[&open_out(fh, abi::FOPEN_KEEP_CACHE)]),
-            Opened::Uncached => self.send(0, &[&open_out(fh, 0)]),
-            Opened::Passthrough(_) => self.send(libc::EIO, &[]),
+        match open_out(fh, how) {
+            Some(body) => self.send(0, &[&body]),
+            None => self.send(libc::EIO, &[]),
+        }
+    }
+}
+
+impl request::WriteReply for Answer {
+    /// `struct fuse_write_out`.
+    fn written(mut self: Box<Self>, size: u32) {
+        let mut body = Vec::with_capacity(8);
+        body.u32(size).u32(0);
+        self.send(0, &[&body]);
+    }
+}
+
+/// A CREATE's answer once the node exists: `fuse_entry_out` of the new node, then (when the open
+/// is answered) `fuse_open_out`.
+struct Created {
+    answer: Answer,
+    entry: Vec<u8>,
+}
+
+impl Reply for Created {
+    fn error(mut self: Box<Self>, error: FsError) {
+        self.answer.send(error.errno(), &[]);
+    }
+}
+
+impl request::CreateReply for Answer {
+    fn created(self: Box<Self>, attributes: &Attributes) -> Box<dyn request::OpenReply> {
+        let mut entry = Vec::with_capacity(abi::ENTRY_OUT_SIZE);
+        put_entry(&mut entry, attributes);
+        Box::new(Created {
+            answer: *self,
+            entry,
+        })
+    }
+}
+
+impl request::OpenReply for Created {
+    fn backing_file(&self, file: &File) -> std::io::Result<BackingFile> {
+        self.answer.backing_file(file)
+    }
+
+    fn opened(mut self: Box<Self>, fh: u64, how: Opened<'_>) {
+        match open_out(fh, how) {
+            Some(open) => self.answer.send(0, &[&self.entry, &open]),
+            None => self.answer.send(libc::EIO, &[]),
         }
     }
 }
@@ -262,7 +312,9 @@ impl request::OpenDirReply for Answer {
         } else {
             0
         };
-        self.send(0, &[&open_out(fh, flags)]);
+        let mut body = Vec::with_capacity(16);
+        body.u64(fh).u32(flags).u32(0);
+        self.send(0, &[&body]);
     }
 }
 
