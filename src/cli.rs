@@ -227,9 +227,10 @@ pub struct MountArgs {
     #[arg(long, value_enum, default_value_t = HugepageMode::Auto, help_heading = "Performance")]
     pub hugepages: HugepageMode,
     /// How FUSE requests arrive: fuser on /dev/fuse (`dev`), FUSE over io_uring (`uring`: Linux
-    /// 6.14+ with /sys/module/fuse/parameters/enable_uring = Y, root, read-only mounts), or
-    /// `auto`: the ring when available, else /dev/fuse with one line saying why.
-    #[arg(long, value_enum, default_value_t = TransportChoice::Dev, help_heading = "Performance")]
+    /// 6.14+ with /sys/module/fuse/parameters/enable_uring = Y, root), or `auto`: the ring when
+    /// available, else /dev/fuse with one line saying why. The environment variable
+    /// MOUNT_VFS_TRANSPORT sets it when the flag is not given (the test suite runs under either).
+    #[arg(long, value_enum, env = "MOUNT_VFS_TRANSPORT", default_value_t = TransportChoice::Dev, help_heading = "Performance")]
     pub transport: TransportChoice,
 
     /// Local CAS directory holding Data/{hash}.xxh128 objects.

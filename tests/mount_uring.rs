@@ -1,18 +1,22 @@
 //! `--transport uring|auto`: a real mount served over FUSE over io_uring (Linux 6.14+,
 //! `CONFIG_FUSE_IO_URING`) reads exactly what the tree holds, its requests really come over the
-//! ring, it unmounts cleanly with reads in flight; and with the kernel's ring switched off,
+//! ring, it unmounts cleanly with reads in flight, a `--writable` one takes every kind of change
+//! over the ring; and with the kernel's ring switched off,
 //! `auto` falls back to `/dev/fuse` with one line saying how to switch it on, and `uring` fails
 //! with that line.
 //!
 //! The test sets `/sys/module/fuse/parameters/enable_uring` (root) and restores it, also when it
 //! fails. Everything that changes the parameter is in one test function, so nothing here runs
-//! concurrently with another setting of it; the other test files mount with the default
-//! transport (`dev`), which the parameter does not affect.
+//! concurrently with another setting of it; the other test files mount with the transport
+//! `MOUNT_VFS_TRANSPORT` names (scripts/test.sh runs them under both), and cargo runs test
+//! files one at a time.
 
 mod common;
 
 use std::fs;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStringExt;
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -105,6 +109,106 @@ fn check_content(dir: &Path, files: &[(&str, Vec<u8>)]) -> u64 {
         );
     }
     reads
+}
+
+/// Every change a `--writable` mount serves, checked through what the tree then shows.
+fn check_changes(dir: &Path, files: &[(&str, Vec<u8>)]) {
+    let written = pattern(9, 3 << 20);
+    let made = dir.join("out/made.bin");
+    fs::create_dir(dir.join("out")).unwrap();
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&made)
+        .unwrap();
+    let mut buf = AlignedBuf::new(1 << 20);
+    for (i, chunk) in written.chunks(1 << 20).enumerate() {
+        buf.as_mut().copy_from_slice(chunk);
+        assert_eq!(
+            file.write_at(buf.as_mut(), (i as u64) << 20).unwrap(),
+            1 << 20
+        );
+    }
+    file.sync_all().unwrap();
+    drop(file);
+    assert!(
+        read_direct(&made).unwrap() == written,
+        "O_DIRECT write, read back"
+    );
+    assert!(
+        read_all(&made).unwrap() == written,
+        "O_DIRECT write, buffered read"
+    );
+
+    // Buffered writes into a base file, merged with its base bytes.
+    let hello = dir.join(files[0].0);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&hello)
+        .unwrap()
+        .write_at(b"HELLO", 0)
+        .unwrap();
+    assert_eq!(fs::read(&hello).unwrap(), b"HELLO ring");
+
+    // Names: symlink, hard link, rename, unlink, rmdir, mkfifo.
+    std::os::unix::fs::symlink("made.bin", dir.join("out/link")).unwrap();
+    assert_eq!(
+        fs::read_link(dir.join("out/link")).unwrap(),
+        Path::new("made.bin")
+    );
+    fs::hard_link(&hello, dir.join("out/hello2")).unwrap();
+    assert_eq!(fs::metadata(&hello).unwrap().nlink(), 2);
+    fs::rename(dir.join("out/hello2"), dir.join("out/hello3")).unwrap();
+    fs::remove_file(dir.join("out/hello3")).unwrap();
+    fs::create_dir(dir.join("out/empty")).unwrap();
+    fs::remove_dir(dir.join("out/empty")).unwrap();
+    let fifo = std::ffi::CString::new(dir.join("out/fifo").into_os_string().into_vec()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    assert!(fs::metadata(dir.join("out/fifo"))
+        .unwrap()
+        .file_type()
+        .is_fifo());
+
+    // Attributes: chmod, truncate, fallocate, utimes; an xattr set and removed.
+    fs::set_permissions(&made, fs::Permissions::from_mode(0o640)).unwrap();
+    let file = fs::OpenOptions::new().write(true).open(&made).unwrap();
+    file.set_len(5).unwrap();
+    // SAFETY: a valid descriptor.
+    assert_eq!(unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, 8192) }, 0);
+    let when = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    file.set_modified(when).unwrap();
+    drop(file);
+    let meta = fs::metadata(&made).unwrap();
+    assert_eq!((meta.len(), meta.mode() & 0o7777), (8192, 0o640));
+    assert_eq!(meta.modified().unwrap(), when);
+    assert_eq!(
+        &fs::read(&made).unwrap()[..8],
+        &[written[0], written[1], written[2], written[3], written[4], 0, 0, 0]
+    );
+    let path = std::ffi::CString::new(made.into_os_string().into_vec()).unwrap();
+    // SAFETY: valid C strings and a live buffer of the given length.
+    unsafe {
+        assert_eq!(
+            libc::setxattr(
+                path.as_ptr(),
+                c"user.k".as_ptr(),
+                b"v".as_ptr().cast(),
+                1,
+                0
+            ),
+            0
+        );
+        assert_eq!(libc::removexattr(path.as_ptr(), c"user.k".as_ptr()), 0);
+    }
+
+    let mut out: Vec<String> = fs::read_dir(dir.join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    out.sort();
+    assert_eq!(out, ["fifo", "link", "made.bin"]);
 }
 
 /// The count in the session's last line, "N requests served over the ring, M over /dev/fuse".
@@ -205,6 +309,37 @@ fn uring_transport_serves_and_auto_falls_back() {
         let stderr = mount.stderr();
         assert!(status.is_some_and(|s| s.success()), "{status:?}\n{stderr}");
         assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(!common::is_mounted(&dir));
+
+        // A --writable mount: every kind of change comes over the ring, 1 MiB O_DIRECT writes
+        // (the largest WRITE, a whole ring payload) included.
+        let cache = tmp.path().join("cache");
+        let cache_arg = cache.to_str().unwrap();
+        let extra = [
+            "--transport",
+            "uring",
+            "--writable",
+            "--cache-dir",
+            cache_arg,
+        ];
+        let mut mount = Mount::start(
+            &manifest,
+            &cas,
+            &dir,
+            MountOptions {
+                shards: 2,
+                extra: &extra,
+            },
+        );
+        check_changes(&dir, &files);
+        let status = mount.stop();
+        let stderr = mount.stderr();
+        assert!(status.is_some_and(|s| s.success()), "{status:?}\n{stderr}");
+        let (ring, dev) = ring_counts(&stderr).unwrap_or_else(|| panic!("no counts:\n{stderr}"));
+        assert!(
+            ring >= 40 && dev < ring / 10,
+            "{ring} requests over the ring, {dev} over /dev/fuse"
+        );
         assert!(!common::is_mounted(&dir));
     }
 

@@ -16,7 +16,7 @@ use crate::fs::Dispatcher;
 pub enum TransportChoice {
     /// FUSE over io_uring when the kernel offers it, else /dev/fuse (with one line saying why).
     Auto,
-    /// FUSE over io_uring (Linux 6.14+, enable_uring=Y, root, read-only mounts); fail otherwise.
+    /// FUSE over io_uring (Linux 6.14+, enable_uring=Y, root); fail otherwise.
     Uring,
     /// fuser's read/writev on /dev/fuse.
     Dev,

@@ -17,6 +17,12 @@ use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mount_vfs");
 
+/// Whether this run's mounts are served over FUSE over io_uring: `MOUNT_VFS_TRANSPORT=uring`,
+/// as scripts/test.sh's second pass sets it for every mount that names no `--transport`.
+pub fn over_ring() -> bool {
+    std::env::var("MOUNT_VFS_TRANSPORT").is_ok_and(|t| t == "uring")
+}
+
 /// Deterministic pseudo-random bytes (xorshift), so big files need no fixtures on disk.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;

@@ -85,6 +85,7 @@ pub fn errno_name(errno: i32) -> String {
         libc::EOPNOTSUPP => "EOPNOTSUPP",
         libc::ECONNABORTED => "ECONNABORTED",
         libc::ENOTCONN => "ENOTCONN",
+        libc::ECANCELED => "ECANCELED",
         libc::EDQUOT => "EDQUOT",
         _ => return format!("errno {errno}"),
     };

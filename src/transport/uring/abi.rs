@@ -6,24 +6,40 @@
 pub const LOOKUP: u32 = 1;
 pub const FORGET: u32 = 2;
 pub const GETATTR: u32 = 3;
+pub const SETATTR: u32 = 4;
 pub const READLINK: u32 = 5;
+pub const SYMLINK: u32 = 6;
+pub const MKNOD: u32 = 8;
+pub const MKDIR: u32 = 9;
+pub const UNLINK: u32 = 10;
+pub const RMDIR: u32 = 11;
+pub const RENAME: u32 = 12;
+pub const LINK: u32 = 13;
 pub const OPEN: u32 = 14;
 pub const READ: u32 = 15;
+pub const WRITE: u32 = 16;
 pub const STATFS: u32 = 17;
 pub const RELEASE: u32 = 18;
+pub const FSYNC: u32 = 20;
+pub const SETXATTR: u32 = 21;
 pub const GETXATTR: u32 = 22;
 pub const LISTXATTR: u32 = 23;
+pub const REMOVEXATTR: u32 = 24;
 pub const FLUSH: u32 = 25;
 pub const INIT: u32 = 26;
 pub const OPENDIR: u32 = 27;
 pub const READDIR: u32 = 28;
 pub const RELEASEDIR: u32 = 29;
+pub const FSYNCDIR: u32 = 30;
 pub const ACCESS: u32 = 34;
+pub const CREATE: u32 = 35;
 pub const INTERRUPT: u32 = 36;
 pub const DESTROY: u32 = 38;
 pub const IOCTL: u32 = 39;
 pub const BATCH_FORGET: u32 = 42;
+pub const FALLOCATE: u32 = 43;
 pub const READDIRPLUS: u32 = 44;
+pub const RENAME2: u32 = 45;
 
 /// `struct fuse_in_header`.
 pub const IN_HEADER: usize = 40;
@@ -39,6 +55,16 @@ pub const FUSE_MAX_PAGES: u64 = 1 << 22;
 pub const FUSE_INIT_EXT: u64 = 1 << 30;
 pub const FUSE_PASSTHROUGH: u64 = 1 << 37;
 pub const FUSE_OVER_IO_URING: u64 = 1 << 41;
+
+/// `fuse_setattr_in.valid` bits.
+pub const FATTR_MODE: u32 = 1;
+pub const FATTR_UID: u32 = 1 << 1;
+pub const FATTR_GID: u32 = 1 << 2;
+pub const FATTR_SIZE: u32 = 1 << 3;
+pub const FATTR_ATIME: u32 = 1 << 4;
+pub const FATTR_MTIME: u32 = 1 << 5;
+pub const FATTR_ATIME_NOW: u32 = 1 << 7;
+pub const FATTR_MTIME_NOW: u32 = 1 << 8;
 
 pub const FOPEN_DIRECT_IO: u32 = 1;
 pub const FOPEN_KEEP_CACHE: u32 = 1 << 1;
@@ -93,6 +119,9 @@ pub struct InHeader {
     pub opcode: u32,
     pub unique: u64,
     pub nodeid: u64,
+    /// The calling process's fs uid and gid: the owner of what it creates.
+    pub uid: u32,
+    pub gid: u32,
 }
 
 pub fn in_header(b: &[u8]) -> InHeader {
@@ -100,6 +129,8 @@ pub fn in_header(b: &[u8]) -> InHeader {
         opcode: u32_at(b, 4),
         unique: u64_at(b, 8),
         nodeid: u64_at(b, 16),
+        uid: u32_at(b, 24),
+        gid: u32_at(b, 28),
     }
 }
 
@@ -113,7 +144,7 @@ pub fn out_header(body_len: usize, error: i32, unique: u64) -> [u8; OUT_HEADER] 
 
 /// The size of the fixed argument struct that comes first in a request of `opcode` (what the
 /// ring hands over in `op_in`; over `/dev/fuse` it precedes the payload). 0 for requests whose
-/// arguments are only a name, or nothing.
+/// arguments are only names (SYMLINK, UNLINK, RMDIR, REMOVEXATTR), or nothing.
 pub fn op_in_size(opcode: u32) -> usize {
     match opcode {
         FORGET | INTERRUPT | BATCH_FORGET => 8,
@@ -121,6 +152,25 @@ pub fn op_in_size(opcode: u32) -> usize {
         OPEN | OPENDIR | ACCESS | GETXATTR | LISTXATTR => 8,
         READ | READDIR | READDIRPLUS => 40,
         RELEASE | RELEASEDIR | FLUSH => 24,
+        // fuse_setattr_in
+        SETATTR => 88,
+        // fuse_mknod_in {mode, rdev, umask, padding}; fuse_mkdir_in {mode, umask}
+        MKNOD => 16,
+        MKDIR => 8,
+        // fuse_create_in {flags, mode, umask, open_flags}
+        CREATE => 16,
+        // fuse_rename_in {newdir}; fuse_rename2_in {newdir, flags, padding}; fuse_link_in
+        // {oldnodeid}
+        RENAME | LINK => 8,
+        RENAME2 => 16,
+        // fuse_write_in {fh, offset, size, write_flags, lock_owner, flags, padding}
+        WRITE => 40,
+        // fuse_fsync_in {fh, fsync_flags, padding}
+        FSYNC | FSYNCDIR => 16,
+        // fuse_fallocate_in {fh, offset, length, mode, padding}
+        FALLOCATE => 32,
+        // fuse_setxattr_in without FUSE_SETXATTR_EXT (not negotiated): {size, flags}
+        SETXATTR => 8,
         _ => 0,
     }
 }

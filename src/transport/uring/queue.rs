@@ -235,7 +235,14 @@ pub(super) fn serve(
             }
             in_kernel -= 1;
             if result < 0 {
-                closing = true; // ENOTCONN / ECANCELED: the connection is gone.
+                // ENOTCONN / ECANCELED: the connection is gone. Any other error ends this queue
+                // too, and the request the entry answered never completes: say so, or a hung
+                // request leaves no trace.
+                if ![libc::ENOTCONN, libc::ECANCELED].contains(&-result) {
+                    let error = std::io::Error::from_raw_os_error(-result);
+                    tracing::warn!(qid, "FUSE ring entry {tag} failed: {error}; queue closing");
+                }
+                closing = true;
                 continue;
             }
             counts.ring.fetch_add(1, Ordering::Relaxed);

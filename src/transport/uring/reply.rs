@@ -234,10 +234,23 @@ impl request::EmptyReply for Answer {
 }
 
 /// `struct fuse_open_out`.
-fn open_out(fh: u64, flags: u32, backing_id: u32) -> Vec<u8> {
+fn open_body(fh: u64, flags: u32, backing_id: u32) -> Vec<u8> {
     let mut body = Vec::with_capacity(16);
     body.u64(fh).u32(flags).u32(backing_id);
     body
+}
+
+/// The `fuse_open_out` of an open answered `how`; `None` for a backing file this transport did
+/// not make.
+fn open_out(fh: u64, how: Opened<'_>) -> Option<Vec<u8>> {
+    Some(match how {
+        Opened::KeepCache => open_body(fh, abi::FOPEN_KEEP_CACHE, 0),
+        Opened::Uncached => open_body(fh, 0, 0),
+        Opened::Passthrough(backing) => {
+            let id = backing.0.downcast_ref::<BackingId>()?.id;
+            open_body(fh, abi::FOPEN_PASSTHROUGH, id)
+        }
+    })
 }
 
 /// A file registered with the kernel as a passthrough backing file (`FUSE_DEV_IOC_BACKING_OPEN`
@@ -305,14 +318,55 @@ impl request::OpenReply for Answer {
     }
 
     fn opened(mut self: Box<Self>, fh: u64, how: Opened<'_>) {
-        match how {
-            Opened::KeepCache => self.send(0, &[&open_out(fh, abi::FOPEN_KEEP_CACHE, 0)]),
-            Opened::Uncached => self.send(0, &[&open_out(fh, 0, 0)]),
-            Opened::Passthrough(backing) => match backing.0.downcast_ref::<BackingId>() {
-                Some(b) => self.send(0, &[&open_out(fh, abi::FOPEN_PASSTHROUGH, b.id)]),
-                // Only this transport makes backing files for its replies.
-                None => self.send(libc::EIO, &[]),
-            },
+        match open_out(fh, how) {
+            Some(body) => self.send(0, &[&body]),
+            None => self.send(libc::EIO, &[]),
+        }
+    }
+}
+
+impl request::WriteReply for Answer {
+    /// `struct fuse_write_out`.
+    fn written(mut self: Box<Self>, size: u32) {
+        let mut body = Vec::with_capacity(8);
+        body.u32(size).u32(0);
+        self.send(0, &[&body]);
+    }
+}
+
+/// A CREATE's answer once the node exists: `fuse_entry_out` of the new node, then (when the open
+/// is answered) `fuse_open_out`.
+struct Created {
+    answer: Answer,
+    entry: Vec<u8>,
+}
+
+impl Reply for Created {
+    fn error(mut self: Box<Self>, error: FsError) {
+        self.answer.send(error.errno(), &[]);
+    }
+}
+
+impl request::CreateReply for Answer {
+    fn created(self: Box<Self>, attributes: &Attributes) -> Box<dyn request::OpenReply> {
+        let mut entry = Vec::with_capacity(abi::ENTRY_OUT_SIZE);
+        put_entry(&mut entry, attributes);
+        Box::new(Created {
+            answer: *self,
+            entry,
+        })
+    }
+}
+
+impl request::OpenReply for Created {
+    fn backing_file(&self, file: &File) -> std::io::Result<BackingFile> {
+        self.answer.backing_file(file)
+    }
+
+    fn opened(mut self: Box<Self>, fh: u64, how: Opened<'_>) {
+        match open_out(fh, how) {
+            Some(open) => self.answer.send(0, &[&self.entry, &open]),
+            None => self.answer.send(libc::EIO, &[]),
         }
     }
 }
@@ -324,7 +378,7 @@ impl request::OpenDirReply for Answer {
         } else {
             0
         };
-        self.send(0, &[&open_out(fh, flags, 0)]);
+        self.send(0, &[&open_body(fh, flags, 0)]);
     }
 }
 

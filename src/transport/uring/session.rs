@@ -20,8 +20,14 @@ use crate::transport::SessionOptions;
 /// The module parameter that lets the kernel offer FUSE over io_uring (read at INIT).
 pub const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 
-/// Largest WRITE and READ the kernel sends; a ring entry's payload buffer holds one.
+/// Largest WRITE and READ the kernel sends (INIT's `max_write`, and `max_pages` of 4 KiB).
 const MAX_IO: u32 = 1 << 20;
+
+/// A ring entry's payload buffer. The kernel refuses to register one smaller than the largest
+/// payload the INIT answer allows (`max_write`, `max_pages` pages, at least 8 KiB), and sizes
+/// every request by those: a WRITE's data is its whole payload (`fuse_write_in` comes in
+/// `op_in`), a READ's answer at most `max_pages` pages.
+const RING_PAYLOAD: usize = MAX_IO as usize;
 
 /// Highest protocol minor whose structures `abi` and `reply` write.
 const MINOR: u32 = 45;
@@ -42,13 +48,7 @@ pub enum UringError {
 
 /// Whether this kernel and this process can serve a ring: `Err` says why not (and how to
 /// change it) without touching anything.
-pub fn available(options: &SessionOptions) -> Result<(), UringError> {
-    if options.writable {
-        return Err(UringError::Unavailable(
-            "FUSE over io_uring serves read-only mounts so far (--writable needs --transport dev)"
-                .into(),
-        ));
-    }
+pub fn available() -> Result<(), UringError> {
     // SAFETY: geteuid cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         return Err(UringError::Unavailable(
@@ -82,7 +82,7 @@ pub fn start(
     mountpoint: &Path,
     options: &SessionOptions,
 ) -> Result<UringSession, (UringError, Option<Box<Dispatcher>>)> {
-    if let Err(e) = available(options) {
+    if let Err(e) = available() {
         return Err((e, Some(Box::new(dispatcher))));
     }
     let fd = match mount(mountpoint, options) {
@@ -106,8 +106,14 @@ pub fn start(
             .name(format!("mount_vfs-ring{cpu}"))
             .spawn(move || {
                 pin(cpu);
-                let payload = MAX_IO as usize + 4096;
-                queue::serve(session, cpu as u16, payload, &dispatcher, &counts, ready);
+                queue::serve(
+                    session,
+                    cpu as u16,
+                    RING_PAYLOAD,
+                    &dispatcher,
+                    &counts,
+                    ready,
+                );
             });
         let result = match spawned {
             Ok(handle) => {
