@@ -38,8 +38,8 @@ if [ -e "$enable_uring" ]; then
     [ "$test" = mount_uring ] || uring_tests+=(--test "$test")
   done
   uring_start=$SECONDS
-  # The pass takes about 4 minutes on 2 cores; a request the ring never answers (seen, rarely,
-  # on writable mounts) fails it at 10 minutes instead of stalling CI.
+  # The pass takes about 4 minutes on 2 cores; should a mount ever hang, the pass fails at 10
+  # minutes instead of stalling CI.
   MOUNT_VFS_TRANSPORT=uring timeout 600 \
     cargo test --locked "${uring_tests[@]}" -- --test-threads=2
   echo "uring pass: $((SECONDS - uring_start)) s"
