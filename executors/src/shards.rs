@@ -565,8 +565,9 @@ pub const PARK_GUARD_TICK: Duration = Duration::from_millis(20);
 /// descheduled for longer than the timer (100 ms) between installing it and running its queues,
 /// which happens on a loaded node. Parked like that with runnable tasks and no I/O or timer
 /// pending, the shard sleeps until some other thread happens to wake it; a FUSE request waiting
-/// on it hangs until then (seen as a 60 s stall in tests/writable_model.rs under load, and in
-/// `executors::shards` tests with a 20 µs preemption timer). Fixed upstream in glommio/glommio#53,
+/// on it hangs until then (seen as 60 s stalls of tests/writable_model.rs on a loaded machine;
+/// reproduced with a 20 µs preemption timer, where cross-thread wake-ups hang at the first one
+/// without the guard and 2000 complete in 0.3 s with it). Fixed upstream in glommio/glommio#53,
 /// not in a release; with a timer pending the park ends within a tick and the loop runs the
 /// queues. Cost: one timer wake-up per tick on an idle shard.
 pub fn spawn_park_guard() {
@@ -806,14 +807,22 @@ fn inspect_arena<M>(setup: &ShardSetup<M>, outcome: ArenaOutcome) -> ArenaInfo {
 mod park_guard_tests {
     use super::*;
 
-    /// Runs cross-thread wake-ups on an executor whose preemption timer fires almost at once
-    /// (so glommio's run loop often finds it fired before running anything), and says whether
-    /// all of them completed within `limit`.
-    fn cross_thread_wakes_complete(guard: bool, limit: Duration) -> bool {
-        let (done, finished) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+    fn voluntary_switches(tid: i32) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("voluntary_ctxt_switches:"))
+            .unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// How often an executor thread that waits for a message from another thread (as an idle
+    /// shard does) wakes in 300 ms: each wake-up is one voluntary context switch.
+    fn wakeups_while_idle(guard: bool) -> u64 {
+        let (message, mailbox) = flume::bounded::<()>(1);
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let executor = std::thread::spawn(move || {
             let ex = LocalExecutorBuilder::new(Placement::Unbound)
-                .preempt_timer(Duration::from_micros(20))
                 .spin_before_park(Duration::ZERO)
                 .make()
                 .unwrap();
@@ -821,33 +830,36 @@ mod park_guard_tests {
                 if guard {
                     spawn_park_guard();
                 }
-                for _ in 0..200 {
-                    let (tx, rx) = flume::bounded::<()>(1);
-                    std::thread::spawn(move || tx.send(()).ok());
-                    let task = glommio::spawn_local(async move {
-                        rx.recv_async().await.ok();
-                        for _ in 0..3 {
-                            glommio::yield_if_needed().await;
-                        }
-                    });
-                    task.await;
-                }
+                // SAFETY: gettid has no preconditions.
+                tid_tx.send(unsafe { libc::gettid() }).unwrap();
+                mailbox.recv_async().await.ok();
             });
-            done.send(()).ok();
         });
-        // Without the guard the executor thread may sleep for good: it is left behind.
-        finished.recv_timeout(limit).is_ok()
+        let tid = tid_rx.recv().unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        let before = voluntary_switches(tid);
+        std::thread::sleep(Duration::from_millis(300));
+        let after = voluntary_switches(tid);
+        message.send(()).unwrap();
+        executor.join().unwrap();
+        after - before
     }
 
+    /// glommio 0.9 can park with runnable tasks (see [`spawn_park_guard`]); the guard bounds
+    /// such a park by waking the shard every tick. Without it an idle executor sleeps until
+    /// another thread wakes it, which is what made a lost wake-up a hang.
     #[test]
-    fn a_shard_never_sleeps_for_good_with_runnable_tasks() {
-        assert!(cross_thread_wakes_complete(true, Duration::from_secs(30)));
-    }
-
-    /// The hang the guard exists for, so the test above cannot pass for want of it: when this
-    /// starts failing, glommio fixed its run loop and the guard may go.
-    #[test]
-    fn without_the_guard_glommio_sleeps_with_runnable_tasks() {
-        assert!(!cross_thread_wakes_complete(false, Duration::from_secs(5)));
+    fn the_park_guard_wakes_an_idle_shard_every_tick() {
+        let guarded = wakeups_while_idle(true);
+        let expected = (300 / PARK_GUARD_TICK.as_millis()) as u64;
+        assert!(
+            guarded >= expected / 2,
+            "{guarded} wake-ups in 300 ms, expected about {expected}"
+        );
+        let unguarded = wakeups_while_idle(false);
+        assert!(
+            unguarded <= 2,
+            "{unguarded} wake-ups in 300 ms without the guard"
+        );
     }
 }
