@@ -222,6 +222,31 @@ fn ring_counts(stderr: &str) -> Option<(u64, u64)> {
     Some((ring, dev))
 }
 
+/// Mounts `manifest` from `cas` on `dir` with two shards and the `extra` flags.
+fn mount_with(manifest: &Path, cas: &Path, dir: &Path, extra: &[&str]) -> Mount {
+    Mount::start(manifest, cas, dir, MountOptions { shards: 2, extra })
+}
+
+/// Stops `mount`, checks that it exited cleanly, and returns its log.
+fn stop_cleanly(mut mount: Mount) -> String {
+    let status = mount.stop();
+    let stderr = mount.stderr();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{stderr}");
+    stderr
+}
+
+/// Stops `mount` (see [`stop_cleanly`]) and checks that the ring carried at least `at_least`
+/// requests and `/dev/fuse` less than a tenth as many.
+fn stop_and_check_ring(mount: Mount, at_least: u64) -> String {
+    let stderr = stop_cleanly(mount);
+    let (ring, dev) = ring_counts(&stderr).unwrap_or_else(|| panic!("no counts:\n{stderr}"));
+    assert!(
+        ring >= at_least && dev < ring / 10,
+        "{ring} requests over the ring, {dev} over /dev/fuse"
+    );
+    stderr
+}
+
 #[test]
 fn uring_transport_serves_and_auto_falls_back() {
     if fs::metadata(ENABLE_URING).is_err() {
@@ -238,15 +263,7 @@ fn uring_transport_serves_and_auto_falls_back() {
     {
         let _on = UringParameter::set("Y");
         let transport = ["--transport", "uring"];
-        let mut mount = Mount::start(
-            &manifest,
-            &cas,
-            &dir,
-            MountOptions {
-                shards: 2,
-                extra: &transport,
-            },
-        );
+        let mount = mount_with(&manifest, &cas, &dir, &transport);
         let random_reads = check_content(&dir, &files);
         let link = fs::read_link(dir.join("hello.txt"));
         assert!(link.is_err(), "a file is no symlink");
@@ -257,27 +274,12 @@ fn uring_transport_serves_and_auto_falls_back() {
             .output()
             .unwrap();
         assert!(stats.status.success(), "{stats:?}");
-        let status = mount.stop();
-        let stderr = mount.stderr();
-        assert!(status.is_some_and(|s| s.success()), "{status:?}\n{stderr}");
-        let (ring, dev) = ring_counts(&stderr).unwrap_or_else(|| panic!("no counts:\n{stderr}"));
-        assert!(
-            ring >= random_reads && dev < ring / 10,
-            "{ring} requests over the ring, {dev} over /dev/fuse"
-        );
+        stop_and_check_ring(mount, random_reads);
         assert!(!common::is_mounted(&dir));
 
         // Unmount with reads in flight: the process exits cleanly, the readers get errors.
         let extra = ["--transport", "uring", "--stop-grace", "1"];
-        let mut mount = Mount::start(
-            &manifest,
-            &cas,
-            &dir,
-            MountOptions {
-                shards: 2,
-                extra: &extra,
-            },
-        );
+        let mut mount = mount_with(&manifest, &cas, &dir, &extra);
         let stop = Arc::new(AtomicBool::new(false));
         let readers: Vec<_> = (0..4)
             .map(|i| {
@@ -322,24 +324,9 @@ fn uring_transport_serves_and_auto_falls_back() {
             "--cache-dir",
             cache_arg,
         ];
-        let mut mount = Mount::start(
-            &manifest,
-            &cas,
-            &dir,
-            MountOptions {
-                shards: 2,
-                extra: &extra,
-            },
-        );
+        let mount = mount_with(&manifest, &cas, &dir, &extra);
         check_changes(&dir, &files);
-        let status = mount.stop();
-        let stderr = mount.stderr();
-        assert!(status.is_some_and(|s| s.success()), "{status:?}\n{stderr}");
-        let (ring, dev) = ring_counts(&stderr).unwrap_or_else(|| panic!("no counts:\n{stderr}"));
-        assert!(
-            ring >= 40 && dev < ring / 10,
-            "{ring} requests over the ring, {dev} over /dev/fuse"
-        );
+        stop_and_check_ring(mount, 40);
         assert!(!common::is_mounted(&dir));
     }
 
@@ -358,19 +345,9 @@ fn uring_transport_serves_and_auto_falls_back() {
 
     // `auto` falls back to /dev/fuse with one line, and serves the same bytes.
     let transport = ["--transport", "auto"];
-    let mut mount = Mount::start(
-        &manifest,
-        &cas,
-        &dir,
-        MountOptions {
-            shards: 2,
-            extra: &transport,
-        },
-    );
+    let mount = mount_with(&manifest, &cas, &dir, &transport);
     check_content(&dir, &files);
-    let status = mount.stop();
-    let stderr = mount.stderr();
-    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{stderr}");
+    let stderr = stop_cleanly(mount);
     assert_eq!(stderr.matches(HOW_TO_ENABLE).count(), 1, "{stderr}");
     assert!(ring_counts(&stderr).is_none(), "{stderr}");
 }
@@ -400,15 +377,7 @@ fn uring_transport_passes_cached_files_through() {
         cache.to_str().unwrap(),
         "--stats",
     ];
-    let mut mount = Mount::start(
-        &manifest,
-        &cas,
-        &dir,
-        MountOptions {
-            shards: 2,
-            extra: &extra,
-        },
-    );
+    let mut mount = mount_with(&manifest, &cas, &dir, &extra);
     let (name, bytes) = &files[2];
     // The first open verifies the object into the cache; later buffered opens pass through.
     for _ in 0..3 {
