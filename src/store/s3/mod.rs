@@ -337,6 +337,20 @@ enum Outcome<T, E> {
     Fail(E),
 }
 
+impl<T> Outcome<T, StoreError> {
+    /// What an answer that is not the awaited success means: a failed response is retried or
+    /// fails as [`classify_failure`] says; a transport error is retried.
+    fn unexpected(response: Result<Response, HttpError>, location: &std::path::Path) -> Self {
+        match response {
+            Ok(r) => match classify_failure(&r, location) {
+                Ok((cause, why)) => Outcome::Retry(cause, why),
+                Err(e) => Outcome::Fail(e),
+            },
+            Err(e) => Outcome::Retry(e.retry_cause(), e.to_string()),
+        }
+    }
+}
+
 impl ObjectStore for S3Store {
     fn read<'a>(
         &'a self,
@@ -505,11 +519,7 @@ impl S3Store {
             None,
             |response| match response {
                 Ok(r) if (200..300).contains(&r.head.status) => Outcome::Done(()),
-                Ok(r) => match classify_failure(&r, &location) {
-                    Ok((cause, why)) => Outcome::Retry(cause, why),
-                    Err(e) => Outcome::Fail(e),
-                },
-                Err(e) => Outcome::Retry(e.retry_cause(), e.to_string()),
+                other => Outcome::unexpected(other, &location),
             },
         )
         .await
@@ -554,11 +564,7 @@ impl S3Store {
                         }
                     }
                     Ok(r) if (200..300).contains(&r.head.status) => Outcome::Done(r.body),
-                    Ok(r) => match classify_failure(&r, &location) {
-                        Ok((cause, why)) => Outcome::Retry(cause, why),
-                        Err(e) => Outcome::Fail(e),
-                    },
-                    Err(e) => Outcome::Retry(e.retry_cause(), e.to_string()),
+                    other => Outcome::unexpected(other, &location),
                 },
             )
             .await
@@ -600,11 +606,7 @@ impl S3Store {
                         actual: r.head.content_length.unwrap_or(0),
                     })
                 }
-                Ok(r) => match classify_failure(&r, &location) {
-                    Ok((cause, why)) => Outcome::Retry(cause, why),
-                    Err(e) => Outcome::Fail(e),
-                },
-                Err(e) => Outcome::Retry(e.retry_cause(), e.to_string()),
+                other => Outcome::unexpected(other, &location),
             },
         )
         .await
@@ -837,11 +839,7 @@ impl S3Store {
                     |response| match response {
                         Ok(r) if (200..300).contains(&r.head.status) => Outcome::Done(true),
                         Ok(r) if r.head.status == 404 => Outcome::Done(false),
-                        Ok(r) => match classify_failure(&r, &location) {
-                            Ok((cause, why)) => Outcome::Retry(cause, why),
-                            Err(e) => Outcome::Fail(e),
-                        },
-                        Err(e) => Outcome::Retry(e.retry_cause(), e.to_string()),
+                        other => Outcome::unexpected(other, &location),
                     },
                 )
                 .await;
