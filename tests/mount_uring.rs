@@ -247,18 +247,53 @@ fn stop_and_check_ring(mount: Mount, at_least: u64) -> String {
     stderr
 }
 
+/// What each test here starts from: the job's files in a CAS, a mountpoint, and the machine's
+/// `enable_uring` to itself. `None` (logged) on a kernel without FUSE over io_uring.
+struct Fixture {
+    _serial: std::sync::MutexGuard<'static, ()>,
+    tmp: tempfile::TempDir,
+    files: Vec<(&'static str, Vec<u8>)>,
+    manifest: std::path::PathBuf,
+    cas: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Option<Fixture> {
+        if fs::metadata(ENABLE_URING).is_err() {
+            eprintln!("skipped: this kernel has no {ENABLE_URING} (CONFIG_FUSE_IO_URING)");
+            return None;
+        }
+        let _serial = PARAMETER_USERS.lock().unwrap_or_else(|e| e.into_inner());
+        let tmp = tempfile::tempdir().unwrap();
+        let files = files();
+        let borrowed: Vec<(&str, &[u8])> = files.iter().map(|(p, b)| (*p, b.as_slice())).collect();
+        let (manifest, cas) = job(tmp.path(), &borrowed, "2023-03-03");
+        let dir = tmp.path().join("mnt");
+        Some(Fixture {
+            _serial,
+            tmp,
+            files,
+            manifest,
+            cas,
+            dir,
+        })
+    }
+}
+
 #[test]
 fn uring_transport_serves_and_auto_falls_back() {
-    if fs::metadata(ENABLE_URING).is_err() {
-        eprintln!("skipped: this kernel has no {ENABLE_URING} (CONFIG_FUSE_IO_URING)");
+    let Some(Fixture {
+        _serial,
+        tmp,
+        files,
+        manifest,
+        cas,
+        dir,
+    }) = Fixture::new()
+    else {
         return;
-    }
-    let _serial = PARAMETER_USERS.lock().unwrap_or_else(|e| e.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
-    let files = files();
-    let borrowed: Vec<(&str, &[u8])> = files.iter().map(|(p, b)| (*p, b.as_slice())).collect();
-    let (manifest, cas) = job(tmp.path(), &borrowed, "2023-03-03");
-    let dir = tmp.path().join("mnt");
+    };
 
     {
         let _on = UringParameter::set("Y");
@@ -358,16 +393,17 @@ fn uring_transport_serves_and_auto_falls_back() {
 /// the daemon; the bytes are the file's.
 #[test]
 fn uring_transport_passes_cached_files_through() {
-    if fs::metadata(ENABLE_URING).is_err() {
-        eprintln!("skipped: this kernel has no {ENABLE_URING} (CONFIG_FUSE_IO_URING)");
+    let Some(Fixture {
+        _serial,
+        tmp,
+        files,
+        manifest,
+        cas,
+        dir,
+    }) = Fixture::new()
+    else {
         return;
-    }
-    let _serial = PARAMETER_USERS.lock().unwrap_or_else(|e| e.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
-    let files = files();
-    let borrowed: Vec<(&str, &[u8])> = files.iter().map(|(p, b)| (*p, b.as_slice())).collect();
-    let (manifest, cas) = job(tmp.path(), &borrowed, "2023-03-03");
-    let dir = tmp.path().join("mnt");
+    };
     let cache = tmp.path().join("cache");
     let _on = UringParameter::set("Y");
     let extra = [
