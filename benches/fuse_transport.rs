@@ -8,8 +8,10 @@
 //! opened with `FOPEN_DIRECT_IO` so every read reaches the server, and attributes valid for 0 s
 //! so every `stat` does too. Server: one thread per CPU, pinned; over `/dev/fuse` each has its
 //! own cloned fd, over io_uring each has its own ring serving its CPU's queue. Clients: `stat`
-//! of the root, 4 KiB reads at random offsets, 1 MiB reads, by 1 and by `CPUS` threads; every
-//! read's bytes are checked. Reported: requests per second and p50/p99 latency per call.
+//! of the root, 4 KiB reads at random offsets (also by one reader pinned to the CPU of the
+//! shard that owns the file), 1 MiB reads (O_DIRECT, and buffered in order), by 1 and by `CPUS`
+//! threads; every read's bytes are checked. Reported: requests per second and p50/p99 latency
+//! per call.
 //!
 //! Needs root and `/dev/fuse`; the io_uring rows need a kernel built with
 //! `CONFIG_FUSE_IO_URING`. The bench sets `/sys/module/fuse/parameters/enable_uring` for its
@@ -18,15 +20,19 @@
 //! workload as `fuse_transport_{stat,read4k,read1m}.{json,svg}`, see `common/chart.rs`).
 //!
 //! In the same runs, mount_vfs itself serves the same file (a local CAS, `--transport dev` and
-//! `--transport uring`), warm: the file is read through once after mounting, so every block is
-//! in the shards' pools and each row measures the request path, not the store. All clients read
-//! with `O_DIRECT` so that every read reaches the server (the do-nothing server also sets
-//! `FOPEN_DIRECT_IO`; mount_vfs lets the kernel cache pages otherwise). `BENCH_VFS=0` leaves the
+//! `--transport uring`, one shard per CPU), warm: the file is read through once after mounting,
+//! so every block is in the shards' pools and each row measures the request path, not the
+//! store. Over io_uring a request arrives on the shard of the reader's CPU; the share that then
+//! crossed to the file's owner shard is printed from mount_vfs's log. Clients read with
+//! `O_DIRECT` so that every read reaches the server (the do-nothing server also sets
+//! `FOPEN_DIRECT_IO`; mount_vfs lets the kernel cache pages otherwise), except the buffered
+//! rows, which evict the file's pages at the start of each pass. `BENCH_VFS=0` leaves the
 //! mount_vfs rows out.
 
 use std::ffi::CString;
 use std::fs;
 use std::os::fd::RawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -173,7 +179,11 @@ impl VfsFixture {
             .arg(mnt)
             .arg("--cas")
             .arg(&self.cas)
-            .args(["--transport", transport.flag(), "--memory-limit", "1G"]);
+            .args(["--transport", transport.flag(), "--memory-limit", "1G"])
+            // One shard per CPU, as mount_vfs picks for any job of at least that many files
+            // (this manifest has one file, which alone would get one shard): every ring queue
+            // is then served on its own CPU.
+            .args(["--shards", &possible_cpus().to_string()]);
         let daemon = Daemon::start(command, mnt, &mnt.with_extension("log"))
             .unwrap_or_else(|e| panic!("mount_vfs --transport {}: {e}", transport.flag()));
         let read = fs::read(mnt.join("f")).expect("warm-up read through mount_vfs");
@@ -491,11 +501,19 @@ impl Drop for UringParameter {
     }
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Workload {
     Stat,
     Read4K,
+    /// 4 KiB reads by one reader pinned to the CPU of the shard that owns `f` (mount_vfs pins
+    /// shard `i` to CPU `i` on one NUMA node): over io_uring its requests arrive on the owner
+    /// itself, so none crosses shards. The do-nothing server serves every CPU alike.
+    Read4KOwnerCpu,
     Read1M,
+    /// 1 MiB buffered reads, each reader going through the file in order and evicting its pages
+    /// (`POSIX_FADV_DONTNEED`) at the start of each pass, so the kernel's read-ahead asks the
+    /// server for every page (the do-nothing server's `FOPEN_DIRECT_IO` makes these direct).
+    Read1MBuffered,
 }
 
 /// Calls per second and per-call latencies of `readers` threads doing `ops` calls each.
@@ -508,10 +526,18 @@ fn run(mnt: &Path, workload: Workload, readers: usize, ops: usize) -> (f64, Vec<
                 let mut latencies = Vec::with_capacity(ops);
                 let root = CString::new(mnt.as_os_str().as_encoded_bytes()).unwrap();
                 let file = CString::new(mnt.join("f").as_os_str().as_encoded_bytes()).unwrap();
-                let fd = unsafe { libc::open(file.as_ptr(), libc::O_RDONLY | libc::O_DIRECT) };
+                let flags = match workload {
+                    Workload::Read1MBuffered => libc::O_RDONLY,
+                    _ => libc::O_RDONLY | libc::O_DIRECT,
+                };
+                let fd = unsafe { libc::open(file.as_ptr(), flags) };
                 assert!(fd >= 0, "open: {}", std::io::Error::last_os_error());
+                if workload == Workload::Read4KOwnerCpu {
+                    let ino = fs::metadata(mnt.join("f")).unwrap().ino();
+                    pin(mount_vfs::namespace::owner(ino, possible_cpus()));
+                }
                 let size = match workload {
-                    Workload::Read1M => 1 << 20,
+                    Workload::Read1M | Workload::Read1MBuffered => 1 << 20,
                     _ => 4096,
                 };
                 // O_DIRECT wants a page-aligned buffer.
@@ -520,8 +546,18 @@ fn run(mnt: &Path, workload: Workload, readers: usize, ops: usize) -> (f64, Vec<
                 let buf = &mut raw[align..align + size];
                 let mut stat: libc::stat = unsafe { std::mem::zeroed() };
                 let mut rng = fastrand::Rng::with_seed(reader as u64);
-                for _ in 0..ops {
-                    let offset = rng.u64(0..FILE_SIZE / size as u64) * size as u64;
+                let blocks = FILE_SIZE / size as u64;
+                for call in 0..ops {
+                    let offset = if workload == Workload::Read1MBuffered {
+                        let offset = (call as u64 + reader as u64 * blocks / 2) % blocks * size as u64;
+                        if offset == 0 {
+                            // SAFETY: an advice on our own descriptor.
+                            unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) };
+                        }
+                        offset
+                    } else {
+                        rng.u64(0..blocks) * size as u64
+                    };
                     let t = Instant::now();
                     match workload {
                         Workload::Stat => {
@@ -570,6 +606,27 @@ struct Row {
     via_dev: u64,
     /// mount_vfs's CPU (all its threads) per call, µs.
     cpu_per_call: Vec<f64>,
+    /// mount_vfs over io_uring: the share of ring requests that arrived on a shard other than
+    /// their inode's owner and crossed to it (last run).
+    crossed: Option<f64>,
+}
+
+/// The share of ring requests that crossed shards, from the last session summary in a
+/// mount_vfs log ("N requests served over the ring (M READs and WRITEs arrived on a shard
+/// other than ...").
+fn crossed_share(log: &Path) -> Option<f64> {
+    let text = fs::read_to_string(log).ok()?;
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.contains("requests served over the ring"))?;
+    let number_before = |marker: &str| -> Option<f64> {
+        let head = &line[..line.find(marker)?];
+        head.trim_end().rsplit([' ', '(']).next()?.parse().ok()
+    };
+    let ring = number_before(" requests served over the ring")?;
+    let crossed = number_before(" READs and WRITEs arrived")?;
+    (ring > 0.0).then(|| crossed / ring)
 }
 
 fn main() {
@@ -600,12 +657,18 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("mnt");
     let cpus = possible_cpus();
-    println!("{cpus} CPUs, {ops} calls per row (1 MiB: a 20th), O_DIRECT, medians of {runs} runs (contenders alternating)");
+    println!("{cpus} CPUs, {ops} calls per row (1 MiB: a 20th), O_DIRECT but Read1MBuffered, medians of {runs} runs (contenders alternating)");
     println!(
         "{:<9} {:<15} {:>7} {:>12} {:>9} {:>9} {:>10}",
         "workload", "contender", "readers", "calls/s", "p50 us", "p99 us", "ring/dev|cpu"
     );
-    for workload in [Workload::Stat, Workload::Read4K, Workload::Read1M] {
+    for workload in [
+        Workload::Stat,
+        Workload::Read4K,
+        Workload::Read4KOwnerCpu,
+        Workload::Read1M,
+        Workload::Read1MBuffered,
+    ] {
         // One chart per workload: their call rates differ by orders of magnitude.
         let mut chart = BarChart::new(
             &format!("fuse_transport_{}", format!("{workload:?}").to_lowercase()),
@@ -621,12 +684,17 @@ fn main() {
             .copied()
             .filter(|c| !matches!((workload, c), (Workload::Stat, Contender::MountVfs(_))))
             .collect();
-        for readers in [1, cpus] {
+        let reader_counts: &[usize] = if workload == Workload::Read4KOwnerCpu {
+            &[1]
+        } else {
+            &[1, cpus]
+        };
+        for &readers in reader_counts {
             let mut rows: Vec<Row> = vec![Row::default(); contenders.len()];
             for _ in 0..runs {
                 for (row, &contender) in rows.iter_mut().zip(&contenders) {
                     let mounted = contender.mount(&mnt, vfs.as_ref());
-                    let ops = if matches!(workload, Workload::Read1M) {
+                    let ops = if matches!(workload, Workload::Read1M | Workload::Read1MBuffered) {
                         ops / 20
                     } else {
                         ops
@@ -647,6 +715,9 @@ fn main() {
                         row.via_dev = server.via_dev.load(Ordering::Relaxed);
                     }
                     drop(mounted);
+                    if contender == Contender::MountVfs(Transport::Uring) {
+                        row.crossed = crossed_share(&mnt.with_extension("log"));
+                    }
                 }
             }
             for (row, contender) in rows.into_iter().zip(&contenders) {
@@ -681,8 +752,14 @@ fn main() {
                     median(row.p99),
                     match contender {
                         Contender::Null(_) => format!("{}/{}", row.via_ring, row.via_dev),
-                        Contender::MountVfs(_) =>
-                            format!("cpu {:.1} us/call", median(row.cpu_per_call)),
+                        Contender::MountVfs(_) => format!(
+                            "cpu {:.1} us/call{}",
+                            median(row.cpu_per_call),
+                            row.crossed.map_or(String::new(), |share| format!(
+                                ", {:.0}% crossed shards",
+                                share * 100.0
+                            ))
+                        ),
                     }
                 );
             }

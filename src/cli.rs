@@ -226,11 +226,12 @@ pub struct MountArgs {
     /// Back the buffer pools with hugepages.
     #[arg(long, value_enum, default_value_t = HugepageMode::Auto, help_heading = "Performance")]
     pub hugepages: HugepageMode,
-    /// How FUSE requests arrive: fuser on /dev/fuse (`dev`), FUSE over io_uring (`uring`: Linux
-    /// 6.14+ with /sys/module/fuse/parameters/enable_uring = Y, root), or `auto`: the ring when
-    /// available, else /dev/fuse with one line saying why. The environment variable
+    /// How FUSE requests arrive: FUSE over io_uring (`uring`: Linux 6.14+ with
+    /// /sys/module/fuse/parameters/enable_uring = Y, root), each shard taking the requests of
+    /// its CPUs from its own ring; fuser on /dev/fuse (`dev`); or `auto`: the ring when
+    /// available and every CPU has a shard, else /dev/fuse with one line saying why. The environment variable
     /// MOUNT_VFS_TRANSPORT sets it when the flag is not given (the test suite runs under either).
-    #[arg(long, value_enum, env = "MOUNT_VFS_TRANSPORT", default_value_t = TransportChoice::Dev, help_heading = "Performance")]
+    #[arg(long, value_enum, env = "MOUNT_VFS_TRANSPORT", default_value_t = TransportChoice::Auto, help_heading = "Performance")]
     pub transport: TransportChoice,
 
     /// Local CAS directory holding Data/{hash}.xxh128 objects.

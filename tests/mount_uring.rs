@@ -1,9 +1,9 @@
 //! `--transport uring|auto`: a real mount served over FUSE over io_uring (Linux 6.14+,
 //! `CONFIG_FUSE_IO_URING`) reads exactly what the tree holds, its requests really come over the
 //! ring, it unmounts cleanly with reads in flight, a `--writable` one takes every kind of change
-//! over the ring; and with the kernel's ring switched off,
-//! `auto` falls back to `/dev/fuse` with one line saying how to switch it on, and `uring` fails
-//! with that line.
+//! over the ring; `auto` takes the ring when every CPU has a shard and says why not when one has
+//! none; and with the kernel's ring switched off, `auto` falls back to `/dev/fuse` with one line
+//! saying how to switch it on, and `uring` fails with that line.
 //!
 //! The test sets `/sys/module/fuse/parameters/enable_uring` (root) and restores it, also when it
 //! fails. Everything that changes the parameter is in one test function, so nothing here runs
@@ -363,6 +363,30 @@ fn uring_transport_serves_and_auto_falls_back() {
         check_changes(&dir, &files);
         stop_and_check_ring(mount, 40);
         assert!(!common::is_mounted(&dir));
+
+        // `auto` takes the ring when every CPU has a shard to serve its queue...
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let auto = ["--transport", "auto"];
+        let every_cpu = MountOptions {
+            shards: cpus,
+            extra: &auto,
+        };
+        let mount = Mount::start(&manifest, &cas, &dir, every_cpu);
+        let random_reads = check_content(&dir, &files);
+        stop_and_check_ring(mount, random_reads);
+        // ... and /dev/fuse, saying why, when some CPU has none.
+        if cpus > 1 {
+            let one_shard = MountOptions {
+                shards: 1,
+                extra: &auto,
+            };
+            let mount = Mount::start(&manifest, &cas, &dir, one_shard);
+            check_content(&dir, &files);
+            let stderr = stop_cleanly(mount);
+            let why = format!("1 shards for {cpus} CPUs");
+            assert_eq!(stderr.matches(&why).count(), 1, "{stderr}");
+            assert!(ring_counts(&stderr).is_none(), "{stderr}");
+        }
     }
 
     let _off = UringParameter::set("N");

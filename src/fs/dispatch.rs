@@ -83,6 +83,16 @@ impl Dispatcher {
         self
     }
 
+    /// The shards' mailboxes, `[i]` for shard `i` (a transport may hand them work of its own).
+    pub fn shards(&self) -> &[ShardSender<ShardRequest>] {
+        &self.shards
+    }
+
+    /// Whether changes go through an overlay, whose calls may block on disk.
+    pub fn is_writable(&self) -> bool {
+        self.overlay.is_some()
+    }
+
     /// Serves `request`: answers it here or hands it to its owner shard.
     pub fn dispatch(&self, request: Request<'_>) {
         self.ops.request(request.op());

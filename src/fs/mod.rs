@@ -30,6 +30,7 @@ pub(crate) mod testing;
 pub use dispatch::{Dispatcher, StatsSnapshot, PREFERRED_IO_SIZE, STATS_XATTR};
 pub use error::FsError;
 pub use op_counters::{Op, OpCounters};
+pub use shard::ShardRequest;
 pub use verified::{
     BlockDigests, Gather, ObjectHasher, ReadData, Servable, StreamedBlock, VerifiedBlock,
     VerifiedObject,

@@ -356,6 +356,7 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         allow_other: config.allow_other,
         threads: shards,
         writable: overlay.is_some(),
+        shard_cpus: (0..shards).map(|i| executors.cpu(i).cpu).collect(),
     };
     let session = transport::start(
         config.transport,

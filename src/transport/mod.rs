@@ -14,7 +14,8 @@ use crate::fs::Dispatcher;
 /// `--transport`: how FUSE requests reach the filesystem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum TransportChoice {
-    /// FUSE over io_uring when the kernel offers it, else /dev/fuse (with one line saying why).
+    /// FUSE over io_uring when the kernel offers it and every CPU has a shard to serve its
+    /// queue, else /dev/fuse (with one line saying why).
     Auto,
     /// FUSE over io_uring (Linux 6.14+, enable_uring=Y, root); fail otherwise.
     Uring,
@@ -23,7 +24,7 @@ pub enum TransportChoice {
 }
 
 /// How the session is mounted and served.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct SessionOptions {
     /// Let users other than the mounting one in (`allow_other`, and no owner-only ACL).
     pub allow_other: bool,
@@ -31,6 +32,9 @@ pub struct SessionOptions {
     pub threads: usize,
     /// Mount read-write (the dispatcher has an overlay).
     pub writable: bool,
+    /// The CPU each shard is pinned to, `[i]` for shard `i` (the ring queue of a CPU is served
+    /// by the shard running there).
+    pub shard_cpus: Vec<usize>,
 }
 
 /// Why the session did not start.
@@ -63,8 +67,19 @@ pub fn start(
     mountpoint: &Path,
     options: SessionOptions,
 ) -> Result<Session, SessionError> {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     let dispatcher = match choice {
         TransportChoice::Dev => dispatcher,
+        TransportChoice::Auto if uring::available().is_ok() && options.shard_cpus.len() < cpus => {
+            tracing::info!(
+                "serving through /dev/fuse: {} shards for {cpus} CPUs, and over io_uring the \
+                 requests of a CPU without a shard would wake a shard on another CPU, which \
+                 costs more than /dev/fuse (docs/transport-uring.md); --shards {cpus} or \
+                 --transport uring serves them over the ring",
+                options.shard_cpus.len()
+            );
+            dispatcher
+        }
         TransportChoice::Uring | TransportChoice::Auto => {
             match uring::start(dispatcher, passthrough.as_deref(), mountpoint, &options) {
                 Ok(session) => return Ok(Session::Uring(session)),

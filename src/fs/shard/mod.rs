@@ -98,7 +98,8 @@ use handles::Handles;
 use prefetch::Prefetch;
 use verify::Verification;
 
-/// A data request for an inode, sent by the dispatcher to the inode's owner shard.
+/// A data request for an inode, sent by the dispatcher to the inode's owner shard; or work a
+/// transport runs on the shard's thread ([`ShardRequest::Run`]).
 pub enum ShardRequest {
     Open(Open),
     Read(Read),
@@ -106,17 +107,21 @@ pub enum ShardRequest {
     Write(Write),
     Fallocate(Fallocate),
     Truncate(Truncate),
+    /// Called on the shard's thread, inside its executor (the io_uring transport starts the
+    /// shard's ring task with it).
+    Run(Box<dyn FnOnce() + Send>),
 }
 
 impl ShardRequest {
-    fn ino(&self) -> Ino {
+    fn ino(&self) -> Option<Ino> {
         match self {
             ShardRequest::Open(Open { ino, .. })
             | ShardRequest::Read(Read { ino, .. })
             | ShardRequest::Release(Release { ino, .. })
             | ShardRequest::Write(Write { ino, .. })
             | ShardRequest::Fallocate(Fallocate { ino, .. })
-            | ShardRequest::Truncate(Truncate { ino, .. }) => *ino,
+            | ShardRequest::Truncate(Truncate { ino, .. }) => Some(*ino),
+            ShardRequest::Run(_) => None,
         }
     }
 
@@ -131,6 +136,7 @@ impl ShardRequest {
             ShardRequest::Write(write) => fail(ops, write.reply, Op::Write, write.ino, error),
             ShardRequest::Fallocate(f) => fail(ops, f.reply, Op::Fallocate, f.ino, error),
             ShardRequest::Truncate(t) => fail(ops, t.reply, Op::SetAttr, t.ino, error),
+            ShardRequest::Run(_) => {}
         }
     }
 }
@@ -230,7 +236,10 @@ impl FileService {
     /// Serves one request to the end, replying through its reply object.
     pub async fn handle(self: Rc<Self>, request: ShardRequest) {
         let c = &self.counters;
-        if owner(request.ino(), self.shards) != self.shard {
+        if request
+            .ino()
+            .is_some_and(|ino| owner(ino, self.shards) != self.shard)
+        {
             c.add(&c.misrouted, 1);
         }
         match request {
@@ -264,6 +273,7 @@ impl FileService {
                 Ok(attributes) => t.reply.attr(&attributes),
                 Err(error) => fail(&self.ops, t.reply, Op::SetAttr, t.ino, error),
             },
+            ShardRequest::Run(job) => job(),
         }
     }
 }

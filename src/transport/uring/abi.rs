@@ -192,3 +192,9 @@ impl Put for Vec<u8> {
         self
     }
 }
+
+/// Whether the filesystem only routes a request of `opcode` to a shard (or answers it from
+/// memory), so a ring task may dispatch it on the shard's executor even on a writable mount.
+pub fn routed_to_shards(opcode: u32) -> bool {
+    matches!(opcode, READ | WRITE | RELEASE | FLUSH | FALLOCATE)
+}

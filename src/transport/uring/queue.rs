@@ -1,17 +1,26 @@
-//! One FUSE ring queue served on a ring of its own (SQE128, which glommio's rings cannot issue):
-//! its entries are registered with `FUSE_IO_URING_CMD_REGISTER`, each completion carries one
-//! request, and each answer goes back with `FUSE_IO_URING_CMD_COMMIT_AND_FETCH`, which also
-//! re-arms the entry for the next request.
+//! The FUSE ring queues of one shard, served from that shard's own executor: no thread of their
+//! own. The queues live on a second io_uring of the shard's (SQE128, which glommio's rings
+//! cannot issue): each entry is registered with `FUSE_IO_URING_CMD_REGISTER`, each completion
+//! carries one request, and each answer goes back with `FUSE_IO_URING_CMD_COMMIT_AND_FETCH`,
+//! which also re-arms the entry for the next request.
 //!
-//! An answer may come from another thread (a shard answering a READ): it fills the entry and
-//! pushes the entry's tag on [`Commits`], waking this queue's thread through an eventfd read
-//! that sits in the same ring, so one `io_uring_enter` waits for both.
+//! How the shard learns of work: the ring posts its completions to an eventfd
+//! (`io_uring_register_eventfd`), and a task of the shard keeps a read of that eventfd in
+//! flight on glommio's own ring, so a parked shard wakes for a FUSE request as for any of its
+//! I/O. An answer pushes its entry on [`Commits`] and wakes the ring task through its glommio
+//! waker, from whatever thread it was given on (a READ served by the owner shard, a metadata
+//! change run on the blocking pool): glommio queues a foreign wake and writes its own eventfd
+//! only when the shard is asleep, so a busy shard takes answers without a system call.
 
-use std::cell::UnsafeCell;
+use std::cell::{Cell, UnsafeCell};
+use std::future::poll_fn;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::ThreadId;
+use std::task::Poll;
+
+use futures::task::AtomicWaker;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
@@ -19,12 +28,10 @@ use super::abi;
 use super::decode::{decode, Decoded};
 use super::reply::{Answer, Sink};
 use crate::fs::Dispatcher;
+use crate::namespace::owner;
 
 /// Entries per queue: requests of one CPU that may be in the filesystem at once.
 pub(super) const DEPTH: usize = 8;
-
-/// The completion tag of the eventfd read.
-const WAKE_TAG: u64 = u64::MAX;
 
 /// One ring entry: the header and payload buffers the kernel fills with a request and reads
 /// the answer from. Registered with the kernel by address, so they never move.
@@ -32,17 +39,19 @@ pub(super) struct RingEntry {
     header: UnsafeCell<Box<[u8]>>,
     payload: UnsafeCell<Box<[u8]>>,
     iov: [libc::iovec; 2],
+    /// The queue (CPU) the entry is registered on.
+    qid: u16,
 }
 
 // SAFETY: the buffers are used by one party at a time: the kernel between a REGISTER or COMMIT
-// and the completion, then the queue thread while it copies the request out, then the request's
+// and the completion, then the ring task while it copies the request out, then the request's
 // `Answer` until it pushes the commit (see `Answer::send`).
 unsafe impl Send for RingEntry {}
 // SAFETY: as for `Send`: shared only to hand the entry from one user to the next.
 unsafe impl Sync for RingEntry {}
 
 impl RingEntry {
-    fn new(payload_size: usize) -> RingEntry {
+    fn new(qid: u16, payload_size: usize) -> RingEntry {
         let mut header = vec![0u8; abi::URING_HEADER_SIZE].into_boxed_slice();
         let mut payload = vec![0u8; payload_size].into_boxed_slice();
         let iov = [
@@ -59,6 +68,7 @@ impl RingEntry {
             header: UnsafeCell::new(header),
             payload: UnsafeCell::new(payload),
             iov,
+            qid,
         }
     }
 
@@ -72,12 +82,11 @@ impl RingEntry {
     }
 }
 
-/// Answered entries waiting for their queue thread to commit them.
+/// Answered entries waiting for their ring task to commit them.
 pub(super) struct Commits {
     tags: Mutex<Vec<usize>>,
-    wake: OwnedFd,
-    /// The queue's thread, which commits what it answered itself without a wake-up.
-    owner: ThreadId,
+    /// Wakes the ring task.
+    signal: Signal,
     /// The session's `/dev/fuse` descriptor: passthrough backing files are registered on it.
     pub(super) session: Arc<OwnedFd>,
 }
@@ -88,11 +97,7 @@ impl Commits {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(tag);
-        if std::thread::current().id() != self.owner {
-            let one = 1u64;
-            // SAFETY: writes 8 bytes from a live u64 to our eventfd.
-            unsafe { libc::write(self.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
-        }
+        self.signal.notify();
     }
 
     fn take(&self, into: &mut Vec<usize>) {
@@ -100,11 +105,61 @@ impl Commits {
     }
 }
 
-/// Counts of requests by the way they came.
+/// Wakes the ring task from any thread; a wake-up given while it runs is kept for its next wait.
+#[derive(Default)]
+struct Signal {
+    pending: AtomicBool,
+    waiter: AtomicWaker,
+}
+
+impl Signal {
+    fn notify(&self) {
+        self.pending.store(true, Ordering::Release);
+        self.waiter.wake();
+    }
+
+    async fn wait(&self) {
+        poll_fn(|cx| {
+            self.waiter.register(cx.waker());
+            if self.pending.swap(false, Ordering::AcqRel) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+/// Counts of requests by the way they came, and how the session ends.
 #[derive(Default)]
 pub(super) struct Counts {
     pub ring: AtomicU64,
     pub dev: AtomicU64,
+    /// READs and WRITEs that arrived on a shard other than the inode's owner.
+    pub crossed: AtomicU64,
+    /// Ring tasks and the `/dev/fuse` reader still serving.
+    pub serving: AtomicUsize,
+}
+
+impl Counts {
+    /// One server (a ring task, the `/dev/fuse` reader) has ended; the last one says what the
+    /// session served.
+    pub fn ended(&self) {
+        if self.serving.fetch_sub(1, Ordering::AcqRel) == 1 {
+            tracing::info!(
+                "FUSE over io_uring: {} requests served over the ring ({} READs and WRITEs \
+                 arrived on a shard other than their inode's owner), {} over /dev/fuse",
+                self.ring.load(Ordering::Relaxed),
+                self.crossed.load(Ordering::Relaxed),
+                self.dev.load(Ordering::Relaxed)
+            );
+        }
+    }
+
+    pub fn finished(&self) -> bool {
+        self.serving.load(Ordering::Acquire) == 0
+    }
 }
 
 /// A `FUSE_IO_URING_CMD_*` SQE for `entry` of queue `qid`.
@@ -135,120 +190,165 @@ pub fn uring_cmd(
     unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(raw) }
 }
 
-/// Serves queue `qid` until the connection ends. `ready` learns whether registration worked.
-pub(super) fn serve(
-    session: Arc<OwnedFd>,
-    qid: u16,
-    payload_size: usize,
-    dispatcher: &Dispatcher,
-    counts: &Counts,
-    ready: std::sync::mpsc::Sender<std::io::Result<()>>,
-) {
-    let fd = session.as_raw_fd();
-    let mut ring: IoUring<squeue::Entry128, cqueue::Entry> =
-        match IoUring::builder().build((2 * DEPTH as u32 + 2).next_power_of_two()) {
-            Ok(ring) => ring,
-            Err(e) => {
-                ready.send(Err(e)).ok();
-                return;
-            }
-        };
-    // SAFETY: eventfd has no preconditions; the result is checked.
-    let wake = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
-    if wake < 0 {
-        ready.send(Err(std::io::Error::last_os_error())).ok();
-        return;
-    }
-    // SAFETY: a fresh descriptor owned once, here.
-    let wake = unsafe { OwnedFd::from_raw_fd(wake) };
-    let wake_fd = wake.as_raw_fd();
-    let commits = Arc::new(Commits {
-        tags: Mutex::new(Vec::new()),
-        wake,
-        owner: std::thread::current().id(),
-        session,
-    });
-    // Read by the kernel whenever the eventfd read completes, even after this thread gave up
-    // on the ring: it lives as long as the process.
-    let wake_buf: &'static mut u64 = Box::leak(Box::new(0u64));
-    let wake_buf_ptr: *mut u64 = wake_buf;
-    let entries: Vec<Arc<RingEntry>> = (0..DEPTH)
-        .map(|_| Arc::new(RingEntry::new(payload_size)))
-        .collect();
-    let arm_wake = || {
-        opcode::Read::new(types::Fd(wake_fd), wake_buf_ptr.cast(), 8)
-            .build()
-            .user_data(WAKE_TAG)
-    };
-    // SAFETY (pushes below): every SQE points at buffers that outlive its completion: entries
-    // are kept until all came back (or leaked), the wake buffer is leaked.
-    for (tag, entry) in entries.iter().enumerate() {
+/// What a shard needs to serve its queues.
+pub(super) struct ShardQueues {
+    pub session: Arc<OwnedFd>,
+    /// The queues (CPUs) this shard serves.
+    pub qids: Vec<u16>,
+    pub payload_size: usize,
+    pub dispatcher: Arc<Dispatcher>,
+    pub counts: Arc<Counts>,
+    pub shard: usize,
+    pub shards: usize,
+}
+
+/// The shard's ring and its entries. Entries the kernel still holds are never freed: dropping
+/// a ring with entries out (a shard stopped before the connection ended) leaks them.
+struct ShardRing {
+    ring: IoUring<squeue::Entry128, cqueue::Entry>,
+    /// Indexed by completion tag.
+    entries: Vec<Arc<RingEntry>>,
+    in_kernel: usize,
+    fd: RawFd,
+}
+
+impl ShardRing {
+    /// Queues `command` for entry `tag`.
+    fn push(&mut self, command: u32, tag: usize, commit_id: u64) {
+        let entry = &self.entries[tag];
         let sqe = uring_cmd(
-            fd,
-            abi::URING_CMD_REGISTER,
-            qid,
-            0,
+            self.fd,
+            command,
+            entry.qid,
+            commit_id,
             entry.iov.as_ptr(),
             tag as u64,
         );
-        // SAFETY: see above.
-        unsafe { push(&mut ring, &sqe) };
+        // SAFETY: the SQE points at the entry's buffers, which outlive its completion (kept
+        // until every entry came back, or leaked).
+        while unsafe { self.ring.submission().push(&sqe) }.is_err() {
+            if self.ring.submit().is_err() {
+                return;
+            }
+        }
+        self.in_kernel += 1;
     }
-    let wake_sqe = arm_wake().into();
-    // SAFETY: see above.
-    unsafe { push(&mut ring, &wake_sqe) };
-    if let Err(e) = ring.submit() {
-        ready.send(Err(e)).ok();
-        return;
+}
+
+impl Drop for ShardRing {
+    fn drop(&mut self) {
+        if self.in_kernel > 0 {
+            std::mem::forget(std::mem::take(&mut self.entries));
+        }
     }
-    // A refused REGISTER completes at once with its error.
-    let mut done: Vec<(u64, i32)> = ring
-        .completion()
-        .map(|c| (c.user_data(), c.result()))
-        .collect();
-    if let Some(&(_, error)) = done
+}
+
+/// Registers the shard's queues on a ring of its own and starts the task that serves them.
+/// Runs on the shard's thread; fails if the kernel refused any step.
+pub(super) fn start(queues: ShardQueues) -> std::io::Result<()> {
+    let fd = queues.session.as_raw_fd();
+    let depth = DEPTH * queues.qids.len();
+    let ring = IoUring::builder().build((2 * depth as u32).next_power_of_two())?;
+    // Blocking (no EFD_NONBLOCK), so that a read of it on glommio's ring waits for a count.
+    // SAFETY: eventfd has no preconditions; the result is checked.
+    let raw = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor owned once, here.
+    let wake = unsafe { OwnedFd::from_raw_fd(raw) };
+    ring.submitter().register_eventfd(wake.as_raw_fd())?;
+    // The watcher's own descriptor, which glommio closes.
+    let watched = wake.try_clone()?;
+    let entries: Vec<Arc<RingEntry>> = queues
+        .qids
         .iter()
-        .find(|&&(tag, result)| tag != WAKE_TAG && result < 0)
-    {
-        ready
-            .send(Err(std::io::Error::from_raw_os_error(-error)))
-            .ok();
-        // Entries still registered may be written by the kernel until the connection ends.
-        std::mem::forget(entries);
-        return;
+        .flat_map(|&qid| {
+            let size = queues.payload_size;
+            (0..DEPTH).map(move |_| Arc::new(RingEntry::new(qid, size)))
+        })
+        .collect();
+    let mut ring = ShardRing {
+        ring,
+        entries,
+        in_kernel: 0,
+        fd,
+    };
+    for tag in 0..depth {
+        ring.push(abi::URING_CMD_REGISTER, tag, 0);
     }
-    ready.send(Ok(())).ok();
-    let mut in_kernel = DEPTH;
+    ring.ring.submit()?;
+    // A refused REGISTER completes at once with its error.
+    let refused = ring.ring.completion().find(|c| c.result() < 0);
+    if let Some(c) = refused {
+        return Err(std::io::Error::from_raw_os_error(-c.result()));
+    }
+    let commits = Arc::new(Commits {
+        tags: Mutex::new(Vec::new()),
+        signal: Signal::default(),
+        session: queues.session.clone(),
+    });
+    let closed = Rc::new(Cell::new(false));
+    glommio::spawn_local(watch(watched, closed.clone(), commits.clone())).detach();
+    glommio::spawn_local(async move {
+        serve(ring, &queues, &commits).await;
+        // Ends the watcher's read.
+        closed.set(true);
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a live u64 to our eventfd.
+        unsafe { libc::write(wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        queues.counts.ended();
+    })
+    .detach();
+    Ok(())
+}
+
+/// Keeps a read of the eventfd in flight on glommio's ring and wakes the ring task each time
+/// it completes, until the ring task is `closed`.
+async fn watch(eventfd: OwnedFd, closed: Rc<Cell<bool>>, commits: Arc<Commits>) {
+    use std::os::fd::IntoRawFd;
+    // SAFETY: glommio takes over the descriptor (and closes it).
+    let file = unsafe { glommio::io::BufferedFile::from_raw_fd(eventfd.into_raw_fd()) };
+    while !closed.get() {
+        if let Err(e) = file.read_at(0, 8).await {
+            tracing::warn!("FUSE ring: cannot wait for requests: {e}");
+            break;
+        }
+        commits.signal.notify();
+    }
+    let _ = file.close().await;
+}
+
+/// Serves the shard's queues until the connection ends.
+async fn serve(mut ring: ShardRing, queues: &ShardQueues, commits: &Arc<Commits>) {
+    let writable = queues.dispatcher.is_writable();
     let mut closing = false;
+    let mut done: Vec<(u64, i32)> = Vec::new();
     let mut answered = Vec::new();
     let mut op_in = [0u8; abi::URING_OP_IN];
     let mut names = Vec::new();
     loop {
+        done.extend(ring.ring.completion().map(|c| (c.user_data(), c.result())));
         for &(tag, result) in &done {
-            if tag == WAKE_TAG {
-                if !closing {
-                    let sqe = arm_wake().into();
-                    // SAFETY: see above.
-                    unsafe { push(&mut ring, &sqe) };
-                }
-                continue;
-            }
-            in_kernel -= 1;
+            ring.in_kernel -= 1;
             if result < 0 {
-                // ENOTCONN / ECANCELED: the connection is gone. Any other error ends this queue
+                // ENOTCONN / ECANCELED: the connection is gone. Any other error ends this ring
                 // too, and the request the entry answered never completes: say so, or a hung
                 // request leaves no trace.
                 if ![libc::ENOTCONN, libc::ECANCELED].contains(&-result) {
                     let error = std::io::Error::from_raw_os_error(-result);
-                    tracing::warn!(qid, "FUSE ring entry {tag} failed: {error}; queue closing");
+                    tracing::warn!(
+                        shard = queues.shard,
+                        "FUSE ring entry {tag} failed: {error}; the shard's queues close"
+                    );
                 }
                 closing = true;
                 continue;
             }
-            counts.ring.fetch_add(1, Ordering::Relaxed);
-            let entry = &entries[tag as usize];
+            queues.counts.ring.fetch_add(1, Ordering::Relaxed);
+            let entry = &ring.entries[tag as usize];
             // Copy out what the request says, so the answer owns the buffers from here on.
-            // SAFETY: the completion handed the entry to this thread.
+            // SAFETY: the completion handed the entry to this task.
             let (header, payload) = unsafe { entry.buffers() };
             let h = abi::in_header(header);
             op_in.copy_from_slice(&header[abi::URING_OP_IN..abi::URING_ENT_IN_OUT]);
@@ -264,51 +364,54 @@ pub(super) fn serve(
                 },
                 h.unique,
             );
-            if let Decoded::Request(request) = decode(&h, &op_in, &names, answer) {
-                dispatcher.dispatch(request);
+            if matches!(h.opcode, abi::READ | abi::WRITE)
+                && owner(h.nodeid, queues.shards) != queues.shard
+            {
+                queues.counts.crossed.fetch_add(1, Ordering::Relaxed);
             }
-        }
-        commits.take(&mut answered);
-        for tag in answered.drain(..) {
-            let entry = &entries[tag];
-            // SAFETY: the answer is done with the entry (it pushed the tag after writing).
-            let commit_id = abi::u64_at(unsafe { entry.buffers().0 }, abi::URING_COMMIT_ID);
-            let sqe = uring_cmd(
-                fd,
-                abi::URING_CMD_COMMIT_AND_FETCH,
-                qid,
-                commit_id,
-                entry.iov.as_ptr(),
-                tag as u64,
-            );
-            // SAFETY: see above.
-            unsafe { push(&mut ring, &sqe) };
-            in_kernel += 1;
-        }
-        if closing && in_kernel == 0 {
-            return;
-        }
-        match ring.submit_and_wait(1) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(_) => {
-                std::mem::forget(entries);
-                return;
+            if writable && !abi::routed_to_shards(h.opcode) {
+                // The overlay's changes write and sync its journal: never on the executor.
+                let dispatcher = queues.dispatcher.clone();
+                let payload = names.clone();
+                glommio::spawn_local(glommio::executor().spawn_blocking(move || {
+                    if let Decoded::Request(request) = decode(&h, &op_in, &payload, answer) {
+                        dispatcher.dispatch(request);
+                    }
+                }))
+                .detach();
+            } else if let Decoded::Request(request) = decode(&h, &op_in, &names, answer) {
+                queues.dispatcher.dispatch(request);
             }
         }
         done.clear();
-        done.extend(ring.completion().map(|c| (c.user_data(), c.result())));
-    }
-}
-
-/// Pushes `sqe`, submitting first if the submission queue is full.
-///
-/// # Safety
-/// What `sqe` points at must live until it completes.
-unsafe fn push(ring: &mut IoUring<squeue::Entry128, cqueue::Entry>, sqe: &squeue::Entry128) {
-    while ring.submission().push(sqe).is_err() {
-        if ring.submit().is_err() {
+        commits.take(&mut answered);
+        for tag in answered.drain(..) {
+            // SAFETY: the answer is done with the entry (it pushed the tag after writing).
+            let commit_id = abi::u64_at(
+                unsafe { ring.entries[tag].buffers().0 },
+                abi::URING_COMMIT_ID,
+            );
+            ring.push(abi::URING_CMD_COMMIT_AND_FETCH, tag, commit_id);
+        }
+        if closing && ring.in_kernel == 0 {
             return;
+        }
+        if !ring.ring.submission().is_empty() {
+            if let Err(e) = ring.ring.submit() {
+                if e.raw_os_error() != Some(libc::EINTR) {
+                    tracing::warn!(shard = queues.shard, "FUSE ring: {e}; the queues close");
+                    return;
+                }
+            }
+            // The queue is the CPU of the callers just answered: let the one woken run now,
+            // not when the scheduler next preempts this shard (which spins before it parks).
+            // SAFETY: sched_yield has no preconditions.
+            unsafe { libc::sched_yield() };
+        }
+        if ring.ring.completion().is_empty() {
+            commits.signal.wait().await;
+        } else {
+            glommio::yield_if_needed().await;
         }
     }
 }

@@ -1,20 +1,20 @@
 //! A FUSE session served over io_uring: mount with mount(2) on a `/dev/fuse` descriptor of our
-//! own, answer INIT asking for `FUSE_OVER_IO_URING`, then one thread per ring queue (one queue
-//! per possible CPU, as the kernel wants) plus one `/dev/fuse` reader for what the ring does not
-//! carry (FORGET, INTERRUPT) and what arrives before every queue is armed.
+//! own, answer INIT asking for `FUSE_OVER_IO_URING`, then hand the ring queues (one per possible
+//! CPU, as the kernel wants) to the shards, each serving those of the CPUs it runs on from its
+//! own executor (`queue`), plus one `/dev/fuse` reader thread for what the ring does not carry
+//! (FORGET, INTERRUPT) and what arrives before every queue is armed.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use super::abi::{self, Put};
 use super::decode::{decode, Decoded};
-use super::queue::{self, Counts};
+use super::queue::{self, Counts, ShardQueues};
 use super::reply::{Answer, Sink};
-use crate::fs::{Dispatcher, PREFERRED_IO_SIZE};
+use crate::fs::{Dispatcher, ShardRequest, PREFERRED_IO_SIZE};
 use crate::transport::SessionOptions;
 
 /// The module parameter that lets the kernel offer FUSE over io_uring (read at INIT).
@@ -71,7 +71,7 @@ pub fn available() -> Result<(), UringError> {
 /// A mounted session served over io_uring.
 pub struct UringSession {
     fd: Arc<OwnedFd>,
-    finished: Arc<AtomicBool>,
+    counts: Arc<Counts>,
 }
 
 /// Mounts `dispatcher` on `mountpoint` and serves it over the ring. On failure the mount is
@@ -97,32 +97,40 @@ pub fn start(
     }
     let dispatcher = Arc::new(dispatcher);
     let counts = Arc::new(Counts::default());
-    let mut queues: Vec<JoinHandle<()>> = Vec::new();
-    let mut failure = None;
+    let shards = dispatcher.shards().len();
+    let mut queues_of: Vec<Vec<u16>> = vec![Vec::new(); shards];
     for cpu in 0..possible_cpus() {
+        queues_of[shard_of_queue(cpu, &options.shard_cpus, shards)].push(cpu as u16);
+    }
+    let mut failure = None;
+    for (shard, qids) in queues_of.into_iter().enumerate() {
+        if qids.is_empty() {
+            continue;
+        }
+        counts.serving.fetch_add(1, Ordering::AcqRel);
+        let queues = ShardQueues {
+            session: fd.clone(),
+            qids,
+            payload_size: RING_PAYLOAD,
+            dispatcher: dispatcher.clone(),
+            counts: counts.clone(),
+            shard,
+            shards,
+        };
         let (ready, registered) = std::sync::mpsc::channel();
-        let (session, dispatcher, counts) = (fd.clone(), dispatcher.clone(), counts.clone());
-        let spawned = std::thread::Builder::new()
-            .name(format!("mount_vfs-ring{cpu}"))
-            .spawn(move || {
-                pin(cpu);
-                queue::serve(
-                    session,
-                    cpu as u16,
-                    RING_PAYLOAD,
-                    &dispatcher,
-                    &counts,
-                    ready,
-                );
-            });
-        let result = match spawned {
-            Ok(handle) => {
-                queues.push(handle);
-                registered
-                    .recv()
-                    .unwrap_or_else(|_| Err(std::io::Error::other("ring thread ended")))
+        let job = ShardRequest::Run(Box::new(move || {
+            let counts = queues.counts.clone();
+            let result = queue::start(queues);
+            if result.is_err() {
+                counts.ended();
             }
-            Err(e) => Err(e),
+            ready.send(result).ok();
+        }));
+        let result = match dispatcher.shards()[shard].send(job) {
+            Ok(()) => registered
+                .recv()
+                .unwrap_or_else(|_| Err(std::io::Error::other("the shard stopped"))),
+            Err(_) => Err(std::io::Error::other("the shard stopped")),
         };
         if let Err(e) = result {
             failure = Some(setup("FUSE ring registration")(e));
@@ -130,27 +138,19 @@ pub fn start(
         }
     }
     if let Some(e) = failure {
-        // The unmount ends the connection; every queue thread returns.
+        // The unmount ends the connection; every ring task returns and lets go of the
+        // dispatcher.
         unmount(mountpoint);
-        queues.into_iter().for_each(|q| drop(q.join()));
-        return Err((e, Arc::into_inner(dispatcher).map(Box::new)));
+        return Err((e, take_back(dispatcher)));
     }
-    let finished = Arc::new(AtomicBool::new(false));
+    counts.serving.fetch_add(1, Ordering::AcqRel);
     let reader = {
-        let (fd, finished, dispatcher, counts) =
-            (fd.clone(), finished.clone(), dispatcher, counts.clone());
+        let (fd, dispatcher, counts) = (fd.clone(), dispatcher, counts.clone());
         std::thread::Builder::new()
             .name("mount_vfs-fuse".into())
             .spawn(move || {
                 serve_dev(&fd, &dispatcher, &counts);
-                // The connection is gone; the queue threads see it too.
-                queues.into_iter().for_each(|q| drop(q.join()));
-                tracing::info!(
-                    "FUSE over io_uring: {} requests served over the ring, {} over /dev/fuse",
-                    counts.ring.load(Ordering::Relaxed),
-                    counts.dev.load(Ordering::Relaxed)
-                );
-                finished.store(true, Ordering::Release);
+                counts.ended();
             })
     };
     if let Err(e) = reader {
@@ -158,11 +158,36 @@ pub fn start(
         return Err((setup("the /dev/fuse reader")(e), None));
     }
     tracing::info!(
-        "FUSE over io_uring: {} queues of {} entries",
+        "FUSE over io_uring: {} queues of {} entries, served by {shards} shards",
         possible_cpus(),
         queue::DEPTH
     );
-    Ok(UringSession { fd, finished })
+    Ok(UringSession { fd, counts })
+}
+
+/// The shard that serves the ring queue of `cpu`: the shard pinned to that CPU, else one
+/// spread by CPU number (a CPU no shard runs on still has a queue the kernel may use).
+fn shard_of_queue(cpu: usize, shard_cpus: &[usize], shards: usize) -> usize {
+    shard_cpus
+        .iter()
+        .position(|&c| c == cpu)
+        .unwrap_or(cpu % shards)
+}
+
+/// The dispatcher back from the ring tasks once they have ended (after an unmount), so the
+/// caller can serve it over `/dev/fuse`; `None` if they do not end within seconds.
+fn take_back(mut dispatcher: Arc<Dispatcher>) -> Option<Box<Dispatcher>> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match Arc::try_unwrap(dispatcher) {
+            Ok(dispatcher) => return Some(Box::new(dispatcher)),
+            Err(_) if std::time::Instant::now() >= deadline => return None,
+            Err(shared) => {
+                dispatcher = shared;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        }
+    }
 }
 
 impl UringSession {
@@ -193,7 +218,7 @@ impl UringSession {
 
     /// Whether the kernel has ended the session (and every serving thread has returned).
     pub fn is_finished(&self) -> bool {
-        self.finished.load(Ordering::Acquire)
+        self.counts.finished()
     }
 }
 
@@ -372,17 +397,4 @@ fn possible_cpus() -> usize {
             Some(last + 1)
         })
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
-/// Runs the calling thread on `cpu`, whose queue it serves (best effort).
-fn pin(cpu: usize) {
-    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET stays within it for cpu < CPU_SETSIZE.
-    unsafe {
-        if cpu >= libc::CPU_SETSIZE as usize {
-            return;
-        }
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
 }
