@@ -549,7 +549,8 @@ fn run(mnt: &Path, workload: Workload, readers: usize, ops: usize) -> (f64, Vec<
                 let blocks = FILE_SIZE / size as u64;
                 for call in 0..ops {
                     let offset = if workload == Workload::Read1MBuffered {
-                        let offset = (call as u64 + reader as u64 * blocks / 2) % blocks * size as u64;
+                        let offset =
+                            (call as u64 + reader as u64 * blocks / 2) % blocks * size as u64;
                         if offset == 0 {
                             // SAFETY: an advice on our own descriptor.
                             unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) };
