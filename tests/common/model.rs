@@ -476,13 +476,7 @@ impl Op {
             }
             Op::FdRead { slot, offset, len } => {
                 let fd = fds[*slot].as_ref().ok_or(ebadf)?;
-                let mut buf = vec![0u8; *len];
-                let n = unsafe { libc::pread(fd.0, buf.as_mut_ptr().cast(), *len, *offset as i64) };
-                if n < 0 {
-                    return Err(last_errno());
-                }
-                buf.truncate(n as usize);
-                Ok(Value::Bytes(buf))
+                pread_full(fd.0, *offset, *len).map(Value::Bytes)
             }
             Op::FdTruncate { slot, size } => {
                 let fd = fds[*slot].as_ref().ok_or(ebadf)?;
@@ -537,13 +531,7 @@ impl Op {
                 offset,
                 len,
             } => fd_op(root, path, libc::O_RDONLY | flags, 0, |fd| {
-                let mut buf = vec![0u8; *len];
-                let n = unsafe { libc::pread(fd.0, buf.as_mut_ptr().cast(), *len, *offset as i64) };
-                if n < 0 {
-                    return Err(last_errno());
-                }
-                buf.truncate(n as usize);
-                Ok(Value::Bytes(buf))
+                pread_full(fd.0, *offset, *len).map(Value::Bytes)
             }),
             Op::Truncate {
                 path,
@@ -902,6 +890,33 @@ fn stat(root: &Path, rel: &str) -> Result<libc::stat, Errno> {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     check(unsafe { libc::stat(p.as_ptr(), &mut st) })?;
     Ok(st)
+}
+
+/// Up to `len` bytes at `offset`, as a careful reader gets them: a short read is followed by
+/// another until end of file or an error. A regular file on a local filesystem answers in one
+/// `pread`; a FUSE read cut off by the daemon's death may return the bytes it had first, and
+/// the next call then says why (ENOTCONN), which is what the crash test checks for.
+fn pread_full(fd: libc::c_int, offset: u64, len: usize) -> Result<Vec<u8>, Errno> {
+    let mut buf = vec![0u8; len];
+    let mut done = 0;
+    while done < len {
+        // SAFETY: reads into the live tail of `buf`.
+        let n = unsafe {
+            libc::pread(
+                fd,
+                buf[done..].as_mut_ptr().cast(),
+                len - done,
+                (offset + done as u64) as i64,
+            )
+        };
+        match n {
+            n if n < 0 => return Err(last_errno()),
+            0 => break,
+            n => done += n as usize,
+        }
+    }
+    buf.truncate(done);
+    Ok(buf)
 }
 
 pub static BYTES_READ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
