@@ -354,8 +354,16 @@ async fn serve(mut ring: ShardRing, queues: &ShardQueues, commits: &Arc<Commits>
             op_in.copy_from_slice(&header[abi::URING_OP_IN..abi::URING_ENT_IN_OUT]);
             let payload_len =
                 (abi::u32_at(header, abi::URING_PAYLOAD_SZ) as usize).min(payload.len());
-            names.clear();
-            names.extend_from_slice(&payload[..payload_len]);
+            // A WRITE's data is copied once, by the decoder into the request; everything else
+            // (names, mostly) is copied out here, as the answer may write into the payload while
+            // the request still refers to it.
+            let body: &[u8] = if h.opcode == abi::WRITE {
+                &payload[..payload_len]
+            } else {
+                names.clear();
+                names.extend_from_slice(&payload[..payload_len]);
+                &names
+            };
             let answer = Answer::new(
                 Sink::Ring {
                     entry: entry.clone(),
@@ -372,14 +380,14 @@ async fn serve(mut ring: ShardRing, queues: &ShardQueues, commits: &Arc<Commits>
             if writable && !abi::routed_to_shards(h.opcode) {
                 // The overlay's changes write and sync its journal: never on the executor.
                 let dispatcher = queues.dispatcher.clone();
-                let payload = names.clone();
+                let payload = body.to_vec();
                 glommio::spawn_local(glommio::executor().spawn_blocking(move || {
                     if let Decoded::Request(request) = decode(&h, &op_in, &payload, answer) {
                         dispatcher.dispatch(request);
                     }
                 }))
                 .detach();
-            } else if let Decoded::Request(request) = decode(&h, &op_in, &names, answer) {
+            } else if let Decoded::Request(request) = decode(&h, &op_in, body, answer) {
                 queues.dispatcher.dispatch(request);
             }
         }
