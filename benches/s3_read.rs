@@ -11,11 +11,13 @@
 //!   signing with `aws-sigv4`; both issue 8 MiB ranged GETs, 4 in flight per reader.
 //! - Mounts: mount_vfs (`--shards 1` and `2`, `--memory-limit 4G`, without and with a
 //!   `--cache-dir` on local storage, `BENCH_CACHE_DIR`, default /var/tmp; and through a
-//!   v2025 manifest of the same files, whose 256 MiB chunks are verified one by one), s3fs,
+//!   v2025 manifest of the same files, whose 256 MiB chunks are verified one by one; and
+//!   `--shards 1 --verify stream`, which serves bytes as they arrive), s3fs,
 //!   rclone, each with its documented throughput settings for large sequential reads and its
 //!   cache off (`BENCH_PEER_DEFAULTS=1`: their defaults). Every measurement is cold: page cache
 //!   dropped and a fresh mount. One reader reads `a` whole; four readers read the two halves of
-//!   `a` and of `b`. 1 MiB reads, O_DIRECT (aligned) and buffered. Time to first byte: open + first 1 MiB O_DIRECT read on a fresh mount.
+//!   `a` and of `b`. 1 MiB reads, O_DIRECT (aligned) and buffered. Time to first byte: open + first 1 MiB O_DIRECT read on a fresh mount,
+//!   against one signed 1 MiB ranged GET on a fresh connection (hyper, no FUSE).
 //! - Disk cache: after each `--cache-dir` cold read, the same readers on a 2nd mount of that
 //!   cache, then on the cache files themselves (no FUSE: the 2nd mount's limit, `/direct`), and
 //!   the 2nd mount's time to first byte; page cache dropped before each.
@@ -93,10 +95,19 @@ fn contenders() -> Vec<Contender> {
                 shards,
                 cache,
                 chunked,
+                stream: false,
                 build: Build::New,
             });
         }
     }
+    // `--verify stream` (issue 11): what serving before the whole object is checked gains.
+    contenders.push(Contender::MountVfs {
+        shards: 1,
+        cache: false,
+        chunked: false,
+        stream: true,
+        build: Build::New,
+    });
     for (peer, bin) in [(Contender::S3fs, "s3fs"), (Contender::Rclone, "rclone")] {
         let present = common::on_path(bin);
         if !with_peers {
@@ -163,6 +174,7 @@ fn main() {
     for run in 0..runs {
         eprintln!("# run {}/{runs}", run + 1);
         raw.measure_run();
+        first_byte.measure_raw(&server);
         for &contender in &contenders {
             let versions = contender.versions(&builds);
             for &c in &versions {
@@ -199,6 +211,7 @@ fn main() {
         }
     }
     println!();
+    first_byte.print_raw();
     for &contender in &contenders {
         for c in contender.versions(&builds) {
             first_byte.print(c);

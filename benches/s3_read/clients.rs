@@ -300,6 +300,45 @@ pub fn raw_hyper(endpoint: &str, keys: [String; 2], readers: usize, size: u64) -
     })
 }
 
+/// One signed GET of `len` bytes at `offset` of `key` on a fresh hyper client (a new
+/// connection, as a fresh mount has): seconds from sending it to its last body byte.
+pub fn raw_get_seconds(endpoint: &str, key: &str, offset: u64, len: u64) -> Result<f64, String> {
+    use http_body_util::BodyExt;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        let url = format!("{endpoint}/{BUCKET}/{key}");
+        let range = format!("bytes={offset}-{}", offset + len - 1);
+        let started = Instant::now();
+        let mut request = http::Request::get(&url).header("range", &range);
+        for (name, value) in sign_get(&url, &range) {
+            request = request.header(name, value);
+        }
+        let response = client
+            .request(request.body(http_body_util::Empty::new()).unwrap())
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?;
+        if response.status() != 206 {
+            return Err(format!("GET {url} {range}: {}", response.status()));
+        }
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("GET {url}: {e}"))?
+            .to_bytes();
+        if body.len() as u64 != len {
+            return Err(format!("GET {url} {range}: {} bytes", body.len()));
+        }
+        Ok(started.elapsed().as_secs_f64())
+    })
+}
+
 /// Creates the bucket with an (unsigned-payload) signed request through hyper.
 pub fn create_bucket(endpoint: &str) {
     let runtime = tokio::runtime::Builder::new_current_thread()

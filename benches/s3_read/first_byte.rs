@@ -4,26 +4,43 @@
 
 use std::collections::BTreeMap;
 
+use crate::clients::raw_get_seconds;
 use crate::common::{drop_caches, vs_baseline};
 use crate::mounts::{Contender, Env, Mount};
 use crate::readers::{first_byte, MIB};
 use crate::report::{json_ratio, median};
 use crate::server::Server;
 
-/// The first-byte question: a fresh mount of each contender, once per run.
+/// The first-byte question: a fresh mount of each contender, once per run, and the reference
+/// without FUSE: one signed 1 MiB ranged GET of `plain/a.bin` on a fresh connection.
 #[derive(Default)]
-pub struct FirstByte(Ttfb);
+pub struct FirstByte {
+    mounts: Ttfb,
+    raw: Vec<f64>,
+}
 
 impl FirstByte {
     pub fn measure(&mut self, contender: Contender, server: &Server, env: &Env) {
         match Mount::start(contender, server, env) {
-            Ok(mount) => self.0.record(contender, &mount, server),
+            Ok(mount) => self.mounts.record(contender, &mount, server),
             Err(e) => eprintln!("# {e}"),
         }
     }
 
+    /// One raw 1 MiB GET, timed from sending to the last body byte.
+    pub fn measure_raw(&mut self, server: &Server) {
+        match raw_get_seconds(&server.endpoint(), "plain/a.bin", 0, MIB as u64) {
+            Ok(t) => self.raw.push(t),
+            Err(e) => eprintln!("# raw 1 MiB GET: {e}"),
+        }
+    }
+
     pub fn print(&self, contender: Contender) {
-        self.0.print(contender, &contender.name());
+        self.mounts.print(contender, &contender.name());
+    }
+
+    pub fn print_raw(&self) {
+        print_ttfb("raw 1 MiB GET (hyper)", &self.raw, MIB as f64, None);
     }
 }
 

@@ -108,12 +108,14 @@ pub fn peer_defaults() -> bool {
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Debug)]
 pub enum Contender {
     /// `cache`: with `--cache-dir` (emptied before every mount, so still cold). `chunked`: the
-    /// same files through the v2025 manifest (256 MiB chunk objects) instead of v2023. `build`:
+    /// same files through the v2025 manifest (256 MiB chunk objects) instead of v2023.
+    /// `stream`: `--verify stream` (bytes served as they arrive, checked afterwards). `build`:
     /// which mount_vfs binary runs it.
     MountVfs {
         shards: usize,
         cache: bool,
         chunked: bool,
+        stream: bool,
         build: Build,
     },
     S3fs,
@@ -127,11 +129,13 @@ impl Contender {
                 shards,
                 cache,
                 chunked,
+                stream,
                 build,
             } => format!(
-                "mount_vfs --shards {shards}{}{}{}",
+                "mount_vfs --shards {shards}{}{}{}{}",
                 if cache { " --cache-dir" } else { "" },
                 if chunked { " v2025" } else { "" },
+                if stream { " --verify stream" } else { "" },
                 build.label()
             ),
             Contender::S3fs => "s3fs".into(),
@@ -155,6 +159,7 @@ impl Contender {
                 shards,
                 cache,
                 chunked,
+                stream,
                 ..
             } => builds
                 .iter()
@@ -162,6 +167,7 @@ impl Contender {
                     shards,
                     cache,
                     chunked,
+                    stream,
                     build,
                 })
                 .collect(),
@@ -177,11 +183,13 @@ impl Contender {
                 shards,
                 cache,
                 chunked,
+                stream,
                 build: Build::New,
             } => Some(Contender::MountVfs {
                 shards,
                 cache,
                 chunked,
+                stream,
                 build: Build::Baseline,
             }),
             _ => None,
@@ -219,6 +227,7 @@ impl Mount {
                 shards,
                 cache,
                 chunked,
+                stream,
                 build,
             } => {
                 let manifest = if chunked {
@@ -229,6 +238,9 @@ impl Mount {
                 let mut c = mount_vfs_command(&build.bin(), manifest, &mnt, &endpoint);
                 if cache {
                     c.arg("--cache-dir").arg(&env.cache_dir);
+                }
+                if stream {
+                    c.args(["--verify", "stream"]);
                 }
                 c.args(["--shards", &shards.to_string(), "--memory-limit", "4G"]);
                 c
