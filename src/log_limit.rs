@@ -166,11 +166,17 @@ mod tests {
             .into_iter()
             .map(|t| t.join().unwrap())
             .sum();
-        assert_eq!(written, LINES_PER_WINDOW as usize);
+        // A racer's line at the window's start may slip through as the winner resets the count
+        // (documented on `check_at`): at most one per other thread. None is lost from the count.
+        let most = LINES_PER_WINDOW as usize + 3;
+        assert!(
+            (LINES_PER_WINDOW as usize..=most).contains(&written),
+            "{written}"
+        );
         assert_eq!(
             limit.check_at(7 + WINDOW_SECS),
             Verdict::Write {
-                suppressed: 40_000 - LINES_PER_WINDOW as u64
+                suppressed: 40_000 - written as u64
             }
         );
     }
