@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use glommio::{CpuLocation, CpuSet, LocalExecutorBuilder, Placement};
+use glommio::{CpuLocation, CpuSet, LocalExecutorBuilder, Placement, PoolPlacement};
 use tracing::{error, info, warn};
 
 use crate::alloc::{self, ArenaOutcome, Backing, HugepageMode, MemoryKind, HUGE_PAGE, PAGE};
@@ -595,6 +595,10 @@ where
             .io_memory(io_memory)
             .name(&format!("shard-{}", setup.id))
             .spin_before_park(setup.config.spin_before_park)
+            // The blocking thread (disk-cache writes, a writable mount's overlay calls under
+            // the io_uring transport) runs wherever the scheduler finds room, not on the
+            // shard's own CPU, where it would only take turns with the shard.
+            .blocking_thread_pool_placement(PoolPlacement::Unbound(1))
             .make()
     });
     let ex = match made {

@@ -14,9 +14,11 @@
 //!   object is fetched again. So a corrupt or truncated cache file costs a re-fetch, never
 //!   wrong bytes through the shards. Passthrough hands the kernel a file trusted by either rule:
 //!   bit rot in an unchanged file is caught only by `--recheck-cache` (a scrub).
-//! - Writes are plain `pwrite`s into the page cache, on the shard thread: the bytes are then
-//!   already in memory for the passthrough reader that is usually waiting for them. The shard
-//!   never fsyncs; the record of a new file is written only after a background `fdatasync`
+//! - Writes are plain `pwrite`s into the page cache: the bytes are then already in memory for
+//!   the passthrough reader that is usually waiting for them. A verification stream runs them
+//!   on the shard's blocking thread, a few blocks at a time, so the copy does not hold up the
+//!   shard (`CasWriter::write_block_off_executor`); under `--verify stream` the in-order hasher
+//!   still writes on the shard. The shard never fsyncs; the record of a new file is written only after a background `fdatasync`
 //!   ([`Recorder`]), so after a power loss a torn file has no record and fails its hash.
 //! - Reads are io_uring *buffered* reads (glommio `BufferedFile`) into the shard's arena: a
 //!   freshly written file is served from the page cache, where an O_DIRECT read would first

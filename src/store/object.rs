@@ -10,6 +10,8 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use glommio::io::ReadResult;
 use mount_vfs_executors::{PoolBuffer, Reservation};
@@ -132,7 +134,8 @@ impl<F> OpenFiles<F> {
 /// write leaves nothing; after a crash the pid in the name lets the next start remove it
 /// ([`partial_owner`]). No fsync: a torn object fails its hash and is written again.
 pub struct CasWriter {
-    file: File,
+    /// Shared with the writes in flight on the executor's blocking thread.
+    file: Arc<File>,
     temporary: PathBuf,
     committed: bool,
 }
@@ -144,7 +147,7 @@ impl CasWriter {
         let temporary = root
             .join("Data")
             .join(format!(".{name}.partial-{}-{writer}", std::process::id()));
-        let file = File::create(&temporary)?;
+        let file = Arc::new(File::create(&temporary)?);
         Ok(CasWriter {
             file,
             temporary,
@@ -154,6 +157,35 @@ impl CasWriter {
 
     pub fn write_at(&self, offset: u64, bytes: &[u8]) -> io::Result<()> {
         self.file.write_all_at(bytes, offset)
+    }
+
+    /// Writes `block` at `offset` on the glommio executor's blocking thread, so the copy into the
+    /// page cache does not run on the shard, and hands the block back with the outcome. The
+    /// block stays alive until the write is done: dropping the future early waits for the write
+    /// to finish before the block is freed.
+    pub fn write_block_off_executor(
+        &self,
+        offset: u64,
+        block: Block,
+    ) -> impl std::future::Future<Output = (Block, io::Result<()>)> + 'static {
+        let file = self.file.clone();
+        async move {
+            // Declared first, so dropped last: after `_wait` saw the write end.
+            let block = block;
+            let done = Arc::new(AtomicBool::new(false));
+            let bytes = SendBytes(block.as_ptr(), block.len());
+            let finished = Finished(done.clone());
+            let write = glommio::executor().spawn_blocking(move || {
+                let _finished = finished;
+                // SAFETY: the block these bytes belong to is freed only after `done` is set
+                // (by `_finished`, when this closure returns or is dropped unrun): the future
+                // owns it, and `_wait` below holds a dropped future until then.
+                file.write_all_at(unsafe { bytes.as_slice() }, offset)
+            });
+            let _wait = WaitFor(done);
+            let result = write.await;
+            (block, result)
+        }
     }
 
     /// Puts the object in place as `root/Data/{hash}.xxh128`, replacing any file of that name
@@ -170,6 +202,40 @@ impl CasWriter {
     /// The temporary file, for messages.
     pub fn temporary(&self) -> &Path {
         &self.temporary
+    }
+}
+
+/// The bytes of a [`Block`] lent to the blocking thread for one write.
+struct SendBytes(*const u8, usize);
+
+// SAFETY: only read, and only while the block is kept alive (see `write_block_off_executor`).
+unsafe impl Send for SendBytes {}
+
+impl SendBytes {
+    /// # Safety
+    /// The block must still be alive.
+    unsafe fn as_slice(&self) -> &[u8] {
+        std::slice::from_raw_parts(self.0, self.1)
+    }
+}
+
+/// Sets its flag when dropped: the blocking write is over, or will never run.
+struct Finished(Arc<AtomicBool>);
+
+impl Drop for Finished {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Waits, when dropped, until the blocking write is over (a future dropped mid-write).
+struct WaitFor(Arc<AtomicBool>);
+
+impl Drop for WaitFor {
+    fn drop(&mut self) {
+        while !self.0.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
     }
 }
 

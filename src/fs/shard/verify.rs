@@ -21,6 +21,28 @@ use crate::store::{Block, CasWriter, ObjectRange, StoreError};
 
 type Verify = Shared<LocalBoxFuture<'static, Result<(), FsError>>>;
 
+/// Cache writes one verification stream keeps in flight on the shard's blocking thread.
+const CACHE_WRITES_IN_FLIGHT: usize = 4;
+
+/// Added to a block's index in the tag of its cache write when the block is kept afterwards
+/// (0: dropped once written).
+const KEEP: u32 = 1;
+
+/// A cache write that is done: its block is kept (tag `index + KEEP`) or dropped, and its
+/// first failure noted.
+fn settle(
+    (tag, (block, written)): (u32, (Block, std::io::Result<()>)),
+    hasher: &mut ObjectHasher,
+    write_failed: &mut Option<std::io::Error>,
+) {
+    if let Err(e) = written {
+        write_failed.get_or_insert(e);
+    }
+    if let Some(index) = tag.checked_sub(KEEP) {
+        hasher.keep(index, block);
+    }
+}
+
 /// What this shard knows about the objects it has verified, is verifying, or saw fail.
 #[derive(Default)]
 pub(super) struct Verification {
@@ -275,6 +297,11 @@ impl FileService {
                 .map(|(range, memory)| async move { self.fetch(memory?, range, source).await })
                 .buffered(VERIFY_READS_IN_FLIGHT),
         );
+        // Cache writes run on the shard's blocking thread, a few at a time, each holding its
+        // block until written (then kept or dropped): the copy into the page cache stays off
+        // the shard, which goes on fetching, hashing and serving meanwhile.
+        let mut writes = futures::stream::FuturesOrdered::new();
+        let mut write_failed = None;
         let mut index = 0u32;
         let result = loop {
             let Some(block) = reads.next().await else {
@@ -285,25 +312,42 @@ impl FileService {
                 Err(error) => break Err(StreamError::Failed(error)),
             };
             hasher.update(&block);
-            if let Some(file) = writer {
-                if let Err(e) = file.write_at(index as u64 * block_size, &block) {
-                    self.warn_cache_write(&self.cache_location(hash), e);
-                    // Dropping the writer deletes its temporary file: no cache copy this time.
-                    *writer = None;
-                }
-            }
             // Keep the head of the object for the reader that is waiting, within a shard-wide
             // budget that leaves room for the reads in flight, so concurrent verifications
             // cannot fill the pool with unpublished blocks. Every block not kept is read
             // again after verification, so keep as much as the cache could hold.
-            if self.may_keep(hash) && retained.get() + block.len() <= self.retention_budget() {
+            let keep =
+                self.may_keep(hash) && retained.get() + block.len() <= self.retention_budget();
+            if keep {
                 retained.set(retained.get() + block.len());
                 kept_bytes += block.len();
-                hasher.keep(index, block);
+            }
+            match writer.as_ref().filter(|_| write_failed.is_none()) {
+                Some(file) => {
+                    let offset = index as u64 * block_size;
+                    // Tagged with whether to keep the block once it is written.
+                    let tag = if keep { index + KEEP } else { 0 };
+                    let write = file.write_block_off_executor(offset, block);
+                    writes.push_back(write.map(move |done| (tag, done)));
+                    while writes.len() >= CACHE_WRITES_IN_FLIGHT {
+                        let done = writes.next().await.expect("writes in flight");
+                        settle(done, &mut hasher, &mut write_failed);
+                    }
+                }
+                None if keep => hasher.keep(index, block),
+                None => {}
             }
             index += 1;
         };
         drop(reads);
+        while let Some(done) = writes.next().await {
+            settle(done, &mut hasher, &mut write_failed);
+        }
+        if let Some(e) = write_failed {
+            self.warn_cache_write(&self.cache_location(hash), e);
+            // Dropping the writer deletes its temporary file: no cache copy this time.
+            *writer = None;
+        }
         retained.set(retained.get() - kept_bytes);
         result?;
         hasher.finish().map_err(StreamError::Mismatch)
