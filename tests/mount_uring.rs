@@ -222,6 +222,15 @@ fn ring_counts(stderr: &str) -> Option<(u64, u64)> {
     Some((ring, dev))
 }
 
+/// The names of the threads of process `pid`.
+fn thread_names(pid: u32) -> Vec<String> {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|task| fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .collect()
+}
+
 /// Mounts `manifest` from `cas` on `dir` with two shards and the `extra` flags.
 fn mount_with(manifest: &Path, cas: &Path, dir: &Path, extra: &[&str]) -> Mount {
     Mount::start(manifest, cas, dir, MountOptions { shards: 2, extra })
@@ -300,6 +309,17 @@ fn uring_transport_serves_and_auto_falls_back() {
         let transport = ["--transport", "uring"];
         let mount = mount_with(&manifest, &cas, &dir, &transport);
         let random_reads = check_content(&dir, &files);
+        // The shards serve the ring queues themselves: besides the shards and glommio's own
+        // threads there is one `/dev/fuse` reader (FORGET, INTERRUPT) and no thread per queue.
+        let threads = thread_names(mount.pid().expect("running"));
+        assert!(
+            !threads
+                .iter()
+                .any(|name| name.starts_with("mount_vfs-ring")),
+            "{threads:?}"
+        );
+        let readers = threads.iter().filter(|n| *n == "mount_vfs-fuse").count();
+        assert_eq!(readers, 1, "{threads:?}");
         let link = fs::read_link(dir.join("hello.txt"));
         assert!(link.is_err(), "a file is no symlink");
         // GETXATTR over the ring: the stats snapshot.
