@@ -303,7 +303,6 @@ fn task_on_files(dir: &Path, scene: &Scene) -> Result<f64, String> {
 /// The task through no filesystem: `JOB_READERS` workers over the fixed order, each file's
 /// bytes as ranged GETs of `RAW_GET`, `RAW_IN_FLIGHT` in flight, hashed in order and checked.
 fn task_raw(endpoint: &str, scene: &Scene) -> Result<f64, String> {
-    use http_body_util::BodyExt;
     let (runtime, client) = clients::hyper_client();
     let jobs: Arc<Vec<(String, u64, u128)>> = Arc::new(
         scene
@@ -336,28 +335,9 @@ fn task_raw(endpoint: &str, scene: &Scene) -> Result<f64, String> {
                             .map(|(o, n)| {
                                 let (client, url) = (client.clone(), url.clone());
                                 async move {
-                                    let range = format!("bytes={o}-{}", o + n - 1);
-                                    let mut request =
-                                        http::Request::get(&url).header("range", &range);
-                                    for (name, value) in clients::sign_get(&url, &range) {
-                                        request = request.header(name, value);
-                                    }
-                                    let response = client
-                                        .request(
-                                            request.body(http_body_util::Empty::new()).unwrap(),
-                                        )
-                                        .await
-                                        .map_err(|e| format!("GET {url}: {e}"))?;
-                                    if response.status() != 206 {
-                                        return Err(format!("GET {url}: {}", response.status()));
-                                    }
-                                    let body = response
-                                        .into_body()
-                                        .collect()
-                                        .await
-                                        .map_err(|e| format!("GET {url}: {e}"))?
-                                        .to_bytes();
-                                    Ok::<Bytes, String>(body)
+                                    let response =
+                                        clients::signed_range_get(&client, &url, o, n).await?;
+                                    clients::body_bytes(response, &url).await
                                 }
                             })
                             .buffered(RAW_IN_FLIGHT);

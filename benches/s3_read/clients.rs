@@ -220,14 +220,14 @@ fn sign_request(
         .collect()
 }
 
+/// hyper's HTTP/1.1 client, as the raw baselines use it.
+pub type HyperClient = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Empty<Bytes>,
+>;
+
 /// The raw baselines' HTTP client: hyper's pooled HTTP/1.1 client on a 2-thread tokio runtime.
-pub fn hyper_client() -> (
-    tokio::runtime::Runtime,
-    hyper_util::client::legacy::Client<
-        hyper_util::client::legacy::connect::HttpConnector,
-        http_body_util::Empty<Bytes>,
-    >,
-) {
+pub fn hyper_client() -> (tokio::runtime::Runtime, HyperClient) {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -237,6 +237,55 @@ pub fn hyper_client() -> (
         .pool_max_idle_per_host(32)
         .build_http();
     (runtime, client)
+}
+
+/// A client with no connection yet, on a current-thread runtime: one request as a fresh mount
+/// makes it.
+fn fresh_client() -> (tokio::runtime::Runtime, HyperClient) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    (runtime, client)
+}
+
+/// One signed GET of bytes `[offset, offset + len)` of `url`; the response once it is known to
+/// be the 206 that range asks for.
+pub async fn signed_range_get(
+    client: &HyperClient,
+    url: &str,
+    offset: u64,
+    len: u64,
+) -> Result<http::Response<hyper::body::Incoming>, String> {
+    let range = format!("bytes={offset}-{}", offset + len - 1);
+    let mut request = http::Request::get(url).header("range", &range);
+    for (name, value) in sign_get(url, &range) {
+        request = request.header(name, value);
+    }
+    let response = client
+        .request(request.body(http_body_util::Empty::new()).unwrap())
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?;
+    if response.status() != 206 {
+        return Err(format!("GET {url} {range}: {}", response.status()));
+    }
+    Ok(response)
+}
+
+/// The whole body of `response` to a GET of `url`.
+pub async fn body_bytes(
+    response: http::Response<hyper::body::Incoming>,
+    url: &str,
+) -> Result<Bytes, String> {
+    use http_body_util::BodyExt;
+    Ok(response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("GET {url}: {e}"))?
+        .to_bytes())
 }
 
 /// An independent baseline: hyper's pooled HTTP/1.1 client on a 2-thread tokio runtime,
@@ -262,16 +311,9 @@ pub fn raw_hyper(endpoint: &str, keys: [String; 2], readers: usize, size: u64) -
                             let client = client.clone();
                             let url = url.clone();
                             async move {
-                                let range = format!("bytes={o}-{}", o + len - 1);
-                                let mut request = http::Request::get(&url).header("range", &range);
-                                for (name, value) in sign_get(&url, &range) {
-                                    request = request.header(name, value);
-                                }
-                                let response = client
-                                    .request(request.body(http_body_util::Empty::new()).unwrap())
+                                let response = signed_range_get(&client, &url, o, len)
                                     .await
                                     .expect("hyper GET");
-                                assert_eq!(response.status(), 206, "hyper GET {url} {range}");
                                 let mut body = response.into_body();
                                 let mut n = 0u64;
                                 while let Some(frame) = body.frame().await {
@@ -303,37 +345,14 @@ pub fn raw_hyper(endpoint: &str, keys: [String; 2], readers: usize, size: u64) -
 /// One signed GET of `len` bytes at `offset` of `key` on a fresh hyper client (a new
 /// connection, as a fresh mount has): seconds from sending it to its last body byte.
 pub fn raw_get_seconds(endpoint: &str, key: &str, offset: u64, len: u64) -> Result<f64, String> {
-    use http_body_util::BodyExt;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (runtime, client) = fresh_client();
     runtime.block_on(async {
-        let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http();
         let url = format!("{endpoint}/{BUCKET}/{key}");
-        let range = format!("bytes={offset}-{}", offset + len - 1);
         let started = Instant::now();
-        let mut request = http::Request::get(&url).header("range", &range);
-        for (name, value) in sign_get(&url, &range) {
-            request = request.header(name, value);
-        }
-        let response = client
-            .request(request.body(http_body_util::Empty::new()).unwrap())
-            .await
-            .map_err(|e| format!("GET {url}: {e}"))?;
-        if response.status() != 206 {
-            return Err(format!("GET {url} {range}: {}", response.status()));
-        }
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| format!("GET {url}: {e}"))?
-            .to_bytes();
+        let response = signed_range_get(&client, &url, offset, len).await?;
+        let body = body_bytes(response, &url).await?;
         if body.len() as u64 != len {
-            return Err(format!("GET {url} {range}: {} bytes", body.len()));
+            return Err(format!("GET {url} at {offset}: {} bytes", body.len()));
         }
         Ok(started.elapsed().as_secs_f64())
     })
@@ -341,14 +360,8 @@ pub fn raw_get_seconds(endpoint: &str, key: &str, offset: u64, len: u64) -> Resu
 
 /// Creates the bucket with an (unsigned-payload) signed request through hyper.
 pub fn create_bucket(endpoint: &str) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let (runtime, client) = fresh_client();
     runtime.block_on(async {
-        let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<Bytes>> =
-            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-                .build_http();
         let url = format!("{endpoint}/{BUCKET}");
         let mut request = http::Request::put(&url);
         for (name, value) in sign_request(
