@@ -66,6 +66,11 @@ fn random_reads(len: usize, n: usize) -> Vec<(usize, usize)> {
         .collect()
 }
 
+/// A one-shard mount of `manifest` from the S3 `store` on `mnt`, with the `extra` flags.
+fn mount_s3(manifest: &Path, store: &[&str], mnt: &Path, extra: &[&str]) -> Mount {
+    Mount::start_with_store(manifest, store, &MOUNT_ENV, mnt, MountOptions::with(extra))
+}
+
 fn stream_reads_are_exact(
     endpoint: &str,
     env: &[(&str, &str)],
@@ -150,13 +155,7 @@ fn a_partial_read_under_stream_fetches_a_fraction_of_the_object() {
     let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
     let fetched_for_one_read = |mode: &str, dir: &str| {
         let extra = ["--verify", mode, "--part-size", "1M", "--stats"];
-        let mut mount = Mount::start_with_store(
-            &manifest,
-            &store,
-            &MOUNT_ENV,
-            &work.path().join(dir),
-            MountOptions::with(&extra),
-        );
+        let mut mount = mount_s3(&manifest, &store, &work.path().join(dir), &extra);
         let file = std::fs::File::open(mount.dir.join("huge.bin")).unwrap();
         let mut buffer = vec![0u8; MIB];
         let at = 40 * MIB + 4096;
@@ -212,13 +211,7 @@ fn a_corrupt_object_is_quarantined_under_stream_and_never_served_under_object() 
         "--metrics-addr",
         &metrics_addr,
     ];
-    let mut mount = Mount::start_with_store(
-        &manifest,
-        &store,
-        &MOUNT_ENV,
-        &work.path().join("mnt"),
-        MountOptions::with(&extra),
-    );
+    let mut mount = mount_s3(&manifest, &store, &work.path().join("mnt"), &extra);
     let bad = mount.dir.join("bad.bin");
     let kept_open = std::fs::File::open(&bad).unwrap();
     // What the server holds is served until the hash is complete; then EIO.
@@ -298,12 +291,11 @@ fn a_corrupt_object_is_quarantined_under_stream_and_never_served_under_object() 
     drop(mount);
 
     // Object mode, a fresh mount and cache: EIO at the first read, nothing served.
-    let mut mount = Mount::start_with_store(
+    let mut mount = mount_s3(
         &manifest,
         &store,
-        &MOUNT_ENV,
         &work.path().join("mnt-object"),
-        MountOptions::with(&["--verify", "object", "--stats"]),
+        &["--verify", "object", "--stats"],
     );
     let (served, error) = read_until_error(&mount.dir.join("bad.bin"), &stored);
     assert_eq!(error.raw_os_error(), Some(libc::EIO), "{}", mount.stderr());
@@ -356,13 +348,7 @@ fn stream_mode_starts_an_object_with_a_1_mib_get_that_doubles_to_the_part_size()
     let endpoint = proxy.endpoint();
     let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
     let extra = ["--verify", "stream", "--part-size", "8M", "--stats"];
-    let mut mount = Mount::start_with_store(
-        &manifest,
-        &store,
-        &MOUNT_ENV,
-        &work.path().join("mnt"),
-        MountOptions::with(&extra),
-    );
+    let mut mount = mount_s3(&manifest, &store, &work.path().join("mnt"), &extra);
     let path = mount.dir.join("big.bin");
     let file = std::fs::File::open(&path).unwrap();
     let mut head = vec![0u8; 4096];
@@ -421,12 +407,11 @@ fn a_sequential_read_with_a_disk_cache_fetches_each_byte_once_in_both_modes() {
             "--stats",
         ];
         let before = proxy.gets_log().len();
-        let mut mount = Mount::start_with_store(
+        let mut mount = mount_s3(
             &manifest,
             &store,
-            &MOUNT_ENV,
             &work.path().join(format!("mnt-{mode}")),
-            MountOptions::with(&extra),
+            &extra,
         );
         assert!(
             read_all(&mount.dir.join("big.bin")).unwrap() == big,
