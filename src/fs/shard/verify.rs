@@ -24,21 +24,17 @@ type Verify = Shared<LocalBoxFuture<'static, Result<(), FsError>>>;
 /// Cache writes one verification stream keeps in flight on the shard's blocking thread.
 const CACHE_WRITES_IN_FLIGHT: usize = 4;
 
-/// Added to a block's index in the tag of its cache write when the block is kept afterwards
-/// (0: dropped once written).
-const KEEP: u32 = 1;
-
-/// A cache write that is done: its block is kept (tag `index + KEEP`) or dropped, and its
-/// first failure noted.
+/// A cache write that is done: its block is kept for publication (`keep`: its index) or
+/// dropped, and the write's first failure noted.
 fn settle(
-    (tag, (block, written)): (u32, (Block, std::io::Result<()>)),
+    (keep, (block, written)): (Option<u32>, (Block, std::io::Result<()>)),
     hasher: &mut ObjectHasher,
     write_failed: &mut Option<std::io::Error>,
 ) {
     if let Err(e) = written {
         write_failed.get_or_insert(e);
     }
-    if let Some(index) = tag.checked_sub(KEEP) {
+    if let Some(index) = keep {
         hasher.keep(index, block);
     }
 }
@@ -325,10 +321,10 @@ impl FileService {
             match writer.as_ref().filter(|_| write_failed.is_none()) {
                 Some(file) => {
                     let offset = index as u64 * block_size;
-                    // Tagged with whether to keep the block once it is written.
-                    let tag = if keep { index + KEEP } else { 0 };
+                    // Tagged with the index to keep the block under once it is written.
+                    let keep_as = keep.then_some(index);
                     let write = file.write_block_off_executor(offset, block);
-                    writes.push_back(write.map(move |done| (tag, done)));
+                    writes.push_back(write.map(move |done| (keep_as, done)));
                     while writes.len() >= CACHE_WRITES_IN_FLIGHT {
                         let done = writes.next().await.expect("writes in flight");
                         settle(done, &mut hasher, &mut write_failed);
