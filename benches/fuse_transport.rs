@@ -146,6 +146,15 @@ impl Contender {
             Contender::MountVfs(t) => format!("mount_vfs {t:?}"),
         }
     }
+
+    /// The same server over `/dev/fuse`, for an io_uring contender.
+    fn over_dev(self) -> Option<Contender> {
+        match self {
+            Contender::Null(Transport::Uring) => Some(Contender::Null(Transport::Dev)),
+            Contender::MountVfs(Transport::Uring) => Some(Contender::MountVfs(Transport::Dev)),
+            _ => None,
+        }
+    }
 }
 
 /// A mounted contender; unmounts when dropped.
@@ -722,26 +731,11 @@ fn main() {
                 }
             }
             for (row, contender) in rows.into_iter().zip(&contenders) {
-                let label = format!("{}, {readers} reader(s)", contender.label());
+                let label = |c: Contender| format!("{}, {readers} reader(s)", c.label());
                 // io_uring rows are compared with the same server over /dev/fuse.
-                match contender {
-                    Contender::Null(Transport::Uring) => chart.bar_vs(
-                        &label,
-                        &row.rates,
-                        &format!(
-                            "{}, {readers} reader(s)",
-                            Contender::Null(Transport::Dev).label()
-                        ),
-                    ),
-                    Contender::MountVfs(Transport::Uring) => chart.bar_vs(
-                        &label,
-                        &row.rates,
-                        &format!(
-                            "{}, {readers} reader(s)",
-                            Contender::MountVfs(Transport::Dev).label()
-                        ),
-                    ),
-                    _ => chart.bar(&label, &row.rates),
+                match contender.over_dev() {
+                    Some(dev) => chart.bar_vs(&label(*contender), &row.rates, &label(dev)),
+                    None => chart.bar(&label(*contender), &row.rates),
                 }
                 println!(
                     "{:<9} {:<15} {:>7} {:>12.0} {:>9.1} {:>9.1} {:>10}",
