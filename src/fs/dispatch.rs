@@ -88,9 +88,15 @@ impl Dispatcher {
         &self.shards
     }
 
-    /// Whether changes go through an overlay, whose calls may block on disk.
-    pub fn is_writable(&self) -> bool {
+    /// Whether serving a request of `op` may block the calling thread on disk: on a writable
+    /// mount everything the overlay answers (its journal is written and synced); never the
+    /// requests this dispatcher only hands to a shard, or answers from memory.
+    pub fn may_block(&self, op: Op) -> bool {
         self.overlay.is_some()
+            && !matches!(
+                op,
+                Op::Read | Op::Write | Op::Release | Op::Flush | Op::Fallocate
+            )
     }
 
     /// Serves `request`: answers it here or hands it to its owner shard.

@@ -3,6 +3,8 @@
 //! structures needed are simpler to write as bytes than to mirror as `repr(C)` types.
 //! benches/fuse_transport.rs uses the same module.
 
+use crate::fs::Op;
+
 pub const LOOKUP: u32 = 1;
 pub const FORGET: u32 = 2;
 pub const GETATTR: u32 = 3;
@@ -193,8 +195,40 @@ impl Put for Vec<u8> {
     }
 }
 
-/// Whether the filesystem only routes a request of `opcode` to a shard (or answers it from
-/// memory), so a ring task may dispatch it on the shard's executor even on a writable mount.
-pub fn routed_to_shards(opcode: u32) -> bool {
-    matches!(opcode, READ | WRITE | RELEASE | FLUSH | FALLOCATE)
+/// The filesystem operation of a request of `opcode`; `None` for the session's own messages
+/// (INIT, FORGET, INTERRUPT, ...) and what the filesystem does not serve.
+pub fn op(opcode: u32) -> Option<Op> {
+    Some(match opcode {
+        LOOKUP => Op::Lookup,
+        GETATTR => Op::GetAttr,
+        SETATTR => Op::SetAttr,
+        READLINK => Op::ReadLink,
+        SYMLINK => Op::Symlink,
+        MKNOD => Op::Mknod,
+        MKDIR => Op::Mkdir,
+        UNLINK => Op::Unlink,
+        RMDIR => Op::Rmdir,
+        RENAME | RENAME2 => Op::Rename,
+        LINK => Op::Link,
+        OPEN => Op::Open,
+        READ => Op::Read,
+        WRITE => Op::Write,
+        STATFS => Op::StatFs,
+        RELEASE => Op::Release,
+        FSYNC => Op::Fsync,
+        SETXATTR => Op::SetXattr,
+        GETXATTR => Op::GetXattr,
+        LISTXATTR => Op::ListXattr,
+        REMOVEXATTR => Op::RemoveXattr,
+        FLUSH => Op::Flush,
+        OPENDIR => Op::OpenDir,
+        READDIR => Op::ReadDir,
+        RELEASEDIR => Op::ReleaseDir,
+        FSYNCDIR => Op::FsyncDir,
+        ACCESS => Op::Access,
+        CREATE => Op::Create,
+        FALLOCATE => Op::Fallocate,
+        READDIRPLUS => Op::ReadDirPlus,
+        _ => return None,
+    })
 }

@@ -321,7 +321,6 @@ async fn watch(eventfd: OwnedFd, closed: Rc<Cell<bool>>, commits: Arc<Commits>) 
 
 /// Serves the shard's queues until the connection ends.
 async fn serve(mut ring: ShardRing, queues: &ShardQueues, commits: &Arc<Commits>) {
-    let writable = queues.dispatcher.is_writable();
     let mut closing = false;
     let mut done: Vec<(u64, i32)> = Vec::new();
     let mut answered = Vec::new();
@@ -377,7 +376,7 @@ async fn serve(mut ring: ShardRing, queues: &ShardQueues, commits: &Arc<Commits>
             {
                 queues.counts.crossed.fetch_add(1, Ordering::Relaxed);
             }
-            if writable && !abi::routed_to_shards(h.opcode) {
+            if abi::op(h.opcode).is_some_and(|op| queues.dispatcher.may_block(op)) {
                 // The overlay's changes write and sync its journal: never on the executor.
                 let dispatcher = queues.dispatcher.clone();
                 let payload = body.to_vec();
