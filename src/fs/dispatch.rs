@@ -220,8 +220,13 @@ impl Dispatcher {
 
     /// Hands a data request to the inode's owner shard. A shard that is gone (shutting down)
     /// fails the request.
+    /// The shard that owns inode `ino` and serves its data requests.
+    pub fn owner(&self, ino: Ino) -> usize {
+        owner(ino, self.shards.len())
+    }
+
     pub(super) fn route(&self, ino: Ino, request: ShardRequest) {
-        let shard = owner(ino, self.shards.len());
+        let shard = self.owner(ino);
         if let Err(unsent) = self.shards[shard].send(request) {
             tracing::warn!(shard, ino, "shard mailbox closed; request failed");
             unsent.msg.fail(&self.ops, FsError::ShuttingDown);

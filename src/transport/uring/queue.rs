@@ -28,7 +28,6 @@ use super::abi;
 use super::decode::{decode, Decoded};
 use super::reply::{Answer, Sink};
 use crate::fs::Dispatcher;
-use crate::namespace::owner;
 
 /// Entries per queue: requests of one CPU that may be in the filesystem at once.
 pub(super) const DEPTH: usize = 8;
@@ -199,7 +198,6 @@ pub(super) struct ShardQueues {
     pub dispatcher: Arc<Dispatcher>,
     pub counts: Arc<Counts>,
     pub shard: usize,
-    pub shards: usize,
 }
 
 /// The shard's ring and its entries. Entries the kernel still holds are never freed: dropping
@@ -372,7 +370,7 @@ async fn serve(mut ring: ShardRing, queues: &ShardQueues, commits: &Arc<Commits>
                 h.unique,
             );
             if matches!(h.opcode, abi::READ | abi::WRITE)
-                && owner(h.nodeid, queues.shards) != queues.shard
+                && queues.dispatcher.owner(h.nodeid) != queues.shard
             {
                 queues.counts.crossed.fetch_add(1, Ordering::Relaxed);
             }

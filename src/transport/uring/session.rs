@@ -115,7 +115,6 @@ pub fn start(
             dispatcher: dispatcher.clone(),
             counts: counts.clone(),
             shard,
-            shards,
         };
         let (ready, registered) = std::sync::mpsc::channel();
         let job = ShardRequest::Run(Box::new(move || {
