@@ -22,8 +22,9 @@
 //! In the same runs, mount_vfs itself serves the same file (a local CAS, `--transport dev` and
 //! `--transport uring`, one shard per CPU), warm: the file is read through once after mounting,
 //! so every block is in the shards' pools and each row measures the request path, not the
-//! store. Over io_uring a request arrives on the shard of the reader's CPU; the share that then
-//! crossed to the file's owner shard is printed from mount_vfs's log. Clients read with
+//! store. Over io_uring a request arrives on the shard of the reader's CPU; the shares that then
+//! crossed to the file's owner shard, and that were served where they arrived from that shard's
+//! replica of the block, are printed from mount_vfs's log. Clients read with
 //! `O_DIRECT` so that every read reaches the server (the do-nothing server also sets
 //! `FOPEN_DIRECT_IO`; mount_vfs lets the kernel cache pages otherwise), except the buffered
 //! rows, which evict the file's pages at the start of each pass. `BENCH_VFS=0` leaves the
@@ -616,15 +617,17 @@ struct Row {
     via_dev: u64,
     /// mount_vfs's CPU (all its threads) per call, µs.
     cpu_per_call: Vec<f64>,
-    /// mount_vfs over io_uring: the share of ring requests that arrived on a shard other than
-    /// their inode's owner and crossed to it (last run).
-    crossed: Option<f64>,
+    /// mount_vfs over io_uring: the shares of ring requests that arrived on a shard other than
+    /// their inode's owner and crossed to it, and that were served where they arrived from a
+    /// replica of the block (last run).
+    crossed: Option<(f64, f64)>,
 }
 
-/// The share of ring requests that crossed shards, from the last session summary in a
-/// mount_vfs log ("N requests served over the ring (M READs and WRITEs arrived on a shard
-/// other than ...").
-fn crossed_share(log: &Path) -> Option<f64> {
+/// The shares of ring requests that crossed shards and that were served from replicas, from the
+/// last session summary in a mount_vfs log ("N requests served over the ring (M READs and
+/// WRITEs crossed to their inode's owner shard, R READs of other shards' inodes were served
+/// from replicas ...").
+fn crossed_share(log: &Path) -> Option<(f64, f64)> {
     let text = fs::read_to_string(log).ok()?;
     let line = text
         .lines()
@@ -635,8 +638,9 @@ fn crossed_share(log: &Path) -> Option<f64> {
         head.trim_end().rsplit([' ', '(']).next()?.parse().ok()
     };
     let ring = number_before(" requests served over the ring")?;
-    let crossed = number_before(" READs and WRITEs arrived")?;
-    (ring > 0.0).then(|| crossed / ring)
+    let crossed = number_before(" READs and WRITEs crossed")?;
+    let replicated = number_before(" READs of other shards' inodes")?;
+    (ring > 0.0).then(|| (crossed / ring, replicated / ring))
 }
 
 fn main() {
@@ -750,10 +754,12 @@ fn main() {
                         Contender::MountVfs(_) => format!(
                             "cpu {:.1} us/call{}",
                             median(row.cpu_per_call),
-                            row.crossed.map_or(String::new(), |share| format!(
-                                ", {:.0}% crossed shards",
-                                share * 100.0
-                            ))
+                            row.crossed
+                                .map_or(String::new(), |(crossed, replicated)| format!(
+                                    ", {:.0}% crossed shards, {:.0}% from replicas",
+                                    crossed * 100.0,
+                                    replicated * 100.0
+                                ))
                         ),
                     }
                 );

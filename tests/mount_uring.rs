@@ -211,15 +211,31 @@ fn check_changes(dir: &Path, files: &[(&str, Vec<u8>)]) {
     assert_eq!(out, ["fifo", "link", "made.bin"]);
 }
 
-/// The count in the session's last line, "N requests served over the ring, M over /dev/fuse".
-fn ring_counts(stderr: &str) -> Option<(u64, u64)> {
+/// What the session's last line counts: "N requests served over the ring (C READs and WRITEs
+/// crossed to their inode's owner shard, R READs of other shards' inodes were served from
+/// replicas where they arrived), D over /dev/fuse".
+#[derive(Debug)]
+struct RingCounts {
+    ring: u64,
+    crossed: u64,
+    replicated: u64,
+    dev: u64,
+}
+
+fn ring_counts(stderr: &str) -> Option<RingCounts> {
     let line = stderr
         .lines()
         .find(|l| l.contains("requests served over the ring"))?;
-    let after = line.split("FUSE over io_uring: ").nth(1)?;
-    let ring = after.split(' ').next()?.parse().ok()?;
-    let dev = after.split(", ").nth(1)?.split(' ').next()?.parse().ok()?;
-    Some((ring, dev))
+    let number_before = |marker: &str| -> Option<u64> {
+        let head = &line[..line.find(marker)?];
+        head.trim_end().rsplit([' ', '(']).next()?.parse().ok()
+    };
+    Some(RingCounts {
+        ring: number_before(" requests served over the ring")?,
+        crossed: number_before(" READs and WRITEs crossed")?,
+        replicated: number_before(" READs of other shards' inodes")?,
+        dev: number_before(" over /dev/fuse")?,
+    })
 }
 
 /// The names of the threads of process `pid`.
@@ -248,10 +264,10 @@ fn stop_cleanly(mut mount: Mount) -> String {
 /// requests and `/dev/fuse` less than a tenth as many.
 fn stop_and_check_ring(mount: Mount, at_least: u64) -> String {
     let stderr = stop_cleanly(mount);
-    let (ring, dev) = ring_counts(&stderr).unwrap_or_else(|| panic!("no counts:\n{stderr}"));
+    let counts = ring_counts(&stderr).unwrap_or_else(|| panic!("no counts:\n{stderr}"));
     assert!(
-        ring >= at_least && dev < ring / 10,
-        "{ring} requests over the ring, {dev} over /dev/fuse"
+        counts.ring >= at_least && counts.dev < counts.ring / 10,
+        "{counts:?}"
     );
     stderr
 }
@@ -481,4 +497,88 @@ fn uring_transport_passes_cached_files_through() {
         bytes.len()
     );
     assert!(!common::is_mounted(&dir));
+}
+
+/// Runs `work` on a thread pinned to `cpu`.
+fn on_cpu<T: Send>(cpu: usize, work: impl FnOnce() -> T + Send) -> T {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: a CPU set on the stack, for this thread only.
+                unsafe {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(cpu, &mut set);
+                    let size = std::mem::size_of::<libc::cpu_set_t>();
+                    assert_eq!(libc::sched_setaffinity(0, size, &set), 0, "pin to {cpu}");
+                }
+                work()
+            })
+            .join()
+            .unwrap()
+    })
+}
+
+/// A READ that arrives on a shard other than its file's owner (a reader on another CPU) is
+/// served there from that shard's replica of the block once the owner has copied it over: with
+/// a reader on every CPU in turn, most reads of the other CPUs never cross, and every byte is
+/// the file's, also for reads that span two blocks (which always go to the owner).
+#[test]
+fn uring_reads_on_other_shards_are_served_from_replicas() {
+    let Some(Fixture {
+        _serial,
+        tmp: _tmp,
+        files,
+        manifest,
+        cas,
+        dir,
+    }) = Fixture::new()
+    else {
+        return;
+    };
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        eprintln!("skipped: one CPU, so every read arrives on its owner shard");
+        return;
+    }
+    let _on = UringParameter::set("Y");
+    let transport = ["--transport", "uring"];
+    let every_cpu = MountOptions {
+        shards: cpus,
+        extra: &transport,
+    };
+    let mount = Mount::start(&manifest, &cas, &dir, every_cpu);
+    let (path, big) = (dir.join(files[2].0), &files[2].1);
+    let reads_per_cpu = 200u64;
+    for cpu in 0..cpus {
+        on_cpu(cpu, || {
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&path)
+                .unwrap();
+            let mut buf = AlignedBuf::new(8192);
+            // Block boundaries at 4 MiB: a read across the first one, then 4 KiB reads.
+            let across = (4 << 20) - 4096;
+            assert_eq!(file.read_at(buf.as_mut(), across).unwrap(), 8192);
+            assert!(buf.as_mut()[..] == big[across as usize..across as usize + 8192]);
+            for i in 0..reads_per_cpu {
+                let offset = (i * 7919 % (BIG as u64 / 4096)) * 4096;
+                let n = file.read_at(&mut buf.as_mut()[..4096], offset).unwrap();
+                let end = (offset as usize + n).min(BIG);
+                assert_eq!(n, end - offset as usize);
+                assert!(
+                    buf.as_mut()[..n] == big[offset as usize..end],
+                    "4 KiB at {offset} on CPU {cpu}"
+                );
+            }
+        });
+    }
+    let stderr = stop_cleanly(mount);
+    let counts = ring_counts(&stderr).unwrap_or_else(|| panic!("no counts:\n{stderr}"));
+    // The other CPUs' reads: the first of each of the file's 4 blocks crosses (and asks for
+    // the replica), as may the few that come before the copy is in.
+    eprintln!("{counts:?}");
+    let others = (cpus as u64 - 1) * reads_per_cpu;
+    assert!(counts.replicated >= others / 2, "{counts:?}");
+    assert!(counts.replicated > 4 * counts.crossed, "{counts:?}");
 }

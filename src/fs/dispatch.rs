@@ -20,7 +20,7 @@ use mount_vfs_executors::ShardSender;
 use super::error::FsError;
 use super::op_counters::{Op, OpCounters};
 use super::request::{fail, Attributes, DirPlusReply, DirReply, Open, Request, StatFs, ATTR_TTL};
-use super::shard::ShardRequest;
+use super::shard::{LocalShard, ShardRequest};
 use crate::namespace::{owner, Attr, Ino, Namespace, NodeKind, ROOT_INO};
 
 /// Reported as `st_blksize`: tools like `cp` size their reads from it, and 1 MiB matches the
@@ -135,7 +135,7 @@ impl Dispatcher {
                 Ok(()) => self.route(open.ino, ShardRequest::Open(open)),
                 Err(error) => fail(&self.ops, open.reply, Op::Open, open.ino, error),
             },
-            Request::Read(read) => self.route(read.ino, ShardRequest::Read(read)),
+            Request::Read(read) => self.route(read.ino, ShardRequest::Read(read, None)),
             Request::Release(release) => self.route(release.ino, ShardRequest::Release(release)),
             // Nothing is ever dirty on a read-only mount.
             Request::Flush { reply, .. } | Request::ReleaseDir { reply, .. } => reply.ok(),
@@ -188,6 +188,30 @@ impl Dispatcher {
                 let op = change.op();
                 let (reply, ino) = change.into_reply();
                 fail(&self.ops, reply, op, ino, FsError::ReadOnly);
+            }
+        }
+    }
+
+    /// Serves `request`, which arrived on shard `here` (a transport that receives requests on
+    /// the shards themselves calls this on that shard's thread): on a read-only mount a READ
+    /// of an inode another shard owns is served from `here`'s replica of its block when it has
+    /// one (`fs::shard::replica`), and otherwise forwarded as by [`Dispatcher::dispatch`],
+    /// asking the owner for that replica. True when `here` served it from a replica.
+    pub fn dispatch_on(&self, here: &LocalShard, request: Request<'_>) -> bool {
+        match request {
+            Request::Read(read) if self.overlay.is_none() && self.owner(read.ino) != here.id() => {
+                self.ops.request(Op::Read);
+                match here.read_replicated(read) {
+                    Ok(()) => true,
+                    Err((read, replica)) => {
+                        self.route(read.ino, ShardRequest::Read(read, replica));
+                        false
+                    }
+                }
+            }
+            request => {
+                self.dispatch(request);
+                false
             }
         }
     }

@@ -30,8 +30,8 @@ pub(crate) mod testing;
 pub use dispatch::{Dispatcher, StatsSnapshot, PREFERRED_IO_SIZE, STATS_XATTR};
 pub use error::FsError;
 pub use op_counters::{Op, OpCounters};
-pub use shard::ShardRequest;
+pub use shard::{LocalShard, ShardRequest};
 pub use verified::{
-    BlockDigests, Gather, ObjectHasher, ReadData, Servable, StreamedBlock, VerifiedBlock,
-    VerifiedObject,
+    BlockDigests, Gather, ObjectHasher, ReadData, ReplicaSlot, Servable, StreamedBlock,
+    VerifiedBlock, VerifiedObject,
 };

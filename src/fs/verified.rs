@@ -6,10 +6,14 @@
 //! built from verified blocks only, with one opt-in exception: under `--verify stream` a
 //! [`StreamedBlock`] is served as it arrives and its object is checked afterwards (see
 //! `fs::shard::stream`). Both travel as a [`Servable`]. A store hands out plain [`Block`]s;
-//! nothing else turns them into replies.
+//! nothing else turns them into replies. A shard's replica of another shard's verified block
+//! (`fs::shard::replica`) is verified because its bytes were copied from one
+//! ([`VerifiedBlock::copy_into`], [`ReplicaSlot::take`]).
 
 use std::ops::Range;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
@@ -32,6 +36,64 @@ impl std::ops::Deref for VerifiedBlock {
 
     fn deref(&self) -> &[u8] {
         &self.0
+    }
+}
+
+/// A buffer of one shard that the owner of a verified block fills with a copy of it, so that
+/// the first shard can serve that block's reads itself (`fs::shard::replica`). The owner writes
+/// only while the slot is open; the receiving shard closes it before its buffer may go.
+pub struct ReplicaSlot {
+    /// The receiving shard's buffer (address, length) while it still waits for the copy.
+    target: Mutex<Option<(usize, usize)>>,
+    filled: AtomicBool,
+}
+
+impl ReplicaSlot {
+    /// A slot for the `len` bytes at `buffer`.
+    ///
+    /// # Safety
+    /// The `len` bytes at `buffer` must stay valid for writes, and untouched by anyone else,
+    /// until [`ReplicaSlot::close`] or [`ReplicaSlot::take`] returns.
+    pub unsafe fn new(buffer: *mut u8, len: usize) -> ReplicaSlot {
+        ReplicaSlot {
+            target: Mutex::new(Some((buffer as usize, len))),
+            filled: AtomicBool::new(false),
+        }
+    }
+
+    /// Stops any later copy into the buffer (it is about to be freed); waits for one under way.
+    pub fn close(&self) {
+        *self.target.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// `block`, the slot's own buffer, as a verified block once the owner filled it; `None` if
+    /// it did not (the block was evicted there, or the owner stopped).
+    pub fn take(&self, block: Block) -> Option<VerifiedBlock> {
+        let target = self
+            .target
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let ours = target == Some((block.as_ptr() as usize, block.len()));
+        (ours && self.filled.load(Ordering::Acquire)).then(|| VerifiedBlock(Rc::new(block)))
+    }
+}
+
+impl VerifiedBlock {
+    /// Copies this block into another shard's `slot`; false when the slot was closed or has
+    /// another length.
+    pub fn copy_into(&self, slot: &ReplicaSlot) -> bool {
+        let target = slot.target.lock().unwrap_or_else(PoisonError::into_inner);
+        match *target {
+            Some((buffer, len)) if len == self.len() => {
+                // SAFETY: the slot is open (its buffer is valid for `len` bytes and nobody else
+                // touches it, `ReplicaSlot::new`), and stays open while we hold its lock.
+                unsafe { std::ptr::copy_nonoverlapping(self.as_ptr(), buffer as *mut u8, len) };
+                slot.filled.store(true, Ordering::Release);
+                true
+            }
+            _ => false,
+        }
     }
 }
 

@@ -145,7 +145,7 @@ impl Dispatcher {
                 Err(e) => fail(&self.ops, open.reply, op, open.ino, e),
             },
             Request::Create(create) => self.create(overlay, create),
-            Request::Read(read) => self.route(read.ino, ShardRequest::Read(read)),
+            Request::Read(read) => self.route(read.ino, ShardRequest::Read(read, None)),
             Request::Write(write) => self.route(write.ino, ShardRequest::Write(write)),
             Request::Fallocate(f) => self.route(f.ino, ShardRequest::Fallocate(f)),
             Request::Release(release) => self.route(release.ino, ShardRequest::Release(release)),

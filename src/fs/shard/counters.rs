@@ -74,6 +74,8 @@ counters! {
     prefetched_bytes => "Bytes of objects prefetch verified ahead of any reader (`--prefetch`).",
     prefetch_hit_bytes => "Bytes served from objects prefetch brought (for a passthrough open, the object's size, once).",
     prefetch_wasted_bytes => "Bytes prefetch brought that no reader used (counted when the mount stops).",
+    replica_reads => "READs of another shard's inode served here from this shard's replica of the block (io_uring transport, read-only mounts).",
+    replicas_made => "Blocks of another shard's inodes copied in from their owner as replicas.",
     errors => "Requests answered with an error.",
     misrouted => "Requests that arrived at a shard that does not own the inode (must stay 0).",
 }

@@ -68,6 +68,7 @@ mod handles;
 mod prefetch;
 mod read;
 mod readahead;
+mod replica;
 mod stream;
 #[cfg(test)]
 mod tests;
@@ -91,6 +92,7 @@ use crate::trace::TraceRecorder;
 pub use cache::BlockKey;
 pub use counters::{CounterSnapshot, Histogram, InFlight, ShardCounters};
 pub use prefetch::{PrefetchItem, PrefetchPlan};
+pub use replica::{LocalShard, Replica};
 pub use stream::{VerifyMode, VerifyPolicy};
 
 use cache::BlockCache;
@@ -102,21 +104,23 @@ use verify::Verification;
 /// transport runs on the shard's thread ([`ShardRequest::Run`]).
 pub enum ShardRequest {
     Open(Open),
-    Read(Read),
+    /// A READ, and when it arrived on another shard that wants its block, that shard's request
+    /// for a copy (`replica`).
+    Read(Read, Option<Replica>),
     Release(Release),
     Write(Write),
     Fallocate(Fallocate),
     Truncate(Truncate),
-    /// Called on the shard's thread, inside its executor (the io_uring transport starts the
-    /// shard's ring task with it).
-    Run(Box<dyn FnOnce() + Send>),
+    /// Called on the shard's thread, inside its executor, with the shard's own file service
+    /// (the io_uring transport starts the shard's ring task with it).
+    Run(Box<dyn FnOnce(LocalShard) + Send>),
 }
 
 impl ShardRequest {
     fn ino(&self) -> Option<Ino> {
         match self {
             ShardRequest::Open(Open { ino, .. })
-            | ShardRequest::Read(Read { ino, .. })
+            | ShardRequest::Read(Read { ino, .. }, _)
             | ShardRequest::Release(Release { ino, .. })
             | ShardRequest::Write(Write { ino, .. })
             | ShardRequest::Fallocate(Fallocate { ino, .. })
@@ -129,7 +133,7 @@ impl ShardRequest {
     pub fn fail(self, ops: &OpCounters, error: FsError) {
         match self {
             ShardRequest::Open(open) => fail(ops, open.reply, Op::Open, open.ino, error),
-            ShardRequest::Read(read) => fail(ops, read.reply, Op::Read, read.ino, error),
+            ShardRequest::Read(read, _) => fail(ops, read.reply, Op::Read, read.ino, error),
             ShardRequest::Release(release) => {
                 fail(ops, release.reply, Op::Release, release.ino, error)
             }
@@ -188,6 +192,8 @@ pub struct FileService {
     /// Writes and copy-ups of an inode, one at a time.
     writers: write::Writers,
     prefetch: Prefetch,
+    /// Replicas of other shards' blocks this shard is waiting for.
+    replicating: replica::Replicating,
 }
 
 /// The parts a [`FileService`] is made of, opened on its shard.
@@ -230,6 +236,7 @@ impl FileService {
             overlay: parts.overlay,
             writers: write::Writers::default(),
             prefetch: Prefetch::new(parts.trace),
+            replicating: replica::Replicating::default(),
         })
     }
 
@@ -245,7 +252,7 @@ impl FileService {
         match request {
             ShardRequest::Open(open) => self.open(open).await,
             ShardRequest::Release(release) => self.release(release),
-            ShardRequest::Read(read) => {
+            ShardRequest::Read(read, replica) => {
                 c.add(&c.reads, 1);
                 let result = self.read(read.ino, read.fh, read.offset, read.size).await;
                 match result {
@@ -260,6 +267,9 @@ impl FileService {
                     }
                 }
                 c.read_latency.record(read.received.elapsed());
+                if let Some(replica) = replica {
+                    self.fill_replica(replica);
+                }
             }
             ShardRequest::Write(write) => match self.write(&write).await {
                 Ok(written) => write.reply.written(written),
@@ -273,7 +283,7 @@ impl FileService {
                 Ok(attributes) => t.reply.attr(&attributes),
                 Err(error) => fail(&self.ops, t.reply, Op::SetAttr, t.ino, error),
             },
-            ShardRequest::Run(job) => job(),
+            ShardRequest::Run(job) => job(LocalShard(self.clone())),
         }
     }
 }

@@ -104,7 +104,10 @@ async fn read(
         received: Instant::now(),
         reply,
     };
-    service.clone().handle(ShardRequest::Read(request)).await;
+    service
+        .clone()
+        .handle(ShardRequest::Read(request, None))
+        .await;
     answer.try_recv().expect("every read is answered")
 }
 

@@ -27,7 +27,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use super::abi;
 use super::decode::{decode, Decoded};
 use super::reply::{Answer, Sink};
-use crate::fs::Dispatcher;
+use crate::fs::{Dispatcher, LocalShard};
 
 /// Entries per queue: requests of one CPU that may be in the filesystem at once.
 pub(super) const DEPTH: usize = 8;
@@ -135,8 +135,11 @@ impl Signal {
 pub(super) struct Counts {
     pub ring: AtomicU64,
     pub dev: AtomicU64,
-    /// READs and WRITEs that arrived on a shard other than the inode's owner.
+    /// READs and WRITEs that arrived on a shard other than the inode's owner and went to it.
     pub crossed: AtomicU64,
+    /// READs that arrived on a shard other than the inode's owner and were served there, from
+    /// that shard's replica of the block.
+    pub replicated: AtomicU64,
     /// Ring tasks and the `/dev/fuse` reader still serving.
     pub serving: AtomicUsize,
 }
@@ -148,12 +151,24 @@ impl Counts {
         if self.serving.fetch_sub(1, Ordering::AcqRel) == 1 {
             tracing::info!(
                 "FUSE over io_uring: {} requests served over the ring ({} READs and WRITEs \
-                 arrived on a shard other than their inode's owner), {} over /dev/fuse",
+                 crossed to their inode's owner shard, {} READs of other shards' inodes were \
+                 served from replicas where they arrived), {} over /dev/fuse",
                 self.ring.load(Ordering::Relaxed),
                 self.crossed.load(Ordering::Relaxed),
+                self.replicated.load(Ordering::Relaxed),
                 self.dev.load(Ordering::Relaxed)
             );
         }
+    }
+
+    /// Counts a request that arrived on a shard other than its inode's owner (`crossing`):
+    /// served there from a replica, or sent on to the owner.
+    fn note(&self, crossing: bool, replicated: bool) {
+        match (crossing, replicated) {
+            (true, true) => self.replicated.fetch_add(1, Ordering::Relaxed),
+            (true, false) => self.crossed.fetch_add(1, Ordering::Relaxed),
+            _ => 0,
+        };
     }
 
     pub fn finished(&self) -> bool {
@@ -243,7 +258,7 @@ impl Drop for ShardRing {
 
 /// Registers the shard's queues on a ring of its own and starts the task that serves them.
 /// Runs on the shard's thread; fails if the kernel refused any step.
-pub(super) fn start(queues: ShardQueues) -> std::io::Result<()> {
+pub(super) fn start(queues: ShardQueues, here: LocalShard) -> std::io::Result<()> {
     let fd = queues.session.as_raw_fd();
     let depth = DEPTH * queues.qids.len();
     let ring = IoUring::builder().build((2 * depth as u32).next_power_of_two())?;
@@ -289,7 +304,7 @@ pub(super) fn start(queues: ShardQueues) -> std::io::Result<()> {
     let closed = Rc::new(Cell::new(false));
     glommio::spawn_local(watch(watched, closed.clone(), commits.clone())).detach();
     glommio::spawn_local(async move {
-        serve(ring, &queues, &commits).await;
+        serve(ring, &queues, &here, &commits).await;
         // Ends the watcher's read.
         closed.set(true);
         let one = 1u64;
@@ -318,7 +333,12 @@ async fn watch(eventfd: OwnedFd, closed: Rc<Cell<bool>>, commits: Arc<Commits>) 
 }
 
 /// Serves the shard's queues until the connection ends.
-async fn serve(mut ring: ShardRing, queues: &ShardQueues, commits: &Arc<Commits>) {
+async fn serve(
+    mut ring: ShardRing,
+    queues: &ShardQueues,
+    here: &LocalShard,
+    commits: &Arc<Commits>,
+) {
     let mut closing = false;
     let mut done: Vec<(u64, i32)> = Vec::new();
     let mut answered = Vec::new();
@@ -369,11 +389,8 @@ async fn serve(mut ring: ShardRing, queues: &ShardQueues, commits: &Arc<Commits>
                 },
                 h.unique,
             );
-            if matches!(h.opcode, abi::READ | abi::WRITE)
-                && queues.dispatcher.owner(h.nodeid) != queues.shard
-            {
-                queues.counts.crossed.fetch_add(1, Ordering::Relaxed);
-            }
+            let crossing = matches!(h.opcode, abi::READ | abi::WRITE)
+                && queues.dispatcher.owner(h.nodeid) != queues.shard;
             if abi::op(h.opcode).is_some_and(|op| queues.dispatcher.may_block(op)) {
                 // The overlay's changes write and sync its journal: never on the executor.
                 let dispatcher = queues.dispatcher.clone();
@@ -384,8 +401,10 @@ async fn serve(mut ring: ShardRing, queues: &ShardQueues, commits: &Arc<Commits>
                     }
                 }))
                 .detach();
+                queues.counts.note(crossing, false);
             } else if let Decoded::Request(request) = decode(&h, &op_in, body, answer) {
-                queues.dispatcher.dispatch(request);
+                let replicated = queues.dispatcher.dispatch_on(here, request);
+                queues.counts.note(crossing, replicated);
             }
         }
         done.clear();

@@ -117,9 +117,9 @@ pub fn start(
             shard,
         };
         let (ready, registered) = std::sync::mpsc::channel();
-        let job = ShardRequest::Run(Box::new(move || {
+        let job = ShardRequest::Run(Box::new(move |here| {
             let counts = queues.counts.clone();
-            let result = queue::start(queues);
+            let result = queue::start(queues, here);
             if result.is_err() {
                 counts.ended();
             }
