@@ -5,8 +5,8 @@
 //! served by that CPU's shard. A READ of an inode another shard owns used to cross to the owner
 //! and back (two cross-thread wake-ups, 14-18 µs on a 2-vCPU VM against 5 µs in place), and a
 //! reader the scheduler keeps off its file's owner CPU paid that on every read
-//! (docs/transport-uring.md). Now the first such READ of a block goes to the owner as before,
-//! carrying a [`Replica`]: a buffer of the receiving shard's own pool, which the owner fills
+//! (docs/transport-uring.md). Now, once a few READs of a block crossed, the next one goes to
+//! the owner carrying a [`Replica`]: a buffer of the receiving shard's own pool, which the owner fills
 //! from its verified block after it replied. The receiving shard then holds that block as a
 //! [`VerifiedBlock`] of its own, in its block cache under the same key, and serves later READs
 //! of it in place, from its own buffers.
@@ -15,10 +15,10 @@
 //! read-only mounts: a block is named by its object hash and index, so it can never go stale,
 //! while on a `--writable` mount a file may have upper bytes that only its owner knows of. A
 //! replica costs one copy of the block on the owner's thread, once per block and shard while it
-//! stays cached; it takes pool memory like any cached block and is evicted like one.
+//! stays cached; it takes free pool memory only, and is then cached and evicted like any block.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -40,9 +40,44 @@ pub struct Replica {
     _done: oneshot::Sender<()>,
 }
 
-/// Blocks this shard is getting replicas of (one request per block at a time).
+/// READs of a block that must have crossed from this shard to its owner before this shard asks
+/// for a replica. A replica costs a copy of the whole block on the owner's thread (4 MiB: about
+/// 25 crossings' worth on a 2-vCPU VM); a sequential reader of 1 MiB reads crosses only 4 times
+/// per block and would not gain from it, while a random reader of small reads repays it soon.
+const CROSSINGS_BEFORE_REPLICA: u32 = 8;
+
+/// Blocks of [`Replicating::crossings`] tracked at most; the counts start over past it.
+const CROSSINGS_TRACKED: usize = 4096;
+
+/// What this shard knows of other shards' blocks it has no replica of.
 #[derive(Default)]
-pub(super) struct Replicating(RefCell<HashSet<BlockKey>>);
+pub(super) struct Replicating {
+    /// READs that crossed to the owner, per block.
+    crossings: RefCell<HashMap<BlockKey, u32>>,
+    /// Blocks whose replica is under way (one request per block at a time).
+    pending: RefCell<HashSet<BlockKey>>,
+}
+
+impl Replicating {
+    /// Counts a READ of `key` crossing to its owner; true when this shard should now ask for
+    /// its replica.
+    fn crossed(&self, key: BlockKey) -> bool {
+        if self.pending.borrow().contains(&key) {
+            return false;
+        }
+        let mut crossings = self.crossings.borrow_mut();
+        if crossings.len() >= CROSSINGS_TRACKED {
+            crossings.clear();
+        }
+        let count = crossings.entry(key).or_default();
+        *count += 1;
+        if *count < CROSSINGS_BEFORE_REPLICA {
+            return false;
+        }
+        crossings.remove(&key);
+        true
+    }
+}
 
 /// A shard's file service as a task running on that shard sees it: what a transport that
 /// receives requests on the shards themselves (io_uring) serves in place.
@@ -98,19 +133,19 @@ impl FileService {
         (start + wanted <= len).then_some(((hash, block), start..start + wanted, len))
     }
 
-    /// A replica request for block `key` (`len` bytes), unless one is under way or the pool
-    /// has no room for it even after evicting what the cache may give up.
+    /// A replica request for block `key` (`len` bytes), once enough READs of it crossed
+    /// ([`CROSSINGS_BEFORE_REPLICA`]) and unless one is under way or the pool has no free
+    /// memory for it (a replica never evicts blocks to get in; once in, it is cached as any).
     fn ask_replica(self: &Rc<Self>, key: BlockKey, len: usize) -> Option<Replica> {
-        if self.replicating.0.borrow().contains(&key) {
+        if !self.replicating.crossed(key) {
             return None;
         }
-        self.make_room(len);
         let mut buffer = self.pool.try_alloc(len)?;
         // SAFETY: the buffer moves into the task below (its bytes stay where they are), which
         // closes the slot before it lets go of the buffer, also when it is dropped unfinished.
         let slot = Arc::new(unsafe { ReplicaSlot::new(buffer.dma_mut().as_mut_ptr(), len) });
         let (done, filled) = oneshot::channel();
-        self.replicating.0.borrow_mut().insert(key);
+        self.replicating.pending.borrow_mut().insert(key);
         let service = self.clone();
         let waiting = slot.clone();
         glommio::spawn_local(async move {
@@ -123,7 +158,7 @@ impl FileService {
                 c.add(&c.replicas_made, 1);
                 service.publish(key, verified.into());
             }
-            service.replicating.0.borrow_mut().remove(&key);
+            service.replicating.pending.borrow_mut().remove(&key);
         })
         .detach();
         Some(Replica {
