@@ -11,7 +11,9 @@
 //!   `writev`).
 //! - What crosses threads: [`ShardRequest`] messages (metadata plus a reply object) in, and
 //!   relaxed counter loads out; under `--verify stream`, the set of objects found corrupt after
-//!   serving ([`VerifyPolicy`]). Nothing else.
+//!   serving ([`VerifyPolicy`]); and a replica: the owner copies a verified block into a buffer
+//!   of the shard a READ arrived on, which then serves that block's READs itself (`replica`,
+//!   io_uring transport, read-only mounts). Nothing else.
 //!
 //! Concerns, one file each: open handles and I/O mode (`handles`), reads and the block cache
 //! (`read`, `cache`), read-ahead (`readahead`), verification and re-reads (`verify`), serving

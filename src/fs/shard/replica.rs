@@ -185,3 +185,26 @@ impl Drop for CloseOnDrop<'_> {
         self.0.close();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::Hash;
+
+    #[test]
+    fn a_replica_is_asked_for_once_after_enough_crossings() {
+        let replicating = Replicating::default();
+        let key = (Hash(7), 3);
+        for _ in 1..CROSSINGS_BEFORE_REPLICA {
+            assert!(!replicating.crossed(key));
+        }
+        assert!(replicating.crossed(key));
+        // While that replica is under way, no second request for it.
+        replicating.pending.borrow_mut().insert(key);
+        for _ in 0..2 * CROSSINGS_BEFORE_REPLICA {
+            assert!(!replicating.crossed(key));
+        }
+        // Another block counts on its own.
+        assert!(!replicating.crossed((Hash(7), 4)));
+    }
+}
