@@ -365,6 +365,38 @@ fn a_refused_passthrough_falls_back_to_shard_reads() {
         log.contains("passthrough of cache file") && log.contains("refused"),
         "{log}"
     );
+
+    // So the shards read the cache file, and check each block against the digests an earlier
+    // mount recorded: records whose digests are wrong (well-formed, for an unchanged file) cost
+    // a fresh verification, never an error or wrong bytes.
+    let log = merged.join("cache/verified.log");
+    let wrong: String = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let (head, digests) = line.rsplit_once(' ').unwrap();
+            let zeros = vec!["0000000000000000"; digests.split(',').count()].join(",");
+            format!("{head} {zeros}\n")
+        })
+        .collect();
+    assert!(
+        !wrong.is_empty(),
+        "the first mount recorded its verification"
+    );
+    std::fs::write(&log, wrong).unwrap();
+    let mut again = Mount::start(
+        &manifest,
+        &cas,
+        &work.path().join("mnt"),
+        MountOptions::with(&["--cache-dir", &cache_arg, "--stats"]),
+    );
+    assert!(read_all(&again.dir.join("a.bin")).unwrap() == data);
+    again.stop();
+    let total = &again.stats("final").unwrap()["total"];
+    assert_eq!(total["objects_trusted"], 1, "{total}");
+    assert!(total["objects_verified"].as_u64() >= Some(1), "{total}");
+    assert_eq!(total["errors"], 0, "{total}");
+    assert!(again.stderr().contains("verifying it again"));
 }
 
 /// Unmounts a filesystem mounted by a test, on drop.

@@ -300,6 +300,7 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
                 records,
                 recorder,
                 recheck: config.recheck_cache,
+                direct_io: DiskCache::probe_direct_io(root),
             };
             (Some(janitor), Some(recording), Some(config))
         }

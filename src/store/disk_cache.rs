@@ -22,7 +22,8 @@
 //!   ([`Recorder`]), so after a power loss a torn file has no record and fails its hash.
 //! - Reads are io_uring *buffered* reads (glommio `BufferedFile`) into the shard's arena: a
 //!   freshly written file is served from the page cache, where an O_DIRECT read would first
-//!   force the dirty pages out to the disk.
+//!   force the dirty pages out to the disk. For the same reason an O_DIRECT open passes through
+//!   only to a cache file this mount found there, not to one it wrote.
 //! - Size: [`CacheJanitor`](super::CacheJanitor) deletes the least recently used files past
 //!   `--cache-size` or when the filesystem runs short of space; shards report what they add and
 //!   touch what they use.
@@ -55,6 +56,8 @@ pub struct DiskCacheConfig {
     pub recorder: Recorder,
     /// `--recheck-cache`: hash every cache file once even when a record vouches for it.
     pub recheck: bool,
+    /// Whether the cache's filesystem takes O_DIRECT reads ([`DiskCache::probe_direct_io`]).
+    pub direct_io: bool,
 }
 
 /// Why `--cache-dir` cannot hold a disk cache (found by [`DiskCache::prepare`]).
@@ -78,6 +81,7 @@ pub struct DiskCache {
     usage: CacheUsage,
     records: Arc<VerificationLog>,
     recheck: bool,
+    direct_io: bool,
     recorder: Recorder,
 }
 
@@ -126,6 +130,7 @@ impl DiskCache {
             usage: config.usage.clone(),
             records: config.records.clone(),
             recheck: config.recheck,
+            direct_io: config.direct_io,
             recorder: config.recorder.clone(),
         }
     }
@@ -141,6 +146,12 @@ impl DiskCache {
         let unchanged = FileIdentity::of(&self.location(hash)).ok()? == record.identity;
         (unchanged && record.block_size == block_size && record.identity.size() == len)
             .then_some(&record.digests[..])
+    }
+
+    /// Whether the cache's filesystem takes O_DIRECT reads, so that an O_DIRECT open may pass
+    /// through to a cache file.
+    pub fn direct_io(&self) -> bool {
+        self.direct_io
     }
 
     /// What identifies cache file `hash` now (`None`: no such file).
@@ -241,6 +252,23 @@ impl DiskCache {
         }
     }
 
+    /// Whether the filesystem under `root` (prepared) takes O_DIRECT opens: tmpfs before
+    /// Linux 6.6 and some FUSE filesystems refuse them with `EINVAL`.
+    pub fn probe_direct_io(root: &Path) -> bool {
+        use std::os::unix::fs::OpenOptionsExt;
+        let probe = root
+            .join("Data")
+            .join(format!(".direct-test-{}", std::process::id()));
+        let opened = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&probe);
+        let _ = std::fs::remove_file(&probe);
+        opened.is_ok()
+    }
+
     /// Starts writing object `hash` into the cache; it becomes a cache file only when committed.
     pub fn begin(&self, hash: Hash) -> io::Result<CasWriter> {
         CasWriter::create(&self.root, &hash.to_string(), self.shard)
@@ -280,6 +308,7 @@ mod tests {
             records,
             recorder,
             recheck: false,
+            direct_io: DiskCache::probe_direct_io(dir.path()),
         };
         let cache = DiskCache::new(&config, 0);
         let hash = Hash(7);

@@ -142,8 +142,8 @@ impl FileService {
         }
         let direct = open.flags & libc::O_DIRECT != 0;
         let mut backing = None;
-        if !direct && !self.handles.modes.borrow().contains_key(&open.ino) {
-            backing = self.open_backing(open.ino, &*open.reply).await;
+        if !self.handles.modes.borrow().contains_key(&open.ino) {
+            backing = self.open_backing(open.ino, direct, &*open.reply).await;
         }
         // No await from here on: the mode checked is the mode joined.
         let backing = self.handles.join(open.ino, backing, false);
@@ -270,10 +270,12 @@ impl FileService {
     /// The cache file of single-object file `ino` registered as a passthrough backing file, or
     /// `None` where passthrough does not apply or fails (the open is then shard-served). Starts
     /// passthrough only for a single-object file whose object is (after waiting for its
-    /// verification) in the disk cache.
+    /// verification) in the disk cache; for an O_DIRECT open (`direct`), only when that cache
+    /// file was found there, not written by this mount.
     async fn open_backing(
         self: &Rc<Self>,
         ino: Ino,
+        direct: bool,
         reply: &dyn OpenReply,
     ) -> Option<Rc<BackingFile>> {
         let cache = self.disk_cache.as_ref()?;
@@ -287,6 +289,12 @@ impl FileService {
         if content.size == 0 {
             return None;
         }
+        // An O_DIRECT reader reads the disk through passthrough only from a cache file that
+        // was there before this mount (one it writes may have dirty pages, which the read would
+        // first write out); a cold object is left to the first read, not verified by the open.
+        if direct && !(cache.direct_io() && cache.has(hash, content.size)) {
+            return None;
+        }
         // Under --verify stream an object not verified yet is streamed, not verified on open:
         // its cache file appears (and is passed through) only once it was completed.
         let object = super::read::ObjectRef {
@@ -298,7 +306,9 @@ impl FileService {
         }
         // A failure here is the first read's failure too; the read reports it.
         self.verify(ino, hash, content.size).await.ok()?;
-        if !self.verification.in_disk_cache(hash) {
+        if !self.verification.in_disk_cache(hash)
+            || (direct && !self.verification.found_in_disk_cache(hash))
+        {
             return None;
         }
         let file = match cache.open_for_passthrough(hash) {

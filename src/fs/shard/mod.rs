@@ -58,10 +58,12 @@
 //! buffered open of a single-object file is answered with the cache file as its backing file,
 //! and the kernel reads it without calling us at all. The open of such a file waits for the
 //! object's verification (the first read would wait for it anyway); under `--verify stream` it
-//! does not wait: the open is shard-served until the object is verified. O_DIRECT opens, files of
-//! several v2025 chunks (one backing file per inode) and opens while shard-served handles of the
-//! inode are open stay on the shard: the kernel refuses to mix the two modes on one inode, so
-//! `IoMode` follows whichever mode the inode's open handles already use.
+//! does not wait: the open is shard-served until the object is verified. An O_DIRECT open passes
+//! through only to a cache file that was there before this mount (a file this mount wrote may
+//! have dirty pages that an O_DIRECT read would first write out). Other O_DIRECT opens,
+//! files of several v2025 chunks (one backing file per inode) and opens while shard-served
+//! handles of the inode are open stay on the shard: the kernel refuses to mix the two modes on
+//! one inode, so `IoMode` follows whichever mode the inode's open handles already use.
 
 mod cache;
 mod counters;

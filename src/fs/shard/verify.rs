@@ -55,6 +55,9 @@ pub(super) struct Verification {
     quarantine: RefCell<HashSet<Hash>>,
     /// Verified objects whose digests came from an earlier mount's record, not a hash here.
     recorded: RefCell<HashSet<Hash>>,
+    /// Verified objects whose cache file was there before this mount verified them (not
+    /// written by it, so no dirty pages of it are waiting for the disk).
+    found_in_disk_cache: RefCell<HashSet<Hash>>,
 }
 
 impl Verification {
@@ -85,6 +88,13 @@ impl Verification {
 
     pub fn not_in_disk_cache(&self, hash: Hash) {
         self.in_disk_cache.borrow_mut().remove(&hash);
+        self.found_in_disk_cache.borrow_mut().remove(&hash);
+    }
+
+    /// Whether the verified cache file of `hash` was found in the disk cache, not written by
+    /// this mount.
+    pub fn found_in_disk_cache(&self, hash: Hash) -> bool {
+        self.found_in_disk_cache.borrow().contains(&hash)
     }
 
     /// The block digests of verified object `hash`.
@@ -157,6 +167,10 @@ impl FileService {
                 c.add(&c.objects_from_disk_cache, 1);
                 self.verification.recorded.borrow_mut().insert(hash);
                 self.keep_in_disk_cache(hash, &digests, true);
+                self.verification
+                    .found_in_disk_cache
+                    .borrow_mut()
+                    .insert(hash);
                 self.accept(
                     hash,
                     VerifiedObject {
@@ -173,6 +187,10 @@ impl FileService {
                     // Recorded for later mounts only if nobody wrote the file while it was hashed.
                     let unchanged = before.is_some() && cache.identity(hash) == before;
                     self.keep_in_disk_cache(hash, &verified.digests, unchanged);
+                    self.verification
+                        .found_in_disk_cache
+                        .borrow_mut()
+                        .insert(hash);
                     self.accept(hash, verified);
                     return Ok(());
                 }
