@@ -215,7 +215,10 @@ fn direct_and_buffered_opens_of_one_file_mix_in_either_order() {
             .unwrap();
         assert!(read_all(&big).unwrap() == job.big);
     }
-    // Buffered first (passthrough), an O_DIRECT open while it is held joins passthrough.
+    // Buffered first (passthrough), an O_DIRECT open while it is held joins passthrough; once
+    // the shard-served handles above are released (the kernel sends RELEASE after close, and
+    // until it arrives a new open joins their mode).
+    wait_until_all_released(&mut mount);
     {
         let _held = fs::File::open(&big).unwrap();
         assert!(read_direct(&big).unwrap() == job.big);
