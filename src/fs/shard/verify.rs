@@ -97,6 +97,11 @@ impl Verification {
         self.found_in_disk_cache.borrow().contains(&hash)
     }
 
+    /// Notes that the cache file of `hash`, just trusted or hashed, was there before.
+    fn found_in_cache_dir(&self, hash: Hash) {
+        self.found_in_disk_cache.borrow_mut().insert(hash);
+    }
+
     /// The block digests of verified object `hash`.
     pub fn digests(&self, hash: Hash) -> Option<BlockDigests> {
         self.verified.borrow().get(&hash).cloned()
@@ -167,10 +172,7 @@ impl FileService {
                 c.add(&c.objects_from_disk_cache, 1);
                 self.verification.recorded.borrow_mut().insert(hash);
                 self.keep_in_disk_cache(hash, &digests, true);
-                self.verification
-                    .found_in_disk_cache
-                    .borrow_mut()
-                    .insert(hash);
+                self.verification.found_in_cache_dir(hash);
                 self.accept(
                     hash,
                     VerifiedObject {
@@ -187,10 +189,7 @@ impl FileService {
                     // Recorded for later mounts only if nobody wrote the file while it was hashed.
                     let unchanged = before.is_some() && cache.identity(hash) == before;
                     self.keep_in_disk_cache(hash, &verified.digests, unchanged);
-                    self.verification
-                        .found_in_disk_cache
-                        .borrow_mut()
-                        .insert(hash);
+                    self.verification.found_in_cache_dir(hash);
                     self.accept(hash, verified);
                     return Ok(());
                 }
