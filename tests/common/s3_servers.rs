@@ -31,6 +31,18 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A free port `p` whose `p + 10000` is free too: SeaweedFS serves gRPC on each HTTP port plus
+/// 10000 and exits at start-up when that is past 65535 (a fifth of the kernel's ephemeral
+/// ports are).
+fn free_port_with_grpc() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= u16::MAX - 10_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
 fn venvs() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-venvs")
 }
@@ -302,7 +314,7 @@ impl Seaweed {
         .unwrap();
         let data = dir.path().join("data");
         std::fs::create_dir_all(&data).unwrap();
-        let ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+        let ports: Vec<u16> = (0..4).map(|_| free_port_with_grpc()).collect();
         let (s3, master, volume, filer) = (ports[0], ports[1], ports[2], ports[3]);
         let child = Command::new(bin.join("weed"))
             .args([
@@ -320,7 +332,7 @@ impl Seaweed {
             .arg(format!("-filer.port={filer}"))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("weed.log")).unwrap())
             .spawn()
             .expect("start weed server");
         let seaweed = Seaweed {
@@ -330,11 +342,19 @@ impl Seaweed {
             ports,
         };
         // Ready when the S3 gateway answers (anonymous requests get 403, which is fine).
-        wait_until(
-            "SeaweedFS S3",
-            Duration::from_secs(40),
-            || matches!(raw_request(s3, "GET", "/", b""), Ok((status, _)) if status != 0),
-        );
+        let deadline = Instant::now() + Duration::from_secs(40);
+        while !matches!(raw_request(s3, "GET", "/", b""), Ok((status, _)) if status != 0) {
+            if Instant::now() > deadline {
+                let log = std::fs::read_to_string(seaweed.dir.path().join("weed.log"))
+                    .unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                panic!(
+                    "SeaweedFS S3 did not become ready in 40s; its log ends:\n{}",
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         seaweed
     }
 
