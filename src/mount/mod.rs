@@ -209,8 +209,9 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
     mountpoint::check_unprivileged(config.allow_other)?;
     let _lock = MountpointLock::acquire(mountpoint)?;
     mountpoint::check(mountpoint, config.allow_non_empty)?;
+    let mut cache_takes_direct_io = false;
     if let Some(dir) = &config.cache_dir {
-        DiskCache::prepare(dir)?;
+        cache_takes_direct_io = DiskCache::prepare(dir)?;
     } else if config.cache_size.is_some() {
         return Err(MountError::Usage(
             "--cache-size limits the disk cache: give --cache-dir DIR too".into(),
@@ -300,7 +301,7 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
                 records,
                 recorder,
                 recheck: config.recheck_cache,
-                direct_io: DiskCache::probe_direct_io(root),
+                direct_io: cache_takes_direct_io,
             };
             (Some(janitor), Some(recording), Some(config))
         }

@@ -30,6 +30,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::Arc;
@@ -56,7 +57,7 @@ pub struct DiskCacheConfig {
     pub recorder: Recorder,
     /// `--recheck-cache`: hash every cache file once even when a record vouches for it.
     pub recheck: bool,
-    /// Whether the cache's filesystem takes O_DIRECT reads ([`DiskCache::probe_direct_io`]).
+    /// Whether the cache's filesystem takes O_DIRECT reads ([`DiskCache::prepare`]).
     pub direct_io: bool,
 }
 
@@ -87,8 +88,10 @@ pub struct DiskCache {
 
 impl DiskCache {
     /// Prepares `root/Data` and removes temporary files left by processes that are gone. Called
-    /// once at start-up, before any shard runs; the error names what to fix.
-    pub fn prepare(root: &Path) -> Result<(), CacheDirError> {
+    /// once at start-up, before any shard runs; the error names what to fix. Returns whether
+    /// the directory's filesystem takes O_DIRECT opens (tmpfs before Linux 6.6 and some FUSE
+    /// filesystems refuse them with `EINVAL`), for [`DiskCacheConfig::direct_io`].
+    pub fn prepare(root: &Path) -> Result<bool, CacheDirError> {
         let data = root.join("Data");
         std::fs::create_dir_all(&data).map_err(|source| CacheDirError::CannotCreate {
             root: root.to_path_buf(),
@@ -100,6 +103,11 @@ impl DiskCache {
             root: root.to_path_buf(),
             source,
         })?;
+        let direct_io = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&probe)
+            .is_ok();
         let _ = std::fs::remove_file(&probe);
         let mut removed = 0usize;
         for entry in std::fs::read_dir(&data).into_iter().flatten().flatten() {
@@ -119,7 +127,7 @@ impl DiskCache {
                 root.display()
             );
         }
-        Ok(())
+        Ok(direct_io)
     }
 
     pub fn new(config: &DiskCacheConfig, shard: usize) -> DiskCache {
@@ -252,23 +260,6 @@ impl DiskCache {
         }
     }
 
-    /// Whether the filesystem under `root` (prepared) takes O_DIRECT opens: tmpfs before
-    /// Linux 6.6 and some FUSE filesystems refuse them with `EINVAL`.
-    pub fn probe_direct_io(root: &Path) -> bool {
-        use std::os::unix::fs::OpenOptionsExt;
-        let probe = root
-            .join("Data")
-            .join(format!(".direct-test-{}", std::process::id()));
-        let opened = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&probe);
-        let _ = std::fs::remove_file(&probe);
-        opened.is_ok()
-    }
-
     /// Starts writing object `hash` into the cache; it becomes a cache file only when committed.
     pub fn begin(&self, hash: Hash) -> io::Result<CasWriter> {
         CasWriter::create(&self.root, &hash.to_string(), self.shard)
@@ -298,7 +289,7 @@ mod tests {
     #[test]
     fn uncommitted_objects_leave_nothing() {
         let dir = tempfile::tempdir().unwrap();
-        DiskCache::prepare(dir.path()).unwrap();
+        let direct_io = DiskCache::prepare(dir.path()).unwrap();
         let (_janitor, usage) = super::super::CacheJanitor::start(dir.path(), None).unwrap();
         let records = Arc::new(VerificationLog::load(dir.path()));
         let (_recording, recorder) = records.start_recording().unwrap();
@@ -308,7 +299,7 @@ mod tests {
             records,
             recorder,
             recheck: false,
-            direct_io: DiskCache::probe_direct_io(dir.path()),
+            direct_io,
         };
         let cache = DiskCache::new(&config, 0);
         let hash = Hash(7);

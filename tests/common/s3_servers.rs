@@ -108,14 +108,19 @@ pub fn raw_request(
     Ok((status, body))
 }
 
-/// Polls until `ready()` or the deadline; panics with `what` on timeout.
-fn wait_until(what: &str, timeout: Duration, mut ready: impl FnMut() -> bool) {
+/// Polls until `ready()` or the deadline; panics with `what` and `context()` (the server's
+/// own words, where it has a log) on timeout.
+fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut ready: impl FnMut() -> bool,
+    context: impl FnOnce() -> String,
+) {
     let deadline = Instant::now() + timeout;
     while !ready() {
-        assert!(
-            Instant::now() < deadline,
-            "{what} did not become ready in {timeout:?}"
-        );
+        if Instant::now() >= deadline {
+            panic!("{what} did not become ready in {timeout:?}{}", context());
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -225,9 +230,12 @@ impl Moto {
             child,
             tls: tls.map(|(_, _, ca)| (ca, bin.join("python"))),
         };
-        wait_until("moto", Duration::from_secs(30), || {
-            matches!(moto.request("GET", "/moto-api/"), Ok(200))
-        });
+        wait_until(
+            "moto",
+            Duration::from_secs(30),
+            || matches!(moto.request("GET", "/moto-api/"), Ok(200)),
+            String::new,
+        );
         moto
     }
 
@@ -342,19 +350,18 @@ impl Seaweed {
             ports,
         };
         // Ready when the S3 gateway answers (anonymous requests get 403, which is fine).
-        let deadline = Instant::now() + Duration::from_secs(40);
-        while !matches!(raw_request(s3, "GET", "/", b""), Ok((status, _)) if status != 0) {
-            if Instant::now() > deadline {
+        wait_until(
+            "SeaweedFS S3",
+            Duration::from_secs(40),
+            || matches!(raw_request(s3, "GET", "/", b""), Ok((status, _)) if status != 0),
+            || {
                 let log = std::fs::read_to_string(seaweed.dir.path().join("weed.log"))
                     .unwrap_or_default();
                 let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                panic!(
-                    "SeaweedFS S3 did not become ready in 40s; its log ends:\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                format!("; its log ends:\n{}", tail.join("\n"))
+            },
+        );
         seaweed
     }
 

@@ -98,7 +98,7 @@ impl Verification {
     }
 
     /// Notes that the cache file of `hash`, just trusted or hashed, was there before.
-    fn found_in_cache_dir(&self, hash: Hash) {
+    fn note_found_in_disk_cache(&self, hash: Hash) {
         self.found_in_disk_cache.borrow_mut().insert(hash);
     }
 
@@ -172,7 +172,7 @@ impl FileService {
                 c.add(&c.objects_from_disk_cache, 1);
                 self.verification.recorded.borrow_mut().insert(hash);
                 self.keep_in_disk_cache(hash, &digests, true);
-                self.verification.found_in_cache_dir(hash);
+                self.verification.note_found_in_disk_cache(hash);
                 self.accept(
                     hash,
                     VerifiedObject {
@@ -189,7 +189,7 @@ impl FileService {
                     // Recorded for later mounts only if nobody wrote the file while it was hashed.
                     let unchanged = before.is_some() && cache.identity(hash) == before;
                     self.keep_in_disk_cache(hash, &verified.digests, unchanged);
-                    self.verification.found_in_cache_dir(hash);
+                    self.verification.note_found_in_disk_cache(hash);
                     self.accept(hash, verified);
                     return Ok(());
                 }
