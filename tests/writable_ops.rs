@@ -1149,6 +1149,63 @@ fn a_base_file_open_for_reading_is_busy_for_writers_until_the_reader_closes() {
 }
 
 #[test]
+fn a_writer_right_after_the_last_reader_closes_is_not_busy() {
+    // The kernel sends a closed descriptor's RELEASE after close() has returned, so an open
+    // for writing (or a truncate) issued at once can reach the daemon first, while the
+    // reader's passthrough of the cache file still looks open: the daemon waits for the
+    // RELEASE instead of failing with ETXTBSY (the model test met that as a flake).
+    for shards in [1, 2] {
+        let f = Fixture::new(shards);
+        let path = f.p("dir/sub/deep/z.bin");
+        let mut byte = [0u8; 1];
+        let reader = fs::File::open(&path).unwrap();
+        reader.read_exact_at(&mut byte, 0).unwrap();
+        // The reader is served by passthrough (root, a local cache dir): a writer is busy.
+        assert_errno(
+            open_with(&path, libc::O_WRONLY),
+            libc::ETXTBSY,
+            "writer next to a reader",
+        );
+        drop(reader);
+        // Another thread opens and closes other files meanwhile: their RELEASEs fill the
+        // kernel's background queue, where this reader's RELEASE then waits its turn.
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let others = [f.p("small.bin"), f.p("big.bin")];
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        for other in &others {
+                            drop(fs::File::open(other).unwrap());
+                        }
+                    }
+                });
+            }
+            for round in 0..300 {
+                let reader = fs::File::open(&path).unwrap();
+                reader.read_exact_at(&mut byte, 0).unwrap();
+                drop(reader);
+                if let Err(e) = open_with(&path, libc::O_WRONLY) {
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    panic!("{shards} shard(s), round {round}: open for writing after close: {e}");
+                }
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        let reader = fs::File::open(&path).unwrap();
+        reader.read_exact_at(&mut byte, 0).unwrap();
+        drop(reader);
+        // SAFETY: a valid C string.
+        let truncated = cvt(unsafe { libc::truncate(cpath(&path).as_ptr(), 1) });
+        assert!(
+            truncated.is_ok(),
+            "{shards} shard(s): truncate after close: {truncated:?}"
+        );
+        assert_eq!(fs::metadata(&path).unwrap().len(), 1);
+    }
+}
+
+#[test]
 fn a_large_base_directory_lists_every_entry_after_changes() {
     // More names than one getdents call returns, base and new ones mixed.
     let work = tempfile::tempdir().unwrap();

@@ -1614,6 +1614,11 @@ impl Model {
         }
         let got = op.apply(&self.mount, &mut self.mount_fds);
         if got == Err(Errno(libc::ETXTBSY)) && self.tolerate_etxtbsy && self.open_read_only(op) {
+            if let Op::FdOpen { slot, .. } = op {
+                // The mount's side closed what the slot held before it opened (and was
+                // refused); the reference's side does the same, or the slots part ways.
+                self.ref_fds[*slot] = None;
+            }
             self.stats.entry("etxtbsy-tolerated").or_default().1 += 1;
             let mut trace = self.trace.lock().unwrap();
             if let Some(last) = trace.back_mut() {

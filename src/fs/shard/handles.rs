@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use super::readahead::Sequential;
 use super::FileService;
@@ -13,6 +14,10 @@ use crate::fs::request::{fail, BackingFile, Open, OpenReply, Opened, Release};
 use crate::fs::{FsError, Op};
 use crate::namespace::Ino;
 use crate::overlay::AttrChange;
+
+/// How long a writer waits for RELEASEs in flight before a read-only passthrough open makes it
+/// fail with ETXTBSY (see [`FileService::still_reads_cache_file`]); they take microseconds.
+const RELEASE_GRACE: Duration = Duration::from_millis(100);
 
 /// How an inode's open handles are served. The kernel keeps one mode per inode while any handle
 /// is open (a passthrough open next to a cached one fails with ETXTBSY, the reverse with
@@ -118,11 +123,27 @@ impl Handles {
 
 impl FileService {
     /// Whether `ino` is open with a verified cache file as its passthrough backing file.
-    pub(super) fn reads_cache_file(&self, ino: Ino) -> bool {
+    fn reads_cache_file(&self, ino: Ino) -> bool {
         matches!(
             self.handles.modes.borrow().get(&ino),
             Some(IoMode::Passthrough { upper: false, .. })
         )
+    }
+
+    /// Whether `ino` is (still) open with its cache file as backing file once the kernel has
+    /// had [`RELEASE_GRACE`] to send the RELEASEs of descriptors already closed. The kernel
+    /// sends RELEASE after `close()` has returned, so an open for writing (or a truncate) that
+    /// follows a close at once can arrive first; without this grace it would fail with ETXTBSY
+    /// although no reader is left.
+    pub(super) async fn still_reads_cache_file(&self, ino: Ino) -> bool {
+        let deadline = Instant::now() + RELEASE_GRACE;
+        while self.reads_cache_file(ino) {
+            if Instant::now() >= deadline {
+                return true;
+            }
+            glommio::timer::sleep(Duration::from_millis(1)).await;
+        }
+        false
     }
 
     pub(super) async fn open(self: &Rc<Self>, open: Open) {
@@ -169,7 +190,7 @@ impl FileService {
             .overlay
             .clone()
             .expect("only writable mounts have upper files");
-        if self.reads_cache_file(open.ino) {
+        if self.still_reads_cache_file(open.ino).await {
             // The kernel would send these writes into the verified cache file (and a file that
             // has upper bytes is no longer the cache file's).
             fail(&self.ops, open.reply, Op::Open, open.ino, FsError::Busy);

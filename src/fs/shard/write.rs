@@ -70,7 +70,7 @@ impl FileService {
     /// `truncate`/`ftruncate` (with whatever else the same `setattr` changes).
     pub(super) async fn truncate(self: &Rc<Self>, t: &Truncate) -> Result<Attributes, FsError> {
         let overlay = self.overlay()?;
-        if self.reads_cache_file(t.ino) {
+        if self.still_reads_cache_file(t.ino).await {
             // Open readers get the cache file's bytes from the kernel, which cannot be told.
             return Err(FsError::Busy);
         }
