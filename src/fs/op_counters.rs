@@ -3,7 +3,7 @@
 //! ([`fail`](super::request::fail)). Relaxed atomics in fixed arrays: no lock, no allocation
 //! on the request path; exporters read them from any thread.
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 
 use super::FsError;
 
@@ -114,22 +114,42 @@ impl Op {
 }
 
 /// Counts per operation, and failures per operation and reason.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct OpCounters {
-    requests: [Padded; Op::ALL.len()],
+    /// Summed over stripes when read.
+    requests: Box<[Stripe]>,
     failures: [[AtomicU64; FsError::ALL.len()]; Op::ALL.len()],
 }
 
-/// One counter per cache line (128 bytes: adjacent-line prefetch pairs them): every front
-/// thread counts every request, and a READ counted on one core must not bounce the line that
-/// holds LOOKUP on another.
+/// Request counters are striped by thread (threads past this many share stripes): every READ
+/// is counted, and two shards counting into one cache line pass it back and forth on each.
+const STRIPES: usize = 64;
+
+/// One thread's request counters, on cache lines of their own (128 bytes: adjacent-line
+/// prefetch pairs lines).
 #[derive(Debug, Default)]
 #[repr(align(128))]
-struct Padded(AtomicU64);
+struct Stripe([AtomicU64; Op::ALL.len()]);
+
+/// The stripe of the calling thread.
+fn stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local!(static STRIPE: usize = NEXT.fetch_add(1, Relaxed) % STRIPES);
+    STRIPE.with(|stripe| *stripe)
+}
+
+impl Default for OpCounters {
+    fn default() -> OpCounters {
+        OpCounters {
+            requests: (0..STRIPES).map(|_| Stripe::default()).collect(),
+            failures: Default::default(),
+        }
+    }
+}
 
 impl OpCounters {
     pub fn request(&self, op: Op) {
-        self.requests[op as usize].0.fetch_add(1, Relaxed);
+        self.requests[stripe()].0[op as usize].fetch_add(1, Relaxed);
     }
 
     pub fn failure(&self, op: Op, error: FsError) {
@@ -137,7 +157,10 @@ impl OpCounters {
     }
 
     pub fn requests(&self, op: Op) -> u64 {
-        self.requests[op as usize].0.load(Relaxed)
+        self.requests
+            .iter()
+            .map(|stripe| stripe.0[op as usize].load(Relaxed))
+            .sum()
     }
 
     /// The failures of `op` so far, by reason (reasons that never happened left out).
@@ -146,5 +169,29 @@ impl OpCounters {
             let n = self.failures[op as usize][error as usize].load(Relaxed);
             (n > 0).then_some((error, n))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_counted_on_many_threads_add_up() {
+        let counters = OpCounters::default();
+        // More threads than stripes, so that some share one.
+        std::thread::scope(|scope| {
+            for _ in 0..STRIPES + 8 {
+                scope.spawn(|| {
+                    for _ in 0..1000 {
+                        counters.request(Op::Read);
+                    }
+                    counters.request(Op::Lookup);
+                });
+            }
+        });
+        assert_eq!(counters.requests(Op::Read), (STRIPES as u64 + 8) * 1000);
+        assert_eq!(counters.requests(Op::Lookup), STRIPES as u64 + 8);
+        assert_eq!(counters.requests(Op::Write), 0);
     }
 }

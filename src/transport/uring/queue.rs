@@ -131,42 +131,69 @@ impl Signal {
 }
 
 /// Counts of requests by the way they came, and how the session ends.
-#[derive(Default)]
 pub(super) struct Counts {
-    pub ring: AtomicU64,
+    /// Each shard's ring counts, kept apart so that shards counting every request do not
+    /// share a cache line.
+    shards: Box<[RingCounts]>,
     pub dev: AtomicU64,
-    /// READs and WRITEs that arrived on a shard other than the inode's owner and went to it.
-    pub crossed: AtomicU64,
-    /// READs that arrived on a shard other than the inode's owner and were served there, from
-    /// that shard's replica of the block.
-    pub replicated: AtomicU64,
     /// Ring tasks and the `/dev/fuse` reader still serving.
     pub serving: AtomicUsize,
 }
 
+/// What one shard's ring task served.
+#[derive(Default)]
+#[repr(align(128))]
+struct RingCounts {
+    ring: AtomicU64,
+    /// READs and WRITEs that arrived on this shard but belong to another and went to it.
+    crossed: AtomicU64,
+    /// READs of other shards' inodes served here, from this shard's replica of the block.
+    replicated: AtomicU64,
+}
+
 impl Counts {
+    pub fn new(shards: usize) -> Counts {
+        Counts {
+            shards: (0..shards).map(|_| RingCounts::default()).collect(),
+            dev: AtomicU64::new(0),
+            serving: AtomicUsize::new(0),
+        }
+    }
+
     /// One server (a ring task, the `/dev/fuse` reader) has ended; the last one says what the
     /// session served.
     pub fn ended(&self) {
         if self.serving.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let sum = |count: fn(&RingCounts) -> &AtomicU64| -> u64 {
+                self.shards
+                    .iter()
+                    .map(|s| count(s).load(Ordering::Relaxed))
+                    .sum()
+            };
             tracing::info!(
                 "FUSE over io_uring: {} requests served over the ring ({} READs and WRITEs \
                  crossed to their inode's owner shard, {} READs of other shards' inodes were \
                  served from replicas where they arrived), {} over /dev/fuse",
-                self.ring.load(Ordering::Relaxed),
-                self.crossed.load(Ordering::Relaxed),
-                self.replicated.load(Ordering::Relaxed),
+                sum(|s| &s.ring),
+                sum(|s| &s.crossed),
+                sum(|s| &s.replicated),
                 self.dev.load(Ordering::Relaxed)
             );
         }
     }
 
-    /// Counts a request that arrived on a shard other than its inode's owner (`crossing`):
-    /// served there from a replica, or sent on to the owner.
-    fn note(&self, crossing: bool, replicated: bool) {
+    /// Counts a request taken from shard `shard`'s ring.
+    fn received(&self, shard: usize) {
+        self.shards[shard].ring.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a request that arrived over shard `shard`'s ring, on a shard other than its
+    /// inode's owner when `crossing`: served there from a replica, or sent on to the owner.
+    fn note(&self, shard: usize, crossing: bool, replicated: bool) {
+        let counts = &self.shards[shard];
         match (crossing, replicated) {
-            (true, true) => self.replicated.fetch_add(1, Ordering::Relaxed),
-            (true, false) => self.crossed.fetch_add(1, Ordering::Relaxed),
+            (true, true) => counts.replicated.fetch_add(1, Ordering::Relaxed),
+            (true, false) => counts.crossed.fetch_add(1, Ordering::Relaxed),
             _ => 0,
         };
     }
@@ -362,7 +389,7 @@ async fn serve(
                 closing = true;
                 continue;
             }
-            queues.counts.ring.fetch_add(1, Ordering::Relaxed);
+            queues.counts.received(queues.shard);
             let entry = &ring.entries[tag as usize];
             // Copy out what the request says, so the answer owns the buffers from here on.
             // SAFETY: the completion handed the entry to this task.
@@ -401,10 +428,10 @@ async fn serve(
                     }
                 }))
                 .detach();
-                queues.counts.note(crossing, false);
+                queues.counts.note(queues.shard, crossing, false);
             } else if let Decoded::Request(request) = decode(&h, &op_in, body, answer) {
                 let replicated = queues.dispatcher.dispatch_on(here, request);
-                queues.counts.note(crossing, replicated);
+                queues.counts.note(queues.shard, crossing, replicated);
             }
         }
         done.clear();

@@ -96,8 +96,8 @@ pub fn start(
         return Err((e, Some(Box::new(dispatcher))));
     }
     let dispatcher = Arc::new(dispatcher);
-    let counts = Arc::new(Counts::default());
     let shards = dispatcher.shards().len();
+    let counts = Arc::new(Counts::new(shards));
     let mut queues_of: Vec<Vec<u16>> = vec![Vec::new(); shards];
     for cpu in 0..possible_cpus() {
         queues_of[shard_of_queue(cpu, &options.shard_cpus, shards)].push(cpu as u16);
