@@ -28,7 +28,8 @@
 //!
 //! Run: `cargo bench --bench s3_read` (root; /dev/fuse; s3fs and rclone on PATH or they are
 //! skipped). Environment: `BENCH_RUNS` (default 3), `BENCH_SIZE_MIB` (default 1024),
-//! `BENCH_PEERS=0` to skip the peers, `BENCH_PEER_DEFAULTS=1` to run them with their defaults,
+//! `BENCH_PEERS=0` to skip the peers, `BENCH_COLD=0` to ask only the first-byte question,
+//! `BENCH_PEER_DEFAULTS=1` to run them with their defaults,
 //! `BENCH_ONLY=TEXT` to keep only the mounts whose name contains TEXT, `BENCH_CACHE_DIR`,
 //! `BENCH_BASELINE_BIN`, `BENCH_RESULTS_DIR` (one chart per mode, `s3_read_MODE_READERS.svg`,
 //! default target/bench-results). Writes under /dev/shm/mount_vfs_s3bench and the cache dir.
@@ -132,6 +133,7 @@ fn main() {
     let runs = env_usize("BENCH_RUNS", 3);
     let size_mib = env_usize("BENCH_SIZE_MIB", 1024);
     let size = (size_mib * MIB) as u64;
+    let cold_reads = env_usize("BENCH_COLD", 1) != 0;
     let builds = Build::all();
     let base = PathBuf::from(BASE);
     let _ = fs::remove_dir_all(&base);
@@ -180,6 +182,9 @@ fn main() {
             for &c in &versions {
                 step_deadline();
                 first_byte.measure(c, &server, &env);
+            }
+            if !cold_reads {
+                continue;
             }
             for direct in [true, false] {
                 for readers in [1, 4] {

@@ -85,14 +85,24 @@ impl FileService {
         let wanted = (end - offset) as usize;
         // Returns at once unless this is the first read of a streamed object, which waits for
         // one small GET: read-ahead is planned after it, so its part-size GETs do not compete
-        // with that one, and before every other read, so its loads overlap this one's.
+        // with that one (and after its answer, as glommio runs a spawned load in place up to
+        // its first wait: two part-size loads delayed that first byte by about 2 ms), and
+        // before every other read, so its loads overlap this one's.
         let first_read = self
             .stream_first_read(ino, object, block, start, wanted)
             .await?;
-        self.plan_readahead(ino, fh, &content, offset, end);
         if let Some(reply) = first_read {
+            let service = self.clone();
+            glommio::spawn_local(async move {
+                glommio::executor().yield_now().await;
+                if let Some(content) = service.namespace.file_content(ino) {
+                    service.plan_readahead(ino, fh, &content, offset, end);
+                }
+            })
+            .detach();
             return Ok(reply);
         }
+        self.plan_readahead(ino, fh, &content, offset, end);
         let first = self.block(ino, object, block).await?;
         self.note_served(object.hash, &first);
         if start + wanted <= first.len() {

@@ -100,9 +100,6 @@ impl FileService {
             };
             let service = self.clone();
             glommio::spawn_local(async move {
-                // glommio runs a spawned task at once, up to its first wait: the read that
-                // planned this answers first (two loads started in place cost a first byte 2 ms).
-                glommio::executor().yield_now().await;
                 // The object may have failed since this load was planned.
                 if !service.verification.quarantined(object.hash) {
                     let _ = service.block(ino, object, block).await;
