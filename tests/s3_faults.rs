@@ -115,8 +115,11 @@ fn faults_are_retried_or_surface_as_changed_bytes() {
         matches!(exhausted, StoreError::Unavailable { attempts: 8, .. }),
         "{exhausted}"
     );
+    // The error names the last attempt's cause: the injected 503, or on a busy machine an
+    // incidental timeout of that attempt (seen once in a full run with two test threads).
+    let message = exhausted.to_string();
     assert!(
-        exhausted.to_string().contains("503 SlowDown"),
+        message.contains("503 SlowDown") || message.contains("in time"),
         "{exhausted}"
     );
     assert_eq!(after, Some(true));

@@ -193,21 +193,13 @@ impl Dispatcher {
     }
 
     /// Serves `request`, which arrived on shard `here` (a transport that receives requests on
-    /// the shards themselves calls this on that shard's thread): a READ of an inode `here`
-    /// owns is served at once, without a trip through `here`'s mailbox; on a read-only mount a
-    /// READ of an inode another shard owns is served from `here`'s replica of its block when
-    /// it has one (`fs::shard::replica`), and otherwise forwarded as by
-    /// [`Dispatcher::dispatch`], asking the owner for that replica. True when `here` served it
-    /// from a replica.
+    /// the shards themselves calls this on that shard's thread): on a read-only mount a READ
+    /// of an inode another shard owns is served from `here`'s replica of its block when it has
+    /// one (`fs::shard::replica`), and otherwise forwarded as by [`Dispatcher::dispatch`],
+    /// asking the owner for that replica. True when `here` served it from a replica.
     pub fn dispatch_on(&self, here: &LocalShard, request: Request<'_>) -> bool {
         match request {
-            // Already on its owner: served here, not through the shard's own mailbox.
-            Request::Read(read) if self.owner(read.ino) == here.id() => {
-                self.ops.request(Op::Read);
-                here.serve(ShardRequest::Read(read, None));
-                false
-            }
-            Request::Read(read) if self.overlay.is_none() => {
+            Request::Read(read) if self.overlay.is_none() && self.owner(read.ino) != here.id() => {
                 self.ops.request(Op::Read);
                 match here.read_replicated(read) {
                     Ok(()) => true,

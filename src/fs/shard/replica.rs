@@ -27,7 +27,7 @@ use futures::channel::oneshot;
 
 use super::cache::BlockKey;
 use super::read::{locate, object_len};
-use super::{FileService, ShardRequest};
+use super::FileService;
 use crate::fs::request::Read;
 use crate::fs::{ReadData, ReplicaSlot, Servable};
 use crate::store::Block;
@@ -88,11 +88,6 @@ impl LocalShard {
     /// The shard's index.
     pub fn id(&self) -> usize {
         self.0.shard
-    }
-
-    /// Serves `request`, of an inode this shard owns, as a request from its mailbox would be.
-    pub fn serve(&self, request: ShardRequest) {
-        glommio::spawn_local(self.0.clone().handle(request)).detach();
     }
 
     /// Serves `read`, of an inode another shard owns, from this shard's replica of its block;
