@@ -1154,6 +1154,7 @@ fn a_writer_right_after_the_last_reader_closes_is_not_busy() {
     // for writing (or a truncate) issued at once can reach the daemon first, while the
     // reader's passthrough of the cache file still looks open: the daemon waits for the
     // RELEASE instead of failing with ETXTBSY (the model test met that as a flake).
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
     for shards in [1, 2] {
         let f = Fixture::new(shards);
         let path = f.p("dir/sub/deep/z.bin");
@@ -1167,14 +1168,14 @@ fn a_writer_right_after_the_last_reader_closes_is_not_busy() {
             "writer next to a reader",
         );
         drop(reader);
-        // Another thread opens and closes other files meanwhile: their RELEASEs fill the
+        // Other threads open and close other files meanwhile: their RELEASEs fill the
         // kernel's background queue, where this reader's RELEASE then waits its turn.
-        let stop = std::sync::atomic::AtomicBool::new(false);
+        let stop = AtomicBool::new(false);
         let others = [f.p("small.bin"), f.p("big.bin")];
         std::thread::scope(|scope| {
             for _ in 0..4 {
                 scope.spawn(|| {
-                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    while !stop.load(Relaxed) {
                         for other in &others {
                             drop(fs::File::open(other).unwrap());
                         }
@@ -1186,11 +1187,11 @@ fn a_writer_right_after_the_last_reader_closes_is_not_busy() {
                 reader.read_exact_at(&mut byte, 0).unwrap();
                 drop(reader);
                 if let Err(e) = open_with(&path, libc::O_WRONLY) {
-                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    stop.store(true, Relaxed);
                     panic!("{shards} shard(s), round {round}: open for writing after close: {e}");
                 }
             }
-            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            stop.store(true, Relaxed);
         });
         let reader = fs::File::open(&path).unwrap();
         reader.read_exact_at(&mut byte, 0).unwrap();

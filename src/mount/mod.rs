@@ -209,14 +209,15 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
     mountpoint::check_unprivileged(config.allow_other)?;
     let _lock = MountpointLock::acquire(mountpoint)?;
     mountpoint::check(mountpoint, config.allow_non_empty)?;
-    let mut cache_takes_direct_io = false;
-    if let Some(dir) = &config.cache_dir {
-        cache_takes_direct_io = DiskCache::prepare(dir)?;
-    } else if config.cache_size.is_some() {
-        return Err(MountError::Usage(
-            "--cache-size limits the disk cache: give --cache-dir DIR too".into(),
-        ));
-    }
+    let cache_takes_direct_io = match &config.cache_dir {
+        Some(dir) => DiskCache::prepare(dir)?,
+        None if config.cache_size.is_some() => {
+            return Err(MountError::Usage(
+                "--cache-size limits the disk cache: give --cache-dir DIR too".into(),
+            ))
+        }
+        None => false,
+    };
 
     let started = Instant::now();
     let (manifest, manifest_bytes) = load_manifest(&config.manifest)?;
