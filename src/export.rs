@@ -29,13 +29,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
-use xxhash_rust::xxh3::Xxh3;
-
 use crate::cli::ExportArgs;
 use crate::ingest::{self, Cas, ObjectStream, Progress};
 use crate::manifest::{
-    from_fs_name, Content, EntryKind, FileEntry, Format, Hash, Manifest, ManifestBuilder,
-    CHUNK_SIZE,
+    from_fs_name, Content, EntryKind, FileEntry, Format, Hash, HashStream, Manifest,
+    ManifestBuilder, CHUNK_SIZE,
 };
 use crate::namespace::{FileContent, Ino, Namespace, NodeKind};
 use crate::overlay::{overlay_dir, Overlay, OverlayError, Owner, Time, Upper};
@@ -285,7 +283,7 @@ impl BaseObjects<'_> {
             .contains(&hash);
         if !checked {
             // Checked through the handle that is then read: a replaced file is not re-read.
-            let mut hasher = Xxh3::new();
+            let mut hasher = HashStream::default();
             let mut buf = vec![0u8; 1 << 20];
             let mut offset = 0;
             loop {
@@ -296,7 +294,7 @@ impl BaseObjects<'_> {
                 hasher.update(buf.get(..n).unwrap_or_default());
                 offset += n as u64;
             }
-            let actual = Hash(hasher.digest128());
+            let actual = hasher.finish();
             if actual != hash {
                 return Err(ExportError::BadObject {
                     hash,

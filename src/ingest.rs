@@ -14,9 +14,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-use xxhash_rust::xxh3::Xxh3;
-
-use crate::manifest::{Content, Hash};
+use crate::manifest::{Content, Hash, HashStream};
 use crate::store::{object_key, CasWriter};
 
 /// Read size while hashing: large enough for sequential disk throughput, small enough that N
@@ -80,7 +78,7 @@ pub struct ObjectStream<'c, 'a> {
     cas: &'c Cas<'a>,
     limit: u64,
     writer: Option<CasWriter>,
-    hasher: Xxh3,
+    hasher: HashStream,
     in_piece: u64,
     pieces: Vec<Hash>,
 }
@@ -91,7 +89,7 @@ impl<'c, 'a> ObjectStream<'c, 'a> {
             cas,
             limit,
             writer: None,
-            hasher: Xxh3::new(),
+            hasher: HashStream::default(),
             in_piece: 0,
             pieces: Vec::new(),
         }
@@ -133,14 +131,14 @@ impl<'c, 'a> ObjectStream<'c, 'a> {
     }
 
     fn end_piece(&mut self) -> io::Result<()> {
-        let hash = Hash(self.hasher.digest128());
+        let hash = self.hasher.finish();
         let writer = match self.writer.take() {
             Some(writer) => writer,
             None => self.cas.begin()?,
         };
         self.cas.commit(writer, hash)?;
         self.pieces.push(hash);
-        self.hasher = Xxh3::new();
+        self.hasher = HashStream::default();
         self.in_piece = 0;
         Ok(())
     }

@@ -15,9 +15,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use xxhash_rust::xxh3::{xxh3_64, Xxh3};
-
-use crate::manifest::Hash;
+use crate::manifest::{Hash, HashStream};
 use crate::store::Block;
 
 /// Bytes of an object block that passed verification.
@@ -152,7 +150,7 @@ impl std::ops::Deref for Servable {
 /// publication once the whole object matched.
 pub struct ObjectHasher {
     expected: Hash,
-    hasher: Xxh3,
+    hasher: HashStream,
     digests: Vec<u64>,
     kept: Vec<(u32, Block)>,
 }
@@ -168,7 +166,7 @@ impl ObjectHasher {
     pub fn new(expected: Hash, blocks: usize) -> ObjectHasher {
         ObjectHasher {
             expected,
-            hasher: Xxh3::new(),
+            hasher: HashStream::default(),
             digests: Vec::with_capacity(blocks),
             kept: Vec::new(),
         }
@@ -177,7 +175,7 @@ impl ObjectHasher {
     /// Feeds the object's next block.
     pub fn update(&mut self, block: &[u8]) {
         self.hasher.update(block);
-        self.digests.push(xxh3_64(block));
+        self.digests.push(block_digest(block));
     }
 
     /// Keeps block `index` (already fed) to be published if the object matches.
@@ -187,7 +185,7 @@ impl ObjectHasher {
 
     /// The verified object, or the digest the bytes had instead of the expected one.
     pub fn finish(self) -> Result<VerifiedObject, Hash> {
-        let digest = Hash(self.hasher.digest128());
+        let digest = self.hasher.finish();
         if digest != self.expected {
             return Err(digest);
         }
@@ -200,6 +198,13 @@ impl ObjectHasher {
             digests: BlockDigests(self.digests.into()),
         })
     }
+}
+
+/// A block's XXH3-64: what a block read again must match (with AVX2 where the CPU has it, as
+/// [`HashStream`]). Earlier mounts recorded these values on disk (`store::VerificationLog`), so
+/// the function must stay XXH3-64.
+fn block_digest(block: &[u8]) -> u64 {
+    twox_hash::XxHash3_64::oneshot(block)
 }
 
 /// The xxh3-64 of every block of a verified object, taken while it was verified: a block read
@@ -227,14 +232,14 @@ impl BlockDigests {
     /// had when the object verified; `None` if it differs (the caller reads it again).
     pub fn confirm(&self, index: u32, block: &StreamedBlock) -> Option<VerifiedBlock> {
         let digest = *self.0.get(index as usize)?;
-        (xxh3_64(&block.0) == digest).then(|| VerifiedBlock(block.0.clone()))
+        (block_digest(&block.0) == digest).then(|| VerifiedBlock(block.0.clone()))
     }
 
     /// Block `index`, verified; or the block back when it differs from the verified object (or
     /// the object has no such block).
     pub fn check(&self, index: u32, block: Block) -> Result<VerifiedBlock, Block> {
         match self.0.get(index as usize) {
-            Some(&digest) if xxh3_64(&block) == digest => Ok(VerifiedBlock(Rc::new(block))),
+            Some(&digest) if block_digest(&block) == digest => Ok(VerifiedBlock(Rc::new(block))),
             _ => Err(block),
         }
     }

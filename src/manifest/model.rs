@@ -18,7 +18,7 @@ pub struct Hash(pub u128);
 impl Hash {
     /// Hashes `bytes` with XXH3-128, seed 0, as the Deadline client does.
     pub fn of(bytes: &[u8]) -> Hash {
-        Hash(xxhash_rust::xxh3::xxh3_128(bytes))
+        Hash(twox_hash::XxHash3_128::oneshot(bytes))
     }
 
     /// Parses exactly 32 lowercase or uppercase hex digits.
@@ -30,6 +30,23 @@ impl Hash {
     }
 }
 
+/// The XXH3-128 of bytes that arrive in pieces: equal to [`Hash::of`] their concatenation.
+///
+/// Content hashing goes through this and [`Hash::of`] (and `fs::verified`'s block digests), so
+/// one place picks the implementation: twox-hash, which uses AVX2 where the CPU has it, chosen
+/// at run time (xxhash-rust fixes SSE2 at build time).
+#[derive(Clone, Default)]
+pub struct HashStream(twox_hash::XxHash3_128);
+
+impl HashStream {
+    pub fn update(&mut self, bytes: &[u8]) {
+        self.0.write(bytes);
+    }
+
+    pub fn finish(&self) -> Hash {
+        Hash(self.0.finish_128())
+    }
+}
 impl fmt::Display for Hash {
     /// 32 lowercase hex digits: the spelling used in manifests and CAS keys.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -102,4 +119,50 @@ pub struct EntryRef<'a> {
     /// Path relative to the root (absolute for absolute manifests), `/`-separated, WTF-8.
     pub path: &'a [u8],
     pub kind: EntryKind<'a>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The runtime-dispatched XXH3 must give the values every other XXH3 gives: object keys
+    /// come from the Deadline client, and block digests are recorded on disk by earlier mounts.
+    #[test]
+    fn content_hashes_match_the_reference_xxh3_whatever_the_pieces() {
+        let bytes: Vec<u8> = (0..3_000_017u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        for len in [
+            0,
+            1,
+            3,
+            16,
+            17,
+            128,
+            129,
+            240,
+            241,
+            1024,
+            65_537,
+            bytes.len(),
+        ] {
+            let input = &bytes[..len];
+            let reference = xxhash_rust::xxh3::xxh3_128(input);
+            assert_eq!(Hash::of(input).0, reference, "one-shot, {len} bytes");
+            for piece in [1, 63, 64, 4096, 1 << 20] {
+                let mut stream = HashStream::default();
+                input.chunks(piece).for_each(|p| stream.update(p));
+                assert_eq!(
+                    stream.finish().0,
+                    reference,
+                    "{len} bytes in {piece}-byte pieces"
+                );
+            }
+            assert_eq!(
+                twox_hash::XxHash3_64::oneshot(input),
+                xxhash_rust::xxh3::xxh3_64(input),
+                "xxh3-64 of {len} bytes"
+            );
+        }
+    }
 }

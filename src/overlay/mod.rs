@@ -116,7 +116,7 @@ pub struct Overlay {
 /// The overlay directory of `manifest_bytes` in `cache_dir`: named by the xxh128 of the
 /// manifest's bytes, the hash a diff manifest names as its parent.
 pub fn overlay_dir(cache_dir: &Path, manifest_bytes: &[u8]) -> PathBuf {
-    let id = xxhash_rust::xxh3::xxh3_128(manifest_bytes);
+    let id = crate::manifest::Hash::of(manifest_bytes).0;
     cache_dir.join("Overlay").join(format!("{id:032x}"))
 }
 
