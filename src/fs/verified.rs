@@ -15,7 +15,7 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use crate::manifest::{Hash, HashStream};
+use crate::manifest::{block_digest, Hash, HashStream};
 use crate::store::Block;
 
 /// Bytes of an object block that passed verification.
@@ -198,13 +198,6 @@ impl ObjectHasher {
             digests: BlockDigests(self.digests.into()),
         })
     }
-}
-
-/// A block's XXH3-64: what a block read again must match (with AVX2 where the CPU has it, as
-/// [`HashStream`]). Earlier mounts recorded these values on disk (`store::VerificationLog`), so
-/// the function must stay XXH3-64.
-fn block_digest(block: &[u8]) -> u64 {
-    twox_hash::XxHash3_64::oneshot(block)
 }
 
 /// The xxh3-64 of every block of a verified object, taken while it was verified: a block read

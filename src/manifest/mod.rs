@@ -19,7 +19,9 @@ mod validate;
 
 pub use builder::ManifestBuilder;
 pub use error::{ManifestError, Problem, Rule, MAX_PROBLEMS};
-pub use model::{Content, EntryKind, EntryRef, FileEntry, Format, Hash, HashStream, CHUNK_SIZE};
+pub use model::{
+    block_digest, Content, EntryKind, EntryRef, FileEntry, Format, Hash, HashStream, CHUNK_SIZE,
+};
 pub use name::{from_fs_name, to_fs_name};
 
 /// Entry kinds as stored in a [`Slot`].

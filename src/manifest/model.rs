@@ -32,9 +32,9 @@ impl Hash {
 
 /// The XXH3-128 of bytes that arrive in pieces: equal to [`Hash::of`] their concatenation.
 ///
-/// Content hashing goes through this and [`Hash::of`] (and `fs::verified`'s block digests), so
-/// one place picks the implementation: twox-hash, which uses AVX2 where the CPU has it, chosen
-/// at run time (xxhash-rust fixes SSE2 at build time).
+/// Content hashing goes through this, [`Hash::of`] and [`block_digest`], so one place picks the
+/// implementation: twox-hash, which uses AVX2 where the CPU has it, chosen at run time
+/// (xxhash-rust fixes SSE2 at build time).
 #[derive(Clone, Default)]
 pub struct HashStream(twox_hash::XxHash3_128);
 
@@ -47,6 +47,13 @@ impl HashStream {
         Hash(self.0.finish_128())
     }
 }
+
+/// A block's XXH3-64: what a block of a verified object read again must match. Earlier mounts
+/// recorded these values on disk (`store::VerificationLog`), so it must stay XXH3-64.
+pub fn block_digest(block: &[u8]) -> u64 {
+    twox_hash::XxHash3_64::oneshot(block)
+}
+
 impl fmt::Display for Hash {
     /// 32 lowercase hex digits: the spelling used in manifests and CAS keys.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -159,7 +166,7 @@ mod tests {
                 );
             }
             assert_eq!(
-                twox_hash::XxHash3_64::oneshot(input),
+                block_digest(input),
                 xxhash_rust::xxh3::xxh3_64(input),
                 "xxh3-64 of {len} bytes"
             );
