@@ -400,15 +400,8 @@ fn files_held_past_the_grace_period_do_not_keep_the_process() {
     assert!(!is_mounted(&mount.dir));
     let mut byte = [0u8; 1];
     let error = std::os::unix::fs::FileExt::read_at(&held, &mut byte, 0).unwrap_err();
-    // Over the ring a read racing the aborted connection may end as ECONNABORTED instead (seen
-    // once in the uring pass, as writable_crash sees for a kill).
-    let connection_gone: &[i32] = if common::over_ring() {
-        &[libc::ENOTCONN, libc::ECONNABORTED]
-    } else {
-        &[libc::ENOTCONN]
-    };
     assert!(
-        connection_gone.contains(&error.raw_os_error().unwrap_or(0)),
+        common::dead_connection_errnos().contains(&error.raw_os_error().unwrap_or(0)),
         "{error}"
     );
     let log = mount.stderr();

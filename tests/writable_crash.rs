@@ -22,7 +22,8 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::model::{
-    self, base_files, compare_trees, copy_tree, env_u64, with_watchdog, Durability, Model,
+    self, base_files, compare_trees, copy_tree, env_u64, errno_name, with_watchdog, Durability,
+    Model,
 };
 use common::{job, signal, Mount};
 
@@ -270,15 +271,10 @@ fn kill_9_during_operations_leaves_nothing_half_applied() {
             let error =
                 error.unwrap_or_else(|| panic!("{}: the kill interrupted nothing", what(&model)));
             // The first failure must be the kill's (a dead FUSE connection), not a mismatch.
-            // Over the ring a request the kernel was handing to the dying daemon's ring ends
-            // with ECANCELED instead.
-            let kill_errors: &[&str] = if common::over_ring() {
-                &["ENOTCONN", "ECONNABORTED", "ECANCELED"]
-            } else {
-                &["ENOTCONN", "ECONNABORTED"]
-            };
             assert!(
-                kill_errors.iter().any(|e| error.contains(e)),
+                common::dead_connection_errnos()
+                    .iter()
+                    .any(|&e| error.contains(&errno_name(e))),
                 "{}: a mismatch before the kill: {error}\ndaemon log:\n{}",
                 what(&model),
                 tail(&mount.stderr())

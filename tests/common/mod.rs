@@ -23,6 +23,18 @@ pub fn over_ring() -> bool {
     std::env::var("MOUNT_VFS_TRANSPORT").is_ok_and(|t| t == "uring")
 }
 
+/// The errnos a request ends with once the daemon serving it is gone: ENOTCONN, or ECONNABORTED
+/// while the abort races the request. Over the ring, a request the kernel was handing to the dead
+/// daemon's ring ends with ECANCELED instead (fuse's ring send sees the task dead); CI saw it once
+/// for a read of a held file right after the daemon exited.
+pub fn dead_connection_errnos() -> &'static [i32] {
+    if over_ring() {
+        &[libc::ENOTCONN, libc::ECONNABORTED, libc::ECANCELED]
+    } else {
+        &[libc::ENOTCONN, libc::ECONNABORTED]
+    }
+}
+
 /// Deterministic pseudo-random bytes (xorshift), so big files need no fixtures on disk.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
