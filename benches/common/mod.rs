@@ -456,11 +456,31 @@ pub fn machine() -> String {
         })
         .unwrap_or_default();
     let kernel = fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let reporting = if reports_free_memory() {
+        "; freed memory goes back to the hypervisor (virtio-balloon free page reporting), so \
+         memory allocated after a drop of the page cache or a mount's exit is slow to touch: \
+         see 'This VM hands freed memory back' in docs/benchmarks.md"
+    } else {
+        ""
+    };
     format!(
-        "{} CPUs, {host}, kernel {}",
+        "{} CPUs, {host}, kernel {}{reporting}",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         kernel.trim()
     )
+}
+
+/// Whether a virtio balloon with free page reporting (feature bit 5) is bound: the guest then
+/// hands memory it frees back to the host, and touching it again costs a host fault per page.
+/// On the 2 vCPU VMs that made cold reads cost up to twice the CPU of the same reads on memory
+/// that stays backed (docs/benchmarks.md).
+fn reports_free_memory() -> bool {
+    fs::read_dir("/sys/bus/virtio/drivers/virtio_balloon")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|device| fs::read_to_string(device.path().join("features")).ok())
+        .any(|features| features.as_bytes().get(5) == Some(&b'1'))
 }
 
 /// The bench's working directory, emptied: `BENCH_DIR`, else `name` under cargo's target tmpdir.
