@@ -44,7 +44,7 @@ pub const WHOLE_OBJECT: u32 = u32::MAX;
 /// The name traces of the manifest whose bytes are `manifest_bytes` go by: the xxh128 of
 /// those bytes, in hex.
 pub fn manifest_id(manifest_bytes: &[u8]) -> String {
-    format!("{:032x}", crate::manifest::Hash::of(manifest_bytes).0)
+    crate::manifest::Hash::of(manifest_bytes).to_string()
 }
 
 /// Where the trace of the manifest whose bytes are `manifest_bytes` lives in `cache_dir`.

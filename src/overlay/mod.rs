@@ -116,8 +116,8 @@ pub struct Overlay {
 /// The overlay directory of `manifest_bytes` in `cache_dir`: named by the xxh128 of the
 /// manifest's bytes, the hash a diff manifest names as its parent.
 pub fn overlay_dir(cache_dir: &Path, manifest_bytes: &[u8]) -> PathBuf {
-    let id = crate::manifest::Hash::of(manifest_bytes).0;
-    cache_dir.join("Overlay").join(format!("{id:032x}"))
+    let id = crate::manifest::Hash::of(manifest_bytes);
+    cache_dir.join("Overlay").join(id.to_string())
 }
 
 fn lock(dir: &Path) -> Result<File, OverlayError> {
