@@ -139,6 +139,38 @@ fn mount_serves_s3_files_and_never_serves_flipped_bytes() {
     assert_eq!(total["bytes_fetched"], 2 * big.len() as u64);
 }
 
+/// Without a disk cache, an object larger than the memory limit still comes from S3 once: the
+/// blocks that did not stay in memory are read back from an unnamed spill file, which leaves
+/// nothing in TMPDIR.
+#[test]
+fn an_object_larger_than_memory_is_fetched_once_without_a_disk_cache() {
+    let big = pattern(6, (48 << 20) + 5);
+    let files: Vec<(&str, &[u8])> = vec![("big.bin", &big)];
+    let (moto, work, manifest_path) = moto_job(&files);
+    let proxy = FaultProxy::start(moto.port);
+    let endpoint = proxy.endpoint();
+    let store = ["--s3", "s3://cas/root", "--endpoint-url", &endpoint];
+    let scratch = work.path().join("scratch");
+    std::fs::create_dir(&scratch).unwrap();
+    let mut env = ENV.to_vec();
+    env.push(("TMPDIR", scratch.to_str().unwrap()));
+    let options = MountOptions {
+        shards: 1,
+        extra: &["--memory-limit", "32M", "--stats"],
+    };
+    let mnt = work.path().join("mnt");
+    let mut mount = Mount::start_with_store(&manifest_path, &store, &env, &mnt, options);
+    assert!(read_all(&mount.dir.join("big.bin")).unwrap() == big);
+    let left = std::fs::read_dir(&scratch).unwrap().count();
+    assert_eq!(left, 0, "spill files have no name");
+    mount.stop();
+    let total = &mount.stats("final").unwrap()["total"];
+    assert_eq!(total["bytes_fetched"], big.len() as u64, "{total}");
+    assert_eq!(total["spill_bytes_written"], big.len() as u64, "{total}");
+    let read_back = total["spill_bytes_read"].as_u64().unwrap();
+    assert!(read_back >= 16 << 20, "{total}");
+}
+
 #[test]
 fn a_disk_cache_spares_the_store_on_the_next_mount() {
     let big = pattern(5, (6 << 20) + 7);

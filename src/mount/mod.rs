@@ -44,7 +44,7 @@ use crate::signals::Signals;
 use crate::store::s3::{S3ConfigError, S3StartError};
 use crate::store::{
     CacheDirError, CacheJanitor, DiskCache, DiskCacheConfig, JanitorStartError, S3Target,
-    StoreConfig, VerificationLog,
+    SpillConfig, StoreConfig, VerificationLog,
 };
 use crate::trace::{manifest_id, trace_path};
 use crate::transport::{self, Session as FuseSession, SessionOptions};
@@ -308,11 +308,31 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         }
         None => (None, None, None),
     };
+    let spill = match disk_cache.is_none().then(|| SpillConfig::probe(shards)) {
+        None => None,
+        Some(Ok(spill)) => {
+            tracing::info!(
+                "no --cache-dir: objects too large for memory spill to unnamed files in {} \
+                 (at most {} MiB per shard), so each is fetched once",
+                spill.dir.display(),
+                spill.budget_per_shard >> 20
+            );
+            Some(spill)
+        }
+        Some(Err(why)) => {
+            tracing::info!(
+                "no --cache-dir and no spill files ({why}): objects too large for memory are \
+                 fetched again when read again"
+            );
+            None
+        }
+    };
     let service = ServiceConfig {
         namespace: namespace.clone(),
         store,
         block_size: config.part_size,
         disk_cache: disk_cache.clone(),
+        spill,
         passthrough: Arc::default(),
         ops: Arc::default(),
         overlay: overlay.clone(),

@@ -6,8 +6,9 @@
 //! leave that shard. What crosses threads is a [`StoreConfig`], opened once per shard.
 //!
 //! Implementations: the local CAS directory ([`LocalCas`]), S3 ([`S3Store`]), the disk cache in
-//! front of either ([`DiskCache`]), and for tests an in-memory store ([`MemoryStore`]) and a
-//! store that injects faults on a deterministic schedule ([`FaultStore`]).
+//! front of either ([`DiskCache`]), spill files for a mount without one ([`Spill`]), and for
+//! tests an in-memory store ([`MemoryStore`]) and a store that injects faults on a deterministic
+//! schedule ([`FaultStore`]).
 
 mod cache_janitor;
 mod disk_cache;
@@ -16,6 +17,7 @@ mod local;
 mod memory;
 mod object;
 pub mod s3;
+mod spill;
 mod verified_log;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +37,7 @@ pub use memory::{MemoryObjects, MemoryStore};
 pub(crate) use object::OpenFiles;
 pub use object::{object_key, partial_owner, Block, CasWriter, ObjectRange, OBJECT_SUFFIX};
 pub use s3::{S3Store, S3Target};
+pub use spill::{Spill, SpillConfig, SpillWriter};
 pub use verified_log::{FileIdentity, Recorder, Recording, VerificationLog};
 
 use crate::manifest::Hash;

@@ -159,33 +159,13 @@ impl CasWriter {
         self.file.write_all_at(bytes, offset)
     }
 
-    /// Writes `block` at `offset` on the glommio executor's blocking thread, so the copy into the
-    /// page cache does not run on the shard, and hands the block back with the outcome. The
-    /// block stays alive until the write is done: dropping the future early waits for the write
-    /// to finish before the block is freed.
+    /// Writes `block` at `offset` off the shard (see [`write_block_off_executor`]).
     pub fn write_block_off_executor(
         &self,
         offset: u64,
         block: Block,
     ) -> impl std::future::Future<Output = (Block, io::Result<()>)> + 'static {
-        let file = self.file.clone();
-        async move {
-            // Declared first, so dropped last: after `_wait` saw the write end.
-            let block = block;
-            let done = Arc::new(AtomicBool::new(false));
-            let bytes = SendBytes(block.as_ptr(), block.len());
-            let finished = Finished(done.clone());
-            let write = glommio::executor().spawn_blocking(move || {
-                let _finished = finished;
-                // SAFETY: the block these bytes belong to is freed only after `done` is set
-                // (by `_finished`, when this closure returns or is dropped unrun): the future
-                // owns it, and `_wait` below holds a dropped future until then.
-                file.write_all_at(unsafe { bytes.as_slice() }, offset)
-            });
-            let _wait = WaitFor(done);
-            let result = write.await;
-            (block, result)
-        }
+        write_block_off_executor(self.file.clone(), offset, block)
     }
 
     /// Puts the object in place as `root/Data/{hash}.xxh128`, replacing any file of that name
@@ -203,6 +183,32 @@ impl CasWriter {
     pub fn temporary(&self) -> &Path {
         &self.temporary
     }
+}
+
+/// Writes `block` at `offset` of `file` on the glommio executor's blocking thread, so the copy
+/// into the page cache does not run on the shard, and hands the block back with the outcome.
+/// The block stays alive until the write is done: dropping the future early waits for the write
+/// to finish before the block is freed.
+pub(super) async fn write_block_off_executor(
+    file: Arc<File>,
+    offset: u64,
+    block: Block,
+) -> (Block, io::Result<()>) {
+    // Declared first, so dropped last: after `_wait` saw the write end.
+    let block = block;
+    let done = Arc::new(AtomicBool::new(false));
+    let bytes = SendBytes(block.as_ptr(), block.len());
+    let finished = Finished(done.clone());
+    let write = glommio::executor().spawn_blocking(move || {
+        let _finished = finished;
+        // SAFETY: the block these bytes belong to is freed only after `done` is set (by
+        // `_finished`, when this closure returns or is dropped unrun): the future owns it, and
+        // `_wait` below holds a dropped future until then.
+        file.write_all_at(unsafe { bytes.as_slice() }, offset)
+    });
+    let _wait = WaitFor(done);
+    let result = write.await;
+    (block, result)
 }
 
 /// The bytes of a [`Block`] lent to the blocking thread for one write.

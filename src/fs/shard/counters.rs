@@ -69,6 +69,8 @@ counters! {
     objects_trusted => "Of those, objects an earlier mount's record vouched for: the cache file was unchanged since it was verified, so it was not hashed again.",
     objects_cached => "Objects written into the disk cache after they verified.",
     disk_cache_bytes => "Bytes read from disk-cache files.",
+    spill_bytes_written => "Bytes of verified objects too large for memory written to spill files (no `--cache-dir`).",
+    spill_bytes_read => "Bytes read back from spill files instead of fetched from the store again.",
     disk_cache_write_errors => "Failed writes to the disk cache (the reads still succeed, from memory or the store).",
     passthrough_opens => "Opens answered with a passthrough backing file (their READs never reach us).",
     prefetched_bytes => "Bytes of objects prefetch verified ahead of any reader (`--prefetch`).",

@@ -19,6 +19,8 @@ pub(super) const VERIFY_READS_IN_FLIGHT: usize = 8;
 pub(super) enum Source {
     Store,
     DiskCache,
+    /// This shard's spill file of the object (see `store::Spill`).
+    Spill,
 }
 
 impl FileService {
@@ -68,11 +70,12 @@ impl FileService {
     ) -> Result<Block, StoreError> {
         let started = Instant::now();
         let c = &self.counters;
-        let (store, counter, in_flight): (&dyn ObjectStore, _, _) = match (source, &self.disk_cache)
-        {
-            (Source::DiskCache, Some(cache)) => (cache, &c.disk_cache_bytes, None),
-            _ => (&*self.store, &c.bytes_fetched, Some(c.store_read())),
-        };
+        let (store, counter, in_flight): (&dyn ObjectStore, _, _) =
+            match (source, &self.disk_cache, &self.spill) {
+                (Source::DiskCache, Some(cache), _) => (cache, &c.disk_cache_bytes, None),
+                (Source::Spill, _, Some(spill)) => (spill, &c.spill_bytes_read, None),
+                _ => (&*self.store, &c.bytes_fetched, Some(c.store_read())),
+            };
         let result = store.read(&self.pool, memory, range).await;
         drop(in_flight);
         let result = result.and_then(|block| {

@@ -90,7 +90,9 @@ use super::request::{fail, Fallocate, Open, Read, Release, Truncate, Write};
 use super::{FsError, Op, OpCounters};
 use crate::namespace::{owner, Ino, Namespace};
 use crate::overlay::Overlay;
-use crate::store::{DiskCache, DiskCacheConfig, ObjectStore, RetryCounts, StoreConfig};
+use crate::store::{
+    DiskCache, DiskCacheConfig, ObjectStore, RetryCounts, Spill, SpillConfig, StoreConfig,
+};
 use crate::trace::TraceRecorder;
 
 pub use cache::BlockKey;
@@ -158,6 +160,8 @@ pub struct ServiceConfig {
     pub block_size: u64,
     /// `--cache-dir`, already prepared ([`DiskCache::prepare`]), with its janitor running.
     pub disk_cache: Option<DiskCacheConfig>,
+    /// Where objects too large for the pool spill without a disk cache ([`Spill`]).
+    pub spill: Option<SpillConfig>,
     /// Set by the transport once the kernel agreed to passthrough at INIT.
     pub passthrough: Arc<AtomicBool>,
     /// Requests and failures per operation, shared with the dispatcher.
@@ -184,6 +188,7 @@ pub struct FileService {
     pool: BufferPool,
     store: Rc<dyn ObjectStore>,
     disk_cache: Option<DiskCache>,
+    spill: Option<Spill>,
     cache: BlockCache,
     handles: Handles,
     verification: Verification,
@@ -209,6 +214,7 @@ pub struct ServiceParts {
     pub pool: BufferPool,
     pub store: Rc<dyn ObjectStore>,
     pub disk_cache: Option<DiskCache>,
+    pub spill: Option<Spill>,
     pub passthrough: Arc<AtomicBool>,
     pub counters: Arc<ShardCounters>,
     pub ops: Arc<OpCounters>,
@@ -231,6 +237,7 @@ impl FileService {
             pool: parts.pool,
             store: parts.store,
             disk_cache: parts.disk_cache,
+            spill: parts.spill,
             cache: BlockCache::new(cache_budget),
             handles: Handles::new(parts.passthrough),
             verification: Verification::default(),
@@ -310,6 +317,7 @@ pub async fn run_shard(
             .disk_cache
             .as_ref()
             .map(|cache| DiskCache::new(cache, ctx.id)),
+        spill: config.spill.as_ref().map(Spill::new),
         passthrough: config.passthrough,
         counters,
         ops: config.ops,

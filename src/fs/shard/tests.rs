@@ -17,7 +17,9 @@ use crate::fs::testing::{capture, namespace, on_shard, pattern};
 use crate::fs::FsError;
 use crate::manifest::Hash;
 use crate::namespace::{Ino, Namespace, ROOT_INO};
-use crate::store::{Fault, FaultStore, MemoryObjects, MemoryStore, ObjectStore, When};
+use crate::store::{
+    Fault, FaultStore, MemoryObjects, MemoryStore, ObjectStore, Spill, SpillConfig, When,
+};
 
 const MIB: usize = 1 << 20;
 /// Test blocks are 1 MiB (`--part-size` minimum).
@@ -37,15 +39,16 @@ fn service_verifying(
     store: Rc<dyn ObjectStore>,
     mode: VerifyMode,
 ) -> Rc<FileService> {
-    service_with_blocks(pool, namespace, store, mode, BLOCK)
+    service_with(pool, namespace, store, mode, BLOCK, None)
 }
 
-fn service_with_blocks(
+fn service_with(
     pool: BufferPool,
     namespace: Arc<Namespace>,
     store: Rc<dyn ObjectStore>,
     mode: VerifyMode,
     block_size: u64,
+    spill: Option<Spill>,
 ) -> Rc<FileService> {
     FileService::new(ServiceParts {
         shard: 0,
@@ -55,6 +58,7 @@ fn service_with_blocks(
         pool,
         store,
         disk_cache: None,
+        spill,
         passthrough: Arc::new(AtomicBool::new(false)),
         counters: Arc::new(ShardCounters::default()),
         ops: Arc::default(),
@@ -258,6 +262,65 @@ fn blocks_read_again_must_match_their_verified_digest() {
         let bytes = read(&s, a, fh, 8 * BLOCK + 3, MIB - 3).await.unwrap();
         assert_eq!(bytes, data[8 * MIB + 3..9 * MIB]);
     });
+}
+
+/// Without a disk cache, an object larger than the pool is fetched once: blocks read again come
+/// from its spill file, and only while they keep their verified digests.
+#[test]
+fn a_spill_file_saves_the_second_fetch_and_is_checked_like_the_store() {
+    let data = pattern(8, 12 * MIB);
+    let hash = Hash::of(&data);
+    let ns = namespace(&[("a", &data)]);
+    let objects = MemoryObjects::of([data.clone()]);
+    let a = ino(&ns, "a");
+    let scratch = tempfile::tempdir().unwrap();
+    let config = SpillConfig {
+        dir: scratch.path().to_path_buf(),
+        budget_per_shard: 64 << 20,
+    };
+    on_shard(8 << 20, move |pool| async move {
+        let store = Rc::new(FaultStore::new(Rc::new(MemoryStore::new(objects))));
+        let spill = Some(Spill::new(&config));
+        let s = service_with(pool, ns, store.clone(), VerifyMode::Object, BLOCK, spill);
+        let fh = open(&s, a, libc::O_RDONLY).await;
+        assert_eq!(read(&s, a, fh, 0, MIB).await.unwrap(), data[..MIB]);
+        assert_eq!(store.reads(), 12, "verification streamed the object once");
+        assert!(s.cache.get((hash, 8)).is_none(), "block 8 was not kept");
+        assert_eq!(s.counters.snapshot().spill_bytes_written, 12 * MIB as u64);
+
+        assert_eq!(
+            read(&s, a, fh, 8 * BLOCK, MIB).await.unwrap(),
+            data[8 * MIB..9 * MIB]
+        );
+        assert_eq!(store.reads(), 12, "block 8 came from the spill file");
+        assert_eq!(s.counters.snapshot().spill_bytes_read, MIB as u64);
+
+        // A spill file whose bytes changed is dropped; the store serves the block.
+        let fd = s
+            .spill
+            .as_ref()
+            .unwrap()
+            .raw_fd(hash)
+            .expect("a spill file");
+        // SAFETY: a valid descriptor and a buffer of the length given.
+        let written = unsafe { libc::pwrite(fd, b"x".as_ptr().cast(), 1, 9 * MIB as i64) };
+        assert_eq!(written, 1);
+        assert_eq!(
+            read(&s, a, fh, 9 * BLOCK, MIB).await.unwrap(),
+            data[9 * MIB..10 * MIB]
+        );
+        assert_eq!(store.reads(), 13, "the changed block came from the store");
+        assert!(
+            !s.spill.as_ref().unwrap().has(hash),
+            "the spill file was dropped"
+        );
+        assert_eq!(s.counters.snapshot().verify_failures, 0);
+    });
+    assert_eq!(
+        std::fs::read_dir(scratch.path()).unwrap().count(),
+        0,
+        "spill files have no name"
+    );
 }
 
 /// Four readers of four 16 MiB objects through a 4 MiB pool: every verification and read waits
@@ -497,7 +560,7 @@ fn concurrent_first_reads_of_many_objects_finish_on_a_small_pool() {
         // Reads that take a while, as S3's do, so the loads interleave.
         let slow = Rc::new(FaultStore::new(store.clone()));
         slow.inject(When::Always, Fault::Delay(Duration::from_millis(20)));
-        let s = service_with_blocks(pool, ns, slow, VerifyMode::Stream, PART);
+        let s = service_with(pool, ns, slow, VerifyMode::Stream, PART, None);
         let reads = inos.iter().zip(&files).map(|(&ino, (_, data))| {
             let (s, data) = (s.clone(), data.clone());
             async move {

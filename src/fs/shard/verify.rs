@@ -1,6 +1,7 @@
 //! Verification and re-reads: an object is streamed through its hash once per shard (from the
-//! disk cache when it holds a copy, else from the store, writing the cache as it passes), and
-//! blocks read again later are served only if they keep the digest they had then. Objects that
+//! disk cache when it holds a copy, else from the store, writing the cache as it passes; without
+//! a disk cache, an object too large for the pool goes to a spill file instead), and blocks read
+//! again later are served only if they keep the digest they had then. Objects that
 //! failed are quarantined: logged once, and left to on-demand reads (read-ahead skips them).
 
 use std::cell::{Cell, RefCell};
@@ -17,7 +18,7 @@ use super::FileService;
 use crate::fs::{BlockDigests, FsError, ObjectHasher, VerifiedBlock, VerifiedObject};
 use crate::manifest::Hash;
 use crate::namespace::Ino;
-use crate::store::{Block, CasWriter, ObjectRange, StoreError};
+use crate::store::{Block, CasWriter, ObjectRange, SpillWriter, StoreError};
 
 type Verify = Shared<LocalBoxFuture<'static, Result<(), FsError>>>;
 
@@ -36,6 +37,31 @@ fn settle(
     }
     if let Some(index) = keep {
         hasher.keep(index, block);
+    }
+}
+
+/// Where a verification stream from the store writes the object as it passes, so that blocks
+/// read again come from local storage rather than from the store a second time.
+enum LocalCopy {
+    /// A new disk-cache file, committed if the object verifies.
+    CacheFile(CasWriter),
+    /// A spill file (no disk cache, an object larger than the pool can keep), kept if the
+    /// object verifies.
+    Spill(SpillWriter),
+}
+
+impl LocalCopy {
+    fn write(
+        &self,
+        offset: u64,
+        block: Block,
+    ) -> impl std::future::Future<Output = (Block, std::io::Result<()>)> + 'static {
+        match self {
+            LocalCopy::CacheFile(file) => {
+                file.write_block_off_executor(offset, block).left_future()
+            }
+            LocalCopy::Spill(file) => file.write_block_off_executor(offset, block).right_future(),
+        }
     }
 }
 
@@ -206,23 +232,25 @@ impl FileService {
         }
         let mut last_digest = hash;
         for _attempt in 0..2 {
-            let mut writer = self.disk_cache.as_ref().and_then(|cache| {
-                cache
-                    .begin(hash)
-                    .map_err(|e| self.warn_cache_write(&self.cache_location(hash), e))
-                    .ok()
-            });
-            match self.stream(hash, len, Source::Store, &mut writer).await {
+            let mut copy = self.local_copy(hash, len);
+            match self.stream(hash, len, Source::Store, &mut copy).await {
                 Ok(verified) => {
-                    if let (Some(writer), Some(cache)) = (writer, &self.disk_cache) {
-                        match writer.commit(hash) {
-                            Ok(()) => {
-                                cache.added(len);
-                                c.add(&c.objects_cached, 1);
-                                self.keep_in_disk_cache(hash, &verified.digests, true);
+                    match (copy, &self.disk_cache, &self.spill) {
+                        (Some(LocalCopy::CacheFile(writer)), Some(cache), _) => {
+                            match writer.commit(hash) {
+                                Ok(()) => {
+                                    cache.added(len);
+                                    c.add(&c.objects_cached, 1);
+                                    self.keep_in_disk_cache(hash, &verified.digests, true);
+                                }
+                                Err(e) => self.warn_cache_write(&self.cache_location(hash), e),
                             }
-                            Err(e) => self.warn_cache_write(&self.cache_location(hash), e),
                         }
+                        (Some(LocalCopy::Spill(writer)), _, Some(spill)) => {
+                            c.add(&c.spill_bytes_written, len);
+                            spill.keep(hash, writer);
+                        }
+                        _ => {}
                     }
                     self.accept(hash, verified);
                     return Ok(());
@@ -247,6 +275,23 @@ impl FileService {
             ),
         );
         Err(FsError::Corrupt)
+    }
+
+    /// Where a verification of `hash` from the store copies it: a new cache file; without a
+    /// disk cache, a spill file when the object cannot all be kept in the pool (the blocks not
+    /// kept would otherwise be fetched again); else nowhere.
+    fn local_copy(&self, hash: Hash, len: u64) -> Option<LocalCopy> {
+        if let Some(cache) = &self.disk_cache {
+            return cache
+                .begin(hash)
+                .map_err(|e| self.warn_cache_write(&self.cache_location(hash), e))
+                .map(LocalCopy::CacheFile)
+                .ok();
+        }
+        let retained = self.verification.retained.get() as u64;
+        let fits = retained + len <= self.retention_budget() as u64;
+        let spill = self.spill.as_ref().filter(|_| !fits)?;
+        spill.begin(hash, len).map(LocalCopy::Spill)
     }
 
     /// Notes that the disk cache holds a verified copy of `hash`: marked used (last to be
@@ -283,7 +328,7 @@ impl FileService {
         hash: Hash,
         len: u64,
         source: Source,
-        writer: &mut Option<CasWriter>,
+        copy: &mut Option<LocalCopy>,
     ) -> Result<VerifiedObject, StreamError> {
         let block_size = self.block_size;
         let blocks = len.div_ceil(block_size);
@@ -310,9 +355,9 @@ impl FileService {
                 .map(|(range, memory)| async move { self.fetch(memory?, range, source).await })
                 .buffered(VERIFY_READS_IN_FLIGHT),
         );
-        // Cache writes run on the shard's blocking thread, a few at a time, each holding its
-        // block until written (then kept or dropped): the copy into the page cache stays off
-        // the shard, which goes on fetching, hashing and serving meanwhile.
+        // Copies (cache or spill file) are written on the shard's blocking thread, a few at a
+        // time, each holding its block until written (then kept or dropped): the copy into the
+        // page cache stays off the shard, which goes on fetching, hashing and serving meanwhile.
         let mut writes = futures::stream::FuturesOrdered::new();
         let mut write_failed = None;
         let mut index = 0u32;
@@ -335,12 +380,12 @@ impl FileService {
                 retained.set(retained.get() + block.len());
                 kept_bytes += block.len();
             }
-            match writer.as_ref().filter(|_| write_failed.is_none()) {
+            match copy.as_ref().filter(|_| write_failed.is_none()) {
                 Some(file) => {
                     let offset = index as u64 * block_size;
                     // Tagged with the index to keep the block under once it is written.
                     let keep_as = keep.then_some(index);
-                    let write = file.write_block_off_executor(offset, block);
+                    let write = file.write(offset, block);
                     writes.push_back(write.map(move |done| (keep_as, done)));
                     while writes.len() >= CACHE_WRITES_IN_FLIGHT {
                         let done = writes.next().await.expect("writes in flight");
@@ -357,9 +402,13 @@ impl FileService {
             settle(done, &mut hasher, &mut write_failed);
         }
         if let Some(e) = write_failed {
-            self.warn_cache_write(&self.cache_location(hash), e);
-            // Dropping the writer deletes its temporary file: no cache copy this time.
-            *writer = None;
+            match (copy.take(), &self.spill) {
+                (Some(LocalCopy::Spill(_)), Some(spill)) => {
+                    spill.warn(format_args!("cannot write a spill file: {e}"))
+                }
+                // Dropping the writer deletes its temporary file: no cache copy this time.
+                _ => self.warn_cache_write(&self.cache_location(hash), e),
+            }
         }
         retained.set(retained.get() - kept_bytes);
         result?;
@@ -413,6 +462,18 @@ impl FileService {
                 }
             }
             v.not_in_disk_cache(hash);
+        }
+        if let Some(spill) = self.spill.as_ref().filter(|s| s.has(hash)) {
+            match read_from(Source::Spill).await {
+                Ok(bytes) => match digests.check(block, bytes) {
+                    Ok(verified) => return Ok(verified),
+                    Err(_) => spill.warn(format_args!(
+                        "block {block} of the spill file of {hash} differs from the verified object"
+                    )),
+                },
+                Err(error) => spill.warn(format_args!("{error}")),
+            }
+            spill.forget(hash);
         }
         let c = &self.counters;
         for _attempt in 0..2 {

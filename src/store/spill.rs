@@ -1,0 +1,303 @@
+//! Spill files: a mount without a disk cache still fetches each byte from the store once. An
+//! object too large to stay in its shard's pool is written, as its verification stream passes,
+//! to an unnamed file (`O_TMPFILE`) in a scratch directory; once the object verified, blocks
+//! read again after the pool dropped them come from that file instead of a second GET, and are
+//! served only if they keep the digest they had when the object was verified.
+//!
+//! Rules:
+//! - The file has no name: a crash or a kill leaves nothing behind, and closing it frees its
+//!   space. A shard keeps its spill files within a byte budget and closes the least recently
+//!   used to make room; an object larger than the budget is not spilled (it is fetched again,
+//!   as before spill files).
+//! - Writes run on the shard's blocking thread, like the disk cache's
+//!   ([`write_block_off_executor`]); reads are io_uring buffered reads into the shard's arena.
+//! - A spill file is private to its shard and to this mount, and never trusted without the
+//!   block digests of its verification.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use futures::future::{FutureExt, LocalBoxFuture};
+use glommio::io::BufferedFile;
+use mount_vfs_executors::{BufferPool, Reservation};
+
+use super::object::write_block_off_executor;
+use super::{cache_room, Block, ObjectRange, ObjectStore, StoreError};
+use crate::manifest::Hash;
+
+/// Where shards spill, and how much each may hold (found by [`SpillConfig::probe`]).
+#[derive(Clone, Debug)]
+pub struct SpillConfig {
+    pub dir: PathBuf,
+    /// Bytes of spill files one shard may hold at once.
+    pub budget_per_shard: u64,
+}
+
+impl SpillConfig {
+    /// Spill files go to `$TMPDIR`, else `/var/tmp`, and may take a quarter of what that
+    /// filesystem can spare, shared by `shards`. `Err` says why there is no spill (a directory
+    /// that refuses unnamed files, no room).
+    pub fn probe(shards: usize) -> Result<SpillConfig, String> {
+        let dir = std::env::var_os("TMPDIR")
+            .filter(|dir| !dir.is_empty())
+            .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
+        unnamed_file(&dir)
+            .map_err(|e| format!("cannot create unnamed files in {}: {e}", dir.display()))?;
+        let budget_per_shard = cache_room(&dir, None) / 4 / shards.max(1) as u64;
+        if budget_per_shard == 0 {
+            return Err(format!("no room in {}", dir.display()));
+        }
+        Ok(SpillConfig {
+            dir,
+            budget_per_shard,
+        })
+    }
+}
+
+/// An unnamed file in `dir`, open for reading and writing.
+fn unnamed_file(dir: &Path) -> io::Result<File> {
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .mode(0o600)
+        .open(dir)
+}
+
+/// Bytes of the budget held by one spill file, given back when it is dropped.
+struct Charge {
+    used: Rc<Cell<u64>>,
+    len: u64,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.used.set(self.used.get() - self.len);
+    }
+}
+
+/// One shard's spill files. `!Send`: it holds that shard's open files.
+pub struct Spill {
+    dir: PathBuf,
+    budget: u64,
+    used: Rc<Cell<u64>>,
+    clock: Cell<u64>,
+    /// Verified objects with a spill file, and when each was last read.
+    files: RefCell<HashMap<Hash, Spilled>>,
+    /// Whether a failure was already logged (one line per shard).
+    warned: Cell<bool>,
+}
+
+struct Spilled {
+    file: Rc<BufferedFile>,
+    used_at: u64,
+    _charge: Charge,
+}
+
+/// An object being written to a new spill file by its verification stream. Dropped without
+/// [`Spill::keep`], its file is closed and its space freed.
+pub struct SpillWriter {
+    file: Arc<File>,
+    charge: Charge,
+}
+
+impl SpillWriter {
+    /// Writes `block` at `offset` off the shard (see [`write_block_off_executor`]).
+    pub fn write_block_off_executor(
+        &self,
+        offset: u64,
+        block: Block,
+    ) -> impl std::future::Future<Output = (Block, io::Result<()>)> + 'static {
+        write_block_off_executor(self.file.clone(), offset, block)
+    }
+}
+
+impl Spill {
+    pub fn new(config: &SpillConfig) -> Spill {
+        Spill {
+            dir: config.dir.clone(),
+            budget: config.budget_per_shard,
+            used: Rc::default(),
+            clock: Cell::new(0),
+            files: RefCell::default(),
+            warned: Cell::new(false),
+        }
+    }
+
+    /// A new spill file for object `hash` of `len` bytes, after closing the least recently
+    /// used files it needs the room of; `None` when it cannot have one.
+    pub fn begin(&self, hash: Hash, len: u64) -> Option<SpillWriter> {
+        if len > self.budget {
+            return None;
+        }
+        self.forget(hash);
+        while self.used.get() + len > self.budget {
+            let oldest = self
+                .files
+                .borrow()
+                .iter()
+                .min_by_key(|(_, spilled)| spilled.used_at)
+                .map(|(hash, _)| *hash);
+            // Writers in flight hold the rest: no room now.
+            self.forget(oldest?);
+        }
+        match unnamed_file(&self.dir) {
+            Ok(file) => {
+                self.used.set(self.used.get() + len);
+                Some(SpillWriter {
+                    file: Arc::new(file),
+                    charge: Charge {
+                        used: self.used.clone(),
+                        len,
+                    },
+                })
+            }
+            Err(e) => {
+                self.warn(format_args!("cannot create a spill file: {e}"));
+                None
+            }
+        }
+    }
+
+    /// Object `hash`, written through `writer`, verified: later reads of it may use the file.
+    pub fn keep(&self, hash: Hash, writer: SpillWriter) {
+        let SpillWriter { file, charge } = writer;
+        let fd = match Arc::try_unwrap(file) {
+            Ok(file) => OwnedFd::from(file),
+            // Writes still hold it: cannot happen once the stream settled them all.
+            Err(_) => return,
+        };
+        // SAFETY: the descriptor is ours (taken out of its `File`), handed to glommio to own.
+        let file = unsafe { BufferedFile::from_raw_fd(fd.into_raw_fd()) };
+        let spilled = Spilled {
+            file: Rc::new(file),
+            used_at: self.tick(),
+            _charge: charge,
+        };
+        self.files.borrow_mut().insert(hash, spilled);
+    }
+
+    /// Whether object `hash` has a spill file.
+    pub fn has(&self, hash: Hash) -> bool {
+        self.files.borrow().contains_key(&hash)
+    }
+
+    /// Closes the spill file of `hash`, if any (its bytes differ from the verified object, or
+    /// its room is needed).
+    pub fn forget(&self, hash: Hash) {
+        self.files.borrow_mut().remove(&hash);
+    }
+
+    /// The descriptor of the spill file of `hash`, for tests that change its bytes.
+    #[cfg(test)]
+    pub fn raw_fd(&self, hash: Hash) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        self.files
+            .borrow()
+            .get(&hash)
+            .map(|spilled| spilled.file.as_raw_fd())
+    }
+
+    /// Logs `what` once per shard: spill files are an economy, their failures cost a refetch.
+    pub fn warn(&self, what: std::fmt::Arguments<'_>) {
+        if !self.warned.replace(true) {
+            tracing::warn!("{what}; objects that do not fit in memory are fetched again instead");
+        }
+    }
+
+    fn tick(&self) -> u64 {
+        self.clock.set(self.clock.get() + 1);
+        self.clock.get()
+    }
+
+    async fn read_range(
+        &self,
+        memory: Reservation,
+        range: ObjectRange,
+    ) -> Result<Block, StoreError> {
+        let io = |source: io::Error| StoreError::Io {
+            location: self.location(range.hash),
+            source,
+        };
+        let file = {
+            let mut files = self.files.borrow_mut();
+            let used_at = self.tick();
+            let spilled = files
+                .get_mut(&range.hash)
+                .ok_or_else(|| io(io::ErrorKind::NotFound.into()))?;
+            spilled.used_at = used_at;
+            spilled.file.clone()
+        };
+        // Buffered reads allocate exactly `len` from the arena: the caller's grant covers it.
+        let data = file
+            .read_at(range.offset, range.len)
+            .await
+            .map_err(|e| io(e.into()))?;
+        Ok(Block::from_read(data, memory))
+    }
+}
+
+impl ObjectStore for Spill {
+    fn read<'a>(
+        &'a self,
+        _pool: &'a BufferPool,
+        memory: Reservation,
+        range: ObjectRange,
+    ) -> LocalBoxFuture<'a, Result<Block, StoreError>> {
+        self.read_range(memory, range).boxed_local()
+    }
+
+    fn location(&self, hash: Hash) -> PathBuf {
+        self.dir.join(format!("(spill file of {hash})"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spill(budget: u64) -> Spill {
+        Spill::new(&SpillConfig {
+            dir: std::env::temp_dir(),
+            budget_per_shard: budget,
+        })
+    }
+
+    #[test]
+    fn files_past_the_budget_close_the_least_recently_used() {
+        glommio::LocalExecutor::default().run(async {
+            let spill = spill(10);
+            assert!(spill.begin(Hash(1), 11).is_none(), "larger than the budget");
+            let a = spill.begin(Hash(1), 4).unwrap();
+            let b = spill.begin(Hash(2), 4).unwrap();
+            spill.keep(Hash(1), a);
+            spill.keep(Hash(2), b);
+            assert_eq!(spill.used.get(), 8);
+            let c = spill.begin(Hash(3), 4).unwrap();
+            assert!(
+                !spill.has(Hash(1)) && spill.has(Hash(2)),
+                "the oldest made room"
+            );
+            assert_eq!(spill.used.get(), 8);
+            drop(c);
+            assert_eq!(
+                spill.used.get(),
+                4,
+                "an abandoned writer gives its room back"
+            );
+            let d = spill.begin(Hash(4), 6).unwrap();
+            assert!(
+                spill.begin(Hash(5), 6).is_none(),
+                "writers in flight hold the rest"
+            );
+            drop(d);
+        });
+    }
+}
