@@ -30,7 +30,8 @@
 //! skipped). Environment: `BENCH_RUNS` (default 3), `BENCH_SIZE_MIB` (default 1024),
 //! `BENCH_PEERS=0` to skip the peers, `BENCH_COLD=0` to ask only the first-byte question,
 //! `BENCH_PEER_DEFAULTS=1` to run them with their defaults,
-//! `BENCH_ONLY=TEXT` to keep only the mounts whose name contains TEXT, `BENCH_CACHE_DIR`,
+//! `BENCH_ONLY=TEXT` to keep only the mounts whose name contains TEXT (`TEXT$`: ends with it),
+//! `BENCH_CACHE_DIR`,
 //! `BENCH_BASELINE_BIN`, `BENCH_RESULTS_DIR` (one chart per mode, `s3_read_MODE_READERS.svg`,
 //! default target/bench-results). Writes under /dev/shm/mount_vfs_s3bench and the cache dir.
 //!
@@ -121,7 +122,11 @@ fn contenders() -> Vec<Contender> {
         }
     }
     if let Ok(only) = std::env::var("BENCH_ONLY") {
-        contenders.retain(|c| c.name().contains(&only));
+        // A trailing `$` anchors TEXT at the end of the name.
+        match only.strip_suffix('$') {
+            Some(end) => contenders.retain(|c| c.name().ends_with(end)),
+            None => contenders.retain(|c| c.name().contains(&only)),
+        }
     }
     contenders
 }

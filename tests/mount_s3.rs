@@ -166,9 +166,13 @@ fn an_object_larger_than_memory_is_fetched_once_without_a_disk_cache() {
     mount.stop();
     let total = &mount.stats("final").unwrap()["total"];
     assert_eq!(total["bytes_fetched"], big.len() as u64, "{total}");
-    assert_eq!(total["spill_bytes_written"], big.len() as u64, "{total}");
+    // The blocks that did not stay in memory (all but a 32 MiB pool's share) came back from it.
     let read_back = total["spill_bytes_read"].as_u64().unwrap();
     assert!(read_back >= 16 << 20, "{total}");
+    assert!(
+        total["spill_bytes_written"].as_u64().unwrap() >= read_back,
+        "{total}"
+    );
 }
 
 #[test]

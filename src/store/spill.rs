@@ -1,8 +1,10 @@
-//! Spill files: a mount without a disk cache still fetches each byte from the store once. An
-//! object too large to stay in its shard's pool is written, as its verification stream passes,
-//! to an unnamed file (`O_TMPFILE`) in a scratch directory; once the object verified, blocks
-//! read again after the pool dropped them come from that file instead of a second GET, and are
-//! served only if they keep the digest they had when the object was verified.
+//! Spill files: a mount without a disk cache still fetches each byte from the store once. When
+//! an object is too large to stay in its shard's pool, the blocks its verification stream does
+//! not keep in memory are written, as they pass, to an unnamed file (`O_TMPFILE`) in a scratch
+//! directory; once the object verified, those blocks come from that file instead of a second GET,
+//! and are served only if they keep the digest they had when the object was verified. Blocks
+//! kept in memory are not written (they are served from there): the file is sparse, and knows
+//! which blocks it holds.
 //!
 //! Rules:
 //! - The file has no name: a crash or a kill leaves nothing behind, and closing it frees its
@@ -97,6 +99,8 @@ pub struct Spill {
 
 struct Spilled {
     file: Rc<BufferedFile>,
+    /// Which blocks the file holds.
+    blocks: Vec<bool>,
     used_at: u64,
     _charge: Charge,
 }
@@ -106,16 +110,31 @@ struct Spilled {
 pub struct SpillWriter {
     file: Arc<File>,
     charge: Charge,
+    blocks: Vec<bool>,
+    bytes: u64,
 }
 
 impl SpillWriter {
-    /// Writes `block` at `offset` off the shard (see [`write_block_off_executor`]).
+    /// Writes `block`, block `index` of the object at `offset`, off the shard (see
+    /// [`write_block_off_executor`]).
     pub fn write_block_off_executor(
-        &self,
+        &mut self,
+        index: u32,
         offset: u64,
         block: Block,
     ) -> impl std::future::Future<Output = (Block, io::Result<()>)> + 'static {
+        let index = index as usize;
+        if self.blocks.len() <= index {
+            self.blocks.resize(index + 1, false);
+        }
+        self.blocks[index] = true;
+        self.bytes += block.len() as u64;
         write_block_off_executor(self.file.clone(), offset, block)
+    }
+
+    /// Bytes written so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes
     }
 }
 
@@ -157,6 +176,8 @@ impl Spill {
                         used: self.used.clone(),
                         len,
                     },
+                    blocks: Vec::new(),
+                    bytes: 0,
                 })
             }
             Err(e) => {
@@ -168,7 +189,12 @@ impl Spill {
 
     /// Object `hash`, written through `writer`, verified: later reads of it may use the file.
     pub fn keep(&self, hash: Hash, writer: SpillWriter) {
-        let SpillWriter { file, charge } = writer;
+        let SpillWriter {
+            file,
+            charge,
+            blocks,
+            ..
+        } = writer;
         let fd = match Arc::try_unwrap(file) {
             Ok(file) => OwnedFd::from(file),
             // Writes still hold it: cannot happen once the stream settled them all.
@@ -178,15 +204,19 @@ impl Spill {
         let file = unsafe { BufferedFile::from_raw_fd(fd.into_raw_fd()) };
         let spilled = Spilled {
             file: Rc::new(file),
+            blocks,
             used_at: self.tick(),
             _charge: charge,
         };
         self.files.borrow_mut().insert(hash, spilled);
     }
 
-    /// Whether object `hash` has a spill file.
-    pub fn has(&self, hash: Hash) -> bool {
-        self.files.borrow().contains_key(&hash)
+    /// Whether the spill file of object `hash` holds its block `index`.
+    pub fn has(&self, hash: Hash, index: u32) -> bool {
+        self.files
+            .borrow()
+            .get(&hash)
+            .is_some_and(|spilled| spilled.blocks.get(index as usize) == Some(&true))
     }
 
     /// Closes the spill file of `hash`, if any (its bytes differ from the verified object, or
@@ -275,14 +305,21 @@ mod tests {
         glommio::LocalExecutor::default().run(async {
             let spill = spill(10);
             assert!(spill.begin(Hash(1), 11).is_none(), "larger than the budget");
-            let a = spill.begin(Hash(1), 4).unwrap();
-            let b = spill.begin(Hash(2), 4).unwrap();
+            let mut a = spill.begin(Hash(1), 4).unwrap();
+            let mut b = spill.begin(Hash(2), 4).unwrap();
+            for (writer, index) in [(&mut a, 0), (&mut b, 1)] {
+                let (_, written) = writer
+                    .write_block_off_executor(index, 2, Block::empty())
+                    .await;
+                written.unwrap();
+            }
             spill.keep(Hash(1), a);
             spill.keep(Hash(2), b);
+            assert!(!spill.has(Hash(2), 0), "only the blocks written");
             assert_eq!(spill.used.get(), 8);
             let c = spill.begin(Hash(3), 4).unwrap();
             assert!(
-                !spill.has(Hash(1)) && spill.has(Hash(2)),
+                !spill.has(Hash(1), 0) && spill.has(Hash(2), 1),
                 "the oldest made room"
             );
             assert_eq!(spill.used.get(), 8);

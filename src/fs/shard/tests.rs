@@ -286,7 +286,12 @@ fn a_spill_file_saves_the_second_fetch_and_is_checked_like_the_store() {
         assert_eq!(read(&s, a, fh, 0, MIB).await.unwrap(), data[..MIB]);
         assert_eq!(store.reads(), 12, "verification streamed the object once");
         assert!(s.cache.get((hash, 8)).is_none(), "block 8 was not kept");
-        assert_eq!(s.counters.snapshot().spill_bytes_written, 12 * MIB as u64);
+        let kept = (0..12)
+            .filter(|&i| s.cache.get((hash, i)).is_some())
+            .count();
+        assert!(kept > 0, "the head was kept in memory");
+        let spilled = (12 - kept) * MIB;
+        assert_eq!(s.counters.snapshot().spill_bytes_written, spilled as u64);
 
         assert_eq!(
             read(&s, a, fh, 8 * BLOCK, MIB).await.unwrap(),
@@ -310,10 +315,8 @@ fn a_spill_file_saves_the_second_fetch_and_is_checked_like_the_store() {
             data[9 * MIB..10 * MIB]
         );
         assert_eq!(store.reads(), 13, "the changed block came from the store");
-        assert!(
-            !s.spill.as_ref().unwrap().has(hash),
-            "the spill file was dropped"
-        );
+        let spill = s.spill.as_ref().unwrap();
+        assert!(!spill.has(hash, 10), "the spill file was dropped");
         assert_eq!(s.counters.snapshot().verify_failures, 0);
     });
     assert_eq!(

@@ -51,8 +51,10 @@ enum LocalCopy {
 }
 
 impl LocalCopy {
+    /// Writes block `index` of the object, at `offset`.
     fn write(
-        &self,
+        &mut self,
+        index: u32,
         offset: u64,
         block: Block,
     ) -> impl std::future::Future<Output = (Block, std::io::Result<()>)> + 'static {
@@ -60,7 +62,9 @@ impl LocalCopy {
             LocalCopy::CacheFile(file) => {
                 file.write_block_off_executor(offset, block).left_future()
             }
-            LocalCopy::Spill(file) => file.write_block_off_executor(offset, block).right_future(),
+            LocalCopy::Spill(file) => file
+                .write_block_off_executor(index, offset, block)
+                .right_future(),
         }
     }
 }
@@ -247,7 +251,7 @@ impl FileService {
                             }
                         }
                         (Some(LocalCopy::Spill(writer)), _, Some(spill)) => {
-                            c.add(&c.spill_bytes_written, len);
+                            c.add(&c.spill_bytes_written, writer.bytes());
                             spill.keep(hash, writer);
                         }
                         _ => {}
@@ -278,8 +282,8 @@ impl FileService {
     }
 
     /// Where a verification of `hash` from the store copies it: a new cache file; without a
-    /// disk cache, a spill file when the object cannot all be kept in the pool (the blocks not
-    /// kept would otherwise be fetched again); else nowhere.
+    /// disk cache, a spill file for the blocks not kept when the object cannot all be kept in
+    /// the pool (they would otherwise be fetched again); else nowhere.
     fn local_copy(&self, hash: Hash, len: u64) -> Option<LocalCopy> {
         if let Some(cache) = &self.disk_cache {
             return cache
@@ -380,12 +384,17 @@ impl FileService {
                 retained.set(retained.get() + block.len());
                 kept_bytes += block.len();
             }
-            match copy.as_ref().filter(|_| write_failed.is_none()) {
+            // A spill file takes only the blocks not kept: the kept ones are served from memory.
+            let spill_skips = keep && matches!(copy, Some(LocalCopy::Spill(_)));
+            match copy
+                .as_mut()
+                .filter(|_| write_failed.is_none() && !spill_skips)
+            {
                 Some(file) => {
                     let offset = index as u64 * block_size;
                     // Tagged with the index to keep the block under once it is written.
                     let keep_as = keep.then_some(index);
-                    let write = file.write(offset, block);
+                    let write = file.write(index, offset, block);
                     writes.push_back(write.map(move |done| (keep_as, done)));
                     while writes.len() >= CACHE_WRITES_IN_FLIGHT {
                         let done = writes.next().await.expect("writes in flight");
@@ -463,7 +472,7 @@ impl FileService {
             }
             v.not_in_disk_cache(hash);
         }
-        if let Some(spill) = self.spill.as_ref().filter(|s| s.has(hash)) {
+        if let Some(spill) = self.spill.as_ref().filter(|s| s.has(hash, block)) {
             match read_from(Source::Spill).await {
                 Ok(bytes) => match digests.check(block, bytes) {
                     Ok(verified) => return Ok(verified),
