@@ -308,14 +308,17 @@ fn mount_and_serve(config: MountConfig) -> Result<(), MountError> {
         }
         None => (None, None, None),
     };
-    let spill = match disk_cache.is_none().then(|| SpillConfig::probe(shards)) {
+    // A local CAS is read again as cheaply as a spill file would be.
+    let remote = matches!(store, StoreConfig::S3(_));
+    let spill = match (disk_cache.is_none() && remote).then(|| SpillConfig::probe(shards)) {
         None => None,
         Some(Ok(spill)) => {
             tracing::info!(
                 "no --cache-dir: objects too large for memory spill to unnamed files in {} \
-                 (at most {} MiB per shard), so each is fetched once",
+                 (at most {} MiB per shard{}), so each is fetched once",
                 spill.dir.display(),
-                spill.budget_per_shard >> 20
+                spill.budget_per_shard >> 20,
+                if spill.direct_io { ", O_DIRECT" } else { "" }
             );
             Some(spill)
         }

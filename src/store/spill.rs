@@ -11,8 +11,13 @@
 //!   space. A shard keeps its spill files within a byte budget and closes the least recently
 //!   used to make room; an object larger than the budget is not spilled (it is fetched again,
 //!   as before spill files).
-//! - Writes run on the shard's blocking thread, like the disk cache's
-//!   ([`write_block_off_executor`]); reads are io_uring buffered reads into the shard's arena.
+//! - The file is opened `O_DIRECT` where its filesystem allows: blocks go from the shard's
+//!   registered buffers to the disk and back by DMA, without a page-cache copy either way, which
+//!   cost more than the second GET it saves (docs/benchmarks.md, "Spill files"). Direct writes
+//!   need 4 KiB-aligned blocks; a block that is not (an object's short last block) is not
+//!   spilled. Elsewhere the file is buffered. Writes run on the shard's blocking thread, like
+//!   the disk cache's ([`write_block_off_executor`]); reads are io_uring reads into the shard's
+//!   arena.
 //! - A spill file is private to its shard and to this mount, and never trusted without the
 //!   block digests of its verification.
 
@@ -40,6 +45,8 @@ pub struct SpillConfig {
     pub dir: PathBuf,
     /// Bytes of spill files one shard may hold at once.
     pub budget_per_shard: u64,
+    /// Whether `dir` takes `O_DIRECT` opens.
+    pub direct_io: bool,
 }
 
 impl SpillConfig {
@@ -50,25 +57,39 @@ impl SpillConfig {
         let dir = std::env::var_os("TMPDIR")
             .filter(|dir| !dir.is_empty())
             .map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
-        unnamed_file(&dir)
-            .map_err(|e| format!("cannot create unnamed files in {}: {e}", dir.display()))?;
         let budget_per_shard = cache_room(&dir, None) / 4 / shards.max(1) as u64;
-        if budget_per_shard == 0 {
-            return Err(format!("no room in {}", dir.display()));
+        let config = SpillConfig::at(dir, budget_per_shard)?;
+        if config.budget_per_shard == 0 {
+            return Err(format!("no room in {}", config.dir.display()));
+        }
+        Ok(config)
+    }
+
+    /// Spill files in `dir`, `O_DIRECT` if it takes them; `Err` if it takes no unnamed files.
+    pub fn at(dir: PathBuf, budget_per_shard: u64) -> Result<SpillConfig, String> {
+        let direct_io = unnamed_file(&dir, true).is_ok();
+        if !direct_io {
+            unnamed_file(&dir, false)
+                .map_err(|e| format!("cannot create unnamed files in {}: {e}", dir.display()))?;
         }
         Ok(SpillConfig {
             dir,
             budget_per_shard,
+            direct_io,
         })
     }
 }
 
+/// Alignment of `O_DIRECT` offsets, lengths and buffers (the largest logical block size).
+const DIRECT_ALIGN: usize = 4096;
+
 /// An unnamed file in `dir`, open for reading and writing.
-fn unnamed_file(dir: &Path) -> io::Result<File> {
+fn unnamed_file(dir: &Path, direct_io: bool) -> io::Result<File> {
+    let direct = if direct_io { libc::O_DIRECT } else { 0 };
     std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_TMPFILE)
+        .custom_flags(libc::O_TMPFILE | direct)
         .mode(0o600)
         .open(dir)
 }
@@ -88,6 +109,7 @@ impl Drop for Charge {
 /// One shard's spill files. `!Send`: it holds that shard's open files.
 pub struct Spill {
     dir: PathBuf,
+    direct_io: bool,
     budget: u64,
     used: Rc<Cell<u64>>,
     clock: Cell<u64>,
@@ -109,6 +131,7 @@ struct Spilled {
 /// [`Spill::keep`], its file is closed and its space freed.
 pub struct SpillWriter {
     file: Arc<File>,
+    direct_io: bool,
     charge: Charge,
     blocks: Vec<bool>,
     bytes: u64,
@@ -116,20 +139,28 @@ pub struct SpillWriter {
 
 impl SpillWriter {
     /// Writes `block`, block `index` of the object at `offset`, off the shard (see
-    /// [`write_block_off_executor`]).
+    /// [`write_block_off_executor`]); a block a direct write cannot take is skipped.
     pub fn write_block_off_executor(
         &mut self,
         index: u32,
         offset: u64,
         block: Block,
     ) -> impl std::future::Future<Output = (Block, io::Result<()>)> + 'static {
+        let aligned = |n: usize| n.is_multiple_of(DIRECT_ALIGN);
+        if self.direct_io
+            && !(aligned(block.as_ptr() as usize)
+                && aligned(block.len())
+                && aligned(offset as usize))
+        {
+            return futures::future::Either::Left(async move { (block, Ok(())) });
+        }
         let index = index as usize;
         if self.blocks.len() <= index {
             self.blocks.resize(index + 1, false);
         }
         self.blocks[index] = true;
         self.bytes += block.len() as u64;
-        write_block_off_executor(self.file.clone(), offset, block)
+        futures::future::Either::Right(write_block_off_executor(self.file.clone(), offset, block))
     }
 
     /// Bytes written so far.
@@ -142,6 +173,7 @@ impl Spill {
     pub fn new(config: &SpillConfig) -> Spill {
         Spill {
             dir: config.dir.clone(),
+            direct_io: config.direct_io,
             budget: config.budget_per_shard,
             used: Rc::default(),
             clock: Cell::new(0),
@@ -167,11 +199,12 @@ impl Spill {
             // Writers in flight hold the rest: no room now.
             self.forget(oldest?);
         }
-        match unnamed_file(&self.dir) {
+        match unnamed_file(&self.dir, self.direct_io) {
             Ok(file) => {
                 self.used.set(self.used.get() + len);
                 Some(SpillWriter {
                     file: Arc::new(file),
+                    direct_io: self.direct_io,
                     charge: Charge {
                         used: self.used.clone(),
                         len,
@@ -265,7 +298,8 @@ impl Spill {
             spilled.used_at = used_at;
             spilled.file.clone()
         };
-        // Buffered reads allocate exactly `len` from the arena: the caller's grant covers it.
+        // These reads allocate exactly `len` from the arena (the caller's grant covers it), at a
+        // 4 KiB-aligned address: a direct read of a spilled block, which is aligned, can take it.
         let data = file
             .read_at(range.offset, range.len)
             .await
@@ -294,10 +328,7 @@ mod tests {
     use super::*;
 
     fn spill(budget: u64) -> Spill {
-        Spill::new(&SpillConfig {
-            dir: std::env::temp_dir(),
-            budget_per_shard: budget,
-        })
+        Spill::new(&SpillConfig::at(std::env::temp_dir(), budget).unwrap())
     }
 
     #[test]
@@ -305,23 +336,14 @@ mod tests {
         glommio::LocalExecutor::default().run(async {
             let spill = spill(10);
             assert!(spill.begin(Hash(1), 11).is_none(), "larger than the budget");
-            let mut a = spill.begin(Hash(1), 4).unwrap();
-            let mut b = spill.begin(Hash(2), 4).unwrap();
-            for (writer, index) in [(&mut a, 0), (&mut b, 1)] {
-                let (_, written) = writer
-                    .write_block_off_executor(index, 2, Block::empty())
-                    .await;
-                written.unwrap();
-            }
+            let a = spill.begin(Hash(1), 4).unwrap();
+            let b = spill.begin(Hash(2), 4).unwrap();
             spill.keep(Hash(1), a);
             spill.keep(Hash(2), b);
-            assert!(!spill.has(Hash(2), 0), "only the blocks written");
             assert_eq!(spill.used.get(), 8);
             let c = spill.begin(Hash(3), 4).unwrap();
-            assert!(
-                !spill.has(Hash(1), 0) && spill.has(Hash(2), 1),
-                "the oldest made room"
-            );
+            let files = || spill.files.borrow().keys().copied().collect::<Vec<_>>();
+            assert_eq!(files(), [Hash(2)], "the oldest made room");
             assert_eq!(spill.used.get(), 8);
             drop(c);
             assert_eq!(

@@ -274,10 +274,7 @@ fn a_spill_file_saves_the_second_fetch_and_is_checked_like_the_store() {
     let objects = MemoryObjects::of([data.clone()]);
     let a = ino(&ns, "a");
     let scratch = tempfile::tempdir().unwrap();
-    let config = SpillConfig {
-        dir: scratch.path().to_path_buf(),
-        budget_per_shard: 64 << 20,
-    };
+    let config = SpillConfig::at(scratch.path().to_path_buf(), 64 << 20).unwrap();
     on_shard(8 << 20, move |pool| async move {
         let store = Rc::new(FaultStore::new(Rc::new(MemoryStore::new(objects))));
         let spill = Some(Spill::new(&config));
@@ -301,15 +298,13 @@ fn a_spill_file_saves_the_second_fetch_and_is_checked_like_the_store() {
         assert_eq!(s.counters.snapshot().spill_bytes_read, MIB as u64);
 
         // A spill file whose bytes changed is dropped; the store serves the block.
-        let fd = s
-            .spill
-            .as_ref()
-            .unwrap()
-            .raw_fd(hash)
-            .expect("a spill file");
-        // SAFETY: a valid descriptor and a buffer of the length given.
-        let written = unsafe { libc::pwrite(fd, b"x".as_ptr().cast(), 1, 9 * MIB as i64) };
-        assert_eq!(written, 1);
+        let fd = s.spill.as_ref().unwrap().raw_fd(hash);
+        // Through a buffered descriptor of the same file: the spill file's own may be O_DIRECT.
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/proc/self/fd/{}", fd.expect("a spill file")))
+            .unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, b"x", 9 * BLOCK).unwrap();
         assert_eq!(
             read(&s, a, fh, 9 * BLOCK, MIB).await.unwrap(),
             data[9 * MIB..10 * MIB]

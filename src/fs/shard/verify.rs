@@ -365,6 +365,8 @@ impl FileService {
         let mut writes = futures::stream::FuturesOrdered::new();
         let mut write_failed = None;
         let mut index = 0u32;
+        let spilling = matches!(copy, Some(LocalCopy::Spill(_)));
+        let mut keeping = true;
         let result = loop {
             let Some(block) = reads.next().await else {
                 break Ok(());
@@ -378,8 +380,12 @@ impl FileService {
             // budget that leaves room for the reads in flight, so concurrent verifications
             // cannot fill the pool with unpublished blocks. Every block not kept is read
             // again after verification, so keep as much as the cache could hold.
-            let keep =
-                self.may_keep(hash) && retained.get() + block.len() <= self.retention_budget();
+            // With a spill file, only an unbroken head: a later block kept alone would likely
+            // be evicted before its reader came, then fetched again, as it is not in the file.
+            let keep = (keeping || !spilling)
+                && self.may_keep(hash)
+                && retained.get() + block.len() <= self.retention_budget();
+            keeping &= keep;
             if keep {
                 retained.set(retained.get() + block.len());
                 kept_bytes += block.len();
