@@ -28,7 +28,8 @@
 //! (`--part-size` blocks, several in flight), keeping the first blocks (up to the cache budget
 //! less a headroom) as they pass. Only when the digest matches are those blocks published to the cache and the object
 //! marked verified on this shard; on a mismatch nothing is published and the read fails with EIO.
-//! After that, blocks that were not kept are read again (from the disk cache or the store) and
+//! After that, blocks that were not kept are read again (from the disk cache, a spill file or
+//! the store: `store::Spill`) and
 //! served only if they hash to the xxh3-64 digest the same block had during verification, so a
 //! store that changed or a flip in transit after verification is caught too. A
 //! very large v2023 object therefore costs one full read before its first byte is served; the

@@ -236,7 +236,7 @@ impl FileService {
         }
         let mut last_digest = hash;
         for _attempt in 0..2 {
-            let mut copy = self.local_copy(hash, len);
+            let mut copy = self.local_copy(hash);
             match self.stream(hash, len, Source::Store, &mut copy).await {
                 Ok(verified) => {
                     match (copy, &self.disk_cache, &self.spill) {
@@ -281,21 +281,15 @@ impl FileService {
         Err(FsError::Corrupt)
     }
 
-    /// Where a verification of `hash` from the store copies it: a new cache file; without a
-    /// disk cache, a spill file for the blocks not kept when the object cannot all be kept in
-    /// the pool (they would otherwise be fetched again); else nowhere.
-    fn local_copy(&self, hash: Hash, len: u64) -> Option<LocalCopy> {
-        if let Some(cache) = &self.disk_cache {
-            return cache
-                .begin(hash)
-                .map_err(|e| self.warn_cache_write(&self.cache_location(hash), e))
-                .map(LocalCopy::CacheFile)
-                .ok();
-        }
-        let retained = self.verification.retained.get() as u64;
-        let fits = retained + len <= self.retention_budget() as u64;
-        let spill = self.spill.as_ref().filter(|_| !fits)?;
-        spill.begin(hash, len).map(LocalCopy::Spill)
+    /// A new cache file for a verification of `hash` from the store (none without a disk
+    /// cache: the stream then starts a spill file at its first block not kept, if it can).
+    fn local_copy(&self, hash: Hash) -> Option<LocalCopy> {
+        let cache = self.disk_cache.as_ref()?;
+        cache
+            .begin(hash)
+            .map_err(|e| self.warn_cache_write(&self.cache_location(hash), e))
+            .map(LocalCopy::CacheFile)
+            .ok()
     }
 
     /// Notes that the disk cache holds a verified copy of `hash`: marked used (last to be
@@ -365,8 +359,7 @@ impl FileService {
         let mut writes = futures::stream::FuturesOrdered::new();
         let mut write_failed = None;
         let mut index = 0u32;
-        let spilling = matches!(copy, Some(LocalCopy::Spill(_)));
-        let mut keeping = true;
+        let mut spill_tried = false;
         let result = loop {
             let Some(block) = reads.next().await else {
                 break Ok(());
@@ -380,12 +373,18 @@ impl FileService {
             // budget that leaves room for the reads in flight, so concurrent verifications
             // cannot fill the pool with unpublished blocks. Every block not kept is read
             // again after verification, so keep as much as the cache could hold.
-            // With a spill file, only an unbroken head: a later block kept alone would likely
-            // be evicted before its reader came, then fetched again, as it is not in the file.
-            let keep = (keeping || !spilling)
+            // Once spilling, only an unbroken head: a later block kept alone would likely be
+            // evicted before its reader came, then fetched again, as it is not in the file.
+            let spilling = matches!(copy, Some(LocalCopy::Spill(_)));
+            let keep = !spilling
                 && self.may_keep(hash)
                 && retained.get() + block.len() <= self.retention_budget();
-            keeping &= keep;
+            if !keep && copy.is_none() && !spill_tried {
+                spill_tried = true;
+                *copy = (self.spill.as_ref())
+                    .and_then(|spill| spill.begin(hash, len))
+                    .map(LocalCopy::Spill);
+            }
             if keep {
                 retained.set(retained.get() + block.len());
                 kept_bytes += block.len();
