@@ -265,7 +265,9 @@ pub struct MountArgs {
     /// later reads and later mounts skip the store, and the kernel reads cached files itself
     /// (FUSE passthrough, Linux 6.9+). A later mount trusts a cache file that an earlier one
     /// verified and that is unchanged since (DIR/verified.log); any other is hashed once before
-    /// it is used. See --cache-size for eviction.
+    /// it is used. See --cache-size for eviction. Without it, an S3 object too large for memory
+    /// still comes from S3 once: the blocks not kept in memory go to an unnamed file in $TMPDIR
+    /// (else /var/tmp), which has no name and is gone when the mount is.
     #[arg(long, value_name = "DIR", help_heading = "Content store")]
     pub cache_dir: Option<PathBuf>,
     /// Largest size of the disk cache; least recently used files are deleted past it. Whatever

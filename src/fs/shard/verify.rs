@@ -45,8 +45,8 @@ fn settle(
 enum LocalCopy {
     /// A new disk-cache file, committed if the object verifies.
     CacheFile(CasWriter),
-    /// A spill file (no disk cache, an object larger than the pool can keep), kept if the
-    /// object verifies.
+    /// A spill file of the blocks not kept in memory (no disk cache), kept if the object
+    /// verifies.
     Spill(SpillWriter),
 }
 
@@ -319,8 +319,9 @@ impl FileService {
     }
 
     /// One pass over object `hash` from `source`, one block at a time with several in flight,
-    /// hashing in order; blocks go to `writer` (a cache file) when given, and the head of the
-    /// object is kept for publication within a shard-wide budget.
+    /// hashing in order; the head of the object is kept for publication within a shard-wide
+    /// budget, and blocks go to `copy`: every block to a cache file when given; without one, the
+    /// blocks after the head to a spill file started here, if the shard has spill files.
     async fn stream(
         self: &Rc<Self>,
         hash: Hash,
@@ -389,12 +390,8 @@ impl FileService {
                 retained.set(retained.get() + block.len());
                 kept_bytes += block.len();
             }
-            // A spill file takes only the blocks not kept: the kept ones are served from memory.
-            let spill_skips = keep && matches!(copy, Some(LocalCopy::Spill(_)));
-            match copy
-                .as_mut()
-                .filter(|_| write_failed.is_none() && !spill_skips)
-            {
+            // A spill file starts at the first block not kept and takes every block after it.
+            match copy.as_mut().filter(|_| write_failed.is_none()) {
                 Some(file) => {
                     let offset = index as u64 * block_size;
                     // Tagged with the index to keep the block under once it is written.
