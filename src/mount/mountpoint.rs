@@ -179,6 +179,13 @@ pub fn can_passthrough() -> bool {
 /// `allow_non_empty` accepts a directory with entries (they are hidden while mounted).
 pub fn check(path: &Path, allow_non_empty: bool) -> Result<(), MountError> {
     let is_disconnected = |e: &std::io::Error| e.raw_os_error() == Some(libc::ENOTCONN);
+    let already_mounted = || {
+        MountError::Mountpoint(format!(
+            "{} is already a mount point; unmount it first (`umount {}`)",
+            path.display(),
+            path.display()
+        ))
+    };
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_dir() => {}
         Ok(_) => {
@@ -200,13 +207,7 @@ pub fn check(path: &Path, allow_non_empty: bool) -> Result<(), MountError> {
         // directory always reaches the server, so it tells a live mount from a stale one.
         match std::fs::read_dir(path) {
             Err(e) if is_disconnected(&e) => clean_stale(path)?,
-            _ => {
-                return Err(MountError::Mountpoint(format!(
-                    "{} is already a mount point; unmount it first (`umount {}`)",
-                    path.display(),
-                    path.display()
-                )))
-            }
+            _ => return Err(already_mounted()),
         }
     }
     if !allow_non_empty {
@@ -214,6 +215,11 @@ pub fn check(path: &Path, allow_non_empty: bool) -> Result<(), MountError> {
             .map_err(|e| MountError::Mountpoint(format!("mountpoint {}: {e}", path.display())))?
             .next();
         if let Some(Ok(entry)) = first {
+            // A mount that raced this one may have appeared since the check above: what the
+            // directory shows now is that mount's, not the directory's own.
+            if is_mounted(path) {
+                return Err(already_mounted());
+            }
             return Err(MountError::Mountpoint(format!(
                 "mountpoint {} is not empty (it holds {:?}, which the mount would hide); use an \
                  empty directory, or pass --allow-non-empty",

@@ -318,10 +318,18 @@ pub(super) fn start(queues: ShardQueues, here: LocalShard) -> std::io::Result<()
         ring.push(abi::URING_CMD_REGISTER, tag, 0);
     }
     ring.ring.submit()?;
-    // A refused REGISTER completes at once with its error.
-    let refused = ring.ring.completion().find(|c| c.result() < 0);
-    if let Some(c) = refused {
-        return Err(std::io::Error::from_raw_os_error(-c.result()));
+    // A refused REGISTER completes at once with its error. Any other completion already there
+    // is a request: once the last queue is armed, the kernel hands requests to these entries
+    // at once (a process waiting on the new mount). Reading the queue takes its completions
+    // off it, so they go to `serve` with the rest: a request dropped here would never be
+    // answered, and its caller would hang for good (seen with racing mounts).
+    let arrived: Vec<(u64, i32)> = ring
+        .ring
+        .completion()
+        .map(|c| (c.user_data(), c.result()))
+        .collect();
+    if let Some(&(_, error)) = arrived.iter().find(|(_, result)| *result < 0) {
+        return Err(std::io::Error::from_raw_os_error(-error));
     }
     let commits = Arc::new(Commits {
         tags: Mutex::new(Vec::new()),
@@ -331,7 +339,7 @@ pub(super) fn start(queues: ShardQueues, here: LocalShard) -> std::io::Result<()
     let closed = Rc::new(Cell::new(false));
     glommio::spawn_local(watch(watched, closed.clone(), commits.clone())).detach();
     glommio::spawn_local(async move {
-        serve(ring, &queues, &here, &commits).await;
+        serve(ring, arrived, &queues, &here, &commits).await;
         // Ends the watcher's read.
         closed.set(true);
         let one = 1u64;
@@ -359,15 +367,17 @@ async fn watch(eventfd: OwnedFd, closed: Rc<Cell<bool>>, commits: Arc<Commits>) 
     let _ = file.close().await;
 }
 
-/// Serves the shard's queues until the connection ends.
+/// Serves the shard's queues, starting with the completions that `arrived` during setup, until
+/// the connection ends.
 async fn serve(
     mut ring: ShardRing,
+    arrived: Vec<(u64, i32)>,
     queues: &ShardQueues,
     here: &LocalShard,
     commits: &Arc<Commits>,
 ) {
     let mut closing = false;
-    let mut done: Vec<(u64, i32)> = Vec::new();
+    let mut done = arrived;
     let mut answered = Vec::new();
     let mut op_in = [0u8; abi::URING_OP_IN];
     let mut names = Vec::new();
