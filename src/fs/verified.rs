@@ -27,6 +27,11 @@ impl VerifiedBlock {
     pub fn empty() -> VerifiedBlock {
         VerifiedBlock(Rc::new(Block::empty()))
     }
+
+    /// The block, shared: to write it somewhere (its bytes cannot be changed through it).
+    pub fn shared(&self) -> Rc<Block> {
+        self.0.clone()
+    }
 }
 
 impl std::ops::Deref for VerifiedBlock {

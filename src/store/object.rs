@@ -185,19 +185,43 @@ impl CasWriter {
     }
 }
 
+/// Bytes that stay at their address while their owner moves: a [`Block`] (its bytes are in the
+/// arena or a pool buffer) and a block shared by `Rc`. A write off the executor reads them from
+/// another thread while the future that owns them is moved and polled.
+///
+/// # Safety
+/// `bytes` must return the same memory for the owner's whole life, however it is moved.
+pub unsafe trait StableBytes: 'static {
+    fn bytes(&self) -> &[u8];
+}
+
+// SAFETY: a block's bytes live in the arena or in a pool buffer, never inline.
+unsafe impl StableBytes for Block {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
+// SAFETY: an `Rc`'s value lives on the heap, and the block's bytes do not move with it.
+unsafe impl StableBytes for Rc<Block> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
 /// Writes `block` at `offset` of `file` on the glommio executor's blocking thread, so the copy
 /// into the page cache does not run on the shard, and hands the block back with the outcome.
 /// The block stays alive until the write is done: dropping the future early waits for the write
 /// to finish before the block is freed.
-pub(super) async fn write_block_off_executor(
+pub(super) async fn write_block_off_executor<B: StableBytes>(
     file: Arc<File>,
     offset: u64,
-    block: Block,
-) -> (Block, io::Result<()>) {
+    block: B,
+) -> (B, io::Result<()>) {
     // Declared first, so dropped last: after `_wait` saw the write end.
     let block = block;
     let done = Arc::new(AtomicBool::new(false));
-    let bytes = SendBytes(block.as_ptr(), block.len());
+    let bytes = SendBytes(block.bytes().as_ptr(), block.bytes().len());
     let finished = Finished(done.clone());
     let write = glommio::executor().spawn_blocking(move || {
         let _finished = finished;

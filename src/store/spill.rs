@@ -94,6 +94,22 @@ fn unnamed_file(dir: &Path, direct_io: bool) -> io::Result<File> {
         .open(dir)
 }
 
+/// Whether a spill file can take `bytes` at `offset`: a direct write needs them aligned.
+fn takes(direct_io: bool, bytes: &[u8], offset: u64) -> bool {
+    let aligned = |n: usize| n.is_multiple_of(DIRECT_ALIGN);
+    !direct_io
+        || aligned(bytes.as_ptr() as usize) && aligned(bytes.len()) && aligned(offset as usize)
+}
+
+/// Notes that a spill file holds block `index`.
+fn mark(blocks: &mut Vec<bool>, index: u32) {
+    let index = index as usize;
+    if blocks.len() <= index {
+        blocks.resize(index + 1, false);
+    }
+    blocks[index] = true;
+}
+
 /// Bytes of the budget held by one spill file, given back when it is dropped.
 struct Charge {
     used: Rc<Cell<u64>>,
@@ -121,6 +137,8 @@ pub struct Spill {
 
 struct Spilled {
     file: Rc<BufferedFile>,
+    /// The same file, for blocks added after verification ([`Spill::add_block`]).
+    writer: Arc<File>,
     /// Which blocks the file holds.
     blocks: Vec<bool>,
     used_at: u64,
@@ -146,19 +164,10 @@ impl SpillWriter {
         offset: u64,
         block: Block,
     ) -> impl std::future::Future<Output = (Block, io::Result<()>)> + 'static {
-        let aligned = |n: usize| n.is_multiple_of(DIRECT_ALIGN);
-        if self.direct_io
-            && !(aligned(block.as_ptr() as usize)
-                && aligned(block.len())
-                && aligned(offset as usize))
-        {
+        if !takes(self.direct_io, &block, offset) {
             return futures::future::Either::Left(async move { (block, Ok(())) });
         }
-        let index = index as usize;
-        if self.blocks.len() <= index {
-            self.blocks.resize(index + 1, false);
-        }
-        self.blocks[index] = true;
+        mark(&mut self.blocks, index);
         self.bytes += block.len() as u64;
         futures::future::Either::Right(write_block_off_executor(self.file.clone(), offset, block))
     }
@@ -228,20 +237,52 @@ impl Spill {
             blocks,
             ..
         } = writer;
-        let fd = match Arc::try_unwrap(file) {
+        let fd = match file.try_clone() {
             Ok(file) => OwnedFd::from(file),
-            // Writes still hold it: cannot happen once the stream settled them all.
-            Err(_) => return,
+            Err(e) => return self.warn(format_args!("cannot open a spill file again: {e}")),
         };
-        // SAFETY: the descriptor is ours (taken out of its `File`), handed to glommio to own.
-        let file = unsafe { BufferedFile::from_raw_fd(fd.into_raw_fd()) };
+        // SAFETY: the descriptor is ours (a new one for the same file), handed to glommio to own.
+        let reader = unsafe { BufferedFile::from_raw_fd(fd.into_raw_fd()) };
         let spilled = Spilled {
-            file: Rc::new(file),
+            file: Rc::new(reader),
+            writer: file,
             blocks,
             used_at: self.tick(),
             _charge: charge,
         };
         self.files.borrow_mut().insert(hash, spilled);
+    }
+
+    /// Adds block `index` of object `hash`, at `offset`, to the object's spill file (kept): a
+    /// verified block leaving memory before it was read, so that its reader does not fetch it
+    /// again. Resolves with the bytes written, once the file is marked as holding the block; 0
+    /// when the object has no spill file (any more) or a direct write cannot take the block.
+    pub async fn add_block(&self, hash: Hash, index: u32, offset: u64, block: Rc<Block>) -> u64 {
+        let file = match self.files.borrow().get(&hash) {
+            Some(spilled) if takes(self.direct_io, &block, offset) => spilled.writer.clone(),
+            _ => return 0,
+        };
+        let len = block.len() as u64;
+        let (_, written) = write_block_off_executor(file.clone(), offset, block).await;
+        if let Err(e) = written {
+            self.warn(format_args!("cannot write a spill file: {e}"));
+            self.forget(hash);
+            return 0;
+        }
+        let mut files = self.files.borrow_mut();
+        // Only into the file written: the object's may have been closed, or replaced, meanwhile.
+        match files.get_mut(&hash) {
+            Some(spilled) if Arc::ptr_eq(&spilled.writer, &file) => {
+                mark(&mut spilled.blocks, index);
+                len
+            }
+            _ => 0,
+        }
+    }
+
+    /// Whether object `hash` has a spill file.
+    pub fn has_file(&self, hash: Hash) -> bool {
+        self.files.borrow().contains_key(&hash)
     }
 
     /// Whether the spill file of object `hash` holds its block `index`.

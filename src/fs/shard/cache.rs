@@ -21,6 +21,27 @@ pub type BlockKey = (Hash, u32);
 
 pub type Load = Shared<LocalBoxFuture<'static, Result<Servable, FsError>>>;
 
+/// Who looks a block up: a reader's request marks it read (see `unread`); read-ahead does not.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Asker {
+    Reader,
+    ReadAhead,
+}
+
+/// A block the cache let go of, to stay within its budget or to make room in the pool.
+pub struct Evicted {
+    pub key: BlockKey,
+    pub block: Servable,
+    /// Whether a reader asked for it while it was cached.
+    pub read: bool,
+}
+
+struct Entry {
+    block: Servable,
+    stamp: u64,
+    read: bool,
+}
+
 pub struct BlockCache {
     inner: RefCell<Inner>,
 }
@@ -29,9 +50,25 @@ struct Inner {
     budget: usize,
     used: usize,
     clock: u64,
-    blocks: HashMap<BlockKey, (Servable, u64)>,
+    blocks: HashMap<BlockKey, Entry>,
     by_age: BTreeMap<u64, BlockKey>,
     loading: HashMap<BlockKey, Load>,
+}
+
+impl Inner {
+    fn evict_oldest(&mut self) -> Option<Evicted> {
+        while let Some((_, key)) = self.by_age.pop_first() {
+            if let Some(entry) = self.blocks.remove(&key) {
+                self.used -= entry.block.len();
+                return Some(Evicted {
+                    key,
+                    block: entry.block,
+                    read: entry.read,
+                });
+            }
+        }
+        None
+    }
 }
 
 impl BlockCache {
@@ -53,14 +90,15 @@ impl BlockCache {
         self.inner.borrow().budget
     }
 
-    /// The cached block, marked most recently used.
-    pub fn get(&self, key: BlockKey) -> Option<Servable> {
+    /// The cached block, marked most recently used (and read, for a reader).
+    pub fn get(&self, key: BlockKey, asker: Asker) -> Option<Servable> {
         let mut inner = self.inner.borrow_mut();
         inner.clock += 1;
         let now = inner.clock;
-        let (block, stamp) = inner.blocks.get_mut(&key)?;
-        let block = block.clone();
-        let old = std::mem::replace(stamp, now);
+        let entry = inner.blocks.get_mut(&key)?;
+        entry.read |= asker == Asker::Reader;
+        let block = entry.block.clone();
+        let old = std::mem::replace(&mut entry.stamp, now);
         inner.by_age.remove(&old);
         inner.by_age.insert(now, key);
         Some(block)
@@ -73,15 +111,22 @@ impl BlockCache {
             .borrow()
             .blocks
             .get(&key)
-            .map(|(block, _)| block.clone())
+            .map(|entry| entry.block.clone())
+    }
+
+    /// Notes that a reader has block `key` (it came from the load it waited for).
+    pub fn mark_read(&self, key: BlockKey) {
+        if let Some(entry) = self.inner.borrow_mut().blocks.get_mut(&key) {
+            entry.read = true;
+        }
     }
 
     /// Drops `key` (a streamed block that turned out to differ from its verified object).
     pub fn remove(&self, key: BlockKey) {
         let mut inner = self.inner.borrow_mut();
-        if let Some((block, stamp)) = inner.blocks.remove(&key) {
-            inner.used -= block.len();
-            inner.by_age.remove(&stamp);
+        if let Some(entry) = inner.blocks.remove(&key) {
+            inner.used -= entry.block.len();
+            inner.by_age.remove(&entry.stamp);
         }
     }
 
@@ -90,42 +135,44 @@ impl BlockCache {
         inner.blocks.contains_key(&key) || inner.loading.contains_key(&key)
     }
 
-    /// Inserts a block, evicting least recently used blocks to stay within budget.
-    pub fn insert(&self, key: BlockKey, block: Servable) {
+    /// Inserts a block (replacing one under the same key keeps whether it was read), evicting
+    /// least recently used blocks to stay within budget; returns those.
+    pub fn insert(&self, key: BlockKey, block: Servable) -> Vec<Evicted> {
         let mut inner = self.inner.borrow_mut();
         let len = block.len();
         if len > inner.budget {
-            return;
+            return Vec::new();
         }
         inner.clock += 1;
-        let now = inner.clock;
-        if let Some((old, stamp)) = inner.blocks.insert(key, (block, now)) {
-            inner.used -= old.len();
-            inner.by_age.remove(&stamp);
-        }
-        inner.by_age.insert(now, key);
-        inner.used += len;
-        while inner.used > inner.budget {
-            let Some((_, victim)) = inner.by_age.pop_first() else {
-                break;
-            };
-            if let Some((evicted, _)) = inner.blocks.remove(&victim) {
-                inner.used -= evicted.len();
+        let stamp = inner.clock;
+        let entry = Entry {
+            block,
+            stamp,
+            read: false,
+        };
+        if let Some(old) = inner.blocks.insert(key, entry) {
+            inner.used -= old.block.len();
+            inner.by_age.remove(&old.stamp);
+            if let Some(new) = inner.blocks.get_mut(&key) {
+                new.read = old.read;
             }
         }
+        inner.by_age.insert(stamp, key);
+        inner.used += len;
+        let mut evicted = Vec::new();
+        while inner.used > inner.budget {
+            match inner.evict_oldest() {
+                Some(victim) => evicted.push(victim),
+                None => break,
+            }
+        }
+        evicted
     }
 
-    /// Drops the least recently used block; false when the cache is empty. The memory returns
-    /// to the pool once no reply still holds the block.
-    pub fn evict_one(&self) -> bool {
-        let mut inner = self.inner.borrow_mut();
-        let Some((_, victim)) = inner.by_age.pop_first() else {
-            return false;
-        };
-        if let Some((evicted, _)) = inner.blocks.remove(&victim) {
-            inner.used -= evicted.len();
-        }
-        true
+    /// Drops the least recently used block, if any. Its memory returns to the pool once
+    /// nothing holds it any more (a reply, or the caller).
+    pub fn evict_one(&self) -> Option<Evicted> {
+        self.inner.borrow_mut().evict_oldest()
     }
 
     /// Loads in flight.

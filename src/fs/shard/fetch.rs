@@ -37,12 +37,16 @@ impl FileService {
 
     /// Evicts cached blocks until `len` more bytes fit in the pool. Without this, loads waiting
     /// for pool memory could wait forever on memory that only the cache holds.
+    /// Blocks on their way into a spill file count as gone: their memory returns when written.
     pub(super) fn make_room(&self, len: usize) {
         let needed = rounded_size(len);
-        while self.pool.in_use() + needed > self.pool.capacity() {
-            if !self.cache.evict_one() {
+        while self.pool.in_use().saturating_sub(self.leaving_bytes()) + needed
+            > self.pool.capacity()
+        {
+            let Some(evicted) = self.cache.evict_one() else {
                 break;
-            }
+            };
+            self.spill_unread(evicted);
         }
     }
 

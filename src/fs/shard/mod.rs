@@ -77,11 +77,12 @@ mod replica;
 mod stream;
 #[cfg(test)]
 mod tests;
+mod unread;
 mod verify;
 mod write;
 
 use std::cell::Cell;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -204,6 +205,10 @@ pub struct FileService {
     prefetch: Prefetch,
     /// Replicas of other shards' blocks this shard is waiting for.
     replicating: replica::Replicating,
+    /// Evicted blocks on their way into spill files.
+    leaving: unread::Leaving,
+    /// This service, for the tasks its `&self` methods start.
+    this: Weak<FileService>,
 }
 
 /// The parts a [`FileService`] is made of, opened on its shard.
@@ -228,7 +233,7 @@ impl FileService {
     pub fn new(parts: ServiceParts) -> Rc<FileService> {
         // Leave a quarter of the pool for reads in flight and verification streams.
         let cache_budget = parts.pool.capacity() / 4 * 3;
-        Rc::new(FileService {
+        Rc::new_cyclic(|this| FileService {
             shard: parts.shard,
             shards: parts.shards,
             block_size: parts.block_size,
@@ -249,6 +254,8 @@ impl FileService {
             writers: write::Writers::default(),
             prefetch: Prefetch::new(parts.trace),
             replicating: replica::Replicating::default(),
+            leaving: unread::Leaving::default(),
+            this: this.clone(),
         })
     }
 

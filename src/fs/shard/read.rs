@@ -5,7 +5,7 @@ use std::rc::Rc;
 
 use futures::future::FutureExt;
 
-use super::cache::BlockKey;
+use super::cache::{Asker, BlockKey};
 use super::FileService;
 use crate::fs::{FsError, Gather, ReadData, Servable, VerifiedBlock};
 use crate::manifest::{Hash, CHUNK_SIZE};
@@ -103,7 +103,7 @@ impl FileService {
             return Ok(reply);
         }
         self.plan_readahead(ino, fh, &content, offset, end);
-        let first = self.block(ino, object, block).await?;
+        let first = self.block(ino, object, block, Asker::Reader).await?;
         self.note_served(object.hash, &first);
         if start + wanted <= first.len() {
             return Ok(ReadData::slice(first, start..start + wanted));
@@ -115,7 +115,7 @@ impl FileService {
         drop(first);
         while gathered.len() < wanted {
             let (object, block, start) = block_at(offset + gathered.len() as u64)?;
-            let next = self.block(ino, object, block).await?;
+            let next = self.block(ino, object, block, Asker::Reader).await?;
             self.note_served(object.hash, &next);
             let take = (wanted - gathered.len()).min(next.len() - start);
             gathered.push(&next, start..start + take);
@@ -132,6 +132,7 @@ impl FileService {
         ino: Ino,
         object: ObjectRef,
         block: u32,
+        asker: Asker,
     ) -> Result<Servable, FsError> {
         if object.len == 0 {
             return Ok(VerifiedBlock::empty().into());
@@ -141,7 +142,7 @@ impl FileService {
             return Err(FsError::Corrupt);
         }
         let c = &self.counters;
-        if let Some(cached) = self.cached((hash, block)) {
+        if let Some(cached) = self.cached((hash, block), asker) {
             c.add(&c.cache_hits, 1);
             return Ok(cached);
         }
@@ -151,7 +152,7 @@ impl FileService {
             return self.stream_block(ino, object, block).await;
         }
         self.verify(ino, hash, object.len).await?;
-        if let Some(cached) = self.cached((hash, block)) {
+        if let Some(cached) = self.cached((hash, block), asker) {
             return Ok(cached);
         }
         let service = self.clone();
@@ -166,14 +167,18 @@ impl FileService {
             }
             .boxed_local()
         });
-        load.await
+        let loaded = load.await;
+        if asker == Asker::Reader {
+            self.cache.mark_read((hash, block));
+        }
+        loaded
     }
 
     /// Cached block `key`: a verified one, or one streamed while its object is not verified
     /// yet. A streamed block of an object verified since is served only if it has the digest
     /// the block had when the object verified (else it is dropped and read again).
-    pub(super) fn cached(&self, key: BlockKey) -> Option<Servable> {
-        let block = self.cache.get(key)?;
+    pub(super) fn cached(&self, key: BlockKey, asker: Asker) -> Option<Servable> {
+        let block = self.cache.get(key, asker)?;
         let Servable::Streamed(streamed) = &block else {
             return Some(block);
         };
@@ -182,7 +187,9 @@ impl FileService {
         };
         match digests.confirm(key.1, streamed) {
             Some(verified) => {
-                self.cache.insert(key, verified.clone().into());
+                for evicted in self.cache.insert(key, verified.clone().into()) {
+                    self.spill_unread(evicted);
+                }
                 Some(verified.into())
             }
             None => {
@@ -196,7 +203,9 @@ impl FileService {
     /// fit in the pool again. Loads already waiting for pool memory are woken by that eviction;
     /// without it they could wait on memory only the cache holds while nothing new arrives.
     pub(super) fn publish(&self, key: BlockKey, block: Servable) {
-        self.cache.insert(key, block);
+        for evicted in self.cache.insert(key, block) {
+            self.spill_unread(evicted);
+        }
         self.make_room(self.headroom());
     }
 }

@@ -4,6 +4,7 @@
 
 use std::rc::Rc;
 
+use super::cache::Asker;
 use super::read::{locate, object_len, ObjectRef};
 use super::FileService;
 use crate::manifest::{Hash, CHUNK_SIZE};
@@ -102,7 +103,7 @@ impl FileService {
             glommio::spawn_local(async move {
                 // The object may have failed since this load was planned.
                 if !service.verification.quarantined(object.hash) {
-                    let _ = service.block(ino, object, block).await;
+                    let _ = service.block(ino, object, block, Asker::ReadAhead).await;
                 }
             })
             .detach();

@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 use futures::channel::oneshot;
 
-use super::cache::BlockKey;
+use super::cache::{Asker, BlockKey};
 use super::read::{locate, object_len};
 use super::FileService;
 use crate::fs::request::Read;
@@ -98,7 +98,7 @@ impl LocalShard {
         let Some((key, range, len)) = service.single_block(&read) else {
             return Err((read, None));
         };
-        match service.cache.get(key) {
+        match service.cache.get(key, Asker::Reader) {
             Some(block @ Servable::Verified(_)) if block.len() == len => {
                 let c = &service.counters;
                 c.add(&c.reads, 1);

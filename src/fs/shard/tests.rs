@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use mount_vfs_executors::BufferPool;
 
+use super::cache::Asker;
 use super::{
     FileService, PrefetchItem, ServiceParts, ShardCounters, ShardRequest, VerifyMode, VerifyPolicy,
 };
@@ -154,7 +155,7 @@ fn a_matching_object_is_served_and_a_mismatch_is_eio_with_nothing_published() {
         assert_eq!(store.reads_of(bad_hash), 4);
         assert_eq!(s.counters.snapshot().verify_failures, 2);
         assert!(!s.verification.is_verified(bad_hash));
-        assert!((0..2).all(|block| s.cache.get((bad_hash, block)).is_none()));
+        assert!((0..2).all(|block| s.cache.peek((bad_hash, block)).is_none()));
         assert!(s.verification.quarantined(bad_hash));
         // Quarantine does not stop a reader from trying again: fetched again, refused again.
         assert_eq!(read(&s, bad_ino, fh, 0, 10).await, Err(FsError::Corrupt));
@@ -245,7 +246,7 @@ fn blocks_read_again_must_match_their_verified_digest() {
             12,
             "verification streamed the whole object once"
         );
-        assert!(s.cache.get((hash, 8)).is_none(), "block 8 was not kept");
+        assert!(s.cache.peek((hash, 8)).is_none(), "block 8 was not kept");
 
         // The store now returns a changed byte: block 8 is fetched twice, then refused.
         store.inject(When::Always, Fault::Flip(77));
@@ -254,7 +255,7 @@ fn blocks_read_again_must_match_their_verified_digest() {
         assert_eq!(store.reads(), 14);
         assert_eq!(s.counters.snapshot().verify_failures, 2);
         assert!(
-            s.cache.get((hash, 8)).is_none(),
+            s.cache.peek((hash, 8)).is_none(),
             "nothing unverified is cached"
         );
 
@@ -282,20 +283,54 @@ fn a_spill_file_saves_the_second_fetch_and_is_checked_like_the_store() {
         let fh = open(&s, a, libc::O_RDONLY).await;
         assert_eq!(read(&s, a, fh, 0, MIB).await.unwrap(), data[..MIB]);
         assert_eq!(store.reads(), 12, "verification streamed the object once");
-        assert!(s.cache.get((hash, 8)).is_none(), "block 8 was not kept");
+        assert!(s.cache.peek((hash, 8)).is_none(), "block 8 was not kept");
         let kept = (0..12)
-            .filter(|&i| s.cache.get((hash, i)).is_some())
+            .filter(|&i| s.cache.peek((hash, i)).is_some())
             .count();
         assert!(kept > 0, "the head was kept in memory");
+        assert!(
+            (3..8).contains(&kept),
+            "blocks 0 to 2 kept, 8 and after spilled"
+        );
         let spilled = (12 - kept) * MIB;
         assert_eq!(s.counters.snapshot().spill_bytes_written, spilled as u64);
+
+        // Every block leaves memory (as other objects' loads would make it): the kept blocks
+        // nobody read go to the spill file, and are not fetched again.
+        s.make_room(s.pool.capacity());
+        assert_eq!(
+            read(&s, a, fh, BLOCK, MIB).await.unwrap(),
+            data[MIB..2 * MIB]
+        );
+        assert_eq!(
+            store.reads(),
+            12,
+            "block 1 came from memory on its way, or the file"
+        );
+        settle().await;
+        let written = s.counters.snapshot().spill_bytes_written;
+        assert_eq!(written, spilled as u64 + (kept as u64 - 1) * MIB as u64);
+        // Read-ahead may have taken block 2 back on its way: out again, it is in the file.
+        s.make_room(s.pool.capacity());
+        let spill_read = s.counters.snapshot().spill_bytes_read;
+        assert_eq!(
+            read(&s, a, fh, 2 * BLOCK, MIB).await.unwrap(),
+            data[2 * MIB..3 * MIB]
+        );
+        assert_eq!(store.reads(), 12, "unread block 2 came from the spill file");
+        assert!(s.counters.snapshot().spill_bytes_read > spill_read);
+        assert_eq!(read(&s, a, fh, 0, MIB).await.unwrap(), data[..MIB]);
+        assert_eq!(
+            store.reads(),
+            13,
+            "block 0 had been read: it left without a copy"
+        );
 
         assert_eq!(
             read(&s, a, fh, 8 * BLOCK, MIB).await.unwrap(),
             data[8 * MIB..9 * MIB]
         );
-        assert_eq!(store.reads(), 12, "block 8 came from the spill file");
-        assert_eq!(s.counters.snapshot().spill_bytes_read, MIB as u64);
+        assert_eq!(store.reads(), 13, "block 8 came from the spill file");
 
         // A spill file whose bytes changed is dropped; the store serves the block.
         let fd = s.spill.as_ref().unwrap().raw_fd(hash);
@@ -309,7 +344,7 @@ fn a_spill_file_saves_the_second_fetch_and_is_checked_like_the_store() {
             read(&s, a, fh, 9 * BLOCK, MIB).await.unwrap(),
             data[9 * MIB..10 * MIB]
         );
-        assert_eq!(store.reads(), 13, "the changed block came from the store");
+        assert_eq!(store.reads(), 14, "the changed block came from the store");
         let spill = s.spill.as_ref().unwrap();
         assert!(!spill.has(hash, 10), "the spill file was dropped");
         assert_eq!(s.counters.snapshot().verify_failures, 0);
@@ -499,7 +534,10 @@ fn stream_mode_fetches_what_is_read_and_verifies_an_object_read_through() {
         assert_eq!(counters.verify_failures, 0);
         assert_eq!(store.reads_of(hash), 13, "every block fetched once");
         assert!(
-            matches!(s.cached((hash, 8)), Some(crate::fs::Servable::Verified(_))),
+            matches!(
+                s.cached((hash, 8), Asker::Reader),
+                Some(crate::fs::Servable::Verified(_))
+            ),
             "a streamed block of a verified object is confirmed against its digest"
         );
     });

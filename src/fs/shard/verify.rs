@@ -474,6 +474,9 @@ impl FileService {
             }
             v.not_in_disk_cache(hash);
         }
+        if let Some(leaving) = self.leaving((hash, block)) {
+            return Ok(leaving);
+        }
         if let Some(spill) = self.spill.as_ref().filter(|s| s.has(hash, block)) {
             match read_from(Source::Spill).await {
                 Ok(bytes) => match digests.check(block, bytes) {
